@@ -1,0 +1,40 @@
+"""modelfleet's decision layer: the catalog, the policy, jobs and routing.
+
+Importing this package loads no Celery, httpx or database driver; `dispatch` (which
+sends a routed job to its Celery queue) is imported on first use.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from router.catalog import Catalog, load_catalog
+from router.errors import ConfigError, FleetError, InvalidJob, NoRouteAvailable
+from router.jobs import Job, parse_job
+from router.policy import Route, RouteQuery, route, route_job
+
+if TYPE_CHECKING:
+    from router.dispatcher import JobHandle, dispatch
+
+__all__ = [
+    "Catalog",
+    "ConfigError",
+    "FleetError",
+    "InvalidJob",
+    "Job",
+    "JobHandle",
+    "NoRouteAvailable",
+    "Route",
+    "RouteQuery",
+    "dispatch",
+    "load_catalog",
+    "parse_job",
+    "route",
+    "route_job",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("dispatch", "JobHandle"):
+        from router import dispatcher
+
+        return getattr(dispatcher, name)
+    raise AttributeError(f"module 'router' has no attribute {name!r}")

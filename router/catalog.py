@@ -1,0 +1,260 @@
+"""The catalog (providers, models, prices, limits) and the policy: one YAML file, validated.
+
+`load_catalog()` reads the packaged default or the file named by `FLEET_CATALOG`, and
+refuses a broken file with one line: the file, the line, the field, the bad value and
+the valid choices. Cross-references (chain -> model, model -> provider) are checked
+here, once, so the router can trust every id it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from router.errors import ConfigError, choices
+
+Queue = Literal["local", "free", "subscription", "vision", "long-context"]
+Tier = Literal["local", "free", "subscription", "paid"]
+Capability = Literal["vision", "reasoning", "code", "long_context"]
+TaskClass = Literal[
+    "complex_reasoning",
+    "creative",
+    "user_facing",
+    "vision",
+    "long_context",
+    "fast_general",
+    "cost_free",
+    "reasoning_free",
+    "heartbeat",
+]
+Source = Literal["app", "cron", "heartbeat", "sub-agent"]
+
+QUEUES: tuple[str, ...] = get_args(Queue)
+TIERS: tuple[str, ...] = get_args(Tier)
+TASK_CLASSES: tuple[str, ...] = get_args(TaskClass)
+SOURCES: tuple[str, ...] = get_args(Source)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quota(_Strict):
+    """A subscription plan's allowance: requests or tokens per rolling window."""
+
+    requests: PositiveInt | None = None
+    tokens: PositiveInt | None = None
+    window_h: Annotated[float, Field(gt=0)]
+
+    @model_validator(mode="after")
+    def _one_measure(self) -> Quota:
+        if (self.requests is None) == (self.tokens is None):
+            raise ValueError("a quota counts either requests or tokens: give exactly one")
+        return self
+
+
+class Limits(_Strict):
+    """Fleet-wide limits, enforced across every worker (see workers' limit module)."""
+
+    requests_per_min: PositiveInt | None = None
+    tokens_per_min: PositiveInt | None = None
+    requests_per_day: PositiveInt | None = None
+    quota: Quota | None = None
+
+
+class Provider(_Strict):
+    kind: Literal["openai", "mlx"]
+    base_url: str | None = None
+    base_url_env: str | None = None  # a variable that overrides base_url when set
+    api_key_env: str | None = None  # the variable holding the key; never the key itself
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    limits: Limits | None = None
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> Provider:
+        if self.kind == "openai" and not (self.base_url or self.base_url_env):
+            raise ValueError("an openai provider needs base_url or base_url_env")
+        return self
+
+    def resolved_base_url(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        if self.base_url_env and environ.get(self.base_url_env):
+            return environ[self.base_url_env]
+        return self.base_url
+
+
+class Model(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+/\S+$")
+    upstream: str
+    queue: Queue
+    tier: Tier
+    context_window: PositiveInt
+    capabilities: frozenset[Capability] = frozenset()
+    usd_per_mtok_in: NonNegativeFloat = 0.0
+    usd_per_mtok_out: NonNegativeFloat = 0.0
+    limits: Limits | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.id.split("/", 1)[0]
+
+    @model_validator(mode="after")
+    def _paid_needs_price(self) -> Model:
+        # A paid model without a price would be billed as $0: refuse it at load.
+        if self.tier == "paid" and not (self.usd_per_mtok_in and self.usd_per_mtok_out):
+            raise ValueError("a paid model needs usd_per_mtok_in and usd_per_mtok_out")
+        return self
+
+
+class Profile(_Strict):
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    max_tokens: PositiveInt | None = None
+
+
+class CostRestriction(_Strict):
+    sources: frozenset[Source] = frozenset()
+    task_classes: frozenset[TaskClass] = frozenset()
+    allowed_tiers: frozenset[Tier] = frozenset({"free", "local"})
+
+
+class Policy(_Strict):
+    long_context_above_tokens: PositiveInt = 200_000
+    cost_restricted: CostRestriction = CostRestriction()
+    chains: dict[TaskClass, list[str]]
+    focus: dict[str, str] = {}
+    profiles: dict[str, Profile] = {}
+    fallbacks: list[str] = []
+
+    @model_validator(mode="after")
+    def _every_class_has_a_chain(self) -> Policy:
+        present = {cls for cls, chain in self.chains.items() if chain}
+        missing = [c for c in TASK_CLASSES if c not in present]
+        if missing:
+            raise ValueError(f"chains missing for task classes: {', '.join(missing)}")
+        return self
+
+
+class Catalog(_Strict):
+    providers: dict[str, Provider]
+    models: list[Model]
+    policy: Policy
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Catalog:
+        seen: set[str] = set()
+        for i, model in enumerate(self.models):
+            if model.id in seen:
+                raise ValueError(f"models.{i}.id: duplicate model id {model.id!r}")
+            seen.add(model.id)
+            if model.provider not in self.providers:
+                raise ValueError(
+                    f"models.{i}.id: {model.id!r} names unknown provider {model.provider!r}"
+                    f" (valid: {choices(self.providers)})"
+                )
+        for where, model_id in self._policy_references():
+            if model_id not in seen:
+                raise ValueError(f"{where}: unknown model {model_id!r} (valid: {choices(seen)})")
+        return self
+
+    def _policy_references(self) -> list[tuple[str, str]]:
+        refs = [
+            (f"policy.chains.{cls}.{i}", mid)
+            for cls, chain in self.policy.chains.items()
+            for i, mid in enumerate(chain)
+        ]
+        refs += [(f"policy.focus.{f}", mid) for f, mid in self.policy.focus.items()]
+        refs += [(f"policy.profiles.{p}.model", pr.model) for p, pr in self.policy.profiles.items()]
+        refs += [(f"policy.fallbacks.{i}", mid) for i, mid in enumerate(self.policy.fallbacks)]
+        return refs
+
+    @cached_property
+    def by_id(self) -> dict[str, Model]:
+        return {m.id: m for m in self.models}
+
+    def model(self, model_id: str) -> Model:
+        return self.by_id[model_id]
+
+
+DEFAULT_CATALOG = "catalog.yaml"
+
+
+def default_catalog_path() -> Path:
+    return Path(str(resources.files("router").joinpath(DEFAULT_CATALOG)))
+
+
+def catalog_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """The file in force: FLEET_CATALOG when set, else the packaged default."""
+    override = environ.get("FLEET_CATALOG")
+    return Path(override) if override else default_catalog_path()
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Load and validate a catalog file; ConfigError with one precise line if it is bad."""
+    path = Path(path) if path is not None else catalog_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read catalog: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with providers, models and policy")
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, text, exc)) from exc
+
+
+def _describe(path: Path, text: str, exc: ValidationError) -> str:
+    """One line for the first error: file:line: field: problem (got value)."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err["loc"]]
+    msg = err["msg"].removeprefix("Value error, ")
+    if not loc and ": " in msg and msg.split(": ", 1)[0].count(".") >= 1:
+        # Cross-reference errors carry their own dotted location.
+        dotted, msg = msg.split(": ", 1)
+        loc = dotted.split(".")
+    line = _line_of(text, loc)
+    where = f"{path}:{line}" if line else str(path)
+    field = ".".join(loc) or "(top level)"
+    got = "" if err["type"] in ("missing", "value_error") else f" (got {err['input']!r})"
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return f"{where}: {field}: {msg}{got}"
+
+
+def _line_of(text: str, loc: list[str]) -> int | None:
+    """The 1-based line of the YAML node at `loc`, or of its nearest existing parent."""
+    try:
+        node: Any = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == part]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

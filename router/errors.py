@@ -1,0 +1,41 @@
+"""Errors of the decision layer, by what the caller should do about them.
+
+    FleetError
+    ├── ConfigError        the catalog/policy file is wrong: fix the file
+    ├── InvalidJob         the job is wrong: fix the job (nothing was queued)
+    └── NoRouteAvailable   no model may serve this job now: every model's reason is listed
+
+Each renders as one line naming the problem and, where there are any, the valid choices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+class FleetError(Exception):
+    """Root of the errors modelfleet raises on purpose."""
+
+
+class ConfigError(FleetError):
+    pass
+
+
+class InvalidJob(FleetError, ValueError):
+    pass
+
+
+class NoRouteAvailable(FleetError):
+    def __init__(self, task_class: str, reasons: Sequence[tuple[str, str]]) -> None:
+        self.task_class = task_class
+        self.reasons = list(reasons)
+        listed = "; ".join(f"{model}: {why}" for model, why in self.reasons) or "empty chain"
+        super().__init__(f"no usable model for a {task_class} job ({listed})")
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[tuple[str, str]]]]:
+        return (type(self), (self.task_class, self.reasons))
+
+
+def choices(values: Iterable[str]) -> str:
+    """'a, b, c' for an error message's list of valid choices."""
+    return ", ".join(sorted(values))

@@ -1,0 +1,86 @@
+"""The provider seam: one request in, one completion (with token counts) out.
+
+Every adapter (OpenAI-compatible HTTP, MLX in-process) implements `Provider.complete`
+and maps whatever its library raises onto the `ProviderError` tree below, once, at its
+boundary. The error's `action` tells the escalation logic what to do next:
+
+    ProviderError
+    ├── Retryable       action "retry"     429, 408, 5xx, timeout, connection error,
+    │                                       malformed JSON, empty choices
+    ├── ModelUnusable   action "next"      401/403 bad key, 404 unknown model, no key set
+    └── Permanent       action "fail"      400 bad request: no other model will do better
+
+Errors cross Celery as JSON, so they carry primitives only (`kind`, `message`,
+`retry_after_s`) and `to_dict()` gives exactly those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """What a provider is asked to do: one chat completion on one upstream model."""
+
+    model: str  # the provider's own name for the model (catalog `upstream`)
+    messages: list[dict[str, Any]]  # OpenAI-style messages, text and image_url parts
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A provider's answer with its usage."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_estimated: bool = False  # True when the provider returned no usage
+    provider_cost_usd: float | None = None  # e.g. OpenRouter's usage.cost
+    raw_model: str | None = None  # the model name the provider says answered
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    def complete(self, request: CompletionRequest) -> Completion: ...
+
+
+class ProviderError(Exception):
+    """Root of every error a provider adapter raises."""
+
+    action: ClassVar[str] = "fail"
+
+    def __init__(self, kind: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "action": self.action,
+            "message": self.message,
+            "retry_after_s": self.retry_after_s,
+        }
+
+
+class Retryable(ProviderError):
+    """Transient: this model may answer later; the job moves on (or waits Retry-After)."""
+
+    action = "retry"
+
+
+class ModelUnusable(ProviderError):
+    """This model cannot serve any job now (bad key, unknown model): move on."""
+
+    action = "next"
+
+
+class Permanent(ProviderError):
+    """The request itself is wrong: trying other models would burn the chain for nothing."""
+
+    action = "fail"
