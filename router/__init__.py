@@ -7,21 +7,25 @@ sends a routed job to its Celery queue) is imported on first use.
 from typing import TYPE_CHECKING, Any
 
 from router.catalog import Catalog, load_catalog
-from router.errors import ConfigError, FleetError, InvalidJob, NoRouteAvailable
+from router.errors import ConfigError, FleetError, InvalidJob, JobFailed, NoRouteAvailable
 from router.jobs import Job, parse_job
 from router.policy import Route, RouteQuery, route, route_job
+from router.results import Attempt, Result
 
 if TYPE_CHECKING:
     from router.dispatcher import JobHandle, dispatch
 
 __all__ = [
+    "Attempt",
     "Catalog",
     "ConfigError",
     "FleetError",
     "InvalidJob",
     "Job",
+    "JobFailed",
     "JobHandle",
     "NoRouteAvailable",
+    "Result",
     "Route",
     "RouteQuery",
     "dispatch",

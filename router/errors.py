@@ -39,3 +39,18 @@ class NoRouteAvailable(FleetError):
 def choices(values: Iterable[str]) -> str:
     """'a, b, c' for an error message's list of valid choices."""
     return ", ".join(sorted(values))
+
+
+class JobFailed(FleetError):
+    """The job ended without an answer. `result` holds every attempt and its reason.
+
+    Crosses Celery's JSON result backend: its args are a string and a plain dict.
+    """
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message, result or {})
+        self.message = message
+        self.result = result or {}
+
+    def __str__(self) -> str:
+        return self.message

@@ -1,0 +1,73 @@
+"""What a job produces: its attempts and its final Result. Plain data, JSON both ways."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Outcome = Literal["ok", "error", "skipped"]
+
+
+class Attempt(BaseModel):
+    """One model's try at a job (or a model skipped without a call, with its reason)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    number: int  # 1-based, in the order tried
+    model: str
+    queue: str
+    tier: str
+    outcome: Outcome
+    error_kind: str | None = None  # rate_limited, timeout, server_error, auth, no_key, ...
+    error: str | None = None  # one line; never holds a secret
+    action: str | None = None  # what the error led to: next, retry, fail
+    retry_after_s: float | None = None  # a rate limit's Retry-After
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    tokens_estimated: bool = False
+    provider_cost_usd: float | None = None
+    latency_ms: float = 0.0
+    worker: str | None = None
+    started_at: float = 0.0  # unix seconds
+
+
+class Result(BaseModel):
+    """The final word on a job: the answer (or why there is none) and every attempt."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    job_id: str
+    task_class: str
+    source: str
+    ok: bool
+    text: str | None = None
+    model: str | None = None  # the model that answered
+    error: str | None = None
+    attempts: list[Attempt] = []
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(a.prompt_tokens for a in self.attempts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(a.completion_tokens for a in self.attempts)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def queue_path(self) -> list[str]:
+        return [a.queue for a in self.attempts if a.outcome != "skipped"]
+
+    def summary(self) -> dict[str, object]:
+        """The Result as JSON-ready data, with its totals."""
+        return {
+            **self.model_dump(mode="json"),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "queue_path": self.queue_path,
+        }

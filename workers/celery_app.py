@@ -1,0 +1,105 @@
+"""The Celery app: queues, serialization, acks, events, results. All Celery settings live here.
+
+Settings come from the environment when the app is built (never at import):
+
+    FLEET_BROKER_URL   redis://... or amqp://...     (default redis://127.0.0.1:6379/0)
+    FLEET_STATE_URL    redis://... for results and fleet state (default: the broker
+                       URL when it is Redis; required with an amqp:// broker)
+    FLEET_VISIBILITY_TIMEOUT_S   seconds before Redis redelivers an unacked job
+                       (default 600; must exceed the longest single attempt)
+    FLEET_RESULT_EXPIRES_S       how long results are kept (default 1 day)
+
+`celery -A workers.celery_app worker -Q free` finds `app` here (built on first access).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from router.catalog import QUEUES
+from router.errors import ConfigError
+
+TASK_RUN_JOB = "fleet.run_job"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+DEFAULT_VISIBILITY_TIMEOUT_S = 600  # > the longest attempt (provider timeout_s, 120 s)
+
+
+def fleet_urls(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(broker URL, state URL) from the environment, or ConfigError saying what to set."""
+    broker = environ.get("FLEET_BROKER_URL") or DEFAULT_BROKER
+    state = environ.get("FLEET_STATE_URL")
+    if not state:
+        if not broker.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ConfigError(
+                f"FLEET_STATE_URL must name a Redis server when FLEET_BROKER_URL is not Redis"
+                f" (broker scheme: {broker.split('://', 1)[0]})"
+            )
+        state = broker
+    return broker, state
+
+
+def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    broker, state = fleet_urls(environ)
+    visibility = int(environ.get("FLEET_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S))
+    return {
+        "broker_url": broker,
+        "result_backend": state,
+        "broker_connection_retry_on_startup": True,
+        # Redis redelivers a job nobody acked within this; unacked ETA tasks too.
+        "broker_transport_options": {"visibility_timeout": visibility},
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "result_expires": int(environ.get("FLEET_RESULT_EXPIRES_S", 86_400)),
+        "result_extended": True,
+        # JSON only: a job must be enqueueable from any language, and pickle is unsafe.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        # A job is acked when it is done, and requeued if its worker dies mid-way.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Events for Flower: workers' and sent tasks', so queued jobs show up too.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # One direct exchange per queue: a bare Queue(name) would bind every queue to the
+        # default exchange and routing key, and a job sent to one would reach all five.
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ],
+        "task_default_queue": "free",
+        "task_create_missing_queues": False,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
+    app = Celery("modelfleet", set_as_current=False)
+    app.conf.update(celery_settings(environ))
+    # The task module registers fleet.run_job on import; workers need it, senders do not.
+    app.conf.imports = ["workers.tasks"]
+    return app
+
+
+_apps: dict[tuple[str, str], Celery] = {}
+
+
+def get_app(environ: Mapping[str, str] = os.environ) -> Celery:
+    """The app for the current FLEET_* settings, built once per broker/state pair."""
+    key = fleet_urls(environ)
+    if key not in _apps:
+        _apps[key] = create_app(environ)
+    return _apps[key]
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A workers.celery_app` looks up `app`: build it from the environment then.
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,406 @@
+"""MLX in-process provider for the `local` queue: one model, loaded once per process.
+
+All MLX work (loading, templating, generation) runs on ONE long-lived thread owned by the
+provider. `complete()` may be called from any thread: it queues a job and waits for it.
+
+Why one thread: mlx-lm generates on a thread-local stream, so every thread that generates
+creates MLX streams of its own; on Linux the process may abort at exit (SIGABRT, exit code
+134) unless each such thread calls `mx.clear_streams()` before it ends. A single worker
+thread that calls it once on its way out (on `close()` or at interpreter exit, via
+atexit) keeps exits clean, and also serialises access to the model, which a Celery
+worker with `--pool threads` or `solo` would share anyway.
+
+Errors are mapped onto the provider error tree at this boundary:
+    model path missing / unloadable -> ModelUnusable("not_found")
+    image or malformed messages     -> Permanent("bad_request")
+    exception while generating      -> Retryable("server_error")
+    no answer within timeout_s      -> Retryable("timeout")
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.providers.base import (
+    Completion,
+    CompletionRequest,
+    ModelUnusable,
+    Permanent,
+    ProviderError,
+    Retryable,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_LOAD_TIMEOUT_S = 600.0
+
+_TEXT_PART_TYPES = {"text", "input_text"}
+_IMAGE_PART_TYPES = {"image_url", "input_image", "image"}
+
+
+# Debian's libopenblas0-pthread; the mlx-cpu wheel bundles the slow reference BLAS.
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+)
+_openblas_lock = threading.Lock()
+_openblas_done = False
+_openblas_path: str | None = None
+
+
+def preload_openblas() -> str | None:
+    """Load OpenBLAS globally before mlx is imported, so mlx's BLAS calls bind to it.
+
+    The mlx-cpu wheel links a bundled reference (netlib) BLAS: ~5 GFLOP/s for a 1024
+    sgemm on this kind of machine against ~80 with OpenBLAS. Symbols are bound at first
+    use and a library loaded with RTLD_GLOBAL comes first, so preloading is enough.
+    MODELFLEET_OPENBLAS=0 disables it; =PATH picks the library. Has no effect (and
+    returns None) once mlx.core is imported or when no OpenBLAS is installed.
+    Returns the path loaded.
+    """
+    global _openblas_done, _openblas_path
+    with _openblas_lock:
+        if _openblas_done:
+            return _openblas_path
+        _openblas_done = True
+        setting = os.environ.get("MODELFLEET_OPENBLAS", "auto").strip()
+        if setting.lower() in {"0", "off", "false", "no"} or "mlx.core" in sys.modules:
+            return None
+        candidates = OPENBLAS_CANDIDATES if setting.lower() in {"", "auto", "1"} else (setting,)
+        for candidate in candidates:
+            if os.path.exists(candidate):
+                import ctypes
+
+                try:
+                    ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    log.debug("cannot preload %s", candidate, exc_info=True)
+                    continue
+                _openblas_path = candidate
+                log.info("preloaded OpenBLAS from %s for mlx", candidate)
+                break
+        return _openblas_path
+
+
+@dataclass
+class _Job:
+    fn: Callable[[threading.Event], Any]
+    future: concurrent.futures.Future[Any] = field(default_factory=concurrent.futures.Future)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _looks_like_local_path(model: str) -> bool:
+    """Absolute or explicitly relative: never a hub repo id, so never try the hub."""
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def _part_text(i: int, part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in _TEXT_PART_TYPES:
+        return str(part.get("text") or "")
+    if kind in _IMAGE_PART_TYPES:
+        raise Permanent("bad_request", "image input is not supported by the local MLX model")
+    raise Permanent("bad_request", f"message {i}: unsupported content part {kind!r}")
+
+
+def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """OpenAI-style messages -> [{role, content: str}] for a text-only chat template.
+
+    List-of-parts content is flattened to its text parts joined by newlines; image parts
+    (or any part type other than text) raise Permanent("bad_request").
+    """
+    if not messages:
+        raise Permanent("bad_request", "messages must not be empty")
+    out: list[dict[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise Permanent("bad_request", f"message {i} has no role")
+        content = message.get("content")
+        if content is None:
+            text = ""
+        elif isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = "\n".join(_part_text(i, part) for part in content)
+        else:
+            raise Permanent("bad_request", f"message {i}: content must be a string or parts")
+        out.append({"role": message["role"], "content": text})
+    return out
+
+
+class MLXProvider:
+    """A Provider that runs one mlx-lm model in this process.
+
+    `model` is a local directory or a Hugging Face repo id (the catalog field); a repo id
+    is resolved by `mlx_lm.load` (from the local HF cache when HF_HUB_OFFLINE=1).
+    The model loads once, lazily on the first `complete()` or eagerly with `load()`.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        default_temperature: float = 0.0,
+        load_timeout_s: float = DEFAULT_LOAD_TIMEOUT_S,
+    ) -> None:
+        self.model = os.fspath(model)
+        self.default_max_tokens = default_max_tokens
+        self.default_temperature = default_temperature
+        self.load_timeout_s = load_timeout_s
+        self.load_seconds: float | None = None  # wall time of the successful load
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()  # guards the thread/queue below
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._current: _Job | None = None
+        self._pid = os.getpid()
+        _live_providers.add(self)
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def load(self, timeout_s: float | None = None) -> None:
+        """Load model + tokenizer now (on the provider thread); no-op once loaded."""
+        if self._model is not None and self._pid == os.getpid():
+            return
+        self._run(lambda _cancel: self._load_on_thread(), timeout_s or self.load_timeout_s)
+
+    def complete(self, request: CompletionRequest) -> Completion:
+        messages = flatten_messages(request.messages)
+        max_tokens = self.default_max_tokens if request.max_tokens is None else request.max_tokens
+        if max_tokens <= 0:
+            raise Permanent("bad_request", f"max_tokens must be positive, got {max_tokens}")
+        temperature = (
+            self.default_temperature if request.temperature is None else request.temperature
+        )
+        if temperature < 0:
+            raise Permanent("bad_request", f"temperature must be >= 0, got {temperature}")
+        self.load()
+        return self._run(
+            lambda cancel: self._generate_on_thread(messages, max_tokens, temperature, cancel),
+            request.timeout_s,
+        )
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the provider thread (it clears its MLX streams on the way out).
+
+        Queued requests fail with Retryable("unavailable"); a running one stops at its
+        next token. The model stays loaded: a later call starts a fresh thread.
+        """
+        with self._lock:
+            thread, self._thread = self._thread, None
+            old_queue, self._queue = self._queue, queue.Queue()
+            current = self._current
+        if thread is None:
+            return
+        if current is not None:
+            current.cancel.set()
+        while True:
+            try:
+                job = old_queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Retryable("unavailable", "MLX provider closed"))
+        old_queue.put(None)
+        if thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("MLX provider thread did not stop within %.1fs", timeout_s)
+
+    # -- the provider thread ----------------------------------------------------------
+
+    def _submit(self, job: _Job) -> None:
+        """Queue `job` for the provider thread, starting the thread if needed.
+
+        The put happens under the lock, so close() (which swaps the queue under the same
+        lock) either sees the job and fails it, or the job lands on the new queue.
+        """
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's thread does not exist here
+                self._pid = os.getpid()
+                self._thread = None
+                self._queue = queue.Queue()
+                self._model = self._tokenizer = None
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._thread_main,
+                    args=(self._queue,),
+                    name=f"mlx-provider:{Path(self.model).name}",
+                    daemon=True,
+                )
+                self._thread.start()
+            self._queue.put(job)
+
+    def _thread_main(self, jobs: queue.Queue[_Job | None]) -> None:
+        try:
+            while True:
+                job = jobs.get()
+                if job is None:
+                    return
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # the caller gave up while it was queued
+                self._current = job
+                try:
+                    job.future.set_result(job.fn(job.cancel))
+                except BaseException as exc:  # handed to the caller
+                    job.future.set_exception(exc)
+                finally:
+                    self._current = None
+        finally:
+            try:
+                import mlx.core as mx
+
+                mx.clear_streams()
+            except Exception:  # best effort on the way out
+                log.debug("mx.clear_streams() failed", exc_info=True)
+
+    def _run(self, fn: Callable[[threading.Event], Any], timeout_s: float) -> Any:
+        job = _Job(fn)
+        self._submit(job)
+        try:
+            return job.future.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            job.cancel.set()
+            job.future.cancel()
+            raise Retryable(
+                "timeout", f"local MLX model gave no answer within {timeout_s:g}s"
+            ) from None
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise Retryable("server_error", f"{type(exc).__name__}: {exc}") from exc
+
+    def _load_on_thread(self) -> None:
+        if self._model is not None:
+            return
+        if _looks_like_local_path(self.model):
+            path = Path(self.model).expanduser()
+            if not (path / "config.json").is_file():
+                raise ModelUnusable("not_found", f"no MLX model at {path}")
+            source = str(path)
+        else:
+            source = self.model
+        preload_openblas()
+        started = time.perf_counter()
+        try:
+            import mlx_lm
+
+            loaded = mlx_lm.load(source)
+            model, tokenizer = loaded[0], loaded[1]
+        except Exception as exc:  # FileNotFoundError, hub errors, bad config, bad weights
+            raise ModelUnusable(
+                "not_found", f"cannot load MLX model {self.model!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._model, self._tokenizer = model, tokenizer
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded MLX model %s in %.2fs", self.model, self.load_seconds)
+
+    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self._tokenizer
+        try:
+            if getattr(tokenizer, "has_chat_template", False):
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            else:  # a base model: plain concatenation, as mlx_lm.server does
+                text = "\n".join(m["content"] for m in messages)
+                ids = tokenizer.encode(text)
+        except Exception as exc:  # jinja TemplateError (e.g. roles out of order) and kin
+            raise Permanent("bad_request", f"cannot build the prompt: {exc}") from exc
+        if hasattr(ids, "get") and "input_ids" in ids:  # a BatchEncoding, defensively
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def _generate_on_thread(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        temperature: float,
+        cancel: threading.Event,
+    ) -> Completion:
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        prompt = self._prompt_ids(messages)
+        pieces: list[str] = []
+        last = None
+        try:
+            responses = stream_generate(
+                self._model,
+                self._tokenizer,
+                prompt,
+                max_tokens=max_tokens,
+                sampler=make_sampler(temp=temperature),
+            )
+            try:
+                for last in responses:
+                    pieces.append(last.text)
+                    if cancel.is_set():
+                        break
+            finally:
+                responses.close()
+        except Exception as exc:
+            raise Retryable("server_error", f"MLX generation failed: {exc}") from exc
+        if cancel.is_set():
+            raise Retryable("timeout", "generation cancelled")
+        if last is None:
+            raise Retryable("server_error", "MLX generation produced no output")
+        return Completion(
+            text="".join(pieces),
+            prompt_tokens=int(last.prompt_tokens),
+            completion_tokens=int(last.generation_tokens),
+            raw_model=self.model,
+            extra={
+                "finish_reason": last.finish_reason,
+                "prompt_tps": float(last.prompt_tps),
+                "generation_tps": float(last.generation_tps),
+                "peak_memory_gb": float(last.peak_memory),
+            },
+        )
+
+
+# -- one provider per model per process ---------------------------------------------------
+
+_live_providers: weakref.WeakSet[MLXProvider] = weakref.WeakSet()
+_registry: dict[str, MLXProvider] = {}
+_registry_lock = threading.Lock()
+
+
+def get_mlx_provider(model: str | os.PathLike[str]) -> MLXProvider:
+    """The process-wide MLXProvider for `model` (created on first use, never reloaded)."""
+    key = os.fspath(model)
+    with _registry_lock:
+        provider = _registry.get(key)
+        if provider is None:
+            provider = _registry[key] = MLXProvider(key)
+        return provider
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    # atexit runs before the interpreter stops daemon threads, so the provider threads
+    # can still wake up, call mx.clear_streams() and end: no abort (134) at exit.
+    for provider in list(_live_providers):
+        try:
+            provider.close(timeout_s=5.0)
+        except Exception:
+            log.debug("closing MLX provider at exit failed", exc_info=True)

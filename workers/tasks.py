@@ -1,0 +1,91 @@
+"""The Celery task that runs one delivery of a job. Thin: the logic is in `execute.py`.
+
+Message shape (for enqueuing from any language; JSON, Celery protocol 2):
+    task name  "fleet.run_job"
+    task id    the job's id (the caller's result handle follows it to the end)
+    queue      any of the five; `fleet route --class C --json` tells the right one. A job
+               delivered to another queue than its first model's is forwarded there.
+    args       []
+    kwargs     {"job": {<Job fields: task_class, messages, ...>}}
+               ("state" is added by the fleet as the job travels; do not send it)
+The result is the Result as JSON, or a failure whose exception is router.errors.JobFailed
+carrying [message, result].
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from celery import Task, shared_task
+from celery.signals import worker_shutdown
+
+from router.catalog import Catalog, load_catalog
+from router.errors import JobFailed
+from workers.celery_app import TASK_RUN_JOB
+from workers.execute import Done, Failed, Forward, advance
+from workers.providers.registry import ProviderRegistry
+
+_lock = threading.Lock()
+_process: dict[str, Any] = {}
+
+
+def _catalog() -> Catalog:
+    with _lock:
+        if "catalog" not in _process:
+            _process["catalog"] = load_catalog()
+        return _process["catalog"]
+
+
+def _registry(task: Task) -> ProviderRegistry:
+    catalog = _catalog()
+    with _lock:
+        if "registry" not in _process:
+            concurrency = int(
+                os.environ.get("FLEET_WORKER_CONCURRENCY") or task.app.conf.worker_concurrency or 1
+            )
+            _process["registry"] = ProviderRegistry(catalog, concurrency)
+        return _process["registry"]
+
+
+@worker_shutdown.connect
+def _close_adapters(**_: Any) -> None:
+    registry = _process.pop("registry", None)
+    if registry is not None:
+        registry.close()
+
+
+def describe(job: dict[str, Any], hop: str | None = None) -> str:
+    """What Flower and the logs show of a job: never its prompt, never a key."""
+    where = f" next={hop}" if hop else ""
+    return (
+        f"{{'job': {job.get('id')!r}, 'class': {job.get('task_class')!r},"
+        f" 'source': {job.get('source', 'app')!r}{where}}}"
+    )
+
+
+@shared_task(bind=True, name=TASK_RUN_JOB, max_retries=None, throws=(JobFailed,))
+def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
+    job = {**job, "id": job.get("id") or self.request.id}
+    step = advance(
+        _catalog(),
+        job,
+        state,
+        here=(self.request.delivery_info or {}).get("routing_key"),
+        providers=_registry(self),
+        worker=self.request.hostname,
+    )
+    if isinstance(step, Done):
+        return step.result.summary()
+    if isinstance(step, Forward):
+        raise self.retry(
+            kwargs={"job": job, "state": step.state},
+            queue=step.queue,
+            countdown=step.countdown_s,  # 0: at once (None would mean Celery's 180 s)
+            max_retries=None,
+            argsrepr="()",
+            kwargsrepr=describe(job, step.queue),
+        )
+    assert isinstance(step, Failed)
+    raise JobFailed(step.result.error or "job failed", step.result.summary())
