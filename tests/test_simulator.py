@@ -1,0 +1,450 @@
+"""The provider simulator, over real HTTP: answers, control API, faults, directives, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import email.utils
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.tokens import estimate_message_tokens, estimate_tokens
+from workers.simulator import Simulator, check_fault
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-sim-test-DO-NOT-LOG-7731"
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[Simulator]:
+    with Simulator(port=0) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _clean(sim: Simulator) -> None:
+    sim.reset()
+
+
+@pytest.fixture(scope="module")
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as client:
+        yield client
+
+
+def chat(
+    http: httpx.Client, sim: Simulator, model: str = "m", text: str = "hello", **extra: Any
+) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+    return http.post(sim.url + "/chat/completions", json=body)
+
+
+def raw_request(model: str = "m", text: str = "hi") -> bytes:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": text}]})
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: sim\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n" + body).encode()
+
+
+def read_response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head, body) of one HTTP response read from `sock`."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+# --- normal answers -------------------------------------------------------------------------
+
+
+def test_completion_has_the_openai_shape_and_estimated_usage(http, sim):
+    response = chat(http, sim, model="zai/glm", text="Summarise the quarterly report please")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "zai/glm"
+    assert {"id", "created"} <= body.keys()
+    text = "[sim zai/glm] Summarise the quarterly report please"
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    ]
+    messages = [{"role": "user", "content": "Summarise the quarterly report please"}]
+    prompt, completion = estimate_message_tokens(messages), estimate_tokens(text)
+    assert body["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def test_answer_echoes_the_last_user_text_cut_to_60_chars(http, sim):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": "x" * 100}]},
+    ]
+    body = http.post(sim.url + "/chat/completions", json={"model": "m", "messages": messages})
+    assert body.json()["choices"][0]["message"]["content"] == "[sim m] " + "x" * 60
+
+
+def test_max_tokens_caps_completion_tokens(http, sim):
+    usage = chat(http, sim, text="a fairly long prompt to echo back", max_tokens=2).json()["usage"]
+    assert usage["completion_tokens"] == 2
+
+
+def test_base_url_with_or_without_v1_and_models_list(http, sim):
+    sim.configure(models={"b": {}, "a": {"latency_ms": 0}})
+    assert (
+        http.post(
+            sim.base_url + "/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        ).status_code
+        == 200
+    )
+    for url in (sim.url + "/models", sim.base_url + "/models"):
+        assert [m["id"] for m in http.get(url).json()["data"]] == ["a", "b"]
+
+
+def test_bad_requests_to_the_simulator_get_400(http, sim):
+    assert http.post(sim.url + "/chat/completions", content=b"{nope").status_code == 400
+    assert http.post(sim.url + "/chat/completions", json={"model": "m"}).status_code == 400
+    assert http.get(sim.url + "/nowhere").status_code == 404
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(sim):
+    with socket.create_connection((sim.host, sim.port), timeout=5) as sock:
+        for _ in range(3):
+            sock.sendall(raw_request())
+            head, body = read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200") and b"keep-alive" in head
+            assert json.loads(body)["object"] == "chat.completion"
+
+
+def test_expect_100_continue_is_honoured(sim):
+    request = raw_request()
+    head, _, body = request.partition(b"\r\n\r\n")
+    with socket.create_connection((sim.host, sim.port), timeout=5) as sock:
+        sock.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 200")
+
+
+# --- configuration and the control API ------------------------------------------------------
+
+
+def test_fault_queue_is_consumed_in_order_then_normal(http, sim):
+    sim.configure(models={"m": {"faults": ["503", "429:3"]}})
+    statuses = [chat(http, sim).status_code for _ in range(4)]
+    assert statuses == [503, 429, 200, 200]
+    assert chat(http, sim, model="other").status_code == 200
+    assert [r["fault"] for r in sim.requests()] == ["503", "429:3", None, None, None]
+
+
+def test_sticky_fault_applies_to_every_request_of_that_model_only(http, sim):
+    http.post(sim.base_url + "/_sim/config", json={"models": {"m": {"fault": "500"}}})
+    assert [chat(http, sim).status_code for _ in range(3)] == [500, 500, 500]
+    assert chat(http, sim, model="other").status_code == 200
+
+
+def test_default_settings_apply_to_models_without_their_own(http, sim):
+    sim.configure({"default": {"fault": "502"}, "models": {"good": {"fault": None}}})
+    assert chat(http, sim, model="any").status_code == 502
+    assert chat(http, sim, model="good").status_code == 200
+
+
+def test_latency_delays_the_answer(http, sim):
+    sim.configure(models={"slow": {"latency_ms": 300}})
+    start = time.monotonic()
+    assert chat(http, sim, model="slow").status_code == 200
+    assert time.monotonic() - start >= 0.3
+
+
+def test_usage_can_be_left_out_or_carry_a_cost(http, sim):
+    sim.configure(models={"free": {"usage": False}, "paid": {"cost": 0.0042}})
+    assert "usage" not in chat(http, sim, model="free").json()
+    assert chat(http, sim, model="paid").json()["usage"]["cost"] == 0.0042
+
+
+def test_config_api_refuses_unknown_faults_and_keys(http, sim):
+    bad: dict[str, Any]
+    for bad in (
+        {"models": {"m": {"fault": "418"}}},
+        {"models": {"m": {"latency": 5}}},
+        {"modles": {}},
+        {"default": {"faults": ["429:soon"]}},
+    ):
+        response = http.post(sim.base_url + "/_sim/config", json=bad)
+        assert response.status_code == 400, bad
+        assert "error" in response.json()
+    assert http.get(sim.base_url + "/_sim/config").json() == {"models": {}, "default": {}}
+
+
+def test_reset_clears_configuration_and_log(http, sim):
+    sim.configure(models={"m": {"fault": "503"}})
+    chat(http, sim)
+    assert http.post(sim.base_url + "/_sim/reset").status_code == 200
+    assert http.get(sim.base_url + "/_sim/requests").json() == []
+    assert chat(http, sim).status_code == 200
+
+
+def test_request_log_notes_authorization_without_its_value(http, sim):
+    # Given one request with a key and one without
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}
+    http.post(
+        sim.url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {SECRET}"}
+    )
+    chat(http, sim, model="n")
+    # Then the log says whether a key came, and never what it was
+    log = http.get(sim.base_url + "/_sim/requests").json()
+    assert [(e["model"], e["authorization_present"]) for e in log] == [("m", True), ("n", False)]
+    assert log[0]["temperature"] == 0.2 and log[0]["fault"] is None
+    assert abs(log[0]["t"] - time.time()) < 60
+    assert SECRET not in json.dumps(log)
+    assert SECRET not in json.dumps(sim.requests())
+
+
+# --- directives in the prompt ---------------------------------------------------------------
+
+
+def test_directive_targets_one_model_and_is_not_echoed(http, sim):
+    text = "plan the week [[sim:a=503]]"
+    assert chat(http, sim, model="a", text=text).status_code == 503
+    answer = chat(http, sim, model="b", text=text)
+    assert answer.json()["choices"][0]["message"]["content"] == "[sim b] plan the week"
+
+
+def test_directive_by_fleet_id_matches_the_upstream_name(http, sim):
+    text = "[[sim:openrouter/meta-llama/llama:free=429:7]]"
+    response = chat(http, sim, model="meta-llama/llama:free", text=text)
+    assert (response.status_code, response.headers["retry-after"]) == (429, "7")
+
+
+def test_wildcard_and_several_directives(http, sim):
+    text = "[[sim:a=401]] [[sim:b=404]] go"
+    assert [chat(http, sim, model=m, text=text).status_code for m in "abc"] == [401, 404, 200]
+    assert chat(http, sim, model="z", text="[[sim:*=400]]").status_code == 400
+
+
+def test_directive_wins_over_configured_faults(http, sim):
+    sim.configure(models={"m": {"fault": "500"}})
+    assert chat(http, sim, text="[[sim:m=403]]").status_code == 403
+
+
+def test_directive_with_unknown_fault_is_refused_loudly(http, sim):
+    response = chat(http, sim, text="[[sim:*=teapot]]")
+    assert response.status_code == 400
+    assert "unknown simulator fault" in response.json()["error"]["message"]
+
+
+# --- faults ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 429, 500, 502, 503])
+def test_status_faults_answer_openai_error_json(http, sim, status):
+    response = chat(http, sim, text=f"[[sim:*={status}]]")
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert {"message", "type", "code"} <= error.keys()
+    if status == 429:
+        assert "retry-after" not in response.headers
+
+
+def test_429_with_http_date(http, sim):
+    response = chat(http, sim, text="[[sim:*=429:date:30]]")
+    when = email.utils.parsedate_to_datetime(response.headers["retry-after"])
+    assert 28 <= when.timestamp() - time.time() <= 31
+
+
+def test_malformed_and_empty_answers(http, sim):
+    malformed = chat(http, sim, text="[[sim:*=malformed]]")
+    assert malformed.status_code == 200
+    with pytest.raises(ValueError):
+        malformed.json()
+    empty = chat(http, sim, text="[[sim:*=empty]]")
+    assert (empty.status_code, empty.json()["choices"]) == (200, [])
+
+
+def test_timeout_fault_holds_the_client_without_blocking_others(http, sim):
+    with httpx.Client(timeout=1.0) as slow, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # Given a request that never gets its answer
+        pending = pool.submit(chat, slow, sim, "m", "[[sim:*=timeout]]")
+        time.sleep(0.1)
+        # Then other requests are answered at once meanwhile
+        start = time.monotonic()
+        assert [chat(http, sim).status_code for _ in range(5)] == [200] * 5
+        assert time.monotonic() - start < 0.5
+        # And the held client times out on reading
+        with pytest.raises(httpx.ReadTimeout):
+            pending.result()
+
+
+def test_stall_sends_headers_and_part_of_the_body(sim):
+    with socket.create_connection((sim.host, sim.port), timeout=0.5) as sock:
+        sock.sendall(raw_request(text="[[sim:*=stall]]"))
+        data = b""
+        with pytest.raises(TimeoutError):
+            while True:
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed a stalled response"
+                data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    length = int(
+        next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[
+            1
+        ]
+    )
+    assert 0 < len(body) < length
+
+
+def test_reset_closes_the_socket_without_answering(sim):
+    with socket.create_connection((sim.host, sim.port), timeout=5) as sock:
+        sock.sendall(raw_request(text="[[sim:*=reset]]"))
+        with contextlib.suppress(ConnectionResetError):  # RST, or FIN if it raced
+            assert sock.recv(65536) == b""
+
+
+def test_check_fault_names():
+    for name in ("429", "429:5", "429:date:5", "timeout", "stall", "reset", "empty", "503"):
+        assert check_fault(name) == name
+    for name in ("418", "429:date", "429:x:5", "slow"):
+        with pytest.raises(ValueError):
+            check_fault(name)
+
+
+# --- capacity and lifecycle -----------------------------------------------------------------
+
+
+def test_holds_1000_slow_requests_at_once(sim):
+    sim.configure(default={"latency_ms": 1000})
+    request = raw_request()
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection(sim.host, sim.port)
+        try:
+            writer.write(request)
+            return await reader.readuntil(b"\r\n\r\n")
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    async def burst() -> list[bytes]:
+        return await asyncio.gather(*(one() for _ in range(1000)))
+
+    start = time.monotonic()
+    heads = asyncio.run(burst())
+    elapsed = time.monotonic() - start
+    assert all(h.startswith(b"HTTP/1.1 200") for h in heads)
+    assert elapsed < 3.0, f"1,000 x 1 s requests took {elapsed:.2f} s"
+
+
+def test_stop_ends_held_requests_promptly():
+    server = Simulator().start()
+    with httpx.Client(timeout=10) as client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(chat, client, server, "m", "[[sim:*=timeout]]") for _ in range(3)]
+        time.sleep(0.2)
+        start = time.monotonic()
+        server.stop()
+        assert time.monotonic() - start < 2
+        for future in held:
+            with pytest.raises(httpx.TransportError):
+                future.result(timeout=5)
+
+
+def test_start_reports_a_port_in_use():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(RuntimeError, match="failed to start"):
+            Simulator(port=taken.getsockname()[1]).start()
+
+
+def test_config_given_at_construction(http):
+    with Simulator(config={"models": {"m": {"faults": ["502"]}}}) as server:
+        assert [chat(http, server).status_code for _ in range(2)] == [502, 200]
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.simulator", "--host", "127.0.0.1", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line.startswith("simulator listening on http://127.0.0.1:"), line
+    return proc, line.rsplit(" ", 1)[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_with_a_yaml_config_and_exits_cleanly(tmp_path, http, sig):
+    config = tmp_path / "sim.yaml"
+    config.write_text("models:\n  m:\n    faults: ['503']\n    cost: 0.5\n")
+    proc, url = start_cli("--config", str(config))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert http.post(url + "/v1/chat/completions", json=body).status_code == 503
+        assert http.post(url + "/chat/completions", json=body).json()["usage"]["cost"] == 0.5
+    finally:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+
+
+def test_cli_reads_json_config_and_default_latency(tmp_path, http):
+    config = tmp_path / "sim.json"
+    config.write_text(json.dumps({"default": {"usage": False}}))
+    proc, url = start_cli("--config", str(config), "--latency-ms", "200")
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        start = time.monotonic()
+        assert "usage" not in http.post(url + "/v1/chat/completions", json=body).json()
+        assert time.monotonic() - start >= 0.2
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_cli_refuses_a_bad_config(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"models": {"m": {"fault": "nope"}}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.simulator", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "unknown simulator fault" in done.stderr

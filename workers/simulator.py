@@ -1,0 +1,580 @@
+"""A provider simulator: an OpenAI-compatible chat server with scriptable faults.
+
+`fleet demo` and the tests use it in place of real providers. It is a small asyncio
+HTTP/1.1 server (stdlib only, keep-alive, one event loop thread), so it holds thousands of
+slow requests in flight without a thread each.
+
+Endpoints (every path also works with a `/v1` prefix, so base URLs with or without it do):
+
+    POST /chat/completions   an OpenAI-style chat completion, answered by echo
+    GET  /models             the configured model names
+    POST /_sim/config        merge {"models": {NAME: SETTINGS}, "default": SETTINGS}
+    GET  /_sim/config        the current configuration
+    POST /_sim/reset         clear the configuration and the request log
+    GET  /_sim/requests      the log of completion requests received
+
+SETTINGS (all optional): `latency_ms` delay before answering; `faults` a queue of faults
+consumed one per request; `fault` a fault applied to every request; `usage: false` to
+answer without a usage object; `cost` a number put in `usage.cost` (OpenRouter style).
+
+A prompt can script a fault for itself: `[[sim:MODEL=FAULT]]` applies FAULT when the
+request's model is MODEL (or MODEL is `provider/` + the request's model, a fleet id), and
+`[[sim:*=FAULT]]` applies to any model. Precedence: directive, then queue, then sticky.
+
+Faults: 429, 429:N (Retry-After: N s), 429:date:N (Retry-After as an HTTP-date), 408,
+400, 401, 403, 404, 500, 502, 503 (OpenAI-style error JSON); `timeout` (no answer for an
+hour), `stall` (headers and half the body, then nothing), `malformed` (200, not JSON),
+`empty` (200, `choices: []`), `reset` (the socket is closed with a TCP reset).
+
+Run it with `python -m workers.simulator --host 127.0.0.1 --port 0 [--config FILE]`, or
+from Python with `Simulator(port=0).start()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import email.utils
+import http
+import itertools
+import json
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Self
+
+from router.tokens import estimate_message_tokens, estimate_tokens
+
+HOLD_S = 3600.0  # how long `timeout` and `stall` keep a client waiting
+MAX_BODY = 64 * 1024 * 1024  # request bodies above this are refused (413)
+LOG_SIZE = 100_000  # the request log keeps the newest entries only
+SETTING_KEYS = {"latency_ms", "faults", "fault", "usage", "cost"}
+
+_STATUS_FAULTS = {"400", "401", "403", "404", "408", "429", "500", "502", "503"}
+_OTHER_FAULTS = {"timeout", "stall", "malformed", "empty", "reset"}
+_ERROR_TYPES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "model_not_found"),
+    408: ("timeout_error", "request_timeout"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+_DIRECTIVE = re.compile(r"\[\[sim:([^=\]]+)=([^\]]+)\]\]")
+
+
+def check_fault(fault: str) -> str:
+    """Return `fault` if it names a known fault, else raise ValueError."""
+    parts = fault.split(":")
+    if fault in _STATUS_FAULTS or fault in _OTHER_FAULTS:
+        return fault
+    if parts[0] == "429" and len(parts) in (2, 3) and (len(parts) == 2 or parts[1] == "date"):
+        with contextlib.suppress(ValueError):
+            float(parts[-1])
+            return fault
+    raise ValueError(f"unknown simulator fault {fault!r}")
+
+
+def _check_settings(settings: Any) -> dict[str, Any]:
+    if not isinstance(settings, dict) or not set(settings) <= SETTING_KEYS:
+        raise ValueError(f"model settings must be an object with keys {sorted(SETTING_KEYS)}")
+    for fault in [settings.get("fault"), *(settings.get("faults") or [])]:
+        if fault is not None:
+            check_fault(str(fault))
+    return settings
+
+
+class _State:
+    """Configuration, fault queues and the request log, shared by threads under one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.models: dict[str, dict[str, Any]] = {}
+        self.default: dict[str, Any] = {}
+        self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_SIZE)
+
+    def configure(self, config: dict[str, Any]) -> None:
+        """Merge `config`: each model's given settings replace the previous ones."""
+        if not isinstance(config, dict) or not set(config) <= {"models", "default"}:
+            raise ValueError('config must be {"models": {...}, "default": {...}}')
+        models = {str(k): _check_settings(v) for k, v in (config.get("models") or {}).items()}
+        default = _check_settings(config.get("default") or {})
+        with self.lock:
+            for name, settings in models.items():
+                self.models.setdefault(name, {}).update(_copy(settings))
+            self.default.update(_copy(default))
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return json.loads(json.dumps({"models": self.models, "default": self.default}))
+
+    def reset(self) -> None:
+        with self.lock:
+            self.models.clear()
+            self.default.clear()
+            self.log.clear()
+
+    def plan(self, model: str, directive: str | None) -> tuple[dict[str, Any], str | None]:
+        """Settings for one request of `model` and the fault it gets (consuming a queue)."""
+        with self.lock:
+            own = self.models.get(model, {})
+            settings = {**self.default, **own}
+            queue = own.get("faults") if own.get("faults") else self.default.get("faults")
+            queued = queue.pop(0) if queue else None
+            return settings, directive or queued or settings.get("fault")
+
+    def record(self, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self.log.append(entry)
+
+
+def _copy(settings: dict[str, Any]) -> dict[str, Any]:
+    out = dict(settings)
+    if "faults" in out:
+        out["faults"] = [str(f) for f in out["faults"] or []]
+    if out.get("fault") is not None:
+        out["fault"] = str(out["fault"])
+    return out
+
+
+def _texts(messages: list[Any]) -> list[tuple[str, str]]:
+    """(role, text) of every text piece of the messages, in order."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for part in parts or ():
+            if isinstance(part, dict) and part.get("type") == "text":
+                out.append((str(message.get("role")), str(part.get("text", ""))))
+    return out
+
+
+def _directive_fault(model: str, texts: list[tuple[str, str]]) -> str | None:
+    for _, text in texts:
+        for target, fault in _DIRECTIVE.findall(text):
+            if target == "*" or target == model or target.endswith("/" + model):
+                return fault.strip()
+    return None
+
+
+Answer = tuple[int, bytes, dict[str, str]]  # status, body, extra headers
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> Answer:
+    return status, json.dumps(obj).encode(), headers or {}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Answer:
+    kind, code = _ERROR_TYPES.get(status, ("server_error", "server_error"))
+    return _json(status, {"error": {"message": message, "type": kind, "code": code}}, headers)
+
+
+def _head(status: int, length: int, headers: dict[str, str], keep_alive: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
+    lines += [f"{k}: {v}" for k, v in {"Content-Type": "application/json", **headers}.items()]
+    lines.append(f"Content-Length: {length}")
+    lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class _Request:
+    """One parsed HTTP request."""
+
+    def __init__(self, head: bytes) -> None:
+        lines = head.decode("latin-1").split("\r\n")
+        self.method, target, version = [*lines[0].split(" ", 2), "", ""][:3]
+        path = target.split("?", 1)[0].rstrip("/")
+        self.path = path[3:] if path.startswith("/v1/") else path  # /v1 is optional
+        self.headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        connection = self.headers.get("connection", "").lower()
+        self.keep_alive = connection != "close" and (
+            version == "HTTP/1.1" or connection == "keep-alive"
+        )
+        self.length = int(self.headers.get("content-length") or 0)
+        self.body: Any = None  # the parsed JSON body, None when absent or not JSON
+
+    @property
+    def supported(self) -> bool:
+        return self.length <= MAX_BODY and "chunked" not in self.headers.get(
+            "transfer-encoding", ""
+        )
+
+
+class _Connection:
+    """One client connection: reads requests in turn and answers them (HTTP keep-alive)."""
+
+    def __init__(
+        self, state: _State, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.state, self.reader, self.writer = state, reader, writer
+
+    async def serve(self) -> None:
+        try:
+            while await self.serve_one():
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the client went away mid-request
+        except ValueError:
+            pass  # garbage in the request head (a bad Content-Length): just hang up
+        finally:
+            self.writer.close()
+
+    async def serve_one(self) -> bool:
+        """Read and answer one request; False when the connection must close."""
+        try:
+            request = _Request(await self.reader.readuntil(b"\r\n\r\n"))
+        except asyncio.IncompleteReadError:
+            return False  # the client closed the connection between requests
+        if not request.supported:
+            await self.send(_error(413, "body too large, or chunked"), keep_alive=False)
+            return False
+        if request.headers.get("expect", "").lower() == "100-continue":  # curl, large bodies
+            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        payload = await self.reader.readexactly(request.length)
+        with contextlib.suppress(ValueError):
+            request.body = json.loads(payload) if payload else {}
+        if request.method == "POST" and request.path == "/chat/completions":
+            return await _Completer(self, request).run()
+        await self.send(self.control(request), request.keep_alive)
+        return request.keep_alive
+
+    def control(self, request: _Request) -> Answer:
+        """The models list and the /_sim control API."""
+        state, body = self.state, request.body
+        route = f"{request.method} {request.path}"
+        if body is None:
+            return _error(400, "request body is not JSON")
+        if route == "GET /models":
+            models = [
+                {"id": name, "object": "model", "created": 0, "owned_by": "simulator"}
+                for name in sorted(state.snapshot()["models"])
+            ]
+            return _json(200, {"object": "list", "data": models})
+        if route == "POST /_sim/config":
+            try:
+                state.configure(body)
+            except (ValueError, TypeError) as exc:
+                return _error(400, str(exc))
+            return _json(200, state.snapshot())
+        if route == "GET /_sim/config":
+            return _json(200, state.snapshot())
+        if route == "POST /_sim/reset":
+            state.reset()
+            return _json(200, {"ok": True})
+        if route == "GET /_sim/requests":
+            with state.lock:
+                return _json(200, list(state.log))
+        return _error(404, f"no route {route}")
+
+    async def send(self, answer: Answer, keep_alive: bool) -> None:
+        status, body, headers = answer
+        self.writer.write(_head(status, len(body), headers, keep_alive) + body)
+        await self.writer.drain()
+
+    async def hold(self, seconds: float) -> bool:
+        """Wait `seconds`; False if the client hung up first (its socket then frees at once)."""
+        try:
+            await asyncio.wait_for(self.reader.read(1), seconds)
+        except TimeoutError:
+            return True
+        return False  # EOF, or a pipelined byte we will not parse: close either way
+
+    def reset(self) -> None:
+        """Drop the connection with a TCP reset (SO_LINGER 0), as a crashing server would."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
+
+class _Completer:
+    """Answers one chat completion request: logs it, picks its fault, applies it."""
+
+    def __init__(self, conn: _Connection, request: _Request) -> None:
+        self.conn, self.request = conn, request
+        body = request.body if isinstance(request.body, dict) else {}
+        self.model = str(body.get("model") or "")
+        self.messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        self.texts = _texts(self.messages)
+        self.max_tokens = body.get("max_tokens")
+
+    async def run(self) -> bool:
+        conn, keep_alive = self.conn, self.request.keep_alive
+        body = self.request.body
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            await conn.send(_error(400, "body must be a JSON object with `messages`"), keep_alive)
+            return keep_alive
+        settings, fault = conn.state.plan(self.model, _directive_fault(self.model, self.texts))
+        self.log(fault)
+        try:
+            fault = check_fault(fault) if fault is not None else None
+        except ValueError as exc:
+            await conn.send(_error(400, f"simulator: {exc}"), keep_alive)
+            return keep_alive
+        if fault == "reset":
+            conn.reset()
+            return False
+        if fault == "timeout":
+            await conn.hold(HOLD_S)
+            return False
+        delay = float(settings.get("latency_ms") or 0) / 1000
+        if delay > 0 and not await conn.hold(delay):
+            return False  # the client gave up waiting
+        if fault == "stall":
+            await self.stall()
+            return False
+        await conn.send(self.answer(settings, fault), keep_alive)
+        return keep_alive
+
+    def log(self, fault: str | None) -> None:
+        body = self.request.body
+        images = sum(
+            1
+            for m in self.messages
+            if isinstance(m.get("content"), list)
+            for p in m["content"]
+            if isinstance(p, dict) and p.get("type") == "image_url"
+        )
+        self.conn.state.record(
+            {
+                "model": self.model,
+                "t": time.time(),
+                "fault": fault,
+                "authorization_present": bool(self.request.headers.get("authorization")),
+                "temperature": body.get("temperature"),
+                "max_tokens": self.max_tokens,
+                "images": images,
+            }
+        )
+
+    async def stall(self) -> None:
+        """Headers with a Content-Length, half the body, then silence until the client quits."""
+        body = json.dumps({"choices": [{"message": {"content": "never finished"}}]}).encode()
+        self.conn.writer.write(_head(200, len(body), {}, False) + body[: len(body) // 2])
+        await self.conn.writer.drain()
+        await self.conn.hold(HOLD_S)
+
+    def answer(self, settings: dict[str, Any], fault: str | None) -> Answer:
+        """The completion, or the error answer an HTTP-level fault asks for."""
+        if fault == "malformed":
+            return 200, b'{"id": "chatcmpl-sim", "choices": [ this is not json', {}
+        if fault is not None and fault.split(":")[0] in _STATUS_FAULTS:
+            status, *rest = fault.split(":")
+            headers = {}
+            if rest and rest[0] == "date":
+                ahead = time.time() + float(rest[1])
+                headers["Retry-After"] = email.utils.formatdate(ahead, usegmt=True)
+            elif rest:
+                headers["Retry-After"] = rest[0]
+            return _error(int(status), f"simulated {status} for model {self.model}", headers)
+        text = self.text()
+        choices = [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ]
+        body: dict[str, Any] = {
+            "id": f"chatcmpl-sim-{next(_IDS)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [] if fault == "empty" else choices,
+        }
+        if settings.get("usage", True) is not False:
+            body["usage"] = self.usage(text, settings.get("cost"))
+        return _json(200, body)
+
+    def text(self) -> str:
+        """Deterministic and small: the model name and the start of the last user text."""
+        user = [t for role, t in self.texts if role == "user"] or [t for _, t in self.texts]
+        last = _DIRECTIVE.sub("", user[-1] if user else "").strip()
+        return f"[sim {self.model}] {last[:60]}"
+
+    def usage(self, text: str, cost: Any) -> dict[str, Any]:
+        prompt = estimate_message_tokens(self.messages)
+        completion = estimate_tokens(text)
+        if isinstance(self.max_tokens, int) and self.max_tokens >= 0:
+            completion = min(completion, self.max_tokens)
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        return usage if cost is None else {**usage, "cost": cost}
+
+
+_IDS = itertools.count(1)
+
+
+async def serve(
+    state: _State, host: str, port: int, ready: Callable[[int], None], stop: asyncio.Event
+) -> None:
+    """Listen, call `ready(port)`, serve until `stop` is set, then cancel every client."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await _Connection(state, reader, writer).serve()
+        except asyncio.CancelledError:
+            pass  # shutting down; ending normally keeps Python 3.11's asyncio from logging it
+        finally:
+            tasks.discard(task)
+
+    server = await asyncio.start_server(on_client, host, port, backlog=4096)
+    async with server:
+        ready(server.sockets[0].getsockname()[1])
+        await stop.wait()
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a config file: JSON, or YAML (which needs PyYAML)."""
+    text = Path(path).read_text()
+    try:
+        return dict(json.loads(text))
+    except ValueError:
+        import yaml  # optional: only YAML config files need it
+
+        return dict(yaml.safe_load(text) or {})
+
+
+class Simulator:
+    """The simulator in a background thread, for tests and the demo.
+
+    >>> sim = Simulator(port=0).start()
+    >>> sim.configure({"models": {"m": {"faults": ["503"]}}})
+    >>> sim.url    # 'http://127.0.0.1:PORT/v1'
+    >>> sim.stop()
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, config: dict[str, Any] | None = None
+    ) -> None:
+        self.host, self.port = host, port
+        self.state = _State()
+        if config:
+            self.state.configure(config)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.base_url + "/v1"
+
+    def start(self) -> Self:
+        self._ready.clear()
+        self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._failure is not None:
+            raise RuntimeError(f"simulator failed to start: {self._failure}")
+        return self
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await serve(self.state, self.host, self.port, self._on_ready, self._stop)
+
+        try:
+            asyncio.run(main())
+        except Exception as exc:  # reported by start(), never lost in the thread
+            self._failure = exc
+            self._ready.set()
+
+    def _on_ready(self, port: int) -> None:
+        self.port = port
+        self._ready.set()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._thread = self._loop = self._stop = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def configure(
+        self,
+        config: dict[str, Any] | None = None,
+        *,
+        models: dict[str, Any] | None = None,
+        default: dict[str, Any] | None = None,
+    ) -> None:
+        """Merge settings, as POST /_sim/config: a full `config` body, or the shortcuts
+        `configure(models={"m": {"faults": ["503"]}}, default={"latency_ms": 5})`."""
+        self.state.configure(config or {"models": models or {}, "default": default or {}})
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self.state.lock:
+            return [dict(e) for e in self.state.log]
+
+    def reset(self) -> None:
+        self.state.reset()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.simulator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--config", help="JSON or YAML file, as the /_sim/config body")
+    parser.add_argument("--latency-ms", type=float, help="default latency for every model")
+    args = parser.parse_args(argv)
+    state = _State()
+    try:
+        if args.config:
+            state.configure(load_config(args.config))
+        if args.latency_ms is not None:
+            state.configure({"default": {"latency_ms": args.latency_ms}})
+    except (OSError, ValueError, TypeError) as exc:
+        parser.error(f"--config: {exc}")
+
+    def ready(port: int) -> None:
+        print(f"simulator listening on http://{args.host}:{port}", flush=True)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(state, args.host, args.port, ready, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
