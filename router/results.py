@@ -45,6 +45,15 @@ class Result(BaseModel):
     model: str | None = None  # the model that answered
     error: str | None = None
     attempts: list[Attempt] = []
+    dispatched_at: float | None = None  # unix seconds
+    finished_at: float | None = None
+
+    @property
+    def latency_ms(self) -> float | None:
+        """From dispatch to the final word, through every queue and attempt."""
+        if self.dispatched_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.dispatched_at) * 1000
 
     @property
     def prompt_tokens(self) -> int:
@@ -70,4 +79,5 @@ class Result(BaseModel):
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
             "queue_path": self.queue_path,
+            "latency_ms": self.latency_ms,
         }

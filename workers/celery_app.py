@@ -8,6 +8,8 @@ Settings come from the environment when the app is built (never at import):
     FLEET_VISIBILITY_TIMEOUT_S   seconds before Redis redelivers an unacked job
                        (default 600; must exceed the longest single attempt)
     FLEET_RESULT_EXPIRES_S       how long results are kept (default 1 day)
+    FLEET_BEAT_EVERY_S           a test/demo knob: fire every beat entry this many seconds
+                       apart instead of on its schedule (unset in production)
 
 `celery -A workers.celery_app worker -Q free` finds `app` here (built on first access).
 """
@@ -15,7 +17,7 @@ Settings come from the environment when the app is built (never at import):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
 
 from celery import Celery
@@ -41,6 +43,53 @@ def fleet_urls(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
             )
         state = broker
     return broker, state
+
+
+class LazyBeatSchedule(MutableMapping[str, Any]):
+    """Celery's `beat_schedule`, built from `beat_schedule.py` on first use: only beat reads
+    it, so workers and dispatchers never load the schedule (or pay for routing it)."""
+
+    def __init__(self, every_s: float | None = None) -> None:
+        self.every_s = every_s
+        self._entries: dict[str, Any] | None = None
+
+    def _built(self) -> dict[str, Any]:
+        if self._entries is None:
+            from beat_schedule import beat_schedule
+
+            self._entries = beat_schedule(every_s=self.every_s)
+        return self._entries
+
+    def __getitem__(self, key: str) -> Any:
+        return self._built()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:  # app.add_periodic_task
+        self._built()[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._built()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def __repr__(self) -> str:
+        return f"<beat schedule {'(not built)' if self._entries is None else self._entries!r}>"
+
+
+def _beat_every_s(environ: Mapping[str, str]) -> float | None:
+    value = environ.get("FLEET_BEAT_EVERY_S")
+    if not value:
+        return None
+    try:
+        every = float(value)
+    except ValueError:
+        every = 0.0
+    if not every > 0:
+        raise ConfigError(f"FLEET_BEAT_EVERY_S must be a number of seconds above 0 (got {value!r})")
+    return every
 
 
 def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -76,6 +125,8 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Heartbeat and cron jobs (beat_schedule.py), routed when beat starts.
+        "beat_schedule": LazyBeatSchedule(_beat_every_s(environ)),
     }
 
 

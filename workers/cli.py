@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from router.catalog import SOURCES, TASK_CLASSES, Catalog, load_catalog
+from router.catalog import QUEUES, SOURCES, TASK_CLASSES, Catalog, load_catalog
 from router.errors import FleetError, NoRouteAvailable
 
 EXIT_USAGE = 2
@@ -35,6 +35,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more (got 0)")
     return value
 
 
@@ -147,46 +154,94 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- fleet demo ------------------------------------------------------------------------
+# --- fleet worker / up / demo / submit ---------------------------------------------------
 
-DEMO_QUERIES: list[dict[str, Any]] = [
-    {"task_class": c}
-    for c in (
-        "complex_reasoning",
-        "creative",
-        "user_facing",
-        "vision",
-        "long_context",
-        "fast_general",
-        "cost_free",
-        "reasoning_free",
-        "heartbeat",
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    from workers.pools import worker_argv
+
+    argv = worker_argv(
+        args.queues, pool=args.pool, concurrency=args.concurrency, loglevel=args.loglevel
     )
-] + [
-    {"task_class": "creative", "has_image": True},
-    {"task_class": "user_facing", "prompt_tokens": 250_000},
-    {"task_class": "complex_reasoning", "source": "cron"},
-    {"task_class": "fast_general", "profile": "code"},
-    {"task_class": "fast_general", "focus": "trader"},
-]
+    env = dict(os.environ)
+    env["FLEET_WORKER_CONCURRENCY"] = argv[argv.index("-c") + 1]
+    env.update(_broker_env())
+    os.execve(argv[0], argv, env)
+
+
+def _broker_env() -> dict[str, str]:
+    from workers.up import broker_from_up
+
+    return broker_from_up()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from workers.up import run_up
+
+    return run_up(beat=not args.no_beat, flower_port=None if args.no_flower else args.flower_port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Routes for a sample of jobs (the fleet run arrives with the workers)."""
-    from rich.table import Table
+    from workers.demo import run_demo
 
-    from router.policy import RouteQuery, route
+    return run_demo(as_json=args.json)
 
-    catalog = load_catalog()
-    table = Table(title="routes for a sample of jobs", title_justify="left")
-    for col in ("job", "queue", "chain"):
-        table.add_column(col)
-    for fields in DEMO_QUERIES:
-        decision = route(catalog, RouteQuery(**fields))
-        label = " ".join(f"{k}={v}" for k, v in fields.items())
-        table.add_row(label, decision.queue, " → ".join(h.model for h in decision.chain))
-    _console().print(table)
-    return 0
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import os
+
+    from router.dispatcher import dispatch
+
+    os.environ.update(_broker_env())
+    content: Any = args.prompt
+    if args.image:
+        content = [{"type": "text", "text": args.prompt}, _image_part(args.image)]
+    job = {
+        "task_class": args.task_class,
+        "messages": [{"role": "user", "content": content}],
+        "source": args.source,
+        **{k: v for k, v in _optional_fields(args).items() if v is not None},
+    }
+    handle = dispatch(job)
+    if not args.wait:
+        out = {"job_id": handle.id, **handle.route.as_dict()}
+        _print_json(out) if args.json else print(f"{handle.id} queued on {handle.route.queue}")
+        return 0
+    result = handle.get(timeout=args.timeout, propagate=False)
+    if args.json:
+        _print_json(result.summary())
+    else:
+        print(result.text if result.ok else f"fleet: job failed: {result.error}")
+    return 0 if result.ok else 1
+
+
+def _optional_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "focus": args.focus,
+        "profile": args.profile,
+        "model": args.model,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+    }
+
+
+def _image_part(path: str) -> dict[str, Any]:
+    import base64
+    import mimetypes
+    from pathlib import Path
+
+    from router.errors import InvalidJob
+
+    kind = mimetypes.guess_type(path)[0]
+    if not kind or not kind.startswith("image/"):
+        raise InvalidJob(f"--image {path!r} is not an image file (valid: .png, .jpg, .gif, .webp)")
+    try:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+    except OSError as exc:
+        raise InvalidJob(f"--image {path!r}: {exc.strerror}") from None
+    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
 
 
 # --- the parser ------------------------------------------------------------------------
@@ -211,8 +266,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_catalog)
 
-    p = sub.add_parser("demo", help="run the fleet's demo")
+    p = sub.add_parser("demo", help="run the whole fleet end to end on simulated providers")
+    p.add_argument("--json", action="store_true", help="one JSON object per job, per line")
     p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("up", help="start the fleet: redis, a worker per queue, beat, Flower")
+    p.add_argument("--no-beat", action="store_true")
+    p.add_argument("--no-flower", action="store_true")
+    p.add_argument("--flower-port", type=int, default=5555)
+    p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser("worker", help="run a worker for one or more queues")
+    p.add_argument("queues", nargs="+", choices=QUEUES, metavar="QUEUE")
+    p.add_argument("--pool", choices=("threads", "solo", "prefork", "gevent"))
+    p.add_argument("--concurrency", "-c", type=_positive_int)
+    p.add_argument("--loglevel", "-l", default="INFO")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("submit", help="enqueue a job (and wait for its result)")
+    p.add_argument("prompt")
+    p.add_argument("--class", dest="task_class", required=True, choices=TASK_CLASSES)
+    p.add_argument("--focus")
+    p.add_argument("--profile")
+    p.add_argument("--model")
+    p.add_argument("--image", metavar="PATH")
+    p.add_argument("--source", choices=SOURCES, default="app")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=_positive_int)
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=300, help="seconds --wait waits")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_submit)
 
     p = sub.add_parser("check-config", help="validate a catalog/policy YAML file")
     p.add_argument("path")

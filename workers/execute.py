@@ -68,13 +68,14 @@ class Target:
 ProviderLookup = Callable[[str], Target]
 
 
-def state_for(decision: Route) -> dict[str, Any]:
+def state_for(decision: Route, now: float | None = None) -> dict[str, Any]:
     """The travelling state of a freshly routed job."""
     return {
         "chain": [hop.as_dict() for hop in decision.chain],
         "temperature": decision.temperature,
         "max_tokens": decision.max_tokens,
         "attempts": [],
+        "dispatched_at": time.time() if now is None else now,
     }
 
 
@@ -91,32 +92,32 @@ def advance(
     """Run this delivery of a job: at most one provider call."""
     try:
         job = parse_job(job_data)
-        state = state or state_for(route_job(catalog, job))
+        state = state or state_for(route_job(catalog, job), now())
     except (InvalidJob, NoRouteAvailable) as exc:
-        return Failed(_result(job_data, [], error=str(exc)))
+        return Failed(_result(job_data, {}, [], now(), error=str(exc)))
     attempts = [Attempt.model_validate(a) for a in state["attempts"]]
+
+    def end(**fields: Any) -> Result:
+        return _result(job_data, state or {}, attempts, now(), **fields)
+
+    called = False
     while True:
         if job.deadline is not None and now() > job.deadline.timestamp():
-            return Failed(_result(job_data, attempts, error="deadline passed"))
+            return Failed(end(error="deadline passed"))
         pick = _next_hop(state["chain"], attempts, now())
         if pick is None:
-            return Failed(_result(job_data, attempts, error=_exhausted(attempts)))
+            return Failed(end(error=_exhausted(attempts)))
         hop, countdown = pick
-        if hop["queue"] != here or countdown > 0:
+        # One provider call per delivery: a further try travels as a new message.
+        if called or hop["queue"] != here or countdown > 0:
             return Forward(hop["queue"], countdown, {**state, "attempts": _dump(attempts)})
         attempt, text = _try(job, state, hop, len(attempts) + 1, providers, worker, now)
         attempts.append(attempt)
         if attempt.outcome == "ok":
-            return Done(_result(job_data, attempts, text=text, model=hop["model"]))
+            return Done(end(text=text, model=hop["model"]))
         if attempt.action == "fail":
-            return Failed(_result(job_data, attempts, error=f"{hop['model']}: {attempt.error}"))
-        if attempt.outcome == "error":
-            # One call per delivery: the next try travels as a new message, even on this queue.
-            nxt = _next_hop(state["chain"], attempts, now())
-            if nxt is None:
-                return Failed(_result(job_data, attempts, error=_exhausted(attempts)))
-            return Forward(nxt[0]["queue"], nxt[1], {**state, "attempts": _dump(attempts)})
-        # skipped without a call (no key): look at the next hop in this same delivery
+            return Failed(end(error=f"{hop['model']}: {attempt.error}"))
+        called = attempt.outcome == "error"  # a skip (no key) made no call: go on here
 
 
 def _try(
@@ -205,7 +206,9 @@ def _dump(attempts: list[Attempt]) -> list[dict[str, Any]]:
 
 def _result(
     job_data: dict[str, Any],
+    state: dict[str, Any],
     attempts: list[Attempt],
+    finished_at: float,
     *,
     text: str | None = None,
     model: str | None = None,
@@ -220,4 +223,6 @@ def _result(
         model=model,
         error=error,
         attempts=attempts,
+        dispatched_at=state.get("dispatched_at"),
+        finished_at=finished_at,
     )

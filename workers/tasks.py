@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import worker_shutdown
+from celery.signals import worker_init, worker_shutdown
 
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
@@ -38,12 +38,18 @@ def _catalog() -> Catalog:
         return _process["catalog"]
 
 
-def _registry(task: Task) -> ProviderRegistry:
+@worker_init.connect
+def _remember_concurrency(sender: Any = None, **_: Any) -> None:
+    # The -c the worker was started with: the HTTP connection pool is sized to it.
+    _process["concurrency"] = getattr(sender, "concurrency", None)
+
+
+def _registry() -> ProviderRegistry:
     catalog = _catalog()
     with _lock:
         if "registry" not in _process:
             concurrency = int(
-                os.environ.get("FLEET_WORKER_CONCURRENCY") or task.app.conf.worker_concurrency or 1
+                os.environ.get("FLEET_WORKER_CONCURRENCY") or _process.get("concurrency") or 10
             )
             _process["registry"] = ProviderRegistry(catalog, concurrency)
         return _process["registry"]
@@ -73,7 +79,7 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         job,
         state,
         here=(self.request.delivery_info or {}).get("routing_key"),
-        providers=_registry(self),
+        providers=_registry(),
         worker=self.request.hostname,
     )
     if isinstance(step, Done):

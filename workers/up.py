@@ -1,0 +1,147 @@
+"""`fleet up`: the whole fleet on one machine, in one process tree.
+
+A private redis-server (when FLEET_BROKER_URL is unset; data under the data dir, append-only
+so queued jobs survive a restart), one worker per queue, beat (once per fleet) and Flower.
+Ctrl-C or SIGTERM stops every child cleanly. The data dir holds a lock, so a second
+`fleet up` on it says the fleet is already running, and `up.json`, from which `fleet submit`
+finds the broker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from router.catalog import QUEUES
+from router.errors import ConfigError
+from workers.pools import worker_argv
+from workers.redis_server import RedisServer
+from workers.supervisor import Supervisor
+
+FLOWER_PORT = 5555
+
+
+def data_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    override = environ.get("FLEET_DATA_DIR")
+    if override:
+        return Path(override).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("modelfleet"))
+
+
+@contextmanager
+def exclusive(directory: Path) -> Iterator[None]:
+    """Hold the data dir's lock, or ConfigError naming who holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "up.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = read_up_info(directory)
+            raise ConfigError(
+                f"the fleet is already running on {directory} (pid {info.get('pid', '?')},"
+                f" broker {info.get('broker_url', '?')}); stop it first"
+            ) from None
+        try:
+            yield
+        finally:
+            (directory / "up.json").unlink(missing_ok=True)
+
+
+def read_up_info(directory: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((directory / "up.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def broker_from_up(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """FLEET_BROKER_URL for clients: the environment's, or the running `fleet up`'s."""
+    if environ.get("FLEET_BROKER_URL"):
+        return {}
+    info = read_up_info(data_dir(environ))
+    return {"FLEET_BROKER_URL": info["broker_url"]} if info.get("broker_url") else {}
+
+
+def flower_argv(port: int, environ: Mapping[str, str]) -> list[str]:
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower"]
+    argv += ["--address=127.0.0.1", f"--port={port}"]
+    auth = environ.get("FLEET_FLOWER_BASIC_AUTH") or environ.get("FLOWER_BASIC_AUTH")
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    return argv
+
+
+def start_fleet(sup: Supervisor, directory: Path, *, beat: bool, flower_port: int | None) -> None:
+    for queue in QUEUES:
+        sup.start(f"worker-{queue}", worker_argv([queue]), ready_marker=" ready.")
+    if beat:
+        schedule = str(directory / "beat-schedule")
+        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat"]
+        sup.start("beat", [*argv, "-s", schedule, "-l", "INFO"], ready_marker="beat: Starting")
+    if flower_port:
+        sup.start("flower", flower_argv(flower_port, sup.env), ready_marker="Visit me at")
+
+
+def run_up(
+    *, beat: bool = True, flower_port: int | None = FLOWER_PORT, out: TextIO = sys.stdout
+) -> int:
+    directory = data_dir()
+    with exclusive(directory):
+        env = dict(os.environ)
+        redis = None
+        if not env.get("FLEET_BROKER_URL"):
+            redis = RedisServer(directory / "redis").start()
+            env["FLEET_BROKER_URL"] = redis.url
+        sup = Supervisor(directory / "logs", env)
+        stopping: list[int] = []
+        previous = {
+            s: signal.signal(s, lambda n, _f: stopping.append(n))
+            for s in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            start_fleet(sup, directory, beat=beat, flower_port=flower_port)
+            sup.wait_ready()
+            info = {
+                "pid": os.getpid(),
+                "broker_url": env["FLEET_BROKER_URL"],
+                "started": time.time(),
+            }
+            if flower_port:
+                info["flower"] = f"http://127.0.0.1:{flower_port}"
+            (directory / "up.json").write_text(json.dumps(info))
+            _print_banner(out, directory, sup, info)
+            while not stopping and not sup.dead():
+                time.sleep(0.2)
+            dead = sup.dead()
+            if dead and not stopping:
+                print(sup.describe_death(dead[0]), file=sys.stderr)
+                return 1
+            print("fleet: stopping...", file=out, flush=True)
+            return 0
+        finally:
+            sup.stop()
+            if redis is not None:
+                redis.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _print_banner(out: TextIO, directory: Path, sup: Supervisor, info: dict[str, Any]) -> None:
+    print(f"fleet up: data dir {directory}", file=out)
+    print(f"  broker  {info['broker_url']}", file=out)
+    for child in sup.children:
+        pid = child.process.pid if child.process else "?"
+        print(f"  {child.name:<20} pid {pid:<8} log {child.log_path}", file=out)
+    if "flower" in info:
+        print(f"  flower  {info['flower']}", file=out)
+    print("Ctrl-C stops the fleet.", file=out, flush=True)
