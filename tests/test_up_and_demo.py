@@ -1,0 +1,135 @@
+"""`fleet demo`, `fleet up` and `fleet submit` run as a user runs them: subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.redis_server import free_port
+
+FLEET = str(Path(sys.executable).with_name("fleet"))
+CLASSES = {
+    "complex_reasoning", "creative", "user_facing", "vision", "long_context",
+    "fast_general", "cost_free", "reasoning_free", "heartbeat",
+}  # fmt: skip
+
+
+def test_demo_json_runs_the_whole_fleet_and_exits_0() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    done = subprocess.run(
+        [FLEET, "demo", "--json"], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    keys = {"job_id", "task_class", "source", "queue_path", "model", "attempts", "ok"}
+    assert all(keys | {"prompt_tokens", "completion_tokens"} <= set(r) for r in rows)
+    assert all(r["ok"] for r in rows)
+    assert {r["task_class"] for r in rows} == CLASSES
+    assert any(r["prompt_tokens"] > 200_000 for r in rows)  # the 250K-token job
+    assert any(len(set(r["queue_path"])) > 1 for r in rows)  # escalated into another queue
+    assert any(r["attempts"] > 1 and len(set(r["queue_path"])) == 1 for r in rows)
+    cron = [r for r in rows if r["source"] == "cron"]
+    assert cron and all(set(r["queue_path"]) <= {"free", "local"} for r in cron)
+    assert len({r["job_id"] for r in rows}) == len(rows)
+
+
+@pytest.fixture
+def up_env(tmp_path: Path, fleet_env: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in fleet_env.items() if k != "FLEET_BROKER_URL"}
+    return {**env, "FLEET_DATA_DIR": str(tmp_path / "data")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 90) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, "fleet up did not come up"
+        time.sleep(0.1)
+    return json.loads(path.read_text())
+
+
+def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
+    up_env: dict[str, str],
+) -> None:
+    # Given a fleet started with `fleet up` on a fresh data dir
+    port = free_port()
+    up = subprocess.Popen(
+        [FLEET, "up", "--flower-port", str(port)],
+        env=up_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        info = _wait_for(Path(up_env["FLEET_DATA_DIR"]) / "up.json", up)
+        # When a second `fleet up` starts on the same data dir, it refuses
+        again = subprocess.run([FLEET, "up"], env=up_env, capture_output=True, text=True)
+        assert again.returncode == 2
+        assert "already running" in again.stderr and again.stderr.count("\n") == 1
+        # And `fleet submit --wait --json` finds the broker from the data dir
+        submitted = subprocess.run(
+            [FLEET, "submit", "--class", "user_facing", "hello there", "--wait", "--json"],
+            env=up_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        result = json.loads(submitted.stdout)
+        assert result["ok"] and result["model"] == "zai/glm-4.7"
+        assert info["broker_url"].startswith("redis://127.0.0.1:")
+        assert info["flower"].endswith(f":{port}")
+    finally:
+        # Then SIGTERM stops every child and the private Redis
+        up.send_signal(signal.SIGTERM)
+        out, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, out
+    assert "stopping" in out
+    pids = [int(p) for p in re.findall(r" pid (\d+) ", out)]
+    assert len(pids) == 7  # a worker per queue, beat, flower
+    assert [pid for pid in pids if _alive(pid)] == []
+    redis = subprocess.run(["pgrep", "-f", up_env["FLEET_DATA_DIR"]], capture_output=True)
+    assert redis.stdout == b""  # the private redis-server (and beat) ran with the data dir
+    assert not (Path(up_env["FLEET_DATA_DIR"]) / "up.json").exists()
+
+
+def test_fleet_up_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")},
+        "PATH": str(tmp_path),
+        "FLEET_DATA_DIR": str(tmp_path / "data"),
+    }
+    done = subprocess.run([FLEET, "up"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "redis-server not found: install it (sudo apt-get install redis-server)" in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_submit_bad_input_is_one_line(up_env: dict[str, str], tmp_path: Path) -> None:
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    for args, needle in [
+        (["--class", "creative", "--image", str(text_file), "x"], "is not an image file"),
+        (["--class", "creative", "--image", str(tmp_path / "a.png"), "x"], "No such file"),
+        (["--class", "poetry", "x"], "invalid choice: 'poetry'"),
+        (["--class", "creative", "--focus", "zz", "x"], "unknown focus 'zz'"),
+    ]:
+        done = subprocess.run([FLEET, "submit", *args], env=up_env, capture_output=True, text=True)
+        assert done.returncode == 2, (args, done.stderr)
+        assert needle in done.stderr and done.stderr.count("\n") == 1
