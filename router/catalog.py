@@ -127,6 +127,33 @@ class CostRestriction(_Strict):
     allowed_tiers: frozenset[Tier] = frozenset({"free", "local"})
 
 
+class Cooldowns(_Strict):
+    """How the fleet rests a failing model (fleet-wide, in Redis)."""
+
+    rate_limited_s: Annotated[float, Field(gt=0)] = 5.0  # a 429 without Retry-After
+    circuit_failures: PositiveInt = 5  # this many transient failures...
+    circuit_window_s: Annotated[float, Field(gt=0)] = 60.0  # ...within this window...
+    circuit_open_s: Annotated[float, Field(gt=0)] = 30.0  # ...open the circuit this long
+
+
+Scope = Literal["model", "provider", "tier"]
+
+
+class Budget(_Strict):
+    """A USD cap on spend by one model, provider or tier, per UTC day and/or month."""
+
+    scope: Scope
+    name: str
+    usd_per_day: Annotated[float, Field(gt=0)] | None = None
+    usd_per_month: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _some_cap(self) -> Budget:
+        if self.usd_per_day is None and self.usd_per_month is None:
+            raise ValueError("a budget needs usd_per_day or usd_per_month")
+        return self
+
+
 class Policy(_Strict):
     long_context_above_tokens: PositiveInt = 200_000
     cost_restricted: CostRestriction = CostRestriction()
@@ -134,6 +161,14 @@ class Policy(_Strict):
     focus: dict[str, str] = {}
     profiles: dict[str, Profile] = {}
     fallbacks: list[str] = []
+    # Near a subscription quota, only these classes may use its last `quota_reserve`.
+    quota_reserve: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    quota_reserve_for: frozenset[TaskClass] = frozenset({"user_facing"})
+    cooldowns: Cooldowns = Cooldowns()
+    budgets: list[Budget] = []
+    # A job whose every model is limited waits for the earliest slot, at most this long
+    # (or until its deadline); beyond it the job fails with every model's reason.
+    max_wait_s: Annotated[float, Field(ge=0)] = 600.0
 
     @model_validator(mode="after")
     def _every_class_has_a_chain(self) -> Policy:
@@ -161,10 +196,24 @@ class Catalog(_Strict):
                     f"models.{i}.id: {model.id!r} names unknown provider {model.provider!r}"
                     f" (valid: {choices(self.providers)})"
                 )
+        for i, budget in enumerate(self.policy.budgets):
+            valid = self._scope_names(budget.scope)
+            if budget.name not in valid:
+                raise ValueError(
+                    f"policy.budgets.{i}.name: unknown {budget.scope} {budget.name!r}"
+                    f" (valid: {choices(valid)})"
+                )
         for where, model_id in self._policy_references():
             if model_id not in seen:
                 raise ValueError(f"{where}: unknown model {model_id!r} (valid: {choices(seen)})")
         return self
+
+    def _scope_names(self, scope: str) -> set[str]:
+        if scope == "model":
+            return {m.id for m in self.models}
+        if scope == "provider":
+            return set(self.providers)
+        return set(TIERS)
 
     def _policy_references(self) -> list[tuple[str, str]]:
         refs = [

@@ -7,14 +7,15 @@ This is the only module of `router/` that talks to the broker: it imports Celery
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from router.catalog import Catalog, catalog_path, load_catalog
-from router.errors import JobFailed
+from router.errors import JobFailed, NoRouteAvailable
 from router.jobs import Job, parse_job
-from router.policy import Route, route_job
+from router.policy import Hop, Route, route_job
 from router.results import Result
 
 _catalogs: dict[tuple[Path, float], Catalog] = {}
@@ -86,7 +87,8 @@ def dispatch(job: Job | dict[str, Any], *, app: Any = None) -> JobHandle:
 
     job = parse_job(job)
     catalog = current_catalog()
-    decision = route_job(catalog, job)
+    decision = route_job(catalog, job)  # rules 1-4: the chain the job travels with
+    first = first_usable(catalog, job, decision)  # rules 5-6: where it starts now
     app = app or get_app()
     payload = job.model_dump(mode="json", exclude_none=True)
     state = state_for(decision)
@@ -94,9 +96,32 @@ def dispatch(job: Job | dict[str, Any], *, app: Any = None) -> JobHandle:
         TASK_RUN_JOB,
         kwargs={"job": payload, "state": state},
         task_id=job.id,
-        queue=decision.queue,
+        queue=first.queue,
         priority=job.priority,
         argsrepr="()",
-        kwargsrepr=describe(payload, decision.chain[0].model),
+        kwargsrepr=describe(payload, first.model),
     )
     return JobHandle(job, decision, async_result)
+
+
+def first_usable(catalog: Catalog, job: Job, decision: Route) -> Hop:
+    """The first hop live state allows now. NoRouteAvailable when none will be usable
+    within the policy's max wait: the job fails fast, with every model's reason."""
+    from workers.live import live_view
+
+    blocked = live_view(catalog).blocks(job.task_class, [h.model for h in decision.chain])
+    for hop in decision.chain:
+        if hop.model not in blocked:
+            return hop
+    now = time.time()
+    horizon = now + catalog.policy.max_wait_s
+    if job.deadline is not None:
+        horizon = min(horizon, job.deadline.timestamp())
+    soon = [
+        (b.until, hop) for hop in decision.chain
+        if (b := blocked[hop.model]).until is not None and b.until <= horizon
+    ]  # fmt: skip
+    if not soon:
+        reasons = [*decision.dropped, *((m, b.reason) for m, b in blocked.items())]
+        raise NoRouteAvailable(job.task_class, reasons)
+    return min(soon, key=lambda pair: pair[0])[1]  # the worker waits for that slot

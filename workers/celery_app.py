@@ -23,7 +23,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from router.catalog import QUEUES
+from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
 
 TASK_RUN_JOB = "fleet.run_job"
@@ -49,7 +49,8 @@ class LazyBeatSchedule(MutableMapping[str, Any]):
     """Celery's `beat_schedule`, built from `beat_schedule.py` on first use: only beat reads
     it, so workers and dispatchers never load the schedule (or pay for routing it)."""
 
-    def __init__(self, every_s: float | None = None) -> None:
+    def __init__(self, catalog_file: str | None = None, every_s: float | None = None) -> None:
+        self.catalog_file = catalog_file
         self.every_s = every_s
         self._entries: dict[str, Any] | None = None
 
@@ -57,7 +58,8 @@ class LazyBeatSchedule(MutableMapping[str, Any]):
         if self._entries is None:
             from beat_schedule import beat_schedule
 
-            self._entries = beat_schedule(every_s=self.every_s)
+            catalog = load_catalog(self.catalog_file)
+            self._entries = beat_schedule(catalog, every_s=self.every_s)
         return self._entries
 
     def __getitem__(self, key: str) -> Any:
@@ -126,7 +128,7 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Heartbeat and cron jobs (beat_schedule.py), routed when beat starts.
-        "beat_schedule": LazyBeatSchedule(_beat_every_s(environ)),
+        "beat_schedule": LazyBeatSchedule(str(catalog_path(environ)), _beat_every_s(environ)),
     }
 
 

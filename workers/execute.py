@@ -17,16 +17,18 @@ is not tried again; a bad request ends the job at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from router.catalog import Catalog
+from router.costs import attempt_cost
 from router.errors import InvalidJob, NoRouteAvailable
 from router.jobs import Job, parse_job
 from router.policy import Route, route_job
 from router.results import Attempt, Result
 from workers.providers.base import CompletionRequest, Provider, ProviderError
+from workers.state import Block
 
 TRIES_PER_MODEL = 2
 RETRY_BACKOFF_S = 1.0  # before a second try of a model that gave no Retry-After
@@ -68,6 +70,31 @@ class Target:
 ProviderLookup = Callable[[str], Target]
 
 
+class Gate(Protocol):
+    """The fleet's live state as a delivery sees it (workers/state.py's FleetState)."""
+
+    def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
+    def take_probe(self, model_id: str) -> bool: ...
+    def settle(self, model_id: str, attempt: Attempt, cost_usd: float) -> None: ...
+
+
+class OpenGate:
+    """No live state: every model always usable (unit tests, a fleet without limits)."""
+
+    def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
+        return None
+
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
+        return None
+
+    def take_probe(self, model_id: str) -> bool:
+        return True
+
+    def settle(self, model_id: str, attempt: Attempt, cost_usd: float) -> None:
+        return None
+
+
 def state_for(decision: Route, now: float | None = None) -> dict[str, Any]:
     """The travelling state of a freshly routed job."""
     return {
@@ -75,6 +102,7 @@ def state_for(decision: Route, now: float | None = None) -> dict[str, Any]:
         "temperature": decision.temperature,
         "max_tokens": decision.max_tokens,
         "attempts": [],
+        "prompt_tokens": decision.prompt_tokens,
         "dispatched_at": time.time() if now is None else now,
     }
 
@@ -86,38 +114,101 @@ def advance(
     *,
     here: str | None,
     providers: ProviderLookup,
+    gate: Gate | None = None,
     worker: str | None = None,
     now: Callable[[], float] = time.time,
 ) -> Step:
     """Run this delivery of a job: at most one provider call."""
-    try:
-        job = parse_job(job_data)
-        state = state or state_for(route_job(catalog, job), now())
-    except (InvalidJob, NoRouteAvailable) as exc:
-        return Failed(_result(job_data, {}, [], now(), error=str(exc)))
-    attempts = [Attempt.model_validate(a) for a in state["attempts"]]
+    started = _start(catalog, job_data, state, now())
+    if isinstance(started, Failed):
+        return started
+    job, state = started
+    delivery = _Delivery(catalog, job_data, job, state, gate or OpenGate(), now)
+    return delivery.run(here, providers, worker)
 
-    def end(**fields: Any) -> Result:
-        return _result(job_data, state or {}, attempts, now(), **fields)
 
-    called = False
-    while True:
-        if job.deadline is not None and now() > job.deadline.timestamp():
-            return Failed(end(error="deadline passed"))
-        pick = _next_hop(state["chain"], attempts, now())
-        if pick is None:
-            return Failed(end(error=_exhausted(attempts)))
-        hop, countdown = pick
-        # One provider call per delivery: a further try travels as a new message.
-        if called or hop["queue"] != here or countdown > 0:
-            return Forward(hop["queue"], countdown, {**state, "attempts": _dump(attempts)})
-        attempt, text = _try(job, state, hop, len(attempts) + 1, providers, worker, now)
-        attempts.append(attempt)
+class _Delivery:
+    """One delivery's walk down the chain: pick a model, take its slot, call it once."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        job_data: dict[str, Any],
+        job: Job,
+        state: dict[str, Any],
+        gate: Gate,
+        now: Callable[[], float],
+    ) -> None:
+        self.catalog, self.job_data, self.job, self.state = catalog, job_data, job, state
+        self.gate, self.now = gate, now
+        self.attempts = [Attempt.model_validate(a) for a in state["attempts"]]
+        self.tokens = int(state.get("prompt_tokens") or 0)
+        self.passed: dict[str, Block] = {}  # models found blocked in this delivery, and why
+
+    def run(self, here: str | None, providers: ProviderLookup, worker: str | None) -> Step:
+        called = False
+        while True:
+            if self.job.deadline is not None and self.now() > self.job.deadline.timestamp():
+                return Failed(self.end(error="deadline passed"))
+            pick = _choose(
+                self.state["chain"], self.attempts, self.job.task_class, self.tokens,
+                self.gate, self.passed, self.now(),
+            )  # fmt: skip
+            if pick is None:
+                return self.wait_or_fail()
+            hop, countdown = pick
+            # One provider call per delivery: a further try travels as a new message.
+            if called or hop["queue"] != here or countdown > 0:
+                return self.forward(hop["queue"], countdown)
+            block = _admit(self.gate, self.job.task_class, hop["model"], self.tokens, self.now())
+            if block is not None:  # another worker took the last slot first
+                self.passed[hop["model"]] = block
+                continue
+            step = self.call(hop, providers, worker)
+            if step is not None:
+                return step
+            called = self.attempts[-1].outcome == "error"  # a skip made no call: go on
+
+    def call(
+        self, hop: dict[str, str], providers: ProviderLookup, worker: str | None
+    ) -> Step | None:
+        attempt, text = _try(
+            self.job, self.state, hop, len(self.attempts) + 1, providers, worker, self.now
+        )
+        self.attempts.append(attempt)
+        if attempt.outcome != "skipped":
+            cost, _source = attempt_cost(self.catalog.model(hop["model"]), attempt)
+            self.gate.settle(hop["model"], attempt, cost)
         if attempt.outcome == "ok":
-            return Done(end(text=text, model=hop["model"]))
+            return Done(self.end(text=text, model=hop["model"]))
         if attempt.action == "fail":
-            return Failed(end(error=f"{hop['model']}: {attempt.error}"))
-        called = attempt.outcome == "error"  # a skip (no key) made no call: go on here
+            return Failed(self.end(error=f"{hop['model']}: {attempt.error}"))
+        return None
+
+    def end(self, **fields: Any) -> Result:
+        return _result(self.job_data, self.state, self.attempts, self.now(), **fields)
+
+    def forward(self, queue: str, countdown: float) -> Forward:
+        return Forward(queue, countdown, {**self.state, "attempts": _dump(self.attempts)})
+
+    def wait_or_fail(self) -> Step:
+        """No model can be called now: wait for the earliest slot if it comes soon enough."""
+        if not self.passed:
+            return Failed(self.end(error=_exhausted(self.attempts)))
+        now = self.now()
+        limit = now + self.catalog.policy.max_wait_s
+        if self.job.deadline is not None:
+            limit = min(limit, self.job.deadline.timestamp())
+        waits = [
+            (b.until, m) for m, b in self.passed.items() if b.until is not None and b.until <= limit
+        ]
+        if not waits:
+            reasons = "; ".join(f"{m}: {b.reason}" for m, b in self.passed.items())
+            tried = f"; tried: {_exhausted(self.attempts)}" if self.attempts else ""
+            return Failed(self.end(error=f"no usable model ({reasons}){tried}"))
+        until, model = min(waits)
+        queue = next(h["queue"] for h in self.state["chain"] if h["model"] == model)
+        return self.forward(queue, max(0.0, until - now) + 0.01)
 
 
 def _try(
@@ -175,24 +266,62 @@ def _error_fields(exc: ProviderError) -> dict[str, Any]:
     }
 
 
-def _next_hop(
-    chain: list[dict[str, str]], attempts: list[Attempt], now: float
+def _start(
+    catalog: Catalog, job_data: dict[str, Any], state: dict[str, Any] | None, now: float
+) -> tuple[Job, dict[str, Any]] | Failed:
+    """The job and its travelling state (routed now if it arrived without one)."""
+    try:
+        job = parse_job(job_data)
+        return job, state or state_for(route_job(catalog, job), now)
+    except (InvalidJob, NoRouteAvailable) as exc:
+        return Failed(_result(job_data, {}, [], now, error=str(exc)))
+
+
+def _admit(gate: Gate, task_class: str, model: str, tokens: int, now: float) -> Block | None:
+    """Take a fleet-wide slot for one call (and the probe of a half-open circuit)."""
+    block = gate.admit(task_class, model, tokens)
+    if block is None and not gate.take_probe(model):
+        block = Block("circuit half-open: a probe call is deciding", now + 1)
+    return block
+
+
+def _choose(
+    chain: list[dict[str, str]],
+    attempts: list[Attempt],
+    task_class: str,
+    tokens: int,
+    gate: Gate,
+    passed: dict[str, Block],
+    now: float,
 ) -> tuple[dict[str, str], float] | None:
-    """The next model to try and how long to wait for it, or None when the chain is spent."""
+    """The first model the chain still offers that live state allows, and its wait."""
+    for hop, ready_at in _candidates(chain, attempts):
+        model = hop["model"]
+        block = passed.get(model) or gate.block(task_class, model, tokens)
+        if block is not None:
+            passed[model] = block
+            continue
+        return hop, max(0.0, ready_at - now)
+    return None
+
+
+def _candidates(
+    chain: list[dict[str, str]], attempts: list[Attempt]
+) -> Iterator[tuple[dict[str, str], float]]:
+    """The models still to try, in order, each with when it may be tried (unix seconds):
+    every model once, then those whose failure was transient, after their Retry-After."""
     tried: dict[str, list[Attempt]] = {}
     for attempt in attempts:
         tried.setdefault(attempt.model, []).append(attempt)
-    for hop in chain:  # first pass: every model once
+    for hop in chain:
         if hop["model"] not in tried:
-            return hop, 0.0
-    for hop in chain:  # second pass: transient failures, after their Retry-After
-        history = tried[hop["model"]]
-        last = history[-1]
-        if last.action == "retry" and len(history) < TRIES_PER_MODEL:
+            yield hop, 0.0
+    for hop in chain:
+        history = tried.get(hop["model"], [])
+        last = history[-1] if history else None
+        if last and last.action == "retry" and len(history) < TRIES_PER_MODEL:
             wait = last.retry_after_s if last.retry_after_s is not None else RETRY_BACKOFF_S
-            ready_at = last.started_at + last.latency_ms / 1000 + wait
-            return hop, max(0.0, ready_at - now)
-    return None
+            yield hop, last.started_at + last.latency_ms / 1000 + wait
 
 
 def _exhausted(attempts: list[Attempt]) -> str:
