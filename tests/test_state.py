@@ -1,0 +1,181 @@
+"""Fleet-wide live state against a real redis-server: limits, cooldowns, circuits,
+budgets and the subscription quota reserve."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import yaml
+
+from router.catalog import default_catalog_path, load_catalog
+from router.results import Attempt
+from workers.state import FleetState
+
+ZAI = "zai/glm-4.7"
+LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
+KIMI = "litellm/kimi"
+
+
+def catalog_with(tmp_path: Path, edit) -> Any:
+    data = yaml.safe_load(default_catalog_path().read_text())
+    edit(data)
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_catalog(path)
+
+
+def model_entry(data: dict, model_id: str) -> dict:
+    return next(m for m in data["models"] if m["id"] == model_id)
+
+
+@pytest.fixture
+def client(redis_server) -> Any:
+    # A database of its own, flushed per test: the fleet's workers use db 0.
+    client = redis_lib.Redis.from_url(redis_server.url.replace("/0", "/5"))
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def attempt(model: str, **fields: Any) -> Attempt:
+    base = {"number": 1, "model": model, "queue": "free", "tier": "free", "outcome": "ok"}
+    return Attempt(**{**base, **fields, "started_at": time.time()})
+
+
+def failed(model: str, kind: str, action: str = "retry", retry_after: float | None = None):
+    return attempt(
+        model, outcome="error", error_kind=kind, action=action, retry_after_s=retry_after
+    )
+
+
+def test_a_retry_after_of_30s_is_not_cut_short_by_a_later_default_cooldown(client) -> None:
+    state = FleetState(client, load_catalog())
+    # Given a 429 with Retry-After: 30
+    state.settle(ZAI, failed(ZAI, "rate_limited", retry_after=30), 0)
+    # When another worker then sees a 429 without Retry-After (default 5 s)
+    state.settle(ZAI, failed(ZAI, "rate_limited"), 0)
+    # Then the model stays cooled for the full 30 s, fleet-wide
+    block = state.block("user_facing", ZAI)
+    assert block is not None and "rate limited" in block.reason
+    assert block.until == pytest.approx(time.time() + 30, abs=1.5)
+    assert client.pttl(f"fleet:cooldown:{ZAI}") > 28_000
+    # And a longer cooldown does extend it
+    state.cool(ZAI, 60, "rate limited")
+    assert state.block("user_facing", ZAI).until == pytest.approx(time.time() + 60, abs=1.5)
+
+
+def test_default_cooldown_for_a_429_without_retry_after(client) -> None:
+    state = FleetState(client, load_catalog())
+    state.settle(LLAMA, failed(LLAMA, "rate_limited"), 0)
+    assert state.block("cost_free", LLAMA).until == pytest.approx(time.time() + 5, abs=1.5)
+
+
+def test_requests_per_minute_limit_is_shared_and_exact(client, tmp_path) -> None:
+    catalog = catalog_with(
+        tmp_path, lambda d: model_entry(d, LLAMA).update(limits={"requests_per_min": 5})
+    )
+    # Two FleetState objects = two workers; they share one window in Redis.
+    one, two = FleetState(client, catalog), FleetState(client, catalog)
+    admitted = [s.admit("cost_free", LLAMA, 10) is None for s in [one, two] * 5]
+    assert admitted.count(True) == 5
+    block = one.admit("cost_free", LLAMA, 10)
+    assert block is not None and "requests/min" in block.reason
+    assert block.until == pytest.approx(time.time() + 60, abs=2)
+
+
+def test_provider_account_limit_spans_its_models(client) -> None:
+    # OpenRouter's free models share one account: 20 requests/min across all of them.
+    state = FleetState(client, load_catalog())
+    hermes = "openrouter/nousresearch/hermes-3-llama-3.1-405b:free"
+    results = [state.admit("cost_free", m, 10) for m in [LLAMA, hermes] * 10]
+    assert all(r is None for r in results)
+    block = state.admit("cost_free", hermes, 10)
+    assert block is not None and "provider limit requests/min" in block.reason
+
+
+def test_tokens_per_minute_limit(client, tmp_path) -> None:
+    catalog = catalog_with(
+        tmp_path, lambda d: model_entry(d, LLAMA).update(limits={"tokens_per_min": 1000})
+    )
+    state = FleetState(client, catalog)
+    assert state.admit("cost_free", LLAMA, 600) is None
+    state.settle(LLAMA, attempt(LLAMA, prompt_tokens=600, completion_tokens=300), 0)
+    block = state.admit("cost_free", LLAMA, 200)  # 600 + 300 + 200 > 1000
+    assert block is not None and "tokens/min" in block.reason
+    assert state.admit("cost_free", LLAMA, 50) is None  # 950: still fits
+
+
+def test_quota_reserve_keeps_the_last_20_percent_for_user_facing(client, tmp_path) -> None:
+    catalog = catalog_with(
+        tmp_path,
+        lambda d: model_entry(d, ZAI).update(limits={"quota": {"requests": 10, "window_h": 5}}),
+    )
+    state = FleetState(client, catalog)
+    # Given 8 of 10 requests of the 5-hour quota used by creative jobs
+    assert [state.admit("creative", ZAI, 10) for _ in range(8)] == [None] * 8
+    # Then other classes skip the model, keeping the reserve for user-facing work
+    block = state.block("creative", ZAI)
+    assert block is not None and "quota reserve" in block.reason
+    assert "user_facing" in block.reason
+    # While user-facing jobs still reach it, up to the whole quota
+    assert state.block("user_facing", ZAI) is None
+    assert state.admit("user_facing", ZAI, 10) is None
+    assert state.admit("user_facing", ZAI, 10) is None
+    assert state.admit("user_facing", ZAI, 10) is not None
+
+
+def test_circuit_opens_after_repeated_failures_then_one_probe_decides(client, tmp_path) -> None:
+    catalog = catalog_with(
+        tmp_path,
+        lambda d: d["policy"].update(
+            cooldowns={"circuit_failures": 3, "circuit_window_s": 60, "circuit_open_s": 1}
+        ),
+    )
+    state = FleetState(client, catalog)
+    for _ in range(2):
+        state.settle(LLAMA, failed(LLAMA, "server_error"), 0)
+    assert state.block("cost_free", LLAMA) is None
+    state.settle(LLAMA, failed(LLAMA, "timeout"), 0)
+    block = state.block("cost_free", LLAMA)
+    assert block is not None and "circuit open" in block.reason
+    time.sleep(1.2)
+    # Half-open: exactly one caller gets the probe
+    assert state.block("cost_free", LLAMA) is None
+    assert [state.take_probe(LLAMA) for _ in range(3)] == [True, False, False]
+    assert "probe" in state.block("cost_free", LLAMA).reason
+    # A failed probe re-opens the circuit at once
+    state.settle(LLAMA, failed(LLAMA, "server_error"), 0)
+    assert "circuit open" in state.block("cost_free", LLAMA).reason
+    time.sleep(1.2)
+    assert state.take_probe(LLAMA)
+    # A successful probe closes it
+    state.settle(LLAMA, attempt(LLAMA), 0)
+    assert state.block("cost_free", LLAMA) is None
+    assert state.take_probe(LLAMA) and state.take_probe(LLAMA)
+
+
+def test_budget_cap_skips_the_model_until_the_next_period(client, tmp_path) -> None:
+    catalog = catalog_with(
+        tmp_path,
+        lambda d: d["policy"].update(
+            budgets=[{"scope": "model", "name": KIMI, "usd_per_day": 0.01}]
+        ),
+    )
+    state = FleetState(client, catalog)
+    kimi = attempt(KIMI, prompt_tokens=10_000, completion_tokens=2_000)
+    state.settle(KIMI, kimi, 0.0056 + 0.00588)  # 10K in x $0.56 + 2K out x $2.94 per 1M
+    block = state.block("user_facing", KIMI)
+    assert block is not None and "budget: $0.01 of $0.01 per day" in block.reason
+    assert block.until is not None and block.until - time.time() <= 86_400
+
+
+def test_unusable_model_is_cooled_fleet_wide(client) -> None:
+    state = FleetState(client, load_catalog())
+    state.settle(ZAI, failed(ZAI, "auth", action="next"), 0)
+    block = state.block("user_facing", ZAI)
+    assert block is not None and "auth" in block.reason
