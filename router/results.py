@@ -45,6 +45,7 @@ class Result(BaseModel):
     model: str | None = None  # the model that answered
     error: str | None = None
     attempts: list[Attempt] = []
+    metadata: dict[str, str | int | float | bool | None] = {}  # the job's, echoed back
     dispatched_at: float | None = None  # unix seconds
     finished_at: float | None = None
 

@@ -4,6 +4,7 @@ HTTP, the tiny generated MLX model, and real Celery worker processes, one per qu
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -17,6 +18,22 @@ from workers.pools import worker_argv
 from workers.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The suite holds ~1,000 sockets at once (the concurrency tests) on top of its fleet's:
+# lift the soft open-file limit to the hard one, as a server process would.
+_soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (_hard, _hard))
+
+
+@pytest.fixture(autouse=True)
+def _open_file_limit() -> None:
+    # Importing mlx_lm (the tiny model's build does) sets this process's limit to
+    # (2048, 4096), whatever it was: lift the soft limit again before every test.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 PROVIDER_TIMEOUT_S = 2.0  # the simulated catalog's timeout: the 'timeout' fault waits this
 
 
@@ -59,6 +76,8 @@ def fleet_env(
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
         **simulated_env(simulator.url, tiny_model_dir, data, PROVIDER_TIMEOUT_S),  # type: ignore[attr-defined]
+        # Every test worker records its jobs' attempts in this one ledger (test_ledger reads it).
+        "FLEET_LEDGER_URL": f"sqlite:///{data / 'ledger.db'}",
     }
     env.pop("FLEET_STATE_URL", None)
     return env

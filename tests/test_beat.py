@@ -161,8 +161,9 @@ def _beat_results(client: redis.Redis, since: datetime) -> dict[str, list[dict[s
         if raw is None:
             continue
         meta = json.loads(raw)
-        job = (meta.get("kwargs") or {}).get("job") or {}
-        entry = (job.get("metadata") or {}).get("beat_entry")
+        result = meta.get("result")
+        metadata = (result.get("metadata") if isinstance(result, dict) else None) or {}
+        entry = metadata.get("beat_entry")
         done = meta.get("date_done")
         final = meta["status"] in ("SUCCESS", "FAILURE")
         if entry and done and final and datetime.fromisoformat(done).replace(tzinfo=UTC) >= since:

@@ -22,8 +22,9 @@ CLASSES = {
 }  # fmt: skip
 
 
-def test_demo_json_runs_the_whole_fleet_and_exits_0() -> None:
+def test_demo_json_runs_the_whole_fleet_and_exits_0(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["FLEET_DATA_DIR"] = str(tmp_path / "data")
     done = subprocess.run(
         [FLEET, "demo", "--json"], capture_output=True, text=True, timeout=180, env=env
     )
@@ -39,6 +40,17 @@ def test_demo_json_runs_the_whole_fleet_and_exits_0() -> None:
     cron = [r for r in rows if r["source"] == "cron"]
     assert cron and all(set(r["queue_path"]) <= {"free", "local"} for r in cron)
     assert len({r["job_id"] for r in rows}) == len(rows)
+
+    # `fleet usage` afterwards shows every demo attempt, and its totals match the demo's
+    usage = subprocess.run(
+        [FLEET, "usage", "--by", "task_class", "--json"], capture_output=True, text=True, env=env
+    )
+    assert usage.returncode == 0, usage.stderr
+    groups = json.loads(usage.stdout)
+    assert sum(g["attempts"] for g in groups) == sum(r["attempts"] for r in rows)
+    assert sum(g["jobs"] for g in groups) == len(rows)
+    assert sum(g["prompt_tokens"] for g in groups) == sum(r["prompt_tokens"] for r in rows)
+    assert sum(g["completion_tokens"] for g in groups) == sum(r["completion_tokens"] for r in rows)
 
 
 @pytest.fixture

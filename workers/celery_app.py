@@ -105,7 +105,6 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "broker_transport_options": {"visibility_timeout": visibility},
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "result_expires": int(environ.get("FLEET_RESULT_EXPIRES_S", 86_400)),
-        "result_extended": True,
         # JSON only: a job must be enqueueable from any language, and pickle is unsafe.
         "task_serializer": "json",
         "result_serializer": "json",

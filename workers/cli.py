@@ -244,6 +244,55 @@ def _image_part(path: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
 
 
+# --- fleet usage -------------------------------------------------------------------------
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from workers.ledger import Ledger, redacted
+    from workers.usage import print_report, usage_report
+
+    ledger = Ledger(redis_url=None)
+    try:
+        report = usage_report(ledger, args.since, args.by, load_catalog())
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"fleet: cannot read the ledger at {redacted(ledger.url)}: {reason}", file=sys.stderr)
+        return 1
+    finally:
+        ledger.close()
+    _print_json(report.rows) if args.json else print_report(report)
+    return 0
+
+
+def _add_usage(sub: Any) -> None:
+    from workers.usage import GROUPS, REFERENCE_MODEL, SINCE_HELP, parse_since
+
+    def since(text: str) -> Any:
+        try:
+            return parse_since(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    p = sub.add_parser(
+        "usage",
+        help="tokens, cost and saving per model (or other group), from the ledger",
+        description=f"Reads the ledger (FLEET_LEDGER_URL, or ledger.db in the data dir). The"
+        f" saving is what the same tokens would cost on {REFERENCE_MODEL} minus what they cost.",
+    )
+    p.add_argument("--since", type=since, default="24h", help=f"{SINCE_HELP} (default 24h)")
+    p.add_argument("--by", choices=GROUPS, default="model", help="group by (default model)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="a JSON list, one object per group with keys <by>, attempts, jobs, prompt_tokens,"
+        " completion_tokens, cost_usd, saving_usd; no total row (sum the groups; a job met in"
+        " several groups counts in each)",
+    )
+    p.set_defaults(handler=cmd_usage)
+
+
 # --- the parser ------------------------------------------------------------------------
 
 
@@ -301,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a catalog/policy YAML file")
     p.add_argument("path")
     p.set_defaults(handler=cmd_check_config)
+
+    _add_usage(sub)
     return parser
 
 

@@ -352,6 +352,7 @@ def _result(
         model=model,
         error=error,
         attempts=attempts,
+        metadata=job_data.get("metadata") or {},
         dispatched_at=state.get("dispatched_at"),
         finished_at=finished_at,
     )

@@ -17,11 +17,14 @@ Times come from the Redis server's clock, so machines with skewed clocks still a
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from router.catalog import Catalog, Limits, Model
 from router.results import Attempt
@@ -33,6 +36,7 @@ MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 PROBE_TTL_MS = 120_000  # a probe call holds the half-open circuit at most this long
 UNUSABLE_COOLDOWN_S = 300.0  # a bad key or unknown model: no point calling it for a while
+SEEN_S = 1.0  # how long block()'s 'circuit closed' spares take_probe() a round trip
 
 # KEYS: window sorted sets. ARGV: member, dry_run, then per key: limit, window_ms, amount,
 # kind ('req' counts members, 'tok' sums the amount encoded after '|' in each member).
@@ -149,6 +153,7 @@ class FleetState:
         self._admit = redis.register_script(_ADMIT)
         self._cool = redis.register_script(_COOL)
         self._fail = redis.register_script(_FAIL)
+        self._seen = threading.local()  # per thread: (model, when block() saw it closed)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -164,45 +169,62 @@ class FleetState:
         return found
 
     def block(self, task_class: str, model_id: str, prompt_tokens: int = 0) -> Block | None:
+        """Why `model_id` cannot take a job now (cooldown, half-open circuit, budget, a full
+        window), or None. Every check is read in one pipelined round trip."""
         model = self.catalog.model(model_id)
+        now = datetime.now(UTC)
+        caps = self._caps(model, now)
+        windows = self._windows(task_class, model)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(keys.cooldown(model_id))
+        pipe.exists(keys.circuit_open(model_id))
+        pipe.exists(keys.probe(model_id))
+        for key, *_ in caps:
+            pipe.get(key)
+        if windows:
+            window_keys, argv = _admit_args(windows, prompt_tokens, dry_run=True)
+            pipe.evalsha(self._admit.sha, len(window_keys), *window_keys, *argv)
+        replies = pipe.execute(raise_on_error=False)
+        if windows and isinstance(replies[-1], NoScriptError):  # first use on this Redis
+            replies[-1] = self._admit(keys=window_keys, args=argv)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        cooldown, circuit, probe, *rest = replies
+        # A take_probe() right after this, in this thread, need not ask Redis again
+        # whether the circuit is open: it was not, a moment ago.
+        self._seen.closed = None if circuit else (model_id, time.monotonic())
         return (
-            self._cooldown(model_id)
-            or self._half_open(model_id)
-            or self._over_budget(model)
-            or self._windows_full(task_class, model, prompt_tokens, dry_run=True)
+            _cooldown_block(cooldown)
+            or (_half_open_block() if circuit and probe else None)
+            or _budget_block(caps, rest[: len(caps)], now)
+            or (_windows_block(windows, rest[-1]) if windows else None)
         )
 
     def _cooldown(self, model_id: str) -> Block | None:
-        raw = self.redis.get(keys.cooldown(model_id))
-        if not raw:
-            return None
-        until_ms, _, why = raw.decode().partition("|")
-        until = int(until_ms) / 1000
-        return Block(f"cooldown until {_clock(until)} ({why})", until)
+        return _cooldown_block(self.redis.get(keys.cooldown(model_id)))
 
     def _half_open(self, model_id: str) -> Block | None:
         if self.redis.exists(keys.circuit_open(model_id)) and self.redis.exists(
             keys.probe(model_id)
         ):
-            return Block("circuit half-open: a probe call is deciding", time.time() + 1)
+            return _half_open_block()
         return None
 
     def _over_budget(self, model: Model) -> Block | None:
         now = datetime.now(UTC)
-        for budget, name in self._budgets_of(model):
-            for period, cap in (("day", budget.usd_per_day), ("month", budget.usd_per_month)):
-                if cap is None:
-                    continue
-                spent = float(
-                    self.redis.get(keys.spend(budget.scope, name, period, _stamp(now, period))) or 0
-                )
-                if spent >= cap:
-                    return Block(
-                        f"budget: ${spent:.2f} of ${cap:.2f} per {period} spent by"
-                        f" {budget.scope} {name}",
-                        _period_end(now, period).timestamp(),
-                    )
-        return None
+        caps = self._caps(model, now)
+        return _budget_block(caps, [self.redis.get(key) for key, *_ in caps], now)
+
+    def _caps(self, model: Model, now: datetime) -> list[tuple[str, float, str, str, str]]:
+        """(spend key, cap, period, scope, name) of every budget capping `model`."""
+        return [
+            (keys.spend(budget.scope, name, period, _stamp(now, period)), cap, period,
+             budget.scope, name)
+            for budget, name in self._budgets_of(model)
+            for period, cap in (("day", budget.usd_per_day), ("month", budget.usd_per_month))
+            if cap is not None
+        ]  # fmt: skip
 
     def _budgets_of(self, model: Model) -> list[tuple[Any, str]]:
         names = {"model": model.id, "provider": model.provider, "tier": model.tier}
@@ -221,19 +243,8 @@ class FleetState:
         windows = self._windows(task_class, model)
         if not windows:
             return None
-        argv: list[Any] = [uuid.uuid4().hex, "1" if dry_run else "0"]
-        for w in windows:
-            amount = 1 if w.kind == "req" else prompt_tokens
-            if w.label.startswith("quota") and w.kind == "tok":
-                amount = 0  # token quota: check what was used; the call's tokens come later
-            argv += [w.limit, w.window_ms, amount, w.kind]
-        answer = self._admit(keys=[w.key for w in windows], args=argv)
-        if int(answer[0]) == 1:
-            return None
-        now_ms, until_ms, index = int(answer[1]), int(answer[2]), int(answer[3])
-        window = windows[index - 1]
-        until = time.time() + (until_ms - now_ms) / 1000
-        return Block(f"{window.label} full until {_clock(until)}", until)
+        window_keys, argv = _admit_args(windows, prompt_tokens, dry_run=dry_run)
+        return _windows_block(windows, self._admit(keys=window_keys, args=argv))
 
     def _windows(self, task_class: str, model: Model) -> list[_Window]:
         provider = self.catalog.providers[model.provider]
@@ -269,12 +280,21 @@ class FleetState:
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float) -> None:
         """Count the call's tokens and spend; rest the model if it failed."""
         model = self.catalog.model(model_id)
-        self._count_tokens(model, attempt.completion_tokens, attempt.prompt_tokens)
+        pipe = self.redis.pipeline()  # one round trip for the counts (and the circuit)
+        self._count_tokens(model, attempt.completion_tokens, attempt.prompt_tokens, pipe)
         if cost_usd > 0:
-            self._spend(model, cost_usd)
+            self._spend(model, cost_usd, pipe)
         if attempt.outcome == "ok":
-            self._close_circuit(model_id)
-        elif attempt.error_kind == "rate_limited":
+            if pipe.command_stack:
+                pipe.exists(keys.circuit_open(model_id))
+                circuit = pipe.execute()[-1]
+            else:  # nothing to count: skip MULTI/EXEC
+                circuit = self.redis.exists(keys.circuit_open(model_id))
+            if circuit:  # a success closes the circuit
+                self._close_circuit(model_id)
+            return
+        pipe.execute()
+        if attempt.error_kind == "rate_limited":
             wait = attempt.retry_after_s
             wait = wait if wait is not None else self.catalog.policy.cooldowns.rate_limited_s
             self.cool(model_id, wait, "rate limited")
@@ -290,6 +310,9 @@ class FleetState:
 
     def take_probe(self, model_id: str) -> bool:
         """After an open circuit's cooldown, let exactly one call through to decide."""
+        seen, self._seen.closed = getattr(self._seen, "closed", None), None
+        if seen is not None and seen[0] == model_id and time.monotonic() - seen[1] < SEEN_S:
+            return True  # block() found the circuit closed just now, in this thread
         if not self.redis.exists(keys.circuit_open(model_id)):
             return True
         return bool(self.redis.set(keys.probe(model_id), "1", nx=True, px=PROBE_TTL_MS))
@@ -317,9 +340,8 @@ class FleetState:
                 keys.circuit_open(model_id), keys.probe(model_id), keys.failures(model_id)
             )
 
-    def _count_tokens(self, model: Model, completion: int, prompt: int) -> None:
+    def _count_tokens(self, model: Model, completion: int, prompt: int, pipe: Any) -> None:
         """Add what the call really used to the token windows (its prompt was reserved)."""
-        pipe = self.redis.pipeline()
         member = uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
         for w in self._windows("", model):
@@ -329,11 +351,9 @@ class FleetState:
             if amount > 0:
                 pipe.zadd(w.key, {f"{member}|{amount}": now_ms})
                 pipe.pexpire(w.key, w.window_ms)
-        pipe.execute()
 
-    def _spend(self, model: Model, usd: float) -> None:
+    def _spend(self, model: Model, usd: float, pipe: Any) -> None:
         now = datetime.now(UTC)
-        pipe = self.redis.pipeline()
         for scope, name in (
             ("model", model.id),
             ("provider", model.provider),
@@ -343,7 +363,6 @@ class FleetState:
                 key = keys.spend(scope, name, period, _stamp(now, period))
                 pipe.incrbyfloat(key, usd)
                 pipe.expire(key, ttl)
-        pipe.execute()
 
     # --- for `fleet status` ---------------------------------------------------------------
 
@@ -372,6 +391,54 @@ class FleetState:
             "windows": windows,
             "spend_usd": spend,
         }
+
+
+def _cooldown_block(raw: bytes | None) -> Block | None:
+    if not raw:
+        return None
+    until_ms, _, why = raw.decode().partition("|")
+    until = int(until_ms) / 1000
+    return Block(f"cooldown until {_clock(until)} ({why})", until)
+
+
+def _half_open_block() -> Block:
+    return Block("circuit half-open: a probe call is deciding", time.time() + 1)
+
+
+def _budget_block(
+    caps: list[tuple[str, float, str, str, str]], spent: list[Any], now: datetime
+) -> Block | None:
+    for (_, cap, period, scope, name), raw in zip(caps, spent, strict=True):
+        used = float(raw or 0)
+        if used >= cap:
+            return Block(
+                f"budget: ${used:.2f} of ${cap:.2f} per {period} spent by {scope} {name}",
+                _period_end(now, period).timestamp(),
+            )
+    return None
+
+
+def _admit_args(
+    windows: list[_Window], prompt_tokens: int, *, dry_run: bool
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of the _ADMIT script for these windows."""
+    argv: list[Any] = [uuid.uuid4().hex, "1" if dry_run else "0"]
+    for w in windows:
+        amount = 1 if w.kind == "req" else prompt_tokens
+        if w.label.startswith("quota") and w.kind == "tok":
+            amount = 0  # token quota: check what was used; the call's tokens come later
+        argv += [w.limit, w.window_ms, amount, w.kind]
+    return [w.key for w in windows], argv
+
+
+def _windows_block(windows: list[_Window], answer: Any) -> Block | None:
+    """The _ADMIT script's answer as a Block (None: admitted)."""
+    if int(answer[0]) == 1:
+        return None
+    now_ms, until_ms, index = int(answer[1]), int(answer[2]), int(answer[3])
+    window = windows[index - 1]
+    until = time.time() + (until_ms - now_ms) / 1000
+    return Block(f"{window.label} full until {_clock(until)}", until)
 
 
 def _limit_windows(scope: str, name: str, limits: Limits | None) -> list[_Window]:

@@ -23,9 +23,11 @@ from celery.signals import worker_init, worker_shutdown
 
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
-from workers.celery_app import TASK_RUN_JOB
-from workers.execute import Done, Failed, Forward, advance
+from workers.celery_app import TASK_RUN_JOB, fleet_urls
+from workers.execute import Done, Failed, Forward, Gate, advance
+from workers.ledger import Ledger, rows_for
 from workers.providers.registry import ProviderRegistry
+from workers.state import FailOpen, FleetState
 
 _lock = threading.Lock()
 _process: dict[str, Any] = {}
@@ -55,6 +57,30 @@ def _registry() -> ProviderRegistry:
         return _process["registry"]
 
 
+def _gate() -> Gate:
+    """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
+    catalog = _catalog()
+    with _lock:
+        if "gate" not in _process:
+            import redis
+
+            client = redis.Redis.from_url(
+                fleet_urls()[1],
+                socket_timeout=5,
+                socket_connect_timeout=5,
+                health_check_interval=30,
+            )
+            _process["gate"] = FailOpen(FleetState(client, catalog))
+        return _process["gate"]
+
+
+def _ledger() -> Ledger:
+    with _lock:
+        if "ledger" not in _process:
+            _process["ledger"] = Ledger()  # FLEET_LEDGER_URL, or ledger.db in the data dir
+        return _process["ledger"]
+
+
 @worker_shutdown.connect
 def _close_adapters(**_: Any) -> None:
     registry = _process.pop("registry", None)
@@ -71,6 +97,26 @@ def describe(job: dict[str, Any], hop: str | None = None) -> str:
     )
 
 
+class Reply:
+    """run_job's return value. The result backend stores the whole Result (kombu's JSON
+    encoder calls `__json__`), but Celery's task-succeeded event (what Flower shows) and
+    the worker's log line carry repr(return value): only the outcome, never the answer
+    text, which can quote the prompt."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+
+    def __json__(self) -> dict[str, Any]:
+        return self.summary
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"{{'job': {s.get('job_id')!r}, 'ok': {s.get('ok')!r}, 'model': {s.get('model')!r},"
+            f" 'queue_path': {s.get('queue_path')!r}, 'total_tokens': {s.get('total_tokens')!r}}}"
+        )
+
+
 @shared_task(bind=True, name=TASK_RUN_JOB, max_retries=None, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
@@ -80,10 +126,13 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         state,
         here=(self.request.delivery_info or {}).get("routing_key"),
         providers=_registry(),
+        gate=_gate(),
         worker=self.request.hostname,
     )
+    if isinstance(step, Done | Failed):  # every attempt, once (record() never raises)
+        _ledger().record(rows_for(step.result, job, _catalog()))
     if isinstance(step, Done):
-        return step.result.summary()
+        return Reply(step.result.summary())
     if isinstance(step, Forward):
         raise self.retry(
             kwargs={"job": job, "state": step.state},

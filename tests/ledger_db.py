@@ -1,0 +1,135 @@
+"""Helpers of the ledger tests: the real databases (a SQLite file, a fresh PostgreSQL schema),
+rows built the way the task builds them, and a writer process for the concurrency test."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from router.catalog import Catalog, load_catalog
+from router.results import Attempt, Result
+from workers.ledger import Ledger, rows_for
+
+# The machine's PostgreSQL (CI runs here too); override with FLEET_TEST_PG_URL.
+PG_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DATABASES = ("sqlite", "postgresql")
+
+_catalog: list[Catalog] = []
+
+
+def catalog() -> Catalog:
+    if not _catalog:
+        _catalog.append(load_catalog())
+    return _catalog[0]
+
+
+def pg_admin() -> Any:
+    """A SQLAlchemy engine on the test database, or skip (fail under CI) when unreachable."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from workers.ledger import database_url
+
+    engine = create_engine(database_url(PG_URL), connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        reason = f"PostgreSQL not reachable at {PG_URL}: {str(exc.orig or exc).splitlines()[0]}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return engine
+
+
+@contextmanager
+def database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """A ledger URL on an empty database: a SQLite file, or a fresh PostgreSQL schema
+    (dropped afterwards) reached through the URL's search_path."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    from sqlalchemy import text
+
+    engine = pg_admin()
+    schema = f"ledger_test_{uuid.uuid4().hex[:12]}"
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{PG_URL}?options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+def attempt(number: int, model: str, **fields: Any) -> Attempt:
+    model_ = catalog().model(model)
+    base: dict[str, Any] = {
+        "outcome": "ok",
+        "started_at": time.time() - 60,
+        "latency_ms": 250.0,
+        "worker": "test@host",
+    }
+    return Attempt(
+        number=number, model=model, queue=model_.queue, tier=model_.tier, **{**base, **fields}
+    )
+
+
+def result(job_id: str, attempts: list[Attempt], **fields: Any) -> Result:
+    base: dict[str, Any] = {"task_class": "user_facing", "source": "app", "ok": True}
+    return Result(job_id=job_id, attempts=attempts, **{**base, **fields})
+
+
+def rows(job_id: str, attempts: list[Attempt], job: dict | None = None, **fields: Any) -> list:
+    return rows_for(result(job_id, attempts, **fields), job or {}, catalog())
+
+
+def simple_rows(job_id: str, n: int = 3) -> list[dict[str, Any]]:
+    """`n` attempts of one job: free failures, then a paid answer."""
+    free = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
+    tries = [attempt(i, free, outcome="error", error_kind="server_error") for i in range(1, n)]
+    tries.append(attempt(n, "litellm/kimi", prompt_tokens=100 * n, completion_tokens=10 * n))
+    return rows(job_id, tries)
+
+
+def write_concurrently(
+    url: str, spool_dir: str, proc: int, threads: int, batches: int, start_at: float, out: Any
+) -> None:
+    """A writer process: `threads` threads each record `batches` jobs, all starting at
+    `start_at`; puts (proc, rows written, spooled entries, warnings logged) on `out`."""
+    import logging
+
+    warnings: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    logging.getLogger("workers.ledger").addHandler(Catch(logging.WARNING))
+    ledger = Ledger(url, redis_url=None, spool_dir=spool_dir)
+    prepared = [[simple_rows(f"p{proc}-t{t}-b{b}") for b in range(batches)] for t in range(threads)]
+
+    def run(jobs: list[list[dict[str, Any]]]) -> None:
+        time.sleep(max(0.0, start_at - time.time()))
+        for job_rows in jobs:
+            ledger.record(job_rows)
+
+    pool = [threading.Thread(target=run, args=(jobs,)) for jobs in prepared]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    written = sum(len(r) for jobs in prepared for r in jobs)
+    out.put((proc, written, ledger.pending(), warnings))
+    ledger.close()

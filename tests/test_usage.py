@@ -1,0 +1,220 @@
+"""`fleet usage`, run as users run it (a subprocess), over a ledger with known rows, on a
+SQLite file and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from ledger_db import DATABASES, attempt, database, rows
+
+from workers.ledger import Ledger
+from workers.usage import parse_since
+
+FLEET = str(Path(sys.executable).with_name("fleet"))
+KIMI_IN, KIMI_OUT = 0.56, 2.94
+NOW = time.time()
+DAYS_AGO_3 = NOW - 3 * 86_400
+KEYS = {"attempts", "jobs", "prompt_tokens", "completion_tokens", "cost_usd", "saving_usd"}
+
+
+def kimi(tokens_in: int, tokens_out: int) -> float:
+    return (tokens_in * KIMI_IN + tokens_out * KIMI_OUT) / 1e6
+
+
+def known_rows() -> list[dict]:
+    free = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
+    return [
+        # A paid answer: 1M in, 0.5M out on litellm/kimi itself -> $2.03, saving 0.
+        *rows(
+            "paid", [attempt(1, "litellm/kimi", prompt_tokens=1_000_000, completion_tokens=500_000)]
+        ),
+        # A subscription failure, then a free answer.
+        *rows(
+            "escalated",
+            [
+                attempt(1, "zai/glm-4.7", outcome="error", error_kind="timeout"),
+                attempt(2, free, prompt_tokens=2_000, completion_tokens=1_000),
+            ],
+            task_class="fast_general",
+        ),
+        # A free model whose provider reported a cost.
+        *rows(
+            "reported",
+            [
+                attempt(
+                    1,
+                    "openrouter/deepseek/deepseek-chat",
+                    prompt_tokens=10_000,
+                    completion_tokens=2_000,
+                    provider_cost_usd=0.01,
+                )
+            ],
+            task_class="reasoning_free",
+            source="sub-agent",
+        ),
+        # A subscription answer.
+        *rows("subscribed", [attempt(1, "zai/glm-4.7", prompt_tokens=300, completion_tokens=70)]),
+        # Three days old: outside 24h, inside 7d.
+        *rows(
+            "old",
+            [
+                attempt(
+                    1,
+                    "local/qwen3-mlx",
+                    prompt_tokens=40,
+                    completion_tokens=8,
+                    started_at=DAYS_AGO_3,
+                )
+            ],
+            task_class="heartbeat",
+            source="heartbeat",
+        ),
+    ]
+
+
+@pytest.fixture(params=DATABASES)
+def ledger_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    with database(request.param, tmp_path) as url:
+        ledger = Ledger(url, redis_url=None, spool_dir=tmp_path)
+        ledger.insert(known_rows())
+        ledger.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        yield {**env, "FLEET_LEDGER_URL": url, "FLEET_DATA_DIR": str(tmp_path / "data")}
+
+
+def usage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [FLEET, "usage", *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+def usage_json(*args: str, env: dict[str, str]) -> dict[str, dict]:
+    done = usage(*args, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert isinstance(listed, list)
+    by = args[args.index("--by") + 1] if "--by" in args else "model"
+    assert all(set(row) == {by} | KEYS for row in listed)
+    return {row[by]: row for row in listed}
+
+
+def figures(attempts, jobs, tokens_in, tokens_out, cost) -> dict:
+    return {
+        "attempts": attempts,
+        "jobs": jobs,
+        "prompt_tokens": tokens_in,
+        "completion_tokens": tokens_out,
+        "cost_usd": pytest.approx(cost, abs=1e-9),
+        "saving_usd": pytest.approx(kimi(tokens_in, tokens_out) - cost, abs=1e-9),
+    }
+
+
+def strip(row: dict) -> dict:
+    return {k: row[k] for k in KEYS}
+
+
+def test_usage_by_model_over_the_last_24h(ledger_env: dict[str, str]) -> None:
+    got = usage_json(env=ledger_env)  # defaults: --since 24h --by model
+    assert set(got) == {
+        "litellm/kimi",
+        "zai/glm-4.7",
+        "openrouter/meta-llama/llama-3.1-405b-instruct:free",
+        "openrouter/deepseek/deepseek-chat",
+    }
+    assert strip(got["litellm/kimi"]) == figures(1, 1, 1_000_000, 500_000, 2.03)
+    assert got["litellm/kimi"]["saving_usd"] == 0
+    assert strip(got["zai/glm-4.7"]) == figures(2, 2, 300, 70, 0.0)
+    free = got["openrouter/meta-llama/llama-3.1-405b-instruct:free"]
+    assert strip(free) == figures(1, 1, 2_000, 1_000, 0.0)
+    assert free["saving_usd"] == pytest.approx(0.00406, abs=1e-12)
+    reported = got["openrouter/deepseek/deepseek-chat"]
+    assert strip(reported) == figures(1, 1, 10_000, 2_000, 0.01)
+    assert reported["saving_usd"] == pytest.approx(0.00148, abs=1e-12)
+    # Ordered by cost, highest first.
+    done = usage("--json", env=ledger_env)
+    assert next(r["model"] for r in json.loads(done.stdout)) == "litellm/kimi"
+
+
+def test_usage_by_tier_and_since(ledger_env: dict[str, str]) -> None:
+    day = usage_json("--by", "tier", env=ledger_env)
+    assert set(day) == {"paid", "subscription", "free"}
+    assert strip(day["subscription"]) == figures(2, 2, 300, 70, 0.0)
+    assert strip(day["free"]) == figures(2, 2, 12_000, 3_000, 0.01)
+    week = usage_json("--by", "tier", "--since", "7d", env=ledger_env)
+    assert strip(week["local"]) == figures(1, 1, 40, 8, 0.0)
+    assert usage_json("--by", "tier", "--since", "1s", env=ledger_env) == {}
+    since = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%d")
+    assert set(usage_json("--by", "tier", "--since", since, env=ledger_env)) == set(day)
+
+
+def test_usage_by_day_and_source(ledger_env: dict[str, str]) -> None:
+    got = usage_json("--by", "day", "--since", "7d", env=ledger_env)
+    old_day = datetime.fromtimestamp(DAYS_AGO_3, UTC).strftime("%Y-%m-%d")
+    assert strip(got[old_day]) == figures(1, 1, 40, 8, 0.0)
+    recent = {k: v for k, v in got.items() if k != old_day}
+    assert sum(r["attempts"] for r in recent.values()) == 5
+    assert sum(r["jobs"] for r in recent.values()) >= 4
+    assert sum(r["cost_usd"] for r in recent.values()) == pytest.approx(2.04, abs=1e-9)
+    assert list(got) == sorted(got)  # days in order
+    sources = usage_json("--by", "source", env=ledger_env)
+    assert strip(sources["sub-agent"]) == figures(1, 1, 10_000, 2_000, 0.01)
+    assert sources["app"]["jobs"] == 3
+
+
+def test_usage_table_has_a_total_row(ledger_env: dict[str, str]) -> None:
+    done = usage("--by", "provider", env=ledger_env)
+    assert done.returncode == 0, done.stderr
+    assert "total" in done.stdout and "litellm" in done.stdout and "openrouter" in done.stdout
+    total = next(line for line in done.stdout.splitlines() if "total" in line)
+    assert "5" in total and "2.040000" in total  # 5 attempts (24h), $2.04
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--since", "yesterday"], "24h"),
+        (["--since", "12x"], "7d"),
+        (["--by", "colour"], "model"),
+        (["--by"], "--by"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], names: str, tmp_path: Path) -> None:
+    env = {**os.environ, "FLEET_LEDGER_URL": f"sqlite:///{tmp_path / 'l.db'}"}
+    done = usage(*args, env=env)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and names in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_ledger_url_exits_2(tmp_path: Path) -> None:
+    done = usage(env={**os.environ, "FLEET_LEDGER_URL": "mysql://u:pw@h/db"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "valid: sqlite, postgresql" in done.stderr
+
+
+def test_unreachable_ledger_exits_1_without_the_password() -> None:
+    from workers.redis_server import free_port
+
+    url = f"postgresql://fleet:s3cret@127.0.0.1:{free_port()}/test"
+    done = usage(env={**os.environ, "FLEET_LEDGER_URL": url})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "cannot read the ledger" in done.stderr and "s3cret" not in done.stderr
+
+
+def test_parse_since() -> None:
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("30m", now) == now - timedelta(minutes=30)
+    assert parse_since("7d", now) == now - timedelta(days=7)
+    assert parse_since("2025-05-31", now) == datetime(2025, 5, 31, tzinfo=UTC)
+    assert parse_since("2025-05-31T10:00:00+02:00", now) == datetime(2025, 5, 31, 8, tzinfo=UTC)
+    with pytest.raises(ValueError, match="30m, 24h, 7d"):
+        parse_since("soon", now)

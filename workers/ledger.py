@@ -1,0 +1,582 @@
+"""The usage ledger: one row per attempt of every finished job, in SQLite or PostgreSQL.
+
+    ledger = Ledger()                       # FLEET_LEDGER_URL, or sqlite:///<data dir>/ledger.db
+    ledger.record(rows_for(result, job, catalog))
+
+SQLAlchemy Core, one table `attempts` keyed by (job_id, attempt), and `ledger_meta` holding
+the schema version (created when absent; a database of a newer version is refused).
+
+Exactly once: rows are inserted with insert-or-ignore on the key, so a redelivered task
+records nothing twice. Never lost: `record()` never raises; when the database cannot take
+the rows it spools them (JSON) to the Redis list `fleet:ledger:spool` on the fleet's state
+Redis, or, with Redis down too, to `ledger-spool.jsonl` in the data dir. `drain()` writes
+the spool back; `record()` drains first when this process spooled, and every
+DRAIN_EVERY_S otherwise. Drainers claim spooled entries atomically (a Lua script moves
+them to a per-drainer claim list), so concurrent workers never trim each other's rows; a
+claim left by a killed drainer goes back to the spool after CLAIM_STALE_S.
+
+Cost of an attempt: the provider's own figure when it returned one; else, for a paid model,
+tokens x the catalog's price per 1M tokens; 0 for subscription (paid by quota), free and
+local models. The catalog refuses a paid model without a price.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+from router.catalog import Catalog
+from router.errors import ConfigError
+from router.results import Result
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+LOCKED_RETRIES = 3
+SPOOL_KEY = "fleet:ledger:spool"
+CLAIMS_KEY = "fleet:ledger:spool:claims"  # zset: claim token -> claimed at (unix s)
+CLAIM_PREFIX = "fleet:ledger:spool:claim:"  # + token: the entries one drainer holds
+SPOOL_FILE = "ledger-spool.jsonl"
+DRAIN_BATCH = 200  # spool entries (one per record() call) per claim
+DRAIN_EVERY_S = 5.0  # how often record() looks for rows spooled by other processes
+CLAIM_STALE_S = 120.0  # a claim older than this belongs to a dead drainer
+RETRY_DB_AFTER_S = 2.0  # after an outage, spool straight away for this long
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+_PG_LOCK_ID = 0x666C656574  # advisory lock serialising schema creation ("fleet")
+
+metadata = MetaData()
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("job_id", String(200), primary_key=True),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("task_class", String(64), nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("focus", String(200)),
+    Column("profile", String(200)),
+    Column("model", String(300), nullable=False),
+    Column("provider", String(200), nullable=False),
+    Column("queue", String(64), nullable=False),
+    Column("tier", String(32), nullable=False),
+    Column("outcome", String(16), nullable=False),  # ok, error, skipped
+    Column("error_kind", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("tokens_estimated", Boolean, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("cost_source", String(16), nullable=False),  # provider, catalog, subscription, free
+    Column("usd_per_mtok_in", Float),  # the prices used (NULL when the provider gave the cost)
+    Column("usd_per_mtok_out", Float),
+    Column("latency_ms", Float, nullable=False),
+    Column("worker", String(300)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Index("ix_attempts_started_at", "started_at"),
+)
+
+ledger_meta = Table(
+    "ledger_meta",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("schema_version", Integer, nullable=False),
+)
+
+COLUMNS: tuple[str, ...] = tuple(c.name for c in attempts.columns)
+_TIMESTAMPS = ("started_at", "finished_at", "recorded_at")
+
+
+# --- rows ------------------------------------------------------------------------------
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def attempt_cost(
+    tier: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    provider_cost_usd: float | None,
+    usd_per_mtok_in: float,
+    usd_per_mtok_out: float,
+) -> tuple[float, str, float | None, float | None]:
+    """(cost_usd, cost_source, price in, price out) of one attempt."""
+    if provider_cost_usd is not None:
+        return float(provider_cost_usd), "provider", None, None
+    if tier == "paid":
+        cost = (prompt_tokens * usd_per_mtok_in + completion_tokens * usd_per_mtok_out) / 1e6
+        return cost, "catalog", usd_per_mtok_in, usd_per_mtok_out
+    return 0.0, "subscription" if tier == "subscription" else "free", 0.0, 0.0
+
+
+def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[dict[str, Any]]:
+    """The ledger rows of a finished job: one per attempt (skipped ones included)."""
+    recorded = datetime.now(UTC)
+    rows = []
+    for a in result.attempts:
+        model = catalog.by_id.get(a.model)
+        tier = model.tier if model else a.tier
+        cost, source, price_in, price_out = attempt_cost(
+            tier,
+            a.prompt_tokens,
+            a.completion_tokens,
+            a.provider_cost_usd,
+            model.usd_per_mtok_in if model else 0.0,
+            model.usd_per_mtok_out if model else 0.0,
+        )
+        rows.append(
+            {
+                "job_id": result.job_id,
+                "attempt": a.number,
+                "task_class": result.task_class,
+                "source": result.source,
+                "focus": job.get("focus"),
+                "profile": job.get("profile"),
+                "model": a.model,
+                "provider": a.model.split("/", 1)[0],
+                "queue": a.queue,
+                "tier": tier,
+                "outcome": a.outcome,
+                "error_kind": a.error_kind,
+                "prompt_tokens": a.prompt_tokens,
+                "completion_tokens": a.completion_tokens,
+                "tokens_estimated": a.tokens_estimated,
+                "cost_usd": cost,
+                "cost_source": source,
+                "usd_per_mtok_in": price_in,
+                "usd_per_mtok_out": price_out,
+                "latency_ms": a.latency_ms,
+                "worker": a.worker,
+                "started_at": _utc(a.started_at),
+                "finished_at": _utc(a.started_at + a.latency_ms / 1000),
+                "recorded_at": recorded,
+            }
+        )
+    return rows
+
+
+def _encode(rows: list[dict[str, Any]]) -> str:
+    def plain(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+    return json.dumps({"rows": [plain(r) for r in rows]}, separators=(",", ":"))
+
+
+def _decode(entry: str | bytes) -> list[dict[str, Any]]:
+    rows = json.loads(entry)["rows"]
+    for row in rows:
+        for key in _TIMESTAMPS:
+            row[key] = datetime.fromisoformat(row[key])
+    return [{k: row.get(k) for k in COLUMNS} for row in rows]
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def default_url(environ: Mapping[str, str] = os.environ) -> str:
+    """FLEET_LEDGER_URL, or the SQLite file in the data dir."""
+    if environ.get("FLEET_LEDGER_URL"):
+        return environ["FLEET_LEDGER_URL"]
+    from workers.up import data_dir
+
+    return f"sqlite:///{data_dir(environ) / 'ledger.db'}"
+
+
+def database_url(url: str) -> URL:
+    """The URL with a driver SQLAlchemy can use: postgresql:// means psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"ledger URL {redacted(url)!r} is not a database URL"
+            " (valid: sqlite:///PATH, postgresql://USER@HOST/DB)"
+        ) from None
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"ledger URL scheme {parsed.drivername!r} not supported (valid: sqlite, postgresql)"
+        )
+    return parsed
+
+
+def redacted(url: str | URL) -> str:
+    """A URL fit for a log line: no password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable URL>"
+
+
+def spool_redis_url(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The fleet's state Redis (FLEET_STATE_URL, else a Redis broker), or None."""
+    url = environ.get("FLEET_STATE_URL") or environ.get("FLEET_BROKER_URL")
+    url = url or "redis://127.0.0.1:6379/0"
+    return url if url.startswith(("redis://", "rediss://", "unix://")) else None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line about a failure: the driver's message, never the SQL or its parameters."""
+    inner = getattr(exc, "orig", None) or exc
+    first = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {first[:300]}"
+
+
+# --- the spool's Redis scripts -----------------------------------------------------------
+
+# KEYS: spool, claims, claim list; ARGV: batch size, now, token.
+_CLAIM = """
+local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+if #items == 0 then return items end
+redis.call('LTRIM', KEYS[1], #items, -1)
+redis.call('RPUSH', KEYS[3], unpack(items))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+return items
+"""
+
+# KEYS: spool, claims, claim list; ARGV: token. A drainer hands its claim back.
+_GIVE_BACK = """
+local items = redis.call('LRANGE', KEYS[3], 0, -1)
+for _, item in ipairs(items) do redis.call('LPUSH', KEYS[1], item) end
+redis.call('DEL', KEYS[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return #items
+"""
+
+# KEYS: spool, claims; ARGV: cutoff (claims at or before it go back), claim key prefix.
+_RECLAIM = """
+local tokens = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, token in ipairs(tokens) do
+  local key = ARGV[2] .. token
+  local items = redis.call('LRANGE', key, 0, -1)
+  for _, item in ipairs(items) do redis.call('LPUSH', KEYS[1], item) end
+  redis.call('DEL', key)
+  redis.call('ZREM', KEYS[2], token)
+end
+return #tokens
+"""
+
+
+class Ledger:
+    """The ledger of one process: its engine (pooled, thread-safe) and its spool."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        redis_url: str | None = "",
+        spool_dir: str | Path | None = None,
+        retry_db_after_s: float = RETRY_DB_AFTER_S,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        """`redis_url`: the spool's Redis ("" = the fleet's state Redis, None = no Redis);
+        `spool_dir`: where the file spool goes when Redis is down (default: the data dir)."""
+        self.url = database_url(url or default_url(environ))
+        self.redis_url = spool_redis_url(environ) if redis_url == "" else redis_url
+        if spool_dir is None:
+            from workers.up import data_dir
+
+            spool_dir = data_dir(environ)
+        self.spool_file = Path(spool_dir) / SPOOL_FILE
+        self.retry_db_after_s = retry_db_after_s
+        self.engine = self._create_engine()
+        self._lock = threading.Lock()
+        self._ready = False
+        self._redis: Any = None
+        self._down_until = 0.0
+        self._spooled_here = False
+        self._next_drain = 0.0
+
+    def __repr__(self) -> str:
+        return f"<Ledger {redacted(self.url)}>"
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    # --- the database ----------------------------------------------------------------
+
+    def _create_engine(self) -> Engine:
+        if self.dialect == "postgresql":
+            return create_engine(
+                self.url,
+                pool_size=4,
+                max_overflow=16,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 5},
+            )
+        engine = create_engine(
+            self.url,
+            pool_size=4,
+            max_overflow=32,
+            pool_timeout=60,
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # transactions are ours: see _on_begin
+            cursor = dbapi_conn.cursor()
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+            cursor.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints, WAL-safe
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # A writer takes the write lock up front, so busy_timeout applies to it instead
+            # of SQLite failing an upgrade from reader to writer with "database is locked".
+            write = conn.get_execution_options().get("ledger_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+        return engine
+
+    def _sqlite_path(self) -> Path | None:
+        database = self.url.database
+        if self.dialect != "sqlite" or not database or database == ":memory:":
+            return None
+        return Path(database)
+
+    def ensure_schema(self) -> None:
+        """Create the tables if absent; ConfigError if the database's schema is newer."""
+        if self._ready:
+            return
+        with self._lock:
+            if self._ready:
+                return
+            path = self._sqlite_path()
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            with self.engine.connect() as conn:
+                conn.execution_options(ledger_write=True)
+                with conn.begin():
+                    if self.dialect == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _PG_LOCK_ID})
+                    metadata.create_all(conn, checkfirst=True)
+                    version = conn.execute(select(ledger_meta.c.schema_version)).scalar()
+                    if version is None:
+                        conn.execute(ledger_meta.insert().values(id=1, schema_version=1))
+                    elif version > SCHEMA_VERSION:
+                        raise ConfigError(
+                            f"the ledger at {redacted(self.url)} has schema version {version},"
+                            f" newer than this modelfleet's {SCHEMA_VERSION}: upgrade modelfleet"
+                        )
+            self._ready = True
+
+    def insert(self, rows: list[dict[str, Any]]) -> None:
+        """Insert-or-ignore `rows` in one transaction; raises on a database error."""
+        if not rows:
+            return
+        for attempt in range(LOCKED_RETRIES + 1):
+            try:
+                self._insert_once(rows)
+                return
+            except OperationalError as exc:
+                # SQLite can answer 'database is locked' without waiting out its busy
+                # timeout (a writer racing a checkpoint): that is contention, not an outage.
+                if "locked" not in str(exc) or attempt == LOCKED_RETRIES:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _insert_once(self, rows: list[dict[str, Any]]) -> None:
+        self.ensure_schema()
+        module = postgresql if self.dialect == "postgresql" else sqlite
+        stmt = module.insert(attempts).on_conflict_do_nothing(index_elements=["job_id", "attempt"])
+        with self.engine.connect() as conn:
+            conn.execution_options(ledger_write=True)
+            with conn.begin():
+                conn.execute(stmt, [{k: row.get(k) for k in COLUMNS} for row in rows])
+
+    def count(self) -> int:
+        """How many attempts the ledger holds."""
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(attempts)).scalar() or 0)
+
+    # --- recording, spooling, draining -------------------------------------------------
+
+    def record(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Write `rows` (or spool them when the database cannot take them). Never raises."""
+        try:
+            batch = list(rows)
+            now = time.monotonic()
+            if now < self._down_until:
+                self._spool(batch)
+                return
+            try:
+                if self._spooled_here or now >= self._next_drain:
+                    self._drain(raise_db_errors=True)
+                self.insert(batch)
+            except (SQLAlchemyError, OSError, ConfigError) as exc:
+                self._outage(exc)
+                self._spool(batch)
+        except Exception:  # the answer matters more than its bookkeeping
+            log.exception("ledger: could not record a job's rows")
+
+    def drain(self) -> int:
+        """Write every spooled row to the database; how many rows were written (or were
+        already there). Never raises: what cannot be written stays spooled."""
+        try:
+            return self._drain(raise_db_errors=False)
+        except Exception:
+            log.exception("ledger: drain failed")
+            return 0
+
+    def _outage(self, exc: BaseException) -> None:
+        self._down_until = time.monotonic() + self.retry_db_after_s
+        log.warning(
+            "ledger: database %s unavailable (%s); spooling rows until it is back",
+            redacted(self.url),
+            _reason(exc),
+        )
+
+    def _drain(self, *, raise_db_errors: bool) -> int:
+        self._next_drain = time.monotonic() + DRAIN_EVERY_S
+        written = 0
+        try:
+            written += self._drain_file()
+            written += self._drain_redis()
+        except (SQLAlchemyError, OSError, ConfigError) as exc:
+            if raise_db_errors:
+                raise
+            self._outage(exc)
+            return written
+        self._spooled_here = False
+        if written:
+            log.warning("ledger: wrote %d spooled rows to %s", written, redacted(self.url))
+        return written
+
+    def _spool(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        entry = _encode(rows)
+        self._spooled_here = True
+        client = self._client()
+        if client is not None:
+            try:
+                client.rpush(SPOOL_KEY, entry)
+                return
+            except Exception as exc:
+                log.warning(
+                    "ledger: spool Redis %s unavailable (%s); spooling to %s",
+                    redacted(self.redis_url or ""),
+                    _reason(exc),
+                    self.spool_file,
+                )
+        self.spool_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool_file, "a", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(entry + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _client(self) -> Any:
+        if self.redis_url is None:
+            return None
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=2, socket_timeout=5
+            )
+        return self._redis
+
+    def _drain_redis(self) -> int:
+        client = self._client()
+        if client is None:
+            return 0
+        from redis.exceptions import RedisError
+
+        written = 0
+        try:
+            cutoff = time.time() - CLAIM_STALE_S
+            client.eval(_RECLAIM, 2, SPOOL_KEY, CLAIMS_KEY, cutoff, CLAIM_PREFIX)
+            while True:
+                token = uuid.uuid4().hex
+                claim = CLAIM_PREFIX + token
+                keys = (SPOOL_KEY, CLAIMS_KEY, claim)
+                entries = client.eval(_CLAIM, 3, *keys, DRAIN_BATCH, time.time(), token)
+                if not entries:
+                    return written
+                rows = [row for entry in entries for row in self._decoded(entry)]
+                try:
+                    self.insert(rows)
+                except BaseException:
+                    client.eval(_GIVE_BACK, 3, *keys, token)  # at once, not when stale
+                    raise
+                client.pipeline().delete(claim).zrem(CLAIMS_KEY, token).execute()
+                written += len(rows)
+        except RedisError as exc:
+            log.warning(
+                "ledger: cannot drain the spool on %s (%s)",
+                redacted(self.redis_url or ""),
+                _reason(exc),
+            )
+            return written
+
+    def _decoded(self, entry: str | bytes) -> list[dict[str, Any]]:
+        try:
+            return _decode(entry)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ledger: dropping an unreadable spool entry (%s)", _reason(exc))
+            return []
+
+    def _drain_file(self) -> int:
+        if not self.spool_file.exists():
+            return 0
+        with open(self.spool_file, "r+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            rows = [row for line in f if line.strip() for row in self._decoded(line)]
+            self.insert(rows)  # raises, leaving the file as it was, if the database is down
+            f.seek(0)
+            f.truncate()
+        return len(rows)
+
+    def pending(self) -> int:
+        """Spooled entries (record() calls) not yet written: Redis spool, claims, file."""
+        count = 0
+        client = self._client()
+        if client is not None:
+            count += int(client.llen(SPOOL_KEY))
+            for token in client.zrange(CLAIMS_KEY, 0, -1):
+                count += int(client.llen(CLAIM_PREFIX + token.decode()))
+        if self.spool_file.exists():
+            with open(self.spool_file, encoding="utf-8") as f:
+                count += sum(1 for line in f if line.strip())
+        return count
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
