@@ -73,7 +73,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         source=args.source,
     )
     try:
-        decision = route(catalog, query)
+        decision = route(catalog, query, _live_skips(catalog, query))
     except NoRouteAvailable as exc:
         print(f"fleet: {exc}", file=sys.stderr)
         return 1  # not a usage error: the job is valid, no model can take it
@@ -82,6 +82,43 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 0
     _print_route_table(catalog, decision)
     return 0
+
+
+def _state_client() -> Any:
+    """A Redis client for the fleet's state, or None when it cannot be reached quickly."""
+    import os
+
+    import redis
+
+    from workers.celery_app import fleet_urls
+
+    environ = {**os.environ, **_broker_env()}
+    client = redis.Redis.from_url(
+        fleet_urls(environ)[1], socket_timeout=0.5, socket_connect_timeout=0.3
+    )
+    try:
+        client.ping()
+    except redis.RedisError:
+        client.close()
+        return None
+    return client
+
+
+def _live_skips(catalog: Catalog, query: Any) -> dict[str, str]:
+    """Why models of the job's chain would be skipped now (empty without a reachable fleet)."""
+    from router.policy import route
+    from workers.state import FleetState
+
+    try:
+        models = [hop.model for hop in route(catalog, query).chain]
+    except NoRouteAvailable:
+        return {}
+    client = _state_client()
+    if client is None:
+        return {}
+    with client:
+        blocks = FleetState(client, catalog).blocks(query.task_class, models, query.prompt_tokens)
+    return {model: block.reason for model, block in blocks.items()}
 
 
 def _print_route_table(catalog: Catalog, decision: Any) -> None:
@@ -99,6 +136,15 @@ def _print_route_table(catalog: Catalog, decision: Any) -> None:
     console.print(f"queue: {decision.queue}   {params}")
     for model_id, reason in decision.dropped:
         console.print(f"skipped {model_id}: {reason}")
+    import os
+
+    for hop in decision.chain:
+        provider = catalog.providers[catalog.model(hop.model).provider]
+        if provider.api_key_env and not os.environ.get(provider.api_key_env):
+            console.print(
+                f"note: {hop.model} needs {provider.api_key_env}, unset here"
+                " (a worker without it skips the model)"
+            )
 
 
 # --- fleet catalog / check-config ---------------------------------------------------
@@ -293,6 +339,54 @@ def _add_usage(sub: Any) -> None:
     p.set_defaults(handler=cmd_usage)
 
 
+# --- fleet status ------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from router.errors import ConfigError
+    from workers.celery_app import get_app
+    from workers.state import FleetState
+    from workers.status import fleet_status
+
+    catalog = load_catalog()
+    client = _state_client()
+    if client is None:
+        raise ConfigError(
+            "the fleet's Redis is not reachable: start it with `fleet up`, or set"
+            " FLEET_BROKER_URL (and FLEET_STATE_URL)"
+        )
+    with client:
+        app = get_app({**os.environ, **_broker_env()})
+        status = fleet_status(app, FleetState(client, catalog), catalog)
+    if args.json:
+        _print_json(status)
+        return 0
+    _print_status(status)
+    return 0
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    queues = Table(title="queues", title_justify="left")
+    for col in ("queue", "waiting", "workers"):
+        queues.add_column(col)
+    for q in status["queues"]:
+        queues.add_row(q["queue"], str(q["waiting"]), ", ".join(q["workers"]) or "none")
+    console.print(queues)
+    models = Table(title="models (limits, cooldowns, spend today)", title_justify="left")
+    for col in ("model", "state", "windows", "spend today"):
+        models.add_column(col)
+    for m in status["models"]:
+        state = m["cooldown"] or ("circuit open" if m["circuit_open"] else "ok")
+        windows = ", ".join(f"{k} {v['used']}/{v['limit']}" for k, v in m["windows"].items())
+        models.add_row(m["model"], state, windows or "-", f"${m['spend_usd']['day']:.4f}")
+    console.print(models)
+
+
 # --- the parser ------------------------------------------------------------------------
 
 
@@ -324,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--flower-port", type=int, default=5555)
     p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser("status", help="queues, workers, cooldowns, limits and spend, now")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("worker", help="run a worker for one or more queues")
     p.add_argument("queues", nargs="+", choices=QUEUES, metavar="QUEUE")

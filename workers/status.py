@@ -1,0 +1,44 @@
+"""`fleet status`: per queue, jobs waiting and the workers consuming it; per model, its
+cooldown, circuit, limit windows and spend, read from the fleet's Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from router.catalog import QUEUES, Catalog
+from workers.state import FleetState
+
+
+def queue_status(app: Any, timeout_s: float = 1.0) -> list[dict[str, Any]]:
+    """Messages waiting per queue (any broker kombu speaks) and who consumes each."""
+    consumers: dict[str, list[str]] = {q: [] for q in QUEUES}
+    replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    for worker, queues in sorted(replies.items()):
+        for queue in queues:
+            consumers.setdefault(queue["name"], []).append(worker)
+    with app.connection_for_read() as conn:
+        return [
+            {"queue": queue, "waiting": _waiting(conn, queue), "workers": consumers[queue]}
+            for queue in QUEUES
+        ]
+
+
+def _waiting(conn: Any, queue: str) -> int:
+    """Messages ready on `queue`; 0 for a queue no one has declared yet."""
+    from kombu.exceptions import ChannelError
+
+    channel = conn.channel()  # a failed passive declare closes its channel on AMQP
+    try:
+        return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except ChannelError:
+        return 0
+    finally:
+        channel.close()
+
+
+def model_status(state: FleetState, catalog: Catalog) -> list[dict[str, Any]]:
+    return [state.model_status(model.id) for model in catalog.models]
+
+
+def fleet_status(app: Any, state: FleetState, catalog: Catalog) -> dict[str, Any]:
+    return {"queues": queue_status(app), "models": model_status(state, catalog)}
