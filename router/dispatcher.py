@@ -19,6 +19,7 @@ from router.policy import Hop, Route, route_job
 from router.results import Result
 
 _catalogs: dict[tuple[Path, float], Catalog] = {}
+IDEMPOTENCY_S = 86_400  # how long an idempotency key names its first job
 
 
 def current_catalog(environ: Mapping[str, str] = os.environ) -> Catalog:
@@ -87,6 +88,11 @@ def dispatch(job: Job | dict[str, Any], *, app: Any = None) -> JobHandle:
 
     job = parse_job(job)
     catalog = current_catalog()
+    if job.idempotency_key:
+        first_id = _claim(catalog, job)
+        if first_id != job.id:  # sent before: follow that job, run nothing new
+            owner = job.model_copy(update={"id": first_id})
+            return JobHandle(owner, route_job(catalog, owner), _async_result(app, first_id))
     decision = route_job(catalog, job)  # rules 1-4: the chain the job travels with
     first = first_usable(catalog, job, decision)  # rules 5-6: where it starts now
     app = app or get_app()
@@ -102,6 +108,27 @@ def dispatch(job: Job | dict[str, Any], *, app: Any = None) -> JobHandle:
         kwargsrepr=describe(payload, first.model),
     )
     return JobHandle(job, decision, async_result)
+
+
+def _claim(catalog: Catalog, job: Job) -> str:
+    """The id of the job that owns this idempotency key: this one, unless one came first."""
+    from workers.keys import idempotency
+    from workers.live import live_view
+
+    redis = live_view(catalog).state.redis
+    key = idempotency(str(job.idempotency_key))
+    if redis.set(key, job.id, nx=True, ex=IDEMPOTENCY_S):
+        return job.id
+    owner = redis.get(key)
+    return owner.decode() if owner else job.id
+
+
+def _async_result(app: Any, job_id: str) -> Any:
+    from celery.result import AsyncResult
+
+    from workers.celery_app import get_app
+
+    return AsyncResult(job_id, app=app or get_app())
 
 
 def first_usable(catalog: Catalog, job: Job, decision: Route) -> Hop:

@@ -339,6 +339,52 @@ def _add_usage(sub: Any) -> None:
     p.set_defaults(handler=cmd_usage)
 
 
+# --- fleet dead-letter -------------------------------------------------------------------
+
+
+def cmd_dead_letter(args: argparse.Namespace) -> int:
+    from router.errors import ConfigError
+    from workers import deadletter
+
+    client = _state_client()
+    if client is None:
+        raise ConfigError("the fleet's Redis is not reachable: start it with `fleet up`")
+    with client:
+        if args.action == "list":
+            found = deadletter.entries(client)
+            if args.json:
+                _print_json([_dead_row(e) for e in found])
+            for e in [] if args.json else found:
+                row = _dead_row(e)
+                print(f"{row['job_id']}  {row['task_class']:<18} {row['error']}")
+            return 0
+        entry = deadletter.take(client, args.job_id)
+        if entry is None:
+            from router.errors import InvalidJob
+
+            raise InvalidJob(f"no dead letter {args.job_id!r} (see `fleet dead-letter list`)")
+    import os
+
+    from router.dispatcher import dispatch
+
+    os.environ.update(_broker_env())
+    handle = dispatch(deadletter.replay_job(entry))
+    print(json.dumps({"replayed": args.job_id, "job_id": handle.id}) if args.json else handle.id)
+    return 0
+
+
+def _dead_row(entry: dict[str, Any]) -> dict[str, Any]:
+    result = entry["result"]
+    return {
+        "job_id": entry["job"]["id"],
+        "task_class": entry["job"].get("task_class"),
+        "source": entry["job"].get("source", "app"),
+        "error": result.get("error"),
+        "attempts": len(result.get("attempts", [])),
+        "failed_at": entry["failed_at"],
+    }
+
+
 # --- fleet status ------------------------------------------------------------------------
 
 
@@ -418,6 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--flower-port", type=int, default=5555)
     p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser("dead-letter", help="jobs that ended without an answer: list, replay")
+    dead = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = dead.add_parser("list", help="every dead letter with its reason")
+    q.add_argument("--json", action="store_true")
+    q = dead.add_parser("replay", help="dispatch a dead letter's job again, under a new id")
+    q.add_argument("job_id")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_dead_letter)
 
     p = sub.add_parser("status", help="queues, workers, cooldowns, limits and spend, now")
     p.add_argument("--json", action="store_true")

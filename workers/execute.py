@@ -189,7 +189,9 @@ class _Delivery:
         return _result(self.job_data, self.state, self.attempts, self.now(), **fields)
 
     def forward(self, queue: str, countdown: float) -> Forward:
-        return Forward(queue, countdown, {**self.state, "attempts": _dump(self.attempts)})
+        sends = int(self.state.get("sends", 0)) + 1  # names the next message (deliveries.py)
+        state = {**self.state, "attempts": _dump(self.attempts), "sends": sends}
+        return Forward(queue, countdown, state)
 
     def wait_or_fail(self) -> Step:
         """No model can be called now: wait for the earliest slot if it comes soon enough."""
@@ -264,6 +266,14 @@ def _error_fields(exc: ProviderError) -> dict[str, Any]:
         "action": exc.action,
         "retry_after_s": exc.retry_after_s,
     }
+
+
+def poisoned(job_data: dict[str, Any], state: dict[str, Any] | None, deliveries: int) -> Failed:
+    """A message delivered again and again without finishing (its worker died each time)."""
+    state = state or {}
+    attempts = [Attempt.model_validate(a) for a in state.get("attempts", [])]
+    error = f"delivered {deliveries} times without finishing: a worker died on it each time"
+    return Failed(_result(job_data, state, attempts, time.time(), error=error))
 
 
 def _start(

@@ -48,3 +48,8 @@ def deliveries(job_id: str) -> str:
 
 
 DEAD_LETTER = f"{PREFIX}:dead-letter"  # hash: job id -> the failed job and its reasons
+
+
+def idempotency(key: str) -> str:
+    """The id of the job first dispatched with this idempotency key."""
+    return f"{PREFIX}:idempotency:{key}"

@@ -19,12 +19,14 @@ import threading
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Ignore
 from celery.signals import worker_init, worker_shutdown
 
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
+from workers import deadletter, deliveries
 from workers.celery_app import TASK_RUN_JOB, fleet_urls
-from workers.execute import Done, Failed, Forward, Gate, advance
+from workers.execute import Done, Failed, Forward, Gate, Step, advance, poisoned
 from workers.ledger import Ledger, rows_for
 from workers.providers.registry import ProviderRegistry
 from workers.state import FailOpen, FleetState
@@ -57,19 +59,26 @@ def _registry() -> ProviderRegistry:
         return _process["registry"]
 
 
-def _gate() -> Gate:
-    """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
-    catalog = _catalog()
+def _redis() -> Any:
+    """This process's client of the state Redis (thread-safe, pooled)."""
     with _lock:
-        if "gate" not in _process:
+        if "redis" not in _process:
             import redis
 
-            client = redis.Redis.from_url(
+            _process["redis"] = redis.Redis.from_url(
                 fleet_urls()[1],
                 socket_timeout=5,
                 socket_connect_timeout=5,
                 health_check_interval=30,
             )
+        return _process["redis"]
+
+
+def _gate() -> Gate:
+    """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
+    catalog, client = _catalog(), _redis()
+    with _lock:
+        if "gate" not in _process:
             _process["gate"] = FailOpen(FleetState(client, catalog))
         return _process["gate"]
 
@@ -120,17 +129,28 @@ class Reply:
 @shared_task(bind=True, name=TASK_RUN_JOB, max_retries=None, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
-    step = advance(
-        _catalog(),
-        job,
-        state,
-        here=(self.request.delivery_info or {}).get("routing_key"),
-        providers=_registry(),
-        gate=_gate(),
-        worker=self.request.hostname,
+    redis = _redis()
+    delivery = deliveries.begin(
+        redis, job["id"], (state or {}).get("sends", 0), self.backend.get_key_for_task(job["id"])
     )
+    if delivery.finished:
+        raise Ignore()  # a stale copy of a finished job: its caller has its answer
+    if delivery.poisoned:
+        step: Step = poisoned(job, state, delivery.count)
+    else:
+        step = advance(
+            _catalog(),
+            job,
+            state,
+            here=(self.request.delivery_info or {}).get("routing_key"),
+            providers=_registry(),
+            gate=_gate(),
+            worker=self.request.hostname,
+        )
     if isinstance(step, Done | Failed):  # every attempt, once (record() never raises)
         _ledger().record(rows_for(step.result, job, _catalog()))
+    if isinstance(step, Failed):
+        deadletter.bury(redis, job, step.result.summary())
     if isinstance(step, Done):
         return Reply(step.result.summary())
     if isinstance(step, Forward):
