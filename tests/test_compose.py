@@ -26,7 +26,8 @@ BROKER = "redis://redis:6379/0"
 CATALOG = load_catalog()
 KEY_VARS = {p.api_key_env for p in CATALOG.providers.values() if p.api_key_env}
 URL_VARS = {p.base_url_env for p in CATALOG.providers.values() if p.base_url_env}
-SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|AUTH", re.IGNORECASE)
+# Variables that would hold a secret (not POSTGRES_HOST_AUTH_METHOD, a mode: trust).
+SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|AUTH(?!_METHOD)", re.IGNORECASE)
 
 
 def provider_vars(queue: str) -> tuple[set[str], set[str]]:
@@ -216,3 +217,11 @@ def test_unset_host_variables_stay_unset_or_empty(compose: list[str], tmp_path: 
             assert env[var] in ("", None), (name, var)
         # An empty FLOWER_BASIC_AUTH would turn on a password nobody has: unset, not "".
         assert env.get("FLOWER_BASIC_AUTH") is None, name
+
+
+def test_every_worker_writes_one_shared_ledger() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    workers = [s for s in services.values() if celery_subcommand(s) == "worker"]
+    urls = {environment(s).get("FLEET_LEDGER_URL") for s in workers}
+    assert len(urls) == 1 and next(iter(urls)).startswith("postgresql://")
+    assert services["postgres"]["image"].startswith("postgres:")
