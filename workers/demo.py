@@ -174,7 +174,14 @@ def _print_table(out: TextIO, rows: list[tuple[str, Result]], elapsed: float) ->
     console = Console(file=out, highlight=False, width=None if out.isatty() else 200)
     console.print(table)
     answered = sum(r.ok for _, r in rows)
+    attempts = sum(len([a for a in r.attempts if a.outcome != "skipped"]) for _, r in rows)
+    tokens_in = sum(r.prompt_tokens for _, r in rows)
+    tokens_out = sum(r.completion_tokens for _, r in rows)
     console.print(f"{answered}/{len(rows)} jobs answered in {elapsed:.1f} s (start-up included)")
+    console.print(
+        f"{attempts} attempts, {tokens_in:,} tokens in, {tokens_out:,} out: all in the ledger"
+        " (`fleet usage` shows them)"
+    )
 
 
 def _progress(out: TextIO) -> Callable[[str], None]:
