@@ -1,0 +1,77 @@
+"""A RabbitMQ broker works too, with Redis for results and fleet state (FLEET_STATE_URL)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from router import dispatch
+from workers.pools import worker_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+AMQP = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def rabbitmq_up() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def amqp_fleet(fleet_env, redis_server, tmp_path, monkeypatch):
+    if not rabbitmq_up():
+        if os.environ.get("CI"):
+            pytest.fail("RabbitMQ is not running on 127.0.0.1:5672 (rabbitmq-server -detached)")
+        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+    state = redis_server.url.replace("/0", "/8")
+    env = {**fleet_env, "FLEET_BROKER_URL": AMQP, "FLEET_STATE_URL": state}
+    procs = []
+    for queue in ("subscription", "free"):
+        log = open(tmp_path / f"{queue}.log", "wb")  # noqa: SIM115
+        argv = worker_argv([queue], concurrency=4, name=f"amqp-{queue}")
+        procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=ROOT))
+        log.close()
+    deadline = time.monotonic() + 60
+    logs = [tmp_path / "subscription.log", tmp_path / "free.log"]
+    while not all(" ready." in p.read_text() for p in logs):
+        assert time.monotonic() < deadline, logs[0].read_text()[-2000:]
+        time.sleep(0.1)
+    monkeypatch.setenv("FLEET_BROKER_URL", AMQP)
+    monkeypatch.setenv("FLEET_STATE_URL", state)
+    yield
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(30)
+
+
+def test_jobs_travel_and_escalate_over_rabbitmq(amqp_fleet) -> None:
+    # Given workers on a RabbitMQ broker with results and state in Redis
+    handle = dispatch(
+        {
+            "task_class": "fast_general",
+            "messages": [{"role": "user", "content": "[[sim:MiniMax-M2.1=503]] over amqp"}],
+        }
+    )
+    # Then the job escalates from the subscription queue into the free one and answers
+    result = handle.get(timeout=60)
+    assert result.ok, result.error
+    assert result.queue_path == ["subscription", "free"]
+    assert result.job_id == handle.id
+    assert [a.worker.split("@")[0] for a in result.attempts] == ["amqp-subscription", "amqp-free"]
+
+
+def test_an_amqp_broker_without_a_state_url_is_refused(monkeypatch) -> None:
+    from router.errors import ConfigError
+    from workers.celery_app import fleet_urls
+
+    with pytest.raises(ConfigError, match="FLEET_STATE_URL must name a Redis server"):
+        fleet_urls({"FLEET_BROKER_URL": AMQP})
