@@ -24,6 +24,8 @@ def test_decision_code_imports_no_io_library() -> None:
 
 
 def test_fleet_route_starts_without_celery() -> None:
+    # `fleet route` reads live state from Redis when it can, but loads no Celery, HTTP
+    # client or database driver.
     code = (
         "import sys, json\n"
         "from workers.cli import main\n"
@@ -32,4 +34,4 @@ def test_fleet_route_starts_without_celery() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout.splitlines()[-1])
-    assert not [m for m in loaded if m.split(".")[0] in FORBIDDEN]
+    assert not [m for m in loaded if m.split(".")[0] in set(FORBIDDEN) - {"redis"}]

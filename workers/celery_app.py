@@ -25,24 +25,10 @@ from kombu import Exchange, Queue
 
 from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
+from workers.config import fleet_urls
 
 TASK_RUN_JOB = "fleet.run_job"
-DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 600  # > the longest attempt (provider timeout_s, 120 s)
-
-
-def fleet_urls(environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
-    """(broker URL, state URL) from the environment, or ConfigError saying what to set."""
-    broker = environ.get("FLEET_BROKER_URL") or DEFAULT_BROKER
-    state = environ.get("FLEET_STATE_URL")
-    if not state:
-        if not broker.startswith(("redis://", "rediss://", "redis+socket://")):
-            raise ConfigError(
-                f"FLEET_STATE_URL must name a Redis server when FLEET_BROKER_URL is not Redis"
-                f" (broker scheme: {broker.split('://', 1)[0]})"
-            )
-        state = broker
-    return broker, state
 
 
 class LazyBeatSchedule(MutableMapping[str, Any]):
@@ -101,8 +87,16 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "broker_url": broker,
         "result_backend": state,
         "broker_connection_retry_on_startup": True,
-        # Redis redelivers a job nobody acked within this; unacked ETA tasks too.
-        "broker_transport_options": {"visibility_timeout": visibility},
+        # Redis redelivers a job nobody acked within this; unacked ETA tasks too. The
+        # redelivery is a sweep each worker runs: kombu's default runs it every 100 s
+        # (10 s x a throttle of 10), which would leave a killed worker's jobs waiting
+        # that long past the timeout; sweep a few times per timeout instead (at most
+        # every 10 s: one ZRANGE under a mutex).
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": max(1, min(10, visibility // 4)),
+            "unacked_restore_throttle": 1,
+        },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "result_expires": int(environ.get("FLEET_RESULT_EXPIRES_S", 86_400)),
         # JSON only: a job must be enqueueable from any language, and pickle is unsafe.

@@ -90,7 +90,7 @@ def _state_client() -> Any:
 
     import redis
 
-    from workers.celery_app import fleet_urls
+    from workers.config import fleet_urls
 
     environ = {**os.environ, **_broker_env()}
     client = redis.Redis.from_url(

@@ -60,7 +60,7 @@ def live_view(catalog: Catalog, environ: Mapping[str, str] = os.environ) -> Live
     """One view per state URL (and catalog) for this process."""
     import redis
 
-    from workers.celery_app import fleet_urls
+    from workers.config import fleet_urls
 
     url = fleet_urls(environ)[1]
     key = f"{url}|{id(catalog)}"

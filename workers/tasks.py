@@ -25,7 +25,8 @@ from celery.signals import worker_init, worker_shutdown
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
 from workers import deadletter, deliveries
-from workers.celery_app import TASK_RUN_JOB, fleet_urls
+from workers.celery_app import TASK_RUN_JOB
+from workers.config import fleet_urls
 from workers.execute import Done, Failed, Forward, Gate, Step, advance, poisoned
 from workers.ledger import Ledger, rows_for
 from workers.providers.registry import ProviderRegistry
