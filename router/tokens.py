@@ -43,7 +43,7 @@ def _piece_tokens(piece: str) -> int:
 
 
 # Short pieces repeat (" the", ",", " "): their counts are remembered, which makes the
-# estimate about 3x faster on prose; the memo is bounded in entries and in piece length.
+# estimate about twice as fast on prose; the memo is bounded in entries and piece length.
 _MEMO: dict[str, int] = {}
 _MEMO_ENTRIES = 50_000
 _MEMO_PIECE_CHARS = 24

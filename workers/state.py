@@ -153,7 +153,9 @@ class FleetState:
         self._admit = redis.register_script(_ADMIT)
         self._cool = redis.register_script(_COOL)
         self._fail = redis.register_script(_FAIL)
-        self._seen = threading.local()  # per thread: (model, when block() saw it closed)
+        # Per thread: `closed` = (model, when block() last saw its circuit closed);
+        # `admitted` = the model take_probe() let through on that sight, not as a probe.
+        self._seen = threading.local()
 
     # --- reading ---------------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class FleetState:
     def block(self, task_class: str, model_id: str, prompt_tokens: int = 0) -> Block | None:
         """Why `model_id` cannot take a job now (cooldown, half-open circuit, budget, a full
         window), or None. Every check is read in one pipelined round trip."""
+        self._seen.closed = None
         model = self.catalog.model(model_id)
         now = datetime.now(UTC)
         caps = self._caps(model, now)
@@ -203,18 +206,6 @@ class FleetState:
 
     def _cooldown(self, model_id: str) -> Block | None:
         return _cooldown_block(self.redis.get(keys.cooldown(model_id)))
-
-    def _half_open(self, model_id: str) -> Block | None:
-        if self.redis.exists(keys.circuit_open(model_id)) and self.redis.exists(
-            keys.probe(model_id)
-        ):
-            return _half_open_block()
-        return None
-
-    def _over_budget(self, model: Model) -> Block | None:
-        now = datetime.now(UTC)
-        caps = self._caps(model, now)
-        return _budget_block(caps, [self.redis.get(key) for key, *_ in caps], now)
 
     def _caps(self, model: Model, now: datetime) -> list[tuple[str, float, str, str, str]]:
         """(spend key, cap, period, scope, name) of every budget capping `model`."""
@@ -284,16 +275,18 @@ class FleetState:
         self._count_tokens(model, attempt.completion_tokens, attempt.prompt_tokens, pipe)
         if cost_usd > 0:
             self._spend(model, cost_usd, pipe)
-        if attempt.outcome == "ok":
-            if pipe.command_stack:
-                pipe.exists(keys.circuit_open(model_id))
-                circuit = pipe.execute()[-1]
-            else:  # nothing to count: skip MULTI/EXEC
-                circuit = self.redis.exists(keys.circuit_open(model_id))
-            if circuit:  # a success closes the circuit
+        admitted, self._seen.admitted = getattr(self._seen, "admitted", None), None
+        if attempt.outcome == "ok" and admitted != model_id:
+            # A probe (or a call made without block()/take_probe()): its success closes
+            # the circuit. A call let through a closed circuit has nothing to close: one
+            # probe decides a circuit that opened meanwhile.
+            pipe.exists(keys.circuit_open(model_id))
+            if pipe.execute()[-1]:
                 self._close_circuit(model_id)
             return
-        pipe.execute()
+        pipe.execute()  # (no round trip when nothing was queued)
+        if attempt.outcome == "ok":
+            return
         if attempt.error_kind == "rate_limited":
             wait = attempt.retry_after_s
             wait = wait if wait is not None else self.catalog.policy.cooldowns.rate_limited_s
@@ -312,7 +305,9 @@ class FleetState:
         """After an open circuit's cooldown, let exactly one call through to decide."""
         seen, self._seen.closed = getattr(self._seen, "closed", None), None
         if seen is not None and seen[0] == model_id and time.monotonic() - seen[1] < SEEN_S:
+            self._seen.admitted = model_id  # not a probe: settle() need not close anything
             return True  # block() found the circuit closed just now, in this thread
+        self._seen.admitted = None
         if not self.redis.exists(keys.circuit_open(model_id)):
             return True
         return bool(self.redis.set(keys.probe(model_id), "1", nx=True, px=PROBE_TTL_MS))

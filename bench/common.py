@@ -1,0 +1,276 @@
+"""What every benchmark needs: a private Redis, the simulator, worker processes, and
+/proc readings (CPU time, peak RSS) of those processes. Everything binds to 127.0.0.1
+and is stopped by `Stack.close()`, whatever happened."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+PROVIDER_TIMEOUT_S = 30.0  # the simulated catalog's per-call timeout (1 s calls queue up)
+BIG = 1_000_000_000
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return float(ordered[index])
+
+
+# --- /proc ----------------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident set, in MiB."""
+    match = re.search(r"^VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+# --- the stack: Redis, simulator, workers ----------------------------------------------
+
+
+class Simulator:
+    """`python -m workers.simulator` in its own process (not in the driver's GIL)."""
+
+    def __init__(self, log_path: Path, latency_ms: float = 0) -> None:
+        argv = [sys.executable, "-m", "workers.simulator", "--port", "0"]
+        argv += ["--latency-ms", str(latency_ms)]
+        self.log = open(log_path, "w+b")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, start_new_session=True
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        found = re.search(r"http://[\d.]+:(\d+)", line)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        self.base_url = f"http://127.0.0.1:{found.group(1)}"
+        self.url = self.base_url + "/v1"
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body if body is not None else {}).encode()
+        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def configure(self, config: dict[str, Any]) -> None:
+        self._call("POST", "/_sim/config", config)
+
+    def reset(self) -> None:
+        self._call("POST", "/_sim/reset")
+
+    def requests(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/_sim/requests"))
+
+    def stop(self) -> None:
+        stop_process(self.process)
+        if self.process.stdout:
+            self.process.stdout.close()
+        self.log.close()
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 20) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Worker:
+    """One `celery worker` process (threads pool: one process, all its threads)."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
+        return " ready." in self.log()
+
+    def cpu_s(self) -> float:
+        return cpu_s(self.pid)
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb(self.pid)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+class Stack:
+    """A private Redis (no persistence), the simulator, and workers, in a temp dir."""
+
+    def __init__(self, name: str, latency_ms: float = 0) -> None:
+        from workers.redis_server import RedisServer
+        from workers.simulated import simulated_env
+
+        self.dir = Path(tempfile.mkdtemp(prefix=f"fleet-bench-{name}-"))
+        self.workers: list[Worker] = []
+        self.redis: Any = None
+        self.sim: Simulator | None = None
+        self._saved_env = dict(os.environ)
+        try:
+            self.redis = RedisServer(self.dir / "redis", appendonly=False).start()
+            self.sim = Simulator(self.dir / "simulator.log", latency_ms)
+            fleet = simulated_env(self.sim.url, self.dir / "no-local-model", self.dir, 30)
+            bench_catalog(Path(fleet["FLEET_CATALOG"]))
+            self.env = {
+                **os.environ,
+                **fleet,
+                "FLEET_BROKER_URL": self.redis.url,
+                "FLEET_LEDGER_URL": f"sqlite:///{self.dir / 'ledger.db'}",
+                "FLEET_DATA_DIR": str(self.dir / "data"),
+                "BENCH_SIM_URL": self.sim.url,
+                "PYTHONPATH": str(ROOT),
+            }
+            self.env.pop("FLEET_STATE_URL", None)
+            # This process dispatches: it sees the same FLEET_* as the workers.
+            os.environ.clear()
+            os.environ.update(self.env)
+        except BaseException:
+            self.close()
+            raise
+
+    def worker(
+        self, queue: str, concurrency: int, *, raw: bool = False, pool: str = "threads"
+    ) -> Worker:
+        """A fleet worker on `queue`, or (raw) the bench's plain Celery app's worker."""
+        from workers.pools import worker_argv
+
+        kind = "raw" if raw else "fleet"
+        name = f"{kind}-{queue}-{pool}{concurrency}-{len(self.workers)}"
+        argv = worker_argv(["free"], pool=pool, concurrency=concurrency, name=name)
+        argv[argv.index("-Q") + 1] = queue  # the raw app has a queue of its own
+        if raw:
+            argv[argv.index("-A") + 1] = "bench.raw_app"
+        worker = Worker(name, argv, self.env, self.dir / f"{name}.log")
+        self.workers.append(worker)
+        return worker
+
+    def wait_ready(self, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(w.ready() for w in self.workers if w.process.poll() is None):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers not ready after {timeout_s} s (logs in {self.dir})")
+            time.sleep(0.05)
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop_workers()
+        if self.sim is not None:
+            self.sim.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        os.environ.clear()
+        os.environ.update(self._saved_env)
+        _forget_clients()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _forget_clients() -> None:
+    """This stack's Redis is gone: drop the apps and clients this process built for it."""
+    from bench import raw_app
+    from workers import celery_app, live
+
+    for apps in (celery_app._apps, raw_app._apps):
+        for app in apps.values():
+            with contextlib.suppress(Exception):
+                # results still pending (a failed run) must not unsubscribe from a dead Redis
+                app.backend.result_consumer.subscribed_to.clear()
+            with contextlib.suppress(Exception):
+                app.close()
+        apps.clear()
+    for view in live._views.values():
+        with contextlib.suppress(Exception):
+            view.state.redis.close()
+    live._views.clear()
+
+
+def bench_catalog(path: Path) -> None:
+    """The simulated catalog with its limits raised out of reach and the circuit breaker
+    made unreachable: a benchmark sends far more calls than the real plans' limits (20 a
+    minute on OpenRouter's free models) and scripts 100 failures in a row. The limit
+    windows stay in place, so every admission still runs its Redis script."""
+    data = yaml.safe_load(path.read_text())
+    for item in [*data["providers"].values(), *data["models"]]:
+        limits = item.get("limits")
+        if not limits:
+            continue
+        for key in ("requests_per_min", "requests_per_day", "tokens_per_min"):
+            if key in limits:
+                limits[key] = BIG
+        quota = limits.get("quota")
+        for key in ("requests", "tokens"):
+            if quota and quota.get(key):
+                quota[key] = BIG
+    data["policy"]["cooldowns"]["circuit_failures"] = BIG
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    from router.catalog import load_catalog
+
+    load_catalog(path)  # still valid
+
+
+def wait_until(predicate: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not done after {timeout_s} s")
+        time.sleep(0.01)

@@ -1,0 +1,393 @@
+"""The benchmarks. Each returns `Row`s (what the table prints) and a dict of details (what
+the JSON keeps); each starts its own Redis, simulator and workers and stops them.
+
+Fleet and raw Celery run side by side in one process tree, in alternating rounds, so a
+noisy neighbour on this shared machine hits both; figures are medians over rounds.
+"Raw" is bench/raw_app.py: the fleet's own Celery settings, none of the fleet's logic."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import Stack, cpu_s, median, percentile
+
+# A realistic small job: routed by focus to a free model without rate limits (raw Celery
+# has none either), so both sides make exactly one HTTP call per job.
+PROMPT = "Summarise this morning's three headlines in one sentence each, plainly. " * 4
+JOB: dict[str, Any] = {
+    "task_class": "cost_free",
+    "focus": "journalist",
+    "messages": [
+        {"role": "system", "content": "You are a concise news assistant."},
+        {"role": "user", "content": PROMPT},
+    ],
+}
+UPSTREAM = "qwen3-next-free"  # what the fleet sends the simulator for that job
+ESCALATING_JOB: dict[str, Any] = {
+    "task_class": "fast_general",
+    "messages": [{"role": "user", "content": "[[sim:MiniMax-M2.1=503]] a quick one"}],
+}
+PRIMARY, SECOND = "MiniMax-M2.1", "meta-llama/llama-3.1-405b-instruct:free"
+GET_TIMEOUT_S = 120
+
+
+@dataclass
+class Row:
+    bench: str
+    measure: str
+    fleet: float | None
+    raw: float | None = None
+    unit: str = ""
+    compare: str = ""  # "ratio" (fleet / raw), "overhead" (fleet - raw), or ""
+    value: float | None = None  # the ratio or overhead
+    target: str = "info"
+    met: bool | None = None
+
+
+Result = tuple[list[Row], dict[str, Any]]
+
+
+def _payload() -> dict[str, Any]:
+    from router.jobs import parse_job
+
+    return parse_job(JOB).model_dump(mode="json", exclude_none=True)
+
+
+def _fleet_batch(n: int) -> Callable[[], None]:
+    """Dispatch `n` jobs, then wait for every result."""
+    from router import dispatch
+
+    def run() -> None:
+        handles = [dispatch(JOB) for _ in range(n)]
+        for handle in handles:
+            result = handle.get(timeout=GET_TIMEOUT_S)
+            assert result.ok, result.error
+
+    return run
+
+
+def _raw_batch(n: int) -> Callable[[], None]:
+    """Send `n` raw tasks making the same HTTP call, then wait for every result."""
+    from bench.raw_app import RAW_CALL, RAW_QUEUE, get_raw_app
+
+    task = get_raw_app().tasks[RAW_CALL]
+    payload = _payload()
+
+    def run() -> None:
+        pending = [
+            task.apply_async(kwargs={"job": payload, "model": UPSTREAM}, queue=RAW_QUEUE)
+            for _ in range(n)
+        ]
+        for result in pending:
+            result.get(timeout=GET_TIMEOUT_S)
+
+    return run
+
+
+# --- 1. router ---------------------------------------------------------------------------
+
+
+def router(quick: bool) -> Result:
+    from bench.bench_router import measure
+
+    figures = measure(quick)
+    rows = [
+        Row("router", "route() decisions/s (pure policy)", figures["decisions_per_s"], unit="/s"),
+        Row("router", "parse_job + route_job, µs/job", figures["validate_route_us"], unit="µs"),
+    ]
+    return rows, figures
+
+
+# --- 2. enqueue --------------------------------------------------------------------------
+
+
+def _senders() -> dict[str, Callable[[int], None]]:
+    from bench.raw_app import NOOP, get_raw_app
+    from router import dispatch
+    from router.dispatcher import current_catalog, first_usable
+    from router.jobs import parse_job
+    from router.policy import route_job
+
+    noop = get_raw_app().tasks[NOOP]
+    payload = _payload()
+
+    def fleet(k: int) -> None:
+        for _ in range(k):
+            dispatch(JOB)
+
+    def raw(k: int) -> None:
+        for _ in range(k):
+            noop.apply_async(kwargs={"job": payload}, queue="free")
+
+    def decide(k: int) -> None:  # what dispatch() does before it sends
+        catalog = current_catalog()
+        for _ in range(k):
+            job = parse_job(JOB)
+            first_usable(catalog, job, route_job(catalog, job))
+
+    return {"fleet": fleet, "raw": raw, "decide": decide}
+
+
+def enqueue(quick: bool) -> Result:
+    """dispatch() vs raw apply_async of a no-op task, same broker and app settings, no
+    worker consuming; many short alternating rounds from this one process (the queue is
+    emptied between rounds, untimed), so drift and noise hit both sides alike."""
+    import redis
+
+    n, rounds = (100, 8) if quick else (100, 30)
+    per_job: dict[str, list[float]] = {"fleet": [], "raw": [], "decide": []}
+    with Stack("enqueue") as stack:
+        broker = redis.Redis.from_url(stack.redis.url)
+        senders = _senders()
+        for send in senders.values():
+            send(50)  # warm: connections, caches, imports
+        for i in range(rounds):
+            for name in ("fleet", "raw", "decide") if i % 2 == 0 else ("raw", "fleet", "decide"):
+                queued = broker.keys("free*")
+                if queued:
+                    broker.delete(*queued)
+                start = time.perf_counter()
+                senders[name](n)
+                per_job[name].append((time.perf_counter() - start) / n * 1e6)
+        broker.close()
+    fleet_us, raw_us, decide_us = (median(per_job[k]) for k in ("fleet", "raw", "decide"))
+    # The ratio of each round's adjacent pair, then the median: drift cancels out.
+    ratio = median([r / f for f, r in zip(per_job["fleet"], per_job["raw"], strict=True)])
+    rows = [
+        Row("enqueue", "enqueue rate, jobs/s (1 process, no consumer)", 1e6 / fleet_us,
+            1e6 / raw_us, "/s", "ratio", ratio, "≥ 0.9× raw", ratio >= 0.9),
+        Row("enqueue", "dispatch() µs/job (validate+route+enqueue)", fleet_us, raw_us, "µs",
+            "overhead", fleet_us - raw_us, "< 500 µs", fleet_us < 500),
+        Row("enqueue", "  of which validate+route+live check, µs/job", decide_us, unit="µs"),
+    ]  # fmt: skip
+    details = {
+        "jobs_per_round": n,
+        "rounds": rounds,
+        "fleet_jobs_per_s": 1e6 / fleet_us,
+        "raw_jobs_per_s": 1e6 / raw_us,
+        "ratio": ratio,
+        "dispatch_us": fleet_us,
+        "raw_apply_async_us": raw_us,
+        "validate_route_first_usable_us": decide_us,
+        "rounds_us": per_job,
+    }
+    return rows, details
+
+
+# --- 3. end-to-end throughput --------------------------------------------------------------
+
+
+def throughput(quick: bool) -> Result:
+    """N jobs dispatched, then every result awaited, instant provider; both workers up
+    (threads, same -c), one idle while the other runs; alternating rounds."""
+    n, rounds, concurrency = (300, 2, 100) if quick else (1000, 4, 100)
+    figures: dict[str, dict[str, list[float]]] = {
+        side: {"jobs_per_s": [], "worker_cpu_ms_per_job": [], "redis_cpu_ms_per_job": []}
+        for side in ("fleet", "raw")
+    }
+    with Stack("e2e", latency_ms=0) as stack:
+        workers = {
+            "fleet": stack.worker("free", concurrency),
+            "raw": stack.worker("raw", concurrency, raw=True),
+        }
+        stack.wait_ready()
+        redis_pid = stack.redis.process.pid
+        batches = {"fleet": _fleet_batch(n), "raw": _raw_batch(n)}
+        _fleet_batch(30)()
+        _raw_batch(30)()
+        for i in range(rounds):
+            for side in ("fleet", "raw") if i % 2 == 0 else ("raw", "fleet"):
+                worker, out = workers[side], figures[side]
+                cpu0, redis0, start = worker.cpu_s(), cpu_s(redis_pid), time.perf_counter()
+                batches[side]()
+                out["jobs_per_s"].append(n / (time.perf_counter() - start))
+                out["worker_cpu_ms_per_job"].append((worker.cpu_s() - cpu0) / n * 1000)
+                out["redis_cpu_ms_per_job"].append((cpu_s(redis_pid) - redis0) / n * 1000)
+    f = {k: median(v) for k, v in figures["fleet"].items()}
+    r = {k: median(v) for k, v in figures["raw"].items()}
+    pairs = zip(figures["fleet"]["jobs_per_s"], figures["raw"]["jobs_per_s"], strict=True)
+    ratio = median([fleet / raw for fleet, raw in pairs])  # per round, then the median
+    cpu, rcpu = "worker_cpu_ms_per_job", "redis_cpu_ms_per_job"
+    rows = [
+        Row("e2e", f"throughput, jobs/s (threads -c {concurrency}, 0 ms provider)",
+            f["jobs_per_s"], r["jobs_per_s"], "/s", "ratio", ratio, "≥ 0.85× raw",
+            ratio >= 0.85),
+        Row("e2e", "  worker CPU per job", f[cpu], r[cpu], "ms", "ratio", f[cpu] / r[cpu]),
+        Row("e2e", "  redis-server CPU per job", f[rcpu], r[rcpu], "ms", "ratio",
+            f[rcpu] / max(r[rcpu], 1e-9)),
+    ]  # fmt: skip
+    details = {"jobs_per_round": n, "rounds": rounds, "concurrency": concurrency, **figures}
+    return rows, details
+
+
+# --- 4. one job at a time ------------------------------------------------------------------
+
+
+def latency(quick: bool) -> Result:
+    """Sequential jobs, instant provider: submit-to-result, against a direct httpx call to
+    the same simulator from this process; the three interleaved, job by job."""
+    import httpx
+
+    n, warm = (60, 10) if quick else (200, 10)
+    samples: dict[str, list[float]] = {"fleet": [], "raw": [], "direct": []}
+    with Stack("latency", latency_ms=0) as stack:
+        stack.worker("free", 100)
+        stack.worker("raw", 100, raw=True)
+        stack.wait_ready()
+        assert stack.sim is not None
+        url = stack.sim.url + "/chat/completions"
+        body = {"model": UPSTREAM, "messages": JOB["messages"]}
+        headers = {"Authorization": "Bearer sim-placeholder-key"}
+        with httpx.Client(timeout=30) as client:
+
+            def direct() -> None:
+                client.post(url, json=body, headers=headers).raise_for_status()
+
+            one = {"direct": direct, "fleet": _fleet_batch(1), "raw": _raw_batch(1)}
+            for i in range(n + warm):
+                for side, run in one.items():
+                    start = time.perf_counter()
+                    run()
+                    if i >= warm:
+                        samples[side].append((time.perf_counter() - start) * 1000)
+    fleet, raw, direct_ms = (median(samples[k]) for k in ("fleet", "raw", "direct"))
+    overhead, raw_overhead = fleet - direct_ms, raw - direct_ms
+    rows = [
+        Row("latency", "one job: submit→result, median", fleet, raw, "ms"),
+        Row("latency", "  direct httpx call to the simulator, median", direct_ms, direct_ms,
+            "ms"),
+        Row("latency", "  overhead over the direct call, median", overhead, raw_overhead, "ms",
+            "overhead", overhead - raw_overhead, "< 6.3 ms", overhead < 6.3),
+    ]  # fmt: skip
+    details: dict[str, Any] = {"jobs": n}
+    for side, values in samples.items():
+        details[side] = {
+            "median_ms": median(values),
+            "p90_ms": percentile(values, 90),
+            "p99_ms": percentile(values, 99),
+        }
+    details["fleet_overhead_ms"], details["raw_overhead_ms"] = overhead, raw_overhead
+    return rows, details
+
+
+# --- 5. I/O concurrency --------------------------------------------------------------------
+
+
+def _io_level(stack: Stack, c: int, n: int, tries: int) -> dict[str, dict[str, Any]]:
+    """Both sides at concurrency `c`: `tries` runs each (alternating), best kept."""
+    workers = {"fleet": stack.worker("free", c), "raw": stack.worker("raw", c, raw=True)}
+    stack.wait_ready()
+    _fleet_batch(1)()  # each side's first job loads its adapters
+    _raw_batch(1)()
+    batches = {"fleet": _fleet_batch(n), "raw": _raw_batch(n)}
+    seconds: dict[str, list[float]] = {"fleet": [], "raw": []}
+    cpu_ms: dict[str, list[float]] = {"fleet": [], "raw": []}
+    for attempt in range(tries):
+        for side in ("fleet", "raw") if attempt % 2 == 0 else ("raw", "fleet"):
+            worker = workers[side]
+            cpu0, start = worker.cpu_s(), time.perf_counter()
+            batches[side]()
+            seconds[side].append(time.perf_counter() - start)
+            cpu_ms[side].append((worker.cpu_s() - cpu0) / n * 1000)
+    out = {
+        side: {
+            "seconds": min(seconds[side]),
+            "tries_s": seconds[side],
+            "bound_s": n / c,
+            "x_bound": min(seconds[side]) / (n / c),
+            "peak_rss_mb": worker.peak_rss_mb(),
+            "worker_cpu_ms_per_job": cpu_ms[side],
+        }
+        for side, worker in workers.items()
+    }
+    stack.stop_workers()
+    return out
+
+
+def concurrency(quick: bool) -> Result:
+    """1,000 jobs against a 1 s provider, one worker process of -c N threads (fresh workers
+    at each N); completion time against Little's law (jobs x latency / concurrency); peak
+    RSS (VmHWM). Not for raw: its single httpx pool, shared by hundreds of threads, rescans
+    its idle connections on every request (see workers/providers/openai_compat.py)."""
+    n, levels = (1000, (100, 500)) if quick else (1000, (100, 500, 1000))
+    runs: dict[str, dict[int, dict[str, Any]]] = {"fleet": {}, "raw": {}}
+    with Stack("concurrency", latency_ms=1000) as stack:
+        for c in levels:
+            level = _io_level(stack, c, n, tries=1)
+            for side in runs:
+                runs[side][c] = level[side]
+    rows = []
+    for c in levels:
+        f, r = runs["fleet"][c], runs["raw"][c]
+        rows += [
+            Row("io", f"1,000 jobs × 1 s, threads -c {c}: seconds", f["seconds"],
+                r["seconds"], "s", "ratio", f["seconds"] / r["seconds"],
+                "≤ 1.25× bound" if c == 100 else "info",
+                f["x_bound"] <= 1.25 if c == 100 else None),
+            Row("io", f"  ... × Little's-law bound ({f['bound_s']:g} s)", f["x_bound"],
+                r["x_bound"], "×"),
+            Row("io", "  ... peak RSS per worker (VmHWM)", f["peak_rss_mb"], r["peak_rss_mb"],
+                "MiB", "ratio", f["peak_rss_mb"] / r["peak_rss_mb"]),
+        ]  # fmt: skip
+    top = max(levels)
+    raw_best = min(v["seconds"] for v in runs["raw"].values())
+    fleet_top = runs["fleet"][top]["seconds"]
+    full = top == 1000
+    rows += [
+        Row("io", f"fleet at -c {top} vs raw's best at any -c", fleet_top, raw_best, "s",
+            "ratio", fleet_top / raw_best, "≤ raw best" if full else "info (no c=1000)",
+            fleet_top <= raw_best if full else None),
+    ]  # fmt: skip
+    details: dict[str, Any] = {"jobs": n, "latency_s": 1.0, "pool": "threads", **runs}
+    details["gevent"] = "not measured: gevent is not installed in the project's venv"
+    return rows, details
+
+
+# --- 6. escalation -------------------------------------------------------------------------
+
+
+def escalation(quick: bool) -> Result:
+    """A primary's scripted 503 on the subscription queue; the next model is on the free
+    queue with an idle worker. From the simulator's log: the 503'd request's arrival to
+    the next model's request's arrival (the 503 itself takes no time to answer)."""
+    from router import dispatch
+
+    n = 30 if quick else 100
+    with Stack("escalation", latency_ms=0) as stack:
+        stack.worker("subscription", 100)
+        stack.worker("free", 100)
+        stack.wait_ready()
+        assert stack.sim is not None
+        for _ in range(3):  # warm both workers' adapters
+            dispatch(ESCALATING_JOB).get(timeout=GET_TIMEOUT_S)
+        stack.sim.reset()
+        paths = [
+            tuple(dispatch(ESCALATING_JOB).get(timeout=GET_TIMEOUT_S).queue_path) for _ in range(n)
+        ]
+        log = stack.sim.requests()
+    assert all(p == ("subscription", "free") for p in paths), set(paths)
+    firsts = [e["t"] for e in log if e["model"] == PRIMARY]
+    seconds = [e["t"] for e in log if e["model"] == SECOND]
+    assert len(firsts) == len(seconds) == n, (len(firsts), len(seconds))
+    gaps = [(b - a) * 1000 for a, b in zip(firsts, seconds, strict=True)]
+    med, p99 = median(gaps), percentile(gaps, 99)
+    rows = [
+        Row("escalation", "503 → next model's request (other queue), median", med, unit="ms",
+            target="< 20 ms", met=med < 20),
+        Row("escalation", "  ... p99", p99, unit="ms"),
+    ]  # fmt: skip
+    details = {"jobs": n, "median_ms": med, "p99_ms": p99, "max_ms": max(gaps), "gaps_ms": gaps}
+    return rows, details
+
+
+BENCHES: dict[str, Callable[[bool], Result]] = {
+    "router": router,
+    "enqueue": enqueue,
+    "e2e": throughput,
+    "latency": latency,
+    "io": concurrency,
+    "escalation": escalation,
+}
