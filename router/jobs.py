@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from router.catalog import Source, TaskClass
 from router.errors import InvalidJob
@@ -51,6 +51,16 @@ class Message(_Strict):
 MetadataValue = str | int | float | bool | None
 
 
+def _not_a_bool(value: Any) -> Any:
+    # pydantic reads true/false as 1/0 for a number: a JSON boolean is a wrong type there.
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_bool)
+
+
 class Job(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\w.:-]+$")] = Field(
         default_factory=lambda: uuid.uuid4().hex
@@ -60,10 +70,10 @@ class Job(_Strict):
     focus: str | None = None
     profile: str | None = None
     model: str | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2), NotBool] | None = None
+    max_tokens: Annotated[int, Field(gt=0), NotBool] | None = None
     source: Source = "app"
-    priority: Annotated[int, Field(ge=0, le=9)] = 5  # 0 highest, as Celery's Redis broker
+    priority: Annotated[int, Field(ge=0, le=9), NotBool] = 5  # 0 highest, as Celery's Redis broker
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     deadline: datetime | None = None
     metadata: dict[str, MetadataValue] = {}

@@ -86,6 +86,10 @@ def test_a_message_redelivered_too_often_stops_and_is_dead_lettered(
     # Then the 4th delivery does not run it again: it fails and is dead-lettered
     with pytest.raises(JobFailed, match="delivered 4 times without finishing"):
         handle.get(timeout=30)
+    # (filed once the failure is stored: a moment after the caller hears of it)
+    deadline = time.monotonic() + 5
+    while not state_redis.hexists("fleet:dead-letter", job_id) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert state_redis.hexists("fleet:dead-letter", job_id)
     assert not [
         r for r in simulator.requests() if r["t"] >= started and r["model"] == LLAMA_UPSTREAM

@@ -343,6 +343,13 @@ def test_the_fleet_records_every_attempt_of_every_job(
     assert [len(r.attempts) for r in results] == [1, 2, 1, 1]
 
     ledger = open_ledger(fleet_env["FLEET_LEDGER_URL"], tmp_path)
+    # The worker writes a job's rows once its result is stored (workers/tasks.py, JobTask),
+    # so they can land a few milliseconds after the caller has the answer.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        len(stored(ledger, r.job_id)) < len(r.attempts) for r in results
+    ):
+        time.sleep(0.05)
     for result in results:
         got = stored(ledger, result.job_id)
         assert [

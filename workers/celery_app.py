@@ -6,7 +6,8 @@ Settings come from the environment when the app is built (never at import):
     FLEET_STATE_URL    redis://... for results and fleet state (default: the broker
                        URL when it is Redis; required with an amqp:// broker)
     FLEET_VISIBILITY_TIMEOUT_S   seconds before Redis redelivers an unacked job
-                       (default 600; must exceed the longest single attempt)
+                       (default 600; must exceed twice the longest single attempt:
+                       a job waits in a worker at most half of it, then calls)
     FLEET_RESULT_EXPIRES_S       how long results are kept (default 1 day)
     FLEET_BEAT_EVERY_S           a test/demo knob: fire every beat entry this many seconds
                        apart instead of on its schedule (unset in production)
@@ -26,9 +27,10 @@ from kombu import Exchange, Queue
 from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
 from workers.config import fleet_urls
+from workers.kombu_fixes import harden_redis_transport
 
 TASK_RUN_JOB = "fleet.run_job"
-DEFAULT_VISIBILITY_TIMEOUT_S = 600  # > the longest attempt (provider timeout_s, 120 s)
+DEFAULT_VISIBILITY_TIMEOUT_S = 600  # > 2 x the longest attempt (provider timeout_s, 120 s)
 
 
 class LazyBeatSchedule(MutableMapping[str, Any]):
@@ -98,6 +100,19 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        # Storing a result retries through a Redis restart: a job that finished while
+        # Redis was away would otherwise be run again when its unacked message returns.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 12,  # jittered backoff, 20 ms doubling to 10 s
+        # Sending a job (dispatch, a worker's forward) rides out a broker restart of a few
+        # seconds (5.5 s of retries, Celery's default gives up after 0.6 s); then the
+        # error reaches the caller, with nothing queued.
+        "task_publish_retry_policy": {
+            "max_retries": 8,
+            "interval_start": 0,
+            "interval_step": 0.25,
+            "interval_max": 1.0,
+        },
         "result_expires": int(environ.get("FLEET_RESULT_EXPIRES_S", 86_400)),
         # JSON only: a job must be enqueueable from any language, and pickle is unsafe.
         "task_serializer": "json",
@@ -128,6 +143,12 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
     app = Celery("modelfleet", set_as_current=False)
     app.conf.update(celery_settings(environ))
+    harden_redis_transport()  # workers/kombu_fixes.py: survive a Redis restart
+    # redis:// results through workers/resultstore.py: a final state is never overwritten.
+    app.loader.override_backends = {
+        "redis": "workers.resultstore:FleetRedisBackend",
+        "rediss": "workers.resultstore:FleetRedisBackend",
+    }
     # The task module registers fleet.run_job on import; workers need it, senders do not.
     app.conf.imports = ["workers.tasks"]
     return app

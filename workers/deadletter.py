@@ -11,10 +11,14 @@ from typing import Any
 from workers import keys
 
 
-def bury(redis: Any, job: dict[str, Any], result: dict[str, Any]) -> None:
-    """File a failed job (its payload and its Result, never a key) under its id."""
-    entry = {"job": job, "result": result, "failed_at": time.time()}
-    redis.hset(keys.DEAD_LETTER, job["id"], json.dumps(entry))
+def bury(redis: Any, job: dict[str, Any], result: dict[str, Any], only_new: bool = False) -> None:
+    """File a failed job (its payload and its Result, never a key) under its id;
+    `only_new`: unless it is already filed."""
+    entry = json.dumps({"job": job, "result": result, "failed_at": time.time()})
+    if only_new:
+        redis.hsetnx(keys.DEAD_LETTER, job["id"], entry)
+    else:
+        redis.hset(keys.DEAD_LETTER, job["id"], entry)
 
 
 def entries(redis: Any) -> list[dict[str, Any]]:

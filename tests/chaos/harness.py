@@ -1,0 +1,734 @@
+"""A fleet of real processes to break, and the audit that counts what broke.
+
+`ChaosFleet` starts its own redis-server (appendonly, on a fixed port so it can be
+restarted in place), the provider simulator, worker processes (several per queue when a
+scenario kills some), a SQLite ledger of its own and a short visibility timeout, so a
+killed worker's jobs come back within seconds. The test process is the dispatcher.
+
+`audit()` then checks every dispatched job, one by one:
+
+- answered / dead-lettered: the caller's `handle.get()` returned (once) a Result that
+  answers the job, or a failure that also sits in the dead-letter store with its reason;
+- lost: neither (no final state in the result backend, or a failure never dead-lettered,
+  or the caller never got anything);
+- duplicated: the job ended more than once (two final-state publications on the result
+  backend, a stored result other than the one its caller got, an answer that is also
+  dead-lettered);
+- double-billed: the ledger's rows for the job are not exactly the attempts of its final
+  Result (rows from another execution, rows missing or extra, a different cost);
+- wrong: ended once, but not as the scenario says it must (a fault's documented action).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from router.catalog import load_catalog
+from router.dispatcher import JobHandle, dispatch
+from router.errors import FleetError
+from router.results import Result
+from workers import keys
+from workers.ledger import attempts as attempts_table
+from workers.ledger import rows_for
+from workers.pools import worker_argv
+from workers.redis_server import RedisServer, free_port
+from workers.simulated import write_simulated_catalog
+from workers.simulator import Simulator
+
+ROOT = Path(__file__).resolve().parents[2]
+PROVIDER_TIMEOUT_S = 2.0  # the simulated providers' timeout: `timeout`/`stall` wait this
+DISPATCHER_VARS = ("FLEET_BROKER_URL", "FLEET_STATE_URL", "FLEET_CATALOG")
+FINAL = ("SUCCESS", "FAILURE")
+
+# What an attempt looks like in the ledger and in a Result, for comparing the two.
+_ROW_FIELDS = (
+    "model", "queue", "outcome", "error_kind", "prompt_tokens", "completion_tokens",
+    "worker",
+)  # fmt: skip
+
+
+def ask(text: str, **fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": text}], **fields}
+
+
+def job_id(scenario: str, n: int) -> str:
+    return f"{scenario}-{n:04d}-{uuid.uuid4().hex[:8]}"
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    name: str
+    queue: str
+    pool: str
+    concurrency: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def children(self) -> list[int]:
+        """The pool's child processes (prefork), from /proc."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == self.pid:
+                    found.append(int(stat.parent.name))
+        return found
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class FinalMonitor:
+    """Counts each job's distinct final states published on the result backend (the
+    Redis backend PUBLISHes every state it stores): two for one job means it ended twice
+    (the same state stored again, a backend retry, is not counted twice). Reconnects by
+    itself across a Redis restart."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.finals: Counter[str] = Counter()
+        self._seen: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="final-monitor", daemon=True)
+
+    def start(self) -> FinalMonitor:
+        self._thread.start()
+        self._subscribed.wait(10)
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.psubscribe("celery-task-meta-*")
+                self._subscribed.set()
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message and message["type"] == "pmessage":
+                        self._count(message["data"])
+                pubsub.close()
+                client.close()
+            except (redis.RedisError, OSError):
+                time.sleep(0.1)
+
+    def _count(self, data: bytes) -> None:
+        with contextlib.suppress(ValueError, TypeError):
+            meta = json.loads(data)
+            if meta.get("status") in FINAL:
+                state = json.dumps([meta["status"], meta.get("result")], sort_keys=True)
+                if (meta["task_id"], state) not in self._seen:
+                    self._seen.add((meta["task_id"], state))
+                    self.finals[meta["task_id"]] += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def chaos_catalog(
+    sim_url: str,
+    path: Path,
+    *,
+    dead_providers: Iterable[str] = (),
+    circuit: bool = False,
+    max_wait_s: float | None = None,
+) -> Path:
+    """The default catalog aimed at the simulator, without the providers' rate limits and
+    quotas (hundreds of jobs a minute would exhaust them: the limits have their own
+    tests), and, unless `circuit`, with circuits that never open (so a fault injected
+    into one job does not change how the next one is routed). `dead_providers` point at
+    a port nobody listens on: their calls are refused."""
+    write_simulated_catalog(sim_url, path.parent / "no-local-model", path, PROVIDER_TIMEOUT_S)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for provider in data["providers"].values():
+        provider.pop("limits", None)
+    for model in data["models"]:
+        model.pop("limits", None)
+    if not circuit:
+        data["policy"]["cooldowns"]["circuit_failures"] = 1_000_000
+    if max_wait_s is not None:
+        data["policy"]["max_wait_s"] = max_wait_s
+    closed = free_port()  # bound and released: nobody listens there now
+    for name in dead_providers:
+        data["providers"][name]["base_url"] = f"http://127.0.0.1:{closed}/v1"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    load_catalog(path)
+    return path
+
+
+class ChaosFleet:
+    """One scenario's fleet. Use as a context manager; the test process dispatches."""
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        *,
+        visibility_s: float = 10.0,
+        latency_ms: float = 40.0,
+        cost_usd: float = 0.001,
+        api_keys: dict[str, str] | None = None,
+        dead_providers: Iterable[str] = (),
+        circuit: bool = False,
+        max_wait_s: float | None = None,
+    ) -> None:
+        self.name = name
+        self.max_wait_s = max_wait_s
+        self.workdir = Path(workdir)
+        self.visibility_s = visibility_s
+        self.latency_ms = latency_ms
+        self.cost_usd = cost_usd
+        self.api_keys = api_keys
+        self.dead_providers = tuple(dead_providers)
+        self.circuit = circuit
+        self.workers: list[Worker] = []
+        self.redis: RedisServer | None = None
+        self.sim: Simulator | None = None
+        self.monitor: FinalMonitor | None = None
+        self.env: dict[str, str] = {}
+        self.dispatch_retries = 0
+        self.get_retries = 0
+        self._saved: dict[str, str | None] = {}
+        self._client: redis.Redis | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def __enter__(self) -> ChaosFleet:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "logs").mkdir(exist_ok=True)
+        self.redis = RedisServer(self.workdir / "redis", port=free_port(), appendonly=True)
+        self.redis.start()
+        self.sim = Simulator().start()
+        self.sim.configure(default={"latency_ms": self.latency_ms, "cost": self.cost_usd})
+        catalog = chaos_catalog(
+            self.sim.url,
+            self.workdir / "catalog.yaml",
+            dead_providers=self.dead_providers,
+            circuit=self.circuit,
+            max_wait_s=self.max_wait_s,
+        )
+        self.catalog = load_catalog(catalog)
+        self.ledger_url = f"sqlite:///{self.workdir / 'ledger.db'}"
+        env = {k: v for k, v in os.environ.items() if k != "FLEET_STATE_URL"}
+        env.update(
+            {
+                "FLEET_BROKER_URL": self.redis.url,
+                "FLEET_CATALOG": str(catalog),
+                "FLEET_LEDGER_URL": self.ledger_url,
+                "FLEET_DATA_DIR": str(self.workdir / "data"),
+                "FLEET_VISIBILITY_TIMEOUT_S": str(int(self.visibility_s)),
+                "HF_HUB_OFFLINE": "1",
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        keys_ = self.api_keys or {
+            p.api_key_env: "sim-placeholder-key"
+            for p in self.catalog.providers.values()
+            if p.api_key_env
+        }
+        env.update(keys_)
+        self.env = env
+        # The test process dispatches to this fleet.
+        self._saved = {k: os.environ.get(k) for k in DISPATCHER_VARS}
+        os.environ.pop("FLEET_STATE_URL", None)
+        os.environ["FLEET_BROKER_URL"] = self.redis.url
+        os.environ["FLEET_CATALOG"] = str(catalog)
+        self._client = redis.Redis.from_url(self.redis.url, socket_connect_timeout=2)
+        self.monitor = FinalMonitor(self.redis.url).start()
+
+    def stop(self) -> None:
+        self._forget_results()
+        self._stop_workers()
+        for flower in getattr(self, "_flowers", []):
+            flower.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self._client is not None:
+            self._client.close()
+        if self.sim is not None:
+            self.sim.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved = {}
+
+    def _stop_workers(self) -> None:
+        for worker in self.workers:
+            if worker.alive():
+                assert worker.proc is not None
+                worker.proc.terminate()
+        for worker in self.workers:
+            if worker.proc is not None:
+                try:
+                    worker.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    worker.proc.kill()
+                    worker.proc.wait()
+
+    def _forget_results(self) -> None:
+        """Stop following this fleet's jobs before its Redis goes: a result handle
+        collected later would otherwise try (for seconds) to unsubscribe from it."""
+        if self.redis is None:
+            return
+        with contextlib.suppress(Exception):
+            from workers.celery_app import get_app
+
+            app = get_app({"FLEET_BROKER_URL": self.redis.url})
+            app.backend.result_consumer.subscribed_to.clear()
+
+    @property
+    def client(self) -> redis.Redis:
+        assert self._client is not None
+        return self._client
+
+    # --- workers ---------------------------------------------------------------------
+
+    def start_worker(self, queue: str, *, pool: str = "threads", concurrency: int = 8) -> Worker:
+        index = sum(1 for w in self.workers if w.queue == queue)
+        name = f"chaos-{queue}-{index}"
+        worker = Worker(name, queue, pool, concurrency, self.workdir / "logs" / f"{name}.log")
+        self.workers.append(worker)
+        self._launch(worker)
+        return worker
+
+    def _launch(self, worker: Worker) -> None:
+        argv = worker_argv(
+            [worker.queue], pool=worker.pool, concurrency=worker.concurrency, name=worker.name
+        )
+        with open(worker.log_path, "ab") as log:
+            worker.proc = subprocess.Popen(
+                argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            )
+        worker.starts += 1
+
+    def wait_ready(self, workers: Iterable[Worker] | None = None, timeout_s: float = 60) -> None:
+        pending = list(workers if workers is not None else self.workers)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            for worker in list(pending):
+                if not worker.alive():
+                    raise RuntimeError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
+                if worker.log().count(" ready.") >= worker.starts:
+                    pending.remove(worker)
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(f"workers not ready: {[w.name for w in pending]}")
+            time.sleep(0.05)
+
+    def kill(self, worker: Worker) -> None:
+        """kill -9 the worker's main process (with a threads pool: every job it holds)."""
+        os.kill(worker.pid, signal.SIGKILL)
+        assert worker.proc is not None
+        worker.proc.wait(10)
+
+    def kill_children(self, worker: Worker) -> int:
+        """kill -9 the pool processes of a prefork worker (its parent stays)."""
+        children = worker.children()
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(children)
+
+    def restart(self, worker: Worker, wait: bool = True) -> None:
+        self._launch(worker)
+        if wait:
+            self.wait_ready([worker])
+
+    def worker_logs(self) -> dict[str, str]:
+        return {w.name: w.log() for w in self.workers}
+
+    def check_workers(self, tally: Tally) -> None:
+        """Every worker still running (a killed one was restarted): none died by itself."""
+        for worker in self.workers:
+            if not worker.alive():
+                tally.problems.append(f"worker {worker.name} is not running")
+            if "Unrecoverable error" in worker.log():
+                tally.problems.append(f"worker {worker.name} hit an unrecoverable error")
+
+    # --- Redis -------------------------------------------------------------------------
+
+    def stop_redis(self) -> None:
+        assert self.redis is not None
+        self.redis.stop()
+
+    def start_redis(self) -> None:
+        assert self.redis is not None
+        self.redis.start()  # same port, same dir: the append-only file brings it all back
+
+    def wait_quiet(self, timeout_s: float) -> bool:
+        """Wait until Redis holds no message: none queued, none unacked. A message left
+        by a killed worker (or whose ack was lost with Redis) comes back only after the
+        visibility timeout, and its redelivery may still have work to do (a stale copy
+        writes what its worker had not), so the audit waits for it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            unacked = self.client.hlen("unacked")
+            if not unacked and not sum(self.queue_lengths().values()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def reset_live_state(self) -> None:
+        """Forget cooldowns, circuits and windows (between fault groups)."""
+        for kind in ("cooldown", "circuit", "window"):
+            for key in self.client.scan_iter(f"{keys.PREFIX}:{kind}:*"):
+                self.client.delete(key)
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Messages waiting in each queue list (every priority sub-list included)."""
+        from router.catalog import QUEUES
+
+        found = dict.fromkeys(QUEUES, 0)
+        for key in self.client.scan_iter("*"):
+            name = key.decode(errors="replace")
+            base = name.split("\x06\x16", 1)[0]
+            if base in found and self.client.type(key) == b"list":
+                found[base] += int(self.client.llen(key))
+        return found
+
+    # --- dispatching and collecting ---------------------------------------------------
+
+    def submit(
+        self,
+        job: dict[str, Any],
+        expect: Callable[[Result, dict[str, Any] | None], str | None] | None = None,
+        *,
+        retry_for_s: float = 60.0,
+    ) -> JobRecord:
+        """dispatch(), retried as an app would (same job id) while the broker is away."""
+        deadline = time.monotonic() + retry_for_s
+        while True:
+            try:
+                handle = dispatch(job)
+                break
+            except FleetError:
+                raise  # refused at the door: not an outage
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                self.dispatch_retries += 1
+                time.sleep(0.2)
+        return JobRecord(job, handle, expect)
+
+    def collect(self, records: list[JobRecord], timeout_s: float = 90.0) -> None:
+        """Each caller's handle.get(), once, retried on connection errors as an app would."""
+        deadline = time.monotonic() + timeout_s
+        for record in records:
+            while record.got is None and record.error is None:
+                left = max(0.1, deadline - time.monotonic())  # past it: just look
+                try:
+                    record.got = record.handle.get(timeout=left, propagate=False)
+                    record.gets += 1
+                except TimeoutError:
+                    record.error = "no result before the deadline"
+                except Exception as exc:  # the backend went away: ask again
+                    if time.monotonic() > deadline:
+                        record.error = f"{type(exc).__name__}: {exc}"
+                        break
+                    self.get_retries += 1
+                    record.last_get_error = f"{type(exc).__name__}: {exc}"
+                    time.sleep(0.2)
+
+    # --- Flower ---------------------------------------------------------------------------
+
+    def start_flower(self) -> Flower:
+        flower = Flower({**self.env, "FLOWER_UNAUTHENTICATED_API": "true"}, self.workdir)
+        self._flowers = [*getattr(self, "_flowers", []), flower]
+        return flower
+
+
+class Flower:
+    """Flower for one chaos fleet (as tests/test_flower.py starts it)."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "logs" / "flower.log"
+        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower"]
+        argv += ["--address=127.0.0.1", f"--port={self.port}"]
+        scratch = workdir / "flower"
+        scratch.mkdir(exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=scratch)
+
+    def get(self, path: str) -> Any:
+        import httpx
+
+        return httpx.get(self.url + path, timeout=10).json()
+
+    def wait_workers(self, count: int, timeout_s: float = 30) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"flower exited:\n{self.log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.TransportError, ValueError):
+                if len(self.get("/api/workers?status=1")) >= count:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError("flower never saw the workers")
+            time.sleep(0.2)
+
+    def tasks_when_final(self, ids: set[str], timeout_s: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            tasks = self.get("/api/tasks")
+            final = {i for i in ids if tasks.get(i, {}).get("state") in FINAL}
+            if final == ids or time.monotonic() > deadline:
+                return dict(tasks)
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the audit ---------------------------------------------------------------------------
+
+
+@dataclass
+class JobRecord:
+    """One caller's dispatch: what it sent, its handle, what its get() returned."""
+
+    job: dict[str, Any]
+    handle: JobHandle
+    expect: Callable[[Result, dict[str, Any] | None], str | None] | None = None
+    got: Result | None = None
+    gets: int = 0
+    error: str | None = None
+    last_get_error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.handle.id
+
+
+@dataclass
+class Tally:
+    scenario: str
+    jobs: int = 0
+    answered: int = 0
+    dead_lettered: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    double_billed: int = 0
+    wrong: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems and not (
+            self.lost or self.duplicated or self.double_billed or self.wrong
+        )
+
+    def problem(self, kind: str, job: str, why: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+        self.problems.append(f"{kind}: {job}: {why}")
+
+
+def backend_meta(client: redis.Redis, job: str) -> dict[str, Any] | None:
+    raw = client.get(f"celery-task-meta-{job}")
+    return json.loads(raw) if raw else None
+
+
+def final_result(meta: dict[str, Any] | None) -> Result | None:
+    """The Result a final state in the backend holds (a JobFailed carries it)."""
+    if not meta or meta.get("status") not in FINAL:
+        return None
+    if meta["status"] == "SUCCESS":
+        return Result.model_validate(meta["result"])
+    exc = meta.get("result") or {}
+    args = exc.get("exc_message") or []
+    if exc.get("exc_type") == "JobFailed" and len(args) == 2 and args[1]:
+        return Result.model_validate(args[1])
+    return None
+
+
+def ledger_rows(url: str) -> dict[str, list[dict[str, Any]]]:
+    from sqlalchemy import create_engine, select
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(select(attempts_table))]
+    except Exception:  # no job ever finished: no table yet
+        rows = []
+    finally:
+        engine.dispose()
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_job.setdefault(row["job_id"], []).append(row)
+    return by_job
+
+
+def _stamp(value: Any) -> float:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return datetime.fromisoformat(str(value)).replace(tzinfo=UTC).timestamp()
+
+
+def billing_mismatch(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> str | None:
+    """Why the ledger's rows are not exactly the final Result's attempts (or None)."""
+    have = {r["attempt"]: r for r in rows}
+    want = {r["attempt"]: r for r in expected}
+    if sorted(have) != sorted(want):
+        return f"ledger attempts {sorted(have)} != result attempts {sorted(want)}"
+    for number, row in want.items():
+        got = have[number]
+        for name in _ROW_FIELDS:
+            if got[name] != row[name]:
+                return f"attempt {number}: ledger {name}={got[name]!r}, result {row[name]!r}"
+        if abs(_stamp(got["started_at"]) - _stamp(row["started_at"])) > 0.002:
+            return f"attempt {number}: ledger row from another execution (started_at differs)"
+    cost_have = sum(r["cost_usd"] for r in rows)
+    cost_want = sum(r["cost_usd"] for r in expected)
+    if abs(cost_have - cost_want) > 1e-9:
+        return f"ledger cost {cost_have} != result cost {cost_want}"
+    return None
+
+
+def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
+    """Check every job of `records`, one by one, and count what went wrong."""
+    from workers.ledger import Ledger
+
+    if not fleet.wait_quiet(3 * fleet.visibility_s):
+        tally.problems.append("messages still queued or unacked long after the run")
+    time.sleep(0.5)  # let late duplicates (if any) publish before counting
+    ledger = Ledger(fleet.ledger_url, redis_url=fleet.redis.url if fleet.redis else None,
+                    spool_dir=fleet.workdir / "data")  # fmt: skip
+    try:
+        drained = ledger.drain()  # rows spooled during an outage, if any
+    finally:
+        ledger.close()
+    if drained:
+        tally.notes.append(f"{drained} ledger rows were spooled and drained")
+    rows = ledger_rows(fleet.ledger_url)
+    finals = fleet.monitor.finals if fleet.monitor else Counter()
+    tally.jobs += len(records)
+    by_id: dict[str, list[JobRecord]] = {}
+    for record in records:
+        by_id.setdefault(record.id, []).append(record)
+    for jid, callers in by_id.items():
+        meta = backend_meta(fleet.client, jid)
+        final = final_result(meta)
+        raw_dead = fleet.client.hget(keys.DEAD_LETTER, jid)
+        dead = json.loads(raw_dead) if raw_dead else None
+        _audit_job(tally, jid, callers, meta, final, dead, finals[jid], rows.get(jid, []), fleet)
+    return tally
+
+
+def _audit_job(
+    tally: Tally,
+    jid: str,
+    callers: list[JobRecord],
+    meta: dict[str, Any] | None,
+    final: Result | None,
+    dead: dict[str, Any] | None,
+    publications: int,
+    rows: list[dict[str, Any]],
+    fleet: ChaosFleet,
+) -> None:
+    kind, why = _ending(callers, meta, final, dead, publications)
+    if final is not None and not kind:  # ended once: billed once?
+        why = billing_mismatch(rows, rows_for(final, callers[0].job, fleet.catalog))
+        kind = "double_billed" if why else ""
+    if final is not None and not kind:  # as the scenario says it must?
+        why = next((w for c in callers if c.expect and (w := c.expect(final, dead))), None)
+        kind = "wrong" if why else ""
+    if kind:
+        tally.problem(kind, jid, why or "")
+    elif final is not None and final.ok:
+        tally.answered += len(callers)
+    else:
+        tally.dead_lettered += len(callers)
+
+
+def _ending(
+    callers: list[JobRecord],
+    meta: dict[str, Any] | None,
+    final: Result | None,
+    dead: dict[str, Any] | None,
+    publications: int,
+) -> tuple[str, str | None]:
+    """("lost" | "duplicated" | "", why): did the job end, and only once?"""
+    for caller in callers:  # every caller got one answer
+        if caller.got is None or caller.gets != 1:
+            return "lost", caller.error or caller.last_get_error or "no answer"
+    if final is None:
+        return "lost", f"no final state in the backend (meta {meta and meta.get('status')})"
+    if publications > 1:
+        return "duplicated", f"{publications} different final states published"
+    if any(c.got != final for c in callers):
+        return "duplicated", "the stored result is not the one its caller got"
+    if final.ok and dead is not None:
+        return "duplicated", "answered and dead-lettered"
+    if not final.ok and dead is None:
+        return "lost", "failed but not dead-lettered"
+    if dead is not None and (Result.model_validate(dead["result"]) != final or not final.error):
+        return "duplicated", "the dead letter is not the final result (or has no reason)"
+    return "", None
+
+
+@contextlib.contextmanager
+def timed(tally: Tally) -> Iterator[None]:
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        tally.seconds = time.monotonic() - started
