@@ -10,7 +10,7 @@ Jobs carry no `id`: the worker takes the Celery task id, fresh for every firing.
 source is cron or heartbeat, so rule 4 keeps them on the free and local tiers, on
 escalation too.
 
-`celery -A workers.celery_app beat -s PATH` runs it (one beat per fleet).
+`celery -A workers.runtime.celery_app beat -s PATH` runs it (one beat per fleet).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from router.catalog import Catalog, load_catalog
 from router.errors import ConfigError, FleetError
 from router.jobs import parse_job
 from router.policy import route_job
+from workers.runtime.sending import TASK_RUN_JOB, describe
 
-TASK_RUN_JOB = "fleet.run_job"  # workers.celery_app.TASK_RUN_JOB, without importing the app
 BEAT_SOURCES = ("cron", "heartbeat")
 CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 
@@ -133,9 +133,9 @@ def _build(catalog: Catalog, entry: Entry, every_s: float | None) -> dict[str, A
             "queue": first.queue,
             "priority": job.priority,
             "argsrepr": "()",
-            "kwargsrepr": (
-                f"{{'beat': {entry.name!r}, 'class': {job.task_class!r},"
-                f" 'source': {job.source!r} next={first.model}}}"
+            "kwargsrepr": describe(
+                {"id": f"beat:{entry.name}", "task_class": job.task_class, "source": job.source},
+                first.model,
             ),
         },
     }

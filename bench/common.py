@@ -57,10 +57,10 @@ def peak_rss_mb(pid: int) -> float:
 
 
 class Simulator:
-    """`python -m workers.simulator` in its own process (not in the driver's GIL)."""
+    """`python -m workers.sim.simulator` in its own process (not in the driver's GIL)."""
 
     def __init__(self, log_path: Path, latency_ms: float = 0) -> None:
-        argv = [sys.executable, "-m", "workers.simulator", "--port", "0"]
+        argv = [sys.executable, "-m", "workers.sim.simulator", "--port", "0"]
         argv += ["--latency-ms", str(latency_ms)]
         self.log = open(log_path, "w+b")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
@@ -145,8 +145,8 @@ class Stack:
     """A private Redis (no persistence), the simulator, and workers, in a temp dir."""
 
     def __init__(self, name: str, latency_ms: float = 0) -> None:
-        from workers.redis_server import RedisServer
-        from workers.simulated import simulated_env
+        from workers.ops.redis_server import RedisServer
+        from workers.sim.simulated import simulated_env
 
         self.dir = Path(tempfile.mkdtemp(prefix=f"fleet-bench-{name}-"))
         self.workers: list[Worker] = []
@@ -179,7 +179,7 @@ class Stack:
         self, queue: str, concurrency: int, *, raw: bool = False, pool: str = "threads"
     ) -> Worker:
         """A fleet worker on `queue`, or (raw) the bench's plain Celery app's worker."""
-        from workers.pools import worker_argv
+        from workers.ops.pools import worker_argv
 
         kind = "raw" if raw else "fleet"
         name = f"{kind}-{queue}-{pool}{concurrency}-{len(self.workers)}"

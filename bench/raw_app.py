@@ -23,7 +23,7 @@ from celery import Celery
 from celery.signals import worker_init
 from kombu import Exchange, Queue
 
-from workers.celery_app import celery_settings
+from workers.runtime.celery_app import celery_settings
 
 RAW_QUEUE = "raw"
 NOOP = "bench.noop"

@@ -1,22 +1,30 @@
 """modelfleet's decision layer: the catalog, the policy, jobs and routing.
 
-Importing this package loads no Celery, httpx or database driver; `dispatch` (which
-sends a routed job to its Celery queue) is imported on first use.
+Importing this package loads no Celery, httpx or database driver; `dispatch` and
+`dispatch_many` (which send routed jobs to their Celery queues) are imported on first use.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from router.catalog import Catalog, load_catalog
-from router.errors import ConfigError, FleetError, InvalidJob, JobFailed, NoRouteAvailable
+from router.errors import (
+    BatchRefused,
+    ConfigError,
+    FleetError,
+    InvalidJob,
+    JobFailed,
+    NoRouteAvailable,
+)
 from router.jobs import Job, parse_job
 from router.policy import Route, RouteQuery, route, route_job
 from router.results import Attempt, Result
 
 if TYPE_CHECKING:
-    from router.dispatcher import JobHandle, dispatch
+    from router.dispatcher import JobHandle, dispatch, dispatch_many
 
 __all__ = [
     "Attempt",
+    "BatchRefused",
     "Catalog",
     "ConfigError",
     "FleetError",
@@ -29,6 +37,7 @@ __all__ = [
     "Route",
     "RouteQuery",
     "dispatch",
+    "dispatch_many",
     "load_catalog",
     "parse_job",
     "route",
@@ -37,7 +46,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("dispatch", "JobHandle"):
+    if name in ("dispatch", "dispatch_many", "JobHandle"):
         from router import dispatcher
 
         return getattr(dispatcher, name)

@@ -1,4 +1,5 @@
-"""What an attempt cost, and where the figure came from. Pure arithmetic on the catalog.
+"""What an attempt cost, and where the figure came from. Pure arithmetic on the catalog,
+and the one place that rule lives: live-state budgets and the ledger both use it.
 
 A provider-returned cost (OpenRouter's usage.cost) wins over the catalog; a paid model is
 billed its catalog price per million tokens (the catalog refuses a paid model without
@@ -8,22 +9,31 @@ local ones cost nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from router.catalog import Model
 from router.results import Attempt
 
 PER_MTOK = 1_000_000
 
 
-def attempt_cost(model: Model, attempt: Attempt) -> tuple[float, str]:
-    """(USD, source) where source is provider, catalog, subscription or free."""
+@dataclass(frozen=True)
+class Cost:
+    usd: float
+    source: str  # provider, catalog, subscription or free
+    usd_per_mtok_in: float | None  # the prices used (None when the provider gave the cost)
+    usd_per_mtok_out: float | None
+
+
+def attempt_cost(model: Model | None, attempt: Attempt) -> Cost:
+    """The cost of `attempt` on `model` (None: a model the catalog no longer has, billed
+    by the tier the attempt recorded, at no catalog price)."""
     if attempt.provider_cost_usd is not None:
-        return attempt.provider_cost_usd, "provider"
-    if model.tier == "paid":
-        return tokens_cost(model, attempt.prompt_tokens, attempt.completion_tokens), "catalog"
-    return 0.0, "subscription" if model.tier == "subscription" else "free"
-
-
-def tokens_cost(model: Model, prompt_tokens: int, completion_tokens: int) -> float:
-    return (
-        prompt_tokens * model.usd_per_mtok_in + completion_tokens * model.usd_per_mtok_out
-    ) / PER_MTOK
+        return Cost(float(attempt.provider_cost_usd), "provider", None, None)
+    tier = model.tier if model else attempt.tier
+    price_in = model.usd_per_mtok_in if model else 0.0
+    price_out = model.usd_per_mtok_out if model else 0.0
+    if tier == "paid":
+        usd = (attempt.prompt_tokens * price_in + attempt.completion_tokens * price_out) / PER_MTOK
+        return Cost(usd, "catalog", price_in, price_out)
+    return Cost(0.0, "subscription" if tier == "subscription" else "free", 0.0, 0.0)

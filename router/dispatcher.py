@@ -1,25 +1,29 @@
-"""`dispatch()`: validate a job, route it, and send it to its first model's queue.
+"""`dispatch()` and `dispatch_many()`: validate jobs, route them, send each to the queue of
+its first usable model; and `JobHandle`, which follows a job to its final Result.
 
-This is the only module of `router/` that talks to the broker: it imports Celery lazily
-(via `workers.celery_app`) so the decision code stays free of I/O.
+The light client of the fleet: importing this module loads no Celery and no Redis
+client; sending loads Celery's client side and redis-py, and nothing of the worker (no
+pool, no task module, no ledger, no provider adapter). tests/test_layering.py holds it to
+that.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from router.catalog import Catalog, catalog_path, load_catalog
-from router.errors import JobFailed, NoRouteAvailable
+from router.errors import BatchRefused, InvalidJob, JobFailed, NoRouteAvailable
 from router.jobs import Job, parse_job
 from router.policy import Hop, Route, route_job
 from router.results import Result
+from router.slots import earliest, horizon
 
 _catalogs: dict[tuple[Path, float], Catalog] = {}
-IDEMPOTENCY_S = 86_400  # how long an idempotency key names its first job
 
 
 def current_catalog(environ: Mapping[str, str] = os.environ) -> Catalog:
@@ -80,75 +84,112 @@ def _bare(job: Job, error: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class _Routed:
+    job: Job
+    decision: Route  # rules 1-4: the chain the job travels with
+    first: Hop  # rules 5-6: where it starts now
+
+
 def dispatch(job: Job | dict[str, Any], *, app: Any = None) -> JobHandle:
-    """Validate, route and enqueue `job`; InvalidJob or NoRouteAvailable if it cannot go."""
-    from workers.celery_app import TASK_RUN_JOB, get_app
-    from workers.execute import state_for
-    from workers.tasks import describe
-
-    job = parse_job(job)
+    """Validate, route and enqueue `job`; InvalidJob or NoRouteAvailable if it cannot go
+    (nothing is queued, and its idempotency key stays free)."""
     catalog = current_catalog()
-    if job.idempotency_key:
-        first_id = _claim(catalog, job)
-        if first_id != job.id:  # sent before: follow that job, run nothing new
-            owner = job.model_copy(update={"id": first_id})
-            return JobHandle(owner, route_job(catalog, owner), _async_result(app, first_id))
-    decision = route_job(catalog, job)  # rules 1-4: the chain the job travels with
-    first = first_usable(catalog, job, decision)  # rules 5-6: where it starts now
+    return _send(catalog, [_route(catalog, job)], app)[0]
+
+
+def dispatch_many(jobs: Sequence[Job | dict[str, Any]], *, app: Any = None) -> list[JobHandle]:
+    """Validate, route and enqueue a batch (a cron fan-out, a swarm of sub-agents) in one
+    pipelined round trip to the broker. Every job is checked as `dispatch` checks it;
+    when any cannot go, BatchRefused names each one (`job <index>: <why>`) and nothing of
+    the batch is queued. Handles come back in the order of `jobs`."""
+    catalog = current_catalog()
+    routed: list[_Routed] = []
+    errors: list[tuple[int, str]] = []
+    for index, job in enumerate(jobs):
+        try:
+            routed.append(_route(catalog, job))
+        except (InvalidJob, NoRouteAvailable) as exc:
+            errors.append((index, str(exc)))
+    if errors:
+        raise BatchRefused(errors, len(jobs))
+    ids = [r.job.id for r in routed]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, job_id in enumerate(ids) if ids.index(job_id) != i)
+        raise BatchRefused([(dup, f"job id {ids[dup]!r} appears twice in the batch")], len(ids))
+    return _send(catalog, routed, app)
+
+
+def _route(catalog: Catalog, data: Job | dict[str, Any]) -> _Routed:
+    job = parse_job(data)
+    decision = route_job(catalog, job)
+    return _Routed(job, decision, first_usable(catalog, job, decision))
+
+
+def _send(catalog: Catalog, routed: list[_Routed], app: Any) -> list[JobHandle]:
+    """Claim the idempotency keys of routed jobs, send the jobs that own theirs, and
+    release the keys again if the send fails."""
+    from workers.runtime.celery_app import get_app
+    from workers.runtime.sending import Outgoing, send_many, travelling_state
+    from workers.state import idempotency
+    from workers.state.connections import redis_client
+
     app = app or get_app()
-    payload = job.model_dump(mode="json", exclude_none=True)
-    state = state_for(decision)
-    async_result = app.send_task(
-        TASK_RUN_JOB,
-        kwargs={"job": payload, "state": state},
-        task_id=job.id,
-        queue=first.queue,
-        priority=job.priority,
-        argsrepr="()",
-        kwargsrepr=describe(payload, first.model),
-    )
-    return JobHandle(job, decision, async_result)
-
-
-def _claim(catalog: Catalog, job: Job) -> str:
-    """The id of the job that owns this idempotency key: this one, unless one came first."""
-    from workers.keys import idempotency
-    from workers.live import live_view
-
-    redis = live_view(catalog).state.redis
-    key = idempotency(str(job.idempotency_key))
-    if redis.set(key, job.id, nx=True, ex=IDEMPOTENCY_S):
-        return job.id
-    owner = redis.get(key)
-    return owner.decode() if owner else job.id
+    keyed = [(str(r.job.idempotency_key), r.job.id) for r in routed if r.job.idempotency_key]
+    redis = redis_client() if keyed else None
+    owners = dict(zip(keyed, idempotency.claim(redis, keyed), strict=True))
+    handles: list[JobHandle] = []
+    outgoing, claimed = [], []
+    for r in routed:
+        key = (str(r.job.idempotency_key), r.job.id)
+        owner = owners.get(key, r.job.id)
+        if owner != r.job.id:  # sent before: follow that job, send nothing new
+            first = r.job.model_copy(update={"id": owner})
+            handles.append(JobHandle(first, route_job(catalog, first), _async_result(app, owner)))
+            continue
+        if key in owners:
+            claimed.append(key)
+        outgoing.append(
+            Outgoing(
+                job=r.job.model_dump(mode="json", exclude_none=True),
+                state=travelling_state(r.decision),
+                queue=r.first.queue,
+                model=r.first.model,
+                priority=r.job.priority,
+            )
+        )
+        handles.append(JobHandle(r.job, r.decision, None))
+    try:
+        sent = iter(send_many(app, outgoing))
+    except BaseException:
+        if claimed:
+            idempotency.release(redis, claimed)
+        raise
+    for handle in handles:
+        if handle._async is None:
+            handle._async = next(sent)
+    return handles
 
 
 def _async_result(app: Any, job_id: str) -> Any:
     from celery.result import AsyncResult
 
-    from workers.celery_app import get_app
-
-    return AsyncResult(job_id, app=app or get_app())
+    return AsyncResult(job_id, app=app)
 
 
 def first_usable(catalog: Catalog, job: Job, decision: Route) -> Hop:
-    """The first hop live state allows now. NoRouteAvailable when none will be usable
-    within the policy's max wait: the job fails fast, with every model's reason."""
-    from workers.live import live_view
+    """The first hop live state allows now (as of a second ago). NoRouteAvailable when
+    none will be usable within the policy's max wait: the job fails fast, with every
+    model's reason."""
+    from workers.state.live import live_view
 
     blocked = live_view(catalog).blocks(job.task_class, [h.model for h in decision.chain])
     for hop in decision.chain:
         if hop.model not in blocked:
             return hop
-    now = time.time()
-    horizon = now + catalog.policy.max_wait_s
-    if job.deadline is not None:
-        horizon = min(horizon, job.deadline.timestamp())
-    soon = [
-        (b.until, hop) for hop in decision.chain
-        if (b := blocked[hop.model]).until is not None and b.until <= horizon
-    ]  # fmt: skip
-    if not soon:
+    limit = horizon(time.time(), catalog.policy.max_wait_s, job.deadline)
+    found = earliest(blocked, limit)
+    if found is None:
         reasons = [*decision.dropped, *((m, b.reason) for m, b in blocked.items())]
         raise NoRouteAvailable(job.task_class, reasons)
-    return min(soon, key=lambda pair: pair[0])[1]  # the worker waits for that slot
+    return next(hop for hop in decision.chain if hop.model == found[1])  # the worker waits

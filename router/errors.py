@@ -3,7 +3,9 @@
     FleetError
     ├── ConfigError        the catalog/policy file is wrong: fix the file
     ├── InvalidJob         the job is wrong: fix the job (nothing was queued)
-    └── NoRouteAvailable   no model may serve this job now: every model's reason is listed
+    ├── NoRouteAvailable   no model may serve this job now: every model's reason is listed
+    └── BatchRefused       some jobs of a dispatch_many batch are wrong or unroutable:
+                           one line per job; nothing of the batch was queued
 
 Each renders as one line naming the problem and, where there are any, the valid choices.
 """
@@ -34,6 +36,19 @@ class NoRouteAvailable(FleetError):
 
     def __reduce__(self) -> tuple[type, tuple[str, list[tuple[str, str]]]]:
         return (type(self), (self.task_class, self.reasons))
+
+
+class BatchRefused(InvalidJob):
+    """Jobs of a batch that cannot go (InvalidJob or NoRouteAvailable, each), by index."""
+
+    def __init__(self, errors: Sequence[tuple[int, str]], size: int) -> None:
+        self.errors = list(errors)
+        self.size = size
+        lines = "\n".join(f"job {index}: {message}" for index, message in self.errors)
+        super().__init__(f"{len(self.errors)} of {size} jobs refused, none queued:\n{lines}")
+
+    def __reduce__(self) -> tuple[type, tuple[list[tuple[int, str]], int]]:
+        return (type(self), (self.errors, self.size))
 
 
 def choices(values: Iterable[str]) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from router.catalog import QUEUES
-from workers.pools import worker_argv
-from workers.redis_server import RedisServer
+from workers.ops.pools import worker_argv
+from workers.ops.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 @pytest.fixture(scope="session")
 def simulator() -> Iterator[object]:
-    from workers.simulator import Simulator
+    from workers.sim.simulator import Simulator
 
     sim = Simulator().start()
     yield sim
@@ -55,7 +55,7 @@ def simulator() -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workers.tiny_model import build_tiny_model
+    from workers.sim.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
@@ -67,7 +67,7 @@ def fleet_env(
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
-    from workers.simulated import simulated_env
+    from workers.sim.simulated import simulated_env
 
     data = tmp_path_factory.mktemp("fleet")
     env = {
@@ -142,6 +142,25 @@ def fleet_app(fleet_env: dict[str, str], fleet_workers: Workers, monkeypatch: py
     """The test process as a dispatcher: FLEET_* pointing at the test fleet."""
     for key in ("FLEET_BROKER_URL", "FLEET_CATALOG"):
         monkeypatch.setenv(key, fleet_env[key])
-    from workers.celery_app import get_app
+    from workers.runtime.celery_app import get_app
 
     return get_app()
+
+
+_databases = iter(range(1, 16))  # db 0 is the test fleet's
+
+
+@pytest.fixture
+def fresh_redis(redis_server: RedisServer) -> Iterator[object]:
+    """A client of a Redis database no other test of this session uses, empty."""
+    import redis
+
+    try:
+        db = next(_databases)
+    except StopIteration:
+        pytest.fail("more than 15 tests asked for a fresh Redis database: reuse or raise")
+    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{db}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()

@@ -17,7 +17,7 @@ import pytest
 
 from router.catalog import Catalog, load_catalog
 from router.results import Attempt, Result
-from workers.ledger import Ledger, rows_for
+from workers.ledger.store import Ledger, rows_for
 
 # The machine's PostgreSQL (CI runs here too); override with FLEET_TEST_PG_URL.
 PG_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -37,7 +37,7 @@ def pg_admin() -> Any:
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import SQLAlchemyError
 
-    from workers.ledger import database_url
+    from workers.ledger.store import database_url
 
     engine = create_engine(database_url(PG_URL), connect_args={"connect_timeout": 3})
     try:
@@ -116,7 +116,7 @@ def write_concurrently(
         def emit(self, record: logging.LogRecord) -> None:
             warnings.append(record.getMessage())
 
-    logging.getLogger("workers.ledger").addHandler(Catch(logging.WARNING))
+    logging.getLogger("workers.ledger.store").addHandler(Catch(logging.WARNING))
     ledger = Ledger(url, redis_url=None, spool_dir=spool_dir)
     prepared = [[simple_rows(f"p{proc}-t{t}-b{b}") for b in range(batches)] for t in range(threads)]
 

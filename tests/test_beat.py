@@ -21,7 +21,8 @@ from router.catalog import Catalog, load_catalog
 from router.errors import ConfigError, NoRouteAvailable
 from router.jobs import parse_job
 from router.policy import route_job
-from workers.celery_app import TASK_RUN_JOB, create_app
+from workers.runtime.celery_app import create_app
+from workers.runtime.sending import TASK_RUN_JOB
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED_TIERS = {"free", "local"}
@@ -128,7 +129,7 @@ def test_duplicate_names_are_refused(catalog: Catalog) -> None:
 def test_the_app_builds_the_schedule_only_when_beat_reads_it() -> None:
     code = (
         "import sys\n"
-        "from workers.celery_app import create_app\n"
+        "from workers.runtime.celery_app import create_app\n"
         "app = create_app({'FLEET_BEAT_EVERY_S': '2'})\n"
         "assert 'beat_schedule' not in sys.modules, 'built at import'\n"
         "schedule = dict(app.conf.beat_schedule)\n"
@@ -186,7 +187,7 @@ def test_beat_feeds_the_fleet(
     beat_dir.mkdir()
     schedule_file = beat_dir / "celerybeat-schedule"
     env = {**fleet_env, "FLEET_BEAT_EVERY_S": str(BEAT_EVERY_S)}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat"]
+    argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]
     argv += ["-s", str(schedule_file), "-l", "INFO"]
     client = redis.Redis.from_url(redis_server.url)
     since = datetime.now(UTC)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from router.catalog import QUEUES, load_catalog
-from workers.pools import worker_argv
+from workers.ops.pools import worker_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose.yaml"
@@ -51,7 +51,7 @@ def environment(service: dict[str, Any]) -> dict[str, Any]:
 
 def celery_subcommand(service: dict[str, Any]) -> str | None:
     cmd = command(service)
-    if cmd[:3] == ["celery", "-A", "workers.celery_app"] and len(cmd) > 3:
+    if cmd[:3] == ["celery", "-A", "workers.runtime.celery_app"] and len(cmd) > 3:
         return cmd[3]
     return None
 
@@ -83,7 +83,7 @@ def check_fleet(services: dict[str, Any]) -> dict[str, str]:
     assert sorted(by_queue) == sorted(QUEUES)
 
     for queue, name in by_queue.items():
-        # Exactly what workers.pools would run: pool, concurrency, node name, events, flags.
+        # Exactly what workers.ops.pools would run: pool, concurrency, node name, events, flags.
         expected = ["celery", *worker_argv([queue])[3:]]
         assert command(services[name]) == expected, name
 

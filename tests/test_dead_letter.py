@@ -14,7 +14,7 @@ import pytest
 import redis as redis_lib
 
 from router import JobFailed, dispatch
-from workers.celery_app import TASK_RUN_JOB
+from workers.runtime.sending import TASK_RUN_JOB
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 LLAMA_UPSTREAM = "meta-llama/llama-3.1-405b-instruct:free"

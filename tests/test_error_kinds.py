@@ -23,10 +23,10 @@ import redis
 
 from router import JobFailed, Result, dispatch, load_catalog
 from router.dispatcher import JobHandle
-from workers import keys
-from workers.celery_app import fleet_urls
-from workers.execute import Done, advance
 from workers.providers.registry import ProviderRegistry
+from workers.runtime.celery_app import fleet_urls
+from workers.runtime.step import Done, advance
+from workers.state import keys
 
 TIMEOUT_S = 30
 PRIMARY, SECOND = "zai/glm-4.7", "minimax/MiniMax-M2.1"

@@ -20,9 +20,9 @@ from mlx_server import free_port
 
 from router import dispatch
 from router.catalog import QUEUES
-from workers import keys
-from workers.celery_app import fleet_urls
-from workers.simulated import PLACEHOLDER_KEY
+from workers.runtime.celery_app import fleet_urls
+from workers.sim.simulated import PLACEHOLDER_KEY
+from workers.state import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30
@@ -47,7 +47,7 @@ class Flower:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"flower-{self.port}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower"]
+        argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "flower"]
         argv += ["--address=127.0.0.1", f"--port={self.port}", *args]
         with self.log_path.open("wb") as log:
             # cwd: a scratch folder, so no flowerconfig.py or state file is picked up or left.

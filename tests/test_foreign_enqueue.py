@@ -69,8 +69,8 @@ import redis
 from celery.result import AsyncResult
 
 from router import Result
-from workers import keys
-from workers.celery_app import fleet_urls
+from workers.runtime.celery_app import fleet_urls
+from workers.state import keys
 
 TIMEOUT_S = 30
 TASK = "fleet.run_job"
@@ -212,7 +212,7 @@ def test_the_message_has_the_shape_celery_itself_sends(redis_server) -> None:
     job = ask("captured", task_class="cost_free")
     send = (
         "import json, sys\n"
-        "from workers.celery_app import create_app\n"
+        "from workers.runtime.celery_app import create_app\n"
         "with create_app({'FLEET_BROKER_URL': sys.argv[1]}) as app:\n"
         "    app.send_task(sys.argv[2], kwargs={'job': json.loads(sys.argv[3])},"
         " task_id='captured-1', queue='free')\n"

@@ -20,18 +20,18 @@ from sqlalchemy import select, update
 from router import dispatch, load_catalog
 from router.catalog import default_catalog_path
 from router.errors import ConfigError
-from workers.ledger import (
-    _CLAIM,
+from workers.ledger.store import (
     CLAIM_PREFIX,
     CLAIMS_KEY,
     SPOOL_KEY,
     Ledger,
-    _encode,
     attempts,
     database_url,
+    encode_rows,
     ledger_meta,
 )
-from workers.redis_server import RedisServer, free_port
+from workers.ops.redis_server import RedisServer, free_port
+from workers.state.connections import script
 
 KIMI_IN, KIMI_OUT = 0.56, 2.94
 SPOOL_DB = 7  # the tests' spool: not the test fleet's db 0, whose workers drain their own
@@ -229,7 +229,7 @@ def test_sqlite_outage_spools_to_redis_and_a_later_record_drains_once(
     path = tmp_path / "db" / "ledger.db"
     path.mkdir(parents=True)  # a directory where the database file should be: unavailable
     ledger = open_ledger(f"sqlite:///{path}", tmp_path, redis_url=spool_url, retry_db_after_s=0)
-    with caplog.at_level(logging.WARNING, logger="workers.ledger"):
+    with caplog.at_level(logging.WARNING, logger="workers.ledger.store"):
         ledger.record(simple_rows("a"))
         ledger.record(simple_rows("b", 2))
     assert spool.llen(SPOOL_KEY) == 2 and ledger.pending() == 2
@@ -250,7 +250,7 @@ def test_postgres_outage_spools_and_another_worker_drains(
     with database("postgresql", tmp_path) as good_url:
         closed = f"postgresql://fleet:s3cret@127.0.0.1:{free_port()}/test"
         down = open_ledger(closed, tmp_path, redis_url=spool_url)
-        with caplog.at_level(logging.WARNING, logger="workers.ledger"):
+        with caplog.at_level(logging.WARNING, logger="workers.ledger.store"):
             started = time.monotonic()
             down.record(simple_rows("pg-a"))
             down.record(simple_rows("pg-b"))  # within the retry delay: straight to the spool
@@ -287,7 +287,7 @@ def test_concurrent_drainers_write_every_spooled_row_once(
     url: str, tmp_path: Path, spool: redis.Redis, spool_url: str
 ) -> None:
     entries = 600
-    spool.rpush(SPOOL_KEY, *[_encode(simple_rows(f"s{i}", 2)) for i in range(entries)])
+    spool.rpush(SPOOL_KEY, *[encode_rows(simple_rows(f"s{i}", 2)) for i in range(entries)])
     drainers = [open_ledger(url, tmp_path, redis_url=spool_url) for _ in range(4)]
     counts: list[int] = []
     threads = [threading.Thread(target=lambda d=d: counts.append(d.drain())) for d in drainers]
@@ -305,9 +305,10 @@ def test_concurrent_drainers_write_every_spooled_row_once(
 def test_a_dead_drainers_claim_goes_back_to_the_spool(
     url: str, tmp_path: Path, spool: redis.Redis, spool_url: str
 ) -> None:
-    spool.rpush(SPOOL_KEY, _encode(simple_rows("dead-1")), _encode(simple_rows("dead-2")))
+    spool.rpush(SPOOL_KEY, encode_rows(simple_rows("dead-1")), encode_rows(simple_rows("dead-2")))
     keys = (SPOOL_KEY, CLAIMS_KEY, CLAIM_PREFIX + "dead")
-    claimed = spool.eval(_CLAIM, 3, *keys, 10, time.time() - 3600, "dead")  # then it died
+    claim = script(spool, "spool_claim")
+    claimed = claim(keys=list(keys), args=[10, time.time() - 3600, "dead"])  # then it died
     assert len(claimed) == 2 and spool.llen(SPOOL_KEY) == 0
     ledger = open_ledger(url, tmp_path, redis_url=spool_url)
     assert ledger.pending() == 2
@@ -343,7 +344,7 @@ def test_the_fleet_records_every_attempt_of_every_job(
     assert [len(r.attempts) for r in results] == [1, 2, 1, 1]
 
     ledger = open_ledger(fleet_env["FLEET_LEDGER_URL"], tmp_path)
-    # The worker writes a job's rows once its result is stored (workers/tasks.py, JobTask),
+    # The worker writes a job's rows once its result is stored (workers/runtime/tasks.py, JobTask),
     # so they can land a few milliseconds after the caller has the answer.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(

@@ -13,10 +13,10 @@ import yaml
 
 from router import NoRouteAvailable, dispatch, load_catalog
 from router.jobs import parse_job
-from workers.execute import Failed, Forward, advance
-from workers.pools import worker_argv
+from workers.ops.pools import worker_argv
 from workers.providers.registry import ProviderRegistry
-from workers.state import FleetState
+from workers.runtime.step import Failed, Forward, advance
+from workers.state.limits import FleetState
 
 LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
 ROOT = Path(__file__).resolve().parents[1]

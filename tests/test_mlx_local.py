@@ -28,7 +28,7 @@ from workers.providers.base import (
     Retryable,
 )
 from workers.providers.mlx_local import MLXProvider, flatten_messages
-from workers.tiny_model import build_tiny_model, is_complete
+from workers.sim.tiny_model import build_tiny_model, is_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMINGS: dict[str, float] = {}

@@ -23,7 +23,7 @@ from mlx_server import free_port, start_mlx_server, stop_mlx_server, wait_for_ml
 
 from router import dispatch, load_catalog
 from router.tokens import estimate_message_tokens
-from workers.pools import worker_argv
+from workers.ops.pools import worker_argv
 from workers.providers.base import (
     CompletionRequest,
     ModelUnusable,

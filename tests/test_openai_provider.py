@@ -28,7 +28,7 @@ from workers.providers.openai_compat import (
     make_client,
     parse_retry_after,
 )
-from workers.simulator import Simulator
+from workers.sim.simulator import Simulator
 
 KEY = "sk-test-VERY-SECRET-KEY-4242"
 MODEL = "zai/glm-4.7"

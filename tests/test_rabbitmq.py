@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from router import dispatch
-from workers.pools import worker_argv
+from workers.ops.pools import worker_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 AMQP = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -71,7 +71,7 @@ def test_jobs_travel_and_escalate_over_rabbitmq(amqp_fleet) -> None:
 
 def test_an_amqp_broker_without_a_state_url_is_refused(monkeypatch) -> None:
     from router.errors import ConfigError
-    from workers.celery_app import fleet_urls
+    from workers.runtime.celery_app import fleet_urls
 
     with pytest.raises(ConfigError, match="FLEET_STATE_URL must name a Redis server"):
         fleet_urls({"FLEET_BROKER_URL": AMQP})

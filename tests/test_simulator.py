@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from router.tokens import estimate_message_tokens, estimate_tokens
-from workers.simulator import Simulator, check_fault
+from workers.sim.simulator import Simulator, check_fault
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-sim-test-DO-NOT-LOG-7731"
@@ -391,7 +391,16 @@ def test_config_given_at_construction(http):
 def start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.simulator", "--host", "127.0.0.1", "--port", "0", *args],
+        [
+            sys.executable,
+            "-m",
+            "workers.sim.simulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -439,7 +448,7 @@ def test_cli_refuses_a_bad_config(tmp_path):
     config.write_text(json.dumps({"models": {"m": {"fault": "nope"}}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "workers.simulator", "--config", str(config)],
+        [sys.executable, "-m", "workers.sim.simulator", "--config", str(config)],
         capture_output=True,
         text=True,
         env=env,

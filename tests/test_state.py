@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis as redis_lib
 import yaml
 
 from router.catalog import default_catalog_path, load_catalog
 from router.results import Attempt
-from workers.state import FleetState
+from workers.state.limits import FleetState, Slot
 
 ZAI = "zai/glm-4.7"
 LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
@@ -33,13 +32,12 @@ def model_entry(data: dict, model_id: str) -> dict:
 
 
 @pytest.fixture
-def client(redis_server) -> Any:
-    # A database of its own, flushed per test: the fleet's workers use db 0.
-    client = redis_lib.Redis.from_url(redis_server.url.replace("/0", "/5"))
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def client(fresh_redis) -> Any:
+    return fresh_redis
+
+
+def admitted(answer: Any) -> bool:
+    return isinstance(answer, Slot)
 
 
 def attempt(model: str, **fields: Any) -> Attempt:
@@ -81,10 +79,10 @@ def test_requests_per_minute_limit_is_shared_and_exact(client, tmp_path) -> None
     )
     # Two FleetState objects = two workers; they share one window in Redis.
     one, two = FleetState(client, catalog), FleetState(client, catalog)
-    admitted = [s.admit("cost_free", LLAMA, 10) is None for s in [one, two] * 5]
-    assert admitted.count(True) == 5
+    admitted_ = [admitted(s.admit("cost_free", LLAMA, 10)) for s in [one, two] * 5]
+    assert admitted_.count(True) == 5
     block = one.admit("cost_free", LLAMA, 10)
-    assert block is not None and "requests/min" in block.reason
+    assert not admitted(block) and "requests/min" in block.reason
     assert block.until == pytest.approx(time.time() + 60, abs=2)
 
 
@@ -93,9 +91,9 @@ def test_provider_account_limit_spans_its_models(client) -> None:
     state = FleetState(client, load_catalog())
     hermes = "openrouter/nousresearch/hermes-3-llama-3.1-405b:free"
     results = [state.admit("cost_free", m, 10) for m in [LLAMA, hermes] * 10]
-    assert all(r is None for r in results)
+    assert all(admitted(r) for r in results)
     block = state.admit("cost_free", hermes, 10)
-    assert block is not None and "provider limit requests/min" in block.reason
+    assert not admitted(block) and "provider limit requests/min" in block.reason
 
 
 def test_tokens_per_minute_limit(client, tmp_path) -> None:
@@ -103,11 +101,11 @@ def test_tokens_per_minute_limit(client, tmp_path) -> None:
         tmp_path, lambda d: model_entry(d, LLAMA).update(limits={"tokens_per_min": 1000})
     )
     state = FleetState(client, catalog)
-    assert state.admit("cost_free", LLAMA, 600) is None
+    assert admitted(state.admit("cost_free", LLAMA, 600))
     state.settle(LLAMA, attempt(LLAMA, prompt_tokens=600, completion_tokens=300), 0)
     block = state.admit("cost_free", LLAMA, 200)  # 600 + 300 + 200 > 1000
-    assert block is not None and "tokens/min" in block.reason
-    assert state.admit("cost_free", LLAMA, 50) is None  # 950: still fits
+    assert not admitted(block) and "tokens/min" in block.reason
+    assert admitted(state.admit("cost_free", LLAMA, 50))  # 950: still fits
 
 
 def test_quota_reserve_keeps_the_last_20_percent_for_user_facing(client, tmp_path) -> None:
@@ -117,16 +115,16 @@ def test_quota_reserve_keeps_the_last_20_percent_for_user_facing(client, tmp_pat
     )
     state = FleetState(client, catalog)
     # Given 8 of 10 requests of the 5-hour quota used by creative jobs
-    assert [state.admit("creative", ZAI, 10) for _ in range(8)] == [None] * 8
+    assert all(admitted(state.admit("creative", ZAI, 10)) for _ in range(8))
     # Then other classes skip the model, keeping the reserve for user-facing work
     block = state.block("creative", ZAI)
     assert block is not None and "quota reserve" in block.reason
     assert "user_facing" in block.reason
     # While user-facing jobs still reach it, up to the whole quota
     assert state.block("user_facing", ZAI) is None
-    assert state.admit("user_facing", ZAI, 10) is None
-    assert state.admit("user_facing", ZAI, 10) is None
-    assert state.admit("user_facing", ZAI, 10) is not None
+    assert admitted(state.admit("user_facing", ZAI, 10))
+    assert admitted(state.admit("user_facing", ZAI, 10))
+    assert not admitted(state.admit("user_facing", ZAI, 10))
 
 
 def test_circuit_opens_after_repeated_failures_then_one_probe_decides(client, tmp_path) -> None:
@@ -144,19 +142,21 @@ def test_circuit_opens_after_repeated_failures_then_one_probe_decides(client, tm
     block = state.block("cost_free", LLAMA)
     assert block is not None and "circuit open" in block.reason
     time.sleep(1.2)
-    # Half-open: exactly one caller gets the probe
+    # Half-open: exactly one caller is admitted, as the probe
     assert state.block("cost_free", LLAMA) is None
-    assert [state.take_probe(LLAMA) for _ in range(3)] == [True, False, False]
+    answers = [state.admit("cost_free", LLAMA, 10) for _ in range(3)]
+    assert answers[0] == Slot(probe=True)
+    assert [a.reason for a in answers[1:]] == ["circuit half-open: a probe call is deciding"] * 2
     assert "probe" in state.block("cost_free", LLAMA).reason
     # A failed probe re-opens the circuit at once
-    state.settle(LLAMA, failed(LLAMA, "server_error"), 0)
+    state.settle(LLAMA, failed(LLAMA, "server_error"), 0, probe=True)
     assert "circuit open" in state.block("cost_free", LLAMA).reason
     time.sleep(1.2)
-    assert state.take_probe(LLAMA)
+    assert state.admit("cost_free", LLAMA, 10) == Slot(probe=True)
     # A successful probe closes it
-    state.settle(LLAMA, attempt(LLAMA), 0)
+    state.settle(LLAMA, attempt(LLAMA), 0, probe=True)
     assert state.block("cost_free", LLAMA) is None
-    assert state.take_probe(LLAMA) and state.take_probe(LLAMA)
+    assert state.admit("cost_free", LLAMA, 10) == state.admit("cost_free", LLAMA, 10) == Slot()
 
 
 def test_budget_cap_skips_the_model_until_the_next_period(client, tmp_path) -> None:

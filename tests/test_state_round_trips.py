@@ -1,6 +1,6 @@
-"""The live-state checks of one delivery cost one Redis round trip in the common case
-(block() pipelines its reads; take_probe() and settle() reuse what block() saw), and
-the circuit rule stays: one probe decides an open circuit."""
+"""The live-state checks of one delivery cost one Redis round trip (admit.lua looks at
+cooldown, circuit, budgets and windows, and takes the slot and any probe), and settling
+costs one write-only pipeline; the circuit rule stays: one probe decides an open circuit."""
 
 from __future__ import annotations
 
@@ -8,24 +8,20 @@ import time
 from typing import Any
 
 import pytest
-import redis as redis_lib
 import yaml
 
 from router.catalog import default_catalog_path, load_catalog
 from router.results import Attempt
-from workers.state import FleetState
+from router.slots import Block
+from workers.state.limits import FleetState, Slot
 
 LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"  # provider request windows
 KIMI = "litellm/kimi"  # paid, under a budget
 
 
 @pytest.fixture
-def client(redis_server) -> Any:
-    client = redis_lib.Redis.from_url(redis_server.url.replace("/0", "/6"))
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def client(fresh_redis) -> Any:
+    return fresh_redis
 
 
 def trips(client: Any) -> list[int]:
@@ -47,18 +43,25 @@ def ok(model: str) -> Attempt:
                    started_at=time.time(), prompt_tokens=10, completion_tokens=5)  # fmt: skip
 
 
-def test_a_delivery_costs_one_round_trip_to_check_and_one_to_count(client) -> None:
+def test_a_delivery_costs_one_round_trip_to_check_and_take_and_one_to_count(client) -> None:
     state = FleetState(client, load_catalog())
-    # LLAMA: two request windows (one atomic admission); KIMI: no window, a budget to count
-    for model, cost in ((LLAMA, 0.0), (KIMI, 0.01)):
-        state.block("cost_free", model, 10)  # scripts loaded
+    # LLAMA: two request windows (one atomic admission), nothing to count after a free
+    # call; KIMI: no window, spend counters to add to after a paid one
+    for model, cost, after in ((LLAMA, 0.0, 1), (KIMI, 0.01, 2)):
+        state.admit("cost_free", model, 10)  # the script loaded
         count = trips(client)
-        assert state.block("cost_free", model, 10) is None
-        assert count[0] == 1  # cooldown, circuit, probe, budgets, windows: one pipeline
-        assert state.admit("cost_free", model, 10) is None
-        assert state.take_probe(model)  # block() just saw the circuit closed
+        assert state.admit("cost_free", model, 10) == Slot()
+        assert count[0] == 1  # cooldown, circuit, probe, budgets, windows, the slot: one
         state.settle(model, ok(model), cost)
-        assert count[0] == 2, model  # + the admission script, or + the spend counters
+        assert count[0] == after, model  # + the counts, write-only, when there are any
+
+
+def test_a_redis_that_lost_its_scripts_is_sent_them_again(client) -> None:
+    state = FleetState(client, load_catalog())
+    assert state.admit("cost_free", LLAMA, 10) == Slot()
+    client.script_flush()  # as after a restart
+    assert state.admit("cost_free", LLAMA, 10) == Slot()
+    assert state.block("cost_free", LLAMA) is None
 
 
 def test_a_plain_success_leaves_a_circuit_opened_meanwhile_to_its_probe(client, tmp_path) -> None:
@@ -72,7 +75,7 @@ def test_a_plain_success_leaves_a_circuit_opened_meanwhile_to_its_probe(client, 
     failed = Attempt(number=1, model=LLAMA, queue="free", tier="free", outcome="error",
                      error_kind="server_error", action="retry", started_at=time.time())  # fmt: skip
     # Given a call let through while the circuit was closed
-    assert state.block("cost_free", LLAMA) is None and state.take_probe(LLAMA)
+    assert state.admit("cost_free", LLAMA, 10) == Slot(probe=False)
     # When other workers' failures open the circuit during that call
     other.settle(LLAMA, failed, 0)
     other.settle(LLAMA, failed, 0)
@@ -82,7 +85,8 @@ def test_a_plain_success_leaves_a_circuit_opened_meanwhile_to_its_probe(client, 
     assert block is not None and "circuit open" in block.reason
     time.sleep(1.2)
     assert state.block("cost_free", LLAMA) is None  # half-open, nobody probing yet
-    assert state.take_probe(LLAMA) and not other.take_probe(LLAMA)
-    state.settle(LLAMA, ok(LLAMA), 0)  # the probe's success closes it
+    probe = state.admit("cost_free", LLAMA, 10)
+    assert probe == Slot(probe=True) and isinstance(other.admit("cost_free", LLAMA, 10), Block)
+    state.settle(LLAMA, ok(LLAMA), 0, probe=True)  # the probe's success closes it
     assert state.block("cost_free", LLAMA) is None
     assert not client.exists(f"fleet:circuit:open:{LLAMA}")

@@ -10,8 +10,8 @@ from pathlib import Path
 import redis as redis_lib
 
 from router import load_catalog
-from workers.redis_server import free_port
-from workers.state import FleetState
+from workers.ops.redis_server import free_port
+from workers.state.limits import FleetState
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 VISION = "minimax/MiniMax-Vision-Video-01"

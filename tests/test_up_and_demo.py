@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.redis_server import free_port
+from workers.ops.redis_server import free_port
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 CLASSES = {

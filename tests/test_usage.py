@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from ledger_db import DATABASES, attempt, database, rows
 
-from workers.ledger import Ledger
-from workers.usage import parse_since
+from workers.ledger.store import Ledger
+from workers.ledger.usage import parse_since
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 KIMI_IN, KIMI_OUT = 0.56, 2.94
@@ -202,7 +202,7 @@ def test_bad_ledger_url_exits_2(tmp_path: Path) -> None:
 
 
 def test_unreachable_ledger_exits_1_without_the_password() -> None:
-    from workers.redis_server import free_port
+    from workers.ops.redis_server import free_port
 
     url = f"postgresql://fleet:s3cret@127.0.0.1:{free_port()}/test"
     done = usage(env={**os.environ, "FLEET_LEDGER_URL": url})

@@ -85,17 +85,15 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 
 def _state_client() -> Any:
-    """A Redis client for the fleet's state, or None when it cannot be reached quickly."""
+    """A Redis client for the fleet's state, or None when it cannot be reached."""
     import os
 
     import redis
 
     from workers.config import fleet_urls
+    from workers.state.connections import new_client
 
-    environ = {**os.environ, **_broker_env()}
-    client = redis.Redis.from_url(
-        fleet_urls(environ)[1], socket_timeout=0.5, socket_connect_timeout=0.3
-    )
+    client = new_client(fleet_urls({**os.environ, **_broker_env()})[1])
     try:
         client.ping()
     except redis.RedisError:
@@ -107,7 +105,7 @@ def _state_client() -> Any:
 def _live_skips(catalog: Catalog, query: Any) -> dict[str, str]:
     """Why models of the job's chain would be skipped now (empty without a reachable fleet)."""
     from router.policy import route
-    from workers.state import FleetState
+    from workers.state.limits import FleetState
 
     try:
         models = [hop.model for hop in route(catalog, query).chain]
@@ -206,7 +204,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
-    from workers.pools import worker_argv
+    from workers.ops.pools import worker_argv
 
     argv = worker_argv(
         args.queues, pool=args.pool, concurrency=args.concurrency, loglevel=args.loglevel
@@ -218,19 +216,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _broker_env() -> dict[str, str]:
-    from workers.up import broker_from_up
+    from workers.config import broker_from_up
 
     return broker_from_up()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from workers.up import run_up
+    from workers.ops.up import run_up
 
     return run_up(beat=not args.no_beat, flower_port=None if args.no_flower else args.flower_port)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from workers.demo import run_demo
+    from workers.sim.demo import run_demo
 
     return run_demo(as_json=args.json)
 
@@ -296,8 +294,8 @@ def _image_part(path: str) -> dict[str, Any]:
 def cmd_usage(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from workers.ledger import Ledger, redacted
-    from workers.usage import print_report, usage_report
+    from workers.ledger.store import Ledger, redacted
+    from workers.ledger.usage import print_report, usage_report
 
     ledger = Ledger(redis_url=None)
     try:
@@ -313,7 +311,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def _add_usage(sub: Any) -> None:
-    from workers.usage import GROUPS, REFERENCE_MODEL, SINCE_HELP, parse_since
+    from workers.ledger.usage import GROUPS, REFERENCE_MODEL, SINCE_HELP, parse_since
 
     def since(text: str) -> Any:
         try:
@@ -344,7 +342,7 @@ def _add_usage(sub: Any) -> None:
 
 def cmd_dead_letter(args: argparse.Namespace) -> int:
     from router.errors import ConfigError
-    from workers import deadletter
+    from workers.state import deadletter
 
     client = _state_client()
     if client is None:
@@ -392,9 +390,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     import os
 
     from router.errors import ConfigError
-    from workers.celery_app import get_app
-    from workers.state import FleetState
-    from workers.status import fleet_status
+    from workers.ops.status import fleet_status
+    from workers.runtime.celery_app import get_app
+    from workers.state.limits import FleetState
 
     catalog = load_catalog()
     client = _state_client()

@@ -44,13 +44,13 @@ from router.catalog import load_catalog
 from router.dispatcher import JobHandle, dispatch
 from router.errors import FleetError
 from router.results import Result
-from workers import keys
-from workers.ledger import attempts as attempts_table
-from workers.ledger import rows_for
-from workers.pools import worker_argv
-from workers.redis_server import RedisServer, free_port
-from workers.simulated import write_simulated_catalog
-from workers.simulator import Simulator
+from workers.ledger.store import attempts as attempts_table
+from workers.ledger.store import rows_for
+from workers.ops.pools import worker_argv
+from workers.ops.redis_server import RedisServer, free_port
+from workers.sim.simulated import write_simulated_catalog
+from workers.sim.simulator import Simulator
+from workers.state import keys
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_TIMEOUT_S = 2.0  # the simulated providers' timeout: `timeout`/`stall` wait this
@@ -320,7 +320,7 @@ class ChaosFleet:
         if self.redis is None:
             return
         with contextlib.suppress(Exception):
-            from workers.celery_app import get_app
+            from workers.runtime.celery_app import get_app
 
             app = get_app({"FLEET_BROKER_URL": self.redis.url})
             app.backend.result_consumer.subscribed_to.clear()
@@ -493,7 +493,7 @@ class Flower:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "logs" / "flower.log"
-        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower"]
+        argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "flower"]
         argv += ["--address=127.0.0.1", f"--port={self.port}"]
         scratch = workdir / "flower"
         scratch.mkdir(exist_ok=True)
@@ -645,7 +645,7 @@ def billing_mismatch(rows: list[dict[str, Any]], expected: list[dict[str, Any]])
 
 def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
     """Check every job of `records`, one by one, and count what went wrong."""
-    from workers.ledger import Ledger
+    from workers.ledger.store import Ledger
 
     if not fleet.wait_quiet(3 * fleet.visibility_s):
         tally.problems.append("messages still queued or unacked long after the run")

@@ -430,7 +430,7 @@ def dead_letter_cli(fleet: ChaosFleet, dead_ids: set[str], tally: Tally) -> list
 
     from router.dispatcher import JobHandle
     from router.jobs import parse_job
-    from workers.celery_app import get_app
+    from workers.runtime.celery_app import get_app
 
     from .harness import ROOT
 

@@ -48,6 +48,15 @@ class Provider(Protocol):
     def complete(self, request: CompletionRequest) -> Completion: ...
 
 
+@dataclass(frozen=True)
+class Target:
+    """A model as a worker calls it: its adapter, the provider's name for it, the timeout."""
+
+    provider: Provider
+    upstream: str
+    timeout_s: float
+
+
 class ProviderError(Exception):
     """Root of every error a provider adapter raises."""
 

@@ -378,21 +378,9 @@ class MLXProvider:
         )
 
 
-# -- one provider per model per process ---------------------------------------------------
+# -- every provider of the process, closed at exit ---------------------------------------
 
 _live_providers: weakref.WeakSet[MLXProvider] = weakref.WeakSet()
-_registry: dict[str, MLXProvider] = {}
-_registry_lock = threading.Lock()
-
-
-def get_mlx_provider(model: str | os.PathLike[str]) -> MLXProvider:
-    """The process-wide MLXProvider for `model` (created on first use, never reloaded)."""
-    key = os.fspath(model)
-    with _registry_lock:
-        provider = _registry.get(key)
-        if provider is None:
-            provider = _registry[key] = MLXProvider(key)
-        return provider
 
 
 @atexit.register

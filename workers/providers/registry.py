@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from router.catalog import Catalog
-from workers.execute import Target
-from workers.providers.base import ModelUnusable
+from workers.providers.base import ModelUnusable, Target
 
 
 class ProviderRegistry:

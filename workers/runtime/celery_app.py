@@ -12,7 +12,7 @@ Settings come from the environment when the app is built (never at import):
     FLEET_BEAT_EVERY_S           a test/demo knob: fire every beat entry this many seconds
                        apart instead of on its schedule (unset in production)
 
-`celery -A workers.celery_app worker -Q free` finds `app` here (built on first access).
+`celery -A workers.runtime.celery_app worker -Q free` finds `app` here (built on first access).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from kombu import Exchange, Queue
 from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
 from workers.config import fleet_urls
-from workers.kombu_fixes import harden_redis_transport
+from workers.runtime.kombu_fixes import harden_redis_transport
 
-TASK_RUN_JOB = "fleet.run_job"
 DEFAULT_VISIBILITY_TIMEOUT_S = 600  # > 2 x the longest attempt (provider timeout_s, 120 s)
 
 
@@ -141,16 +140,17 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
 
 
 def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
-    app = Celery("modelfleet", set_as_current=False)
+    # No fixups: the only built-in one (Django's) loads celery.worker into every client.
+    app = Celery("modelfleet", set_as_current=False, fixups=[])
     app.conf.update(celery_settings(environ))
-    harden_redis_transport()  # workers/kombu_fixes.py: survive a Redis restart
-    # redis:// results through workers/resultstore.py: a final state is never overwritten.
+    harden_redis_transport()  # workers/runtime/kombu_fixes.py: survive a Redis restart
+    # redis:// results through workers/runtime/resultstore.py: a final state is never overwritten.
     app.loader.override_backends = {
-        "redis": "workers.resultstore:FleetRedisBackend",
-        "rediss": "workers.resultstore:FleetRedisBackend",
+        "redis": "workers.runtime.resultstore:FleetRedisBackend",
+        "rediss": "workers.runtime.resultstore:FleetRedisBackend",
     }
     # The task module registers fleet.run_job on import; workers need it, senders do not.
-    app.conf.imports = ["workers.tasks"]
+    app.conf.imports = ["workers.runtime.tasks"]
     return app
 
 
@@ -166,7 +166,7 @@ def get_app(environ: Mapping[str, str] = os.environ) -> Celery:
 
 
 def __getattr__(name: str) -> Any:
-    # `celery -A workers.celery_app` looks up `app`: build it from the environment then.
+    # `celery -A workers.runtime.celery_app` looks up `app`: build it from the environment then.
     if name == "app":
         return get_app()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

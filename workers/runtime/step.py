@@ -1,6 +1,6 @@
 """One delivery of a job: try the next model of its chain and say what happens next.
 
-Plain functions, no Celery: the task in `workers/tasks.py` feeds a delivery in and turns
+Plain functions, no Celery: the task in `workers/runtime/tasks.py` feeds a delivery in and turns
 the returned step into a Celery action (return, retry on another queue, or fail).
 
 The job's route is computed once (at dispatch, or on first delivery for jobs enqueued by
@@ -25,10 +25,12 @@ from router.catalog import Catalog
 from router.costs import attempt_cost
 from router.errors import InvalidJob, NoRouteAvailable
 from router.jobs import Job, parse_job
-from router.policy import Route, route_job
+from router.policy import route_job
 from router.results import Attempt, Result
-from workers.providers.base import CompletionRequest, Provider, ProviderError
-from workers.state import Block
+from router.slots import Block, earliest, horizon
+from workers.providers.base import CompletionRequest, ProviderError, Target
+from workers.runtime.sending import travelling_state
+from workers.state.limits import Slot
 
 TRIES_PER_MODEL = 2
 RETRY_BACKOFF_S = 1.0  # before a second try of a model that gave no Retry-After
@@ -56,27 +58,17 @@ class Forward:
 Step = Done | Failed | Forward
 
 
-@dataclass(frozen=True)
-class Target:
-    """A model as a worker calls it: its adapter, the provider's name for it, the timeout."""
-
-    provider: Provider
-    upstream: str
-    timeout_s: float
-
-
 # model id -> Target; raises ProviderError when the model cannot be called from here
 # (its key is unset, say).
 ProviderLookup = Callable[[str], Target]
 
 
 class Gate(Protocol):
-    """The fleet's live state as a delivery sees it (workers/state.py's FleetState)."""
+    """The fleet's live state as a delivery sees it (workers/state/limits.py)."""
 
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
-    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
-    def take_probe(self, model_id: str) -> bool: ...
-    def settle(self, model_id: str, attempt: Attempt, cost_usd: float) -> None: ...
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block: ...
+    def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None: ...
 
 
 class OpenGate:
@@ -85,26 +77,11 @@ class OpenGate:
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
         return None
 
-    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
+        return Slot()
+
+    def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
         return None
-
-    def take_probe(self, model_id: str) -> bool:
-        return True
-
-    def settle(self, model_id: str, attempt: Attempt, cost_usd: float) -> None:
-        return None
-
-
-def state_for(decision: Route, now: float | None = None) -> dict[str, Any]:
-    """The travelling state of a freshly routed job."""
-    return {
-        "chain": [hop.as_dict() for hop in decision.chain],
-        "temperature": decision.temperature,
-        "max_tokens": decision.max_tokens,
-        "attempts": [],
-        "prompt_tokens": decision.prompt_tokens,
-        "dispatched_at": time.time() if now is None else now,
-    }
 
 
 def advance(
@@ -150,35 +127,40 @@ class _Delivery:
         while True:
             if self.job.deadline is not None and self.now() > self.job.deadline.timestamp():
                 return Failed(self.end(error="deadline passed"))
-            pick = _choose(
-                self.state["chain"], self.attempts, self.job.task_class, self.tokens,
-                self.gate, self.passed, self.now(),
-            )  # fmt: skip
+            pick = _next_model(self.state["chain"], self.attempts, self.passed, self.now())
             if pick is None:
                 return self.wait_or_fail()
             hop, countdown = pick
-            # One provider call per delivery: a further try travels as a new message.
+            model = hop["model"]
+            # One provider call per delivery: a further try travels as a new message. It
+            # is sent where it can be served: a look (no slot taken) skips a blocked model.
             if called or hop["queue"] != here or countdown > 0:
+                block = self.gate.block(self.job.task_class, model, self.tokens)
+                if block is not None:
+                    self.passed[model] = block
+                    continue
                 return self.forward(hop["queue"], countdown)
-            block = _admit(self.gate, self.job.task_class, hop["model"], self.tokens, self.now())
-            if block is not None:  # another worker took the last slot first
-                self.passed[hop["model"]] = block
+            # Here and now: the check and the slot (and a half-open circuit's probe) are
+            # taken in one round trip.
+            admission = self.gate.admit(self.job.task_class, model, self.tokens)
+            if isinstance(admission, Block):
+                self.passed[model] = admission
                 continue
-            step = self.call(hop, providers, worker)
+            step = self.call(hop, providers, worker, admission)
             if step is not None:
                 return step
             called = self.attempts[-1].outcome == "error"  # a skip made no call: go on
 
     def call(
-        self, hop: dict[str, str], providers: ProviderLookup, worker: str | None
+        self, hop: dict[str, str], providers: ProviderLookup, worker: str | None, slot: Slot
     ) -> Step | None:
         attempt, text = _try(
             self.job, self.state, hop, len(self.attempts) + 1, providers, worker, self.now
         )
         self.attempts.append(attempt)
         if attempt.outcome != "skipped":
-            cost, _source = attempt_cost(self.catalog.model(hop["model"]), attempt)
-            self.gate.settle(hop["model"], attempt, cost)
+            cost = attempt_cost(self.catalog.model(hop["model"]), attempt)
+            self.gate.settle(hop["model"], attempt, cost.usd, slot.probe)
         if attempt.outcome == "ok":
             return Done(self.end(text=text, model=hop["model"]))
         if attempt.action == "fail":
@@ -198,17 +180,14 @@ class _Delivery:
         if not self.passed:
             return Failed(self.end(error=_exhausted(self.attempts)))
         now = self.now()
-        limit = now + self.catalog.policy.max_wait_s
-        if self.job.deadline is not None:
-            limit = min(limit, self.job.deadline.timestamp())
-        waits = [
-            (b.until, m) for m, b in self.passed.items() if b.until is not None and b.until <= limit
-        ]
-        if not waits:
+        found = earliest(
+            self.passed, horizon(now, self.catalog.policy.max_wait_s, self.job.deadline)
+        )
+        if found is None:
             reasons = "; ".join(f"{m}: {b.reason}" for m, b in self.passed.items())
             tried = f"; tried: {_exhausted(self.attempts)}" if self.attempts else ""
             return Failed(self.end(error=f"no usable model ({reasons}){tried}"))
-        until, model = min(waits)
+        until, model = found
         queue = next(h["queue"] for h in self.state["chain"] if h["model"] == model)
         return self.forward(queue, max(0.0, until - now) + 0.01)
 
@@ -282,36 +261,22 @@ def _start(
     """The job and its travelling state (routed now if it arrived without one)."""
     try:
         job = parse_job(job_data)
-        return job, state or state_for(route_job(catalog, job), now)
+        return job, state or travelling_state(route_job(catalog, job), now)
     except (InvalidJob, NoRouteAvailable) as exc:
         return Failed(_result(job_data, {}, [], now, error=str(exc)))
 
 
-def _admit(gate: Gate, task_class: str, model: str, tokens: int, now: float) -> Block | None:
-    """Take a fleet-wide slot for one call (and the probe of a half-open circuit)."""
-    block = gate.admit(task_class, model, tokens)
-    if block is None and not gate.take_probe(model):
-        block = Block("circuit half-open: a probe call is deciding", now + 1)
-    return block
-
-
-def _choose(
+def _next_model(
     chain: list[dict[str, str]],
     attempts: list[Attempt],
-    task_class: str,
-    tokens: int,
-    gate: Gate,
     passed: dict[str, Block],
     now: float,
 ) -> tuple[dict[str, str], float] | None:
-    """The first model the chain still offers that live state allows, and its wait."""
+    """The first model the chain still offers that this delivery has not found blocked,
+    and how long until it may be tried."""
     for hop, ready_at in _candidates(chain, attempts):
-        model = hop["model"]
-        block = passed.get(model) or gate.block(task_class, model, tokens)
-        if block is not None:
-            passed[model] = block
-            continue
-        return hop, max(0.0, ready_at - now)
+        if hop["model"] not in passed:
+            return hop, max(0.0, ready_at - now)
     return None
 
 

@@ -7,13 +7,16 @@ SQLAlchemy Core, one table `attempts` keyed by (job_id, attempt), and `ledger_me
 the schema version (created when absent; a database of a newer version is refused).
 
 Exactly once: rows are inserted with insert-or-ignore on the key, so a redelivered task
-records nothing twice. Never lost: `record()` never raises; when the database cannot take
-the rows it spools them (JSON) to the Redis list `fleet:ledger:spool` on the fleet's state
-Redis, or, with Redis down too, to `ledger-spool.jsonl` in the data dir. `drain()` writes
-the spool back; `record()` drains first when this process spooled, and every
-DRAIN_EVERY_S otherwise. Drainers claim spooled entries atomically (a Lua script moves
-them to a per-drainer claim list), so concurrent workers never trim each other's rows; a
-claim left by a killed drainer goes back to the spool after CLAIM_STALE_S.
+records nothing twice. Off the task's path: a worker pushes a finished job's rows (JSON)
+onto the Redis list `fleet:ledger:spool` together with the job's final state
+(workers/runtime/resultstore.py), and the writer (workers/ledger/writer.py) drains the
+spool into the database in batches. `record()` inserts directly and never raises: when
+the database cannot take the rows it spools them to the same list, or, with Redis down
+too, to `ledger-spool.jsonl` in the data dir. `drain()` writes the spool back; `record()`
+drains first when this process spooled, and every DRAIN_EVERY_S otherwise. Drainers
+claim spooled entries atomically (spool_claim.lua moves them to a per-drainer claim
+list), so concurrent writers never trim each other's rows; a claim left by a killed
+drainer goes back to the spool after CLAIM_STALE_S.
 
 Cost of an attempt: the provider's own figure when it returned one; else, for a paid model,
 tokens x the catalog's price per 1M tokens; 0 for subscription (paid by quota), free and
@@ -54,16 +57,20 @@ from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from router.catalog import Catalog
+from router.costs import attempt_cost
 from router.errors import ConfigError
 from router.results import Result
+from workers.config import data_dir, fleet_urls
+from workers.state import keys
+from workers.state.connections import new_client, script
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 LOCKED_RETRIES = 3
-SPOOL_KEY = "fleet:ledger:spool"
-CLAIMS_KEY = "fleet:ledger:spool:claims"  # zset: claim token -> claimed at (unix s)
-CLAIM_PREFIX = "fleet:ledger:spool:claim:"  # + token: the entries one drainer holds
+SPOOL_KEY = keys.LEDGER_SPOOL
+CLAIMS_KEY = keys.LEDGER_CLAIMS
+CLAIM_PREFIX = keys.LEDGER_CLAIM_PREFIX
 SPOOL_FILE = "ledger-spool.jsonl"
 DRAIN_BATCH = 200  # spool entries (one per record() call) per claim
 DRAIN_EVERY_S = 5.0  # how often record() looks for rows spooled by other processes
@@ -122,23 +129,6 @@ def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-def attempt_cost(
-    tier: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    provider_cost_usd: float | None,
-    usd_per_mtok_in: float,
-    usd_per_mtok_out: float,
-) -> tuple[float, str, float | None, float | None]:
-    """(cost_usd, cost_source, price in, price out) of one attempt."""
-    if provider_cost_usd is not None:
-        return float(provider_cost_usd), "provider", None, None
-    if tier == "paid":
-        cost = (prompt_tokens * usd_per_mtok_in + completion_tokens * usd_per_mtok_out) / 1e6
-        return cost, "catalog", usd_per_mtok_in, usd_per_mtok_out
-    return 0.0, "subscription" if tier == "subscription" else "free", 0.0, 0.0
-
-
 def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[dict[str, Any]]:
     """The ledger rows of a finished job: one per attempt (skipped ones included)."""
     recorded = datetime.now(UTC)
@@ -146,14 +136,7 @@ def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[d
     for a in result.attempts:
         model = catalog.by_id.get(a.model)
         tier = model.tier if model else a.tier
-        cost, source, price_in, price_out = attempt_cost(
-            tier,
-            a.prompt_tokens,
-            a.completion_tokens,
-            a.provider_cost_usd,
-            model.usd_per_mtok_in if model else 0.0,
-            model.usd_per_mtok_out if model else 0.0,
-        )
+        cost = attempt_cost(model, a)
         rows.append(
             {
                 "job_id": result.job_id,
@@ -171,10 +154,10 @@ def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[d
                 "prompt_tokens": a.prompt_tokens,
                 "completion_tokens": a.completion_tokens,
                 "tokens_estimated": a.tokens_estimated,
-                "cost_usd": cost,
-                "cost_source": source,
-                "usd_per_mtok_in": price_in,
-                "usd_per_mtok_out": price_out,
+                "cost_usd": cost.usd,
+                "cost_source": cost.source,
+                "usd_per_mtok_in": cost.usd_per_mtok_in,
+                "usd_per_mtok_out": cost.usd_per_mtok_out,
                 "latency_ms": a.latency_ms,
                 "worker": a.worker,
                 "started_at": _utc(a.started_at),
@@ -185,7 +168,9 @@ def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[d
     return rows
 
 
-def _encode(rows: list[dict[str, Any]]) -> str:
+def encode_rows(rows: list[dict[str, Any]]) -> str:
+    """A spool entry: one job's rows as JSON."""
+
     def plain(row: dict[str, Any]) -> dict[str, Any]:
         return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
 
@@ -207,8 +192,6 @@ def default_url(environ: Mapping[str, str] = os.environ) -> str:
     """FLEET_LEDGER_URL, or the SQLite file in the data dir."""
     if environ.get("FLEET_LEDGER_URL"):
         return environ["FLEET_LEDGER_URL"]
-    from workers.up import data_dir
-
     return f"sqlite:///{data_dir(environ) / 'ledger.db'}"
 
 
@@ -239,10 +222,11 @@ def redacted(url: str | URL) -> str:
 
 
 def spool_redis_url(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The fleet's state Redis (FLEET_STATE_URL, else a Redis broker), or None."""
-    url = environ.get("FLEET_STATE_URL") or environ.get("FLEET_BROKER_URL")
-    url = url or "redis://127.0.0.1:6379/0"
-    return url if url.startswith(("redis://", "rediss://", "unix://")) else None
+    """The fleet's state Redis, or None when the settings name none."""
+    try:
+        return fleet_urls(environ)[1]
+    except ConfigError:
+        return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -250,41 +234,6 @@ def _reason(exc: BaseException) -> str:
     inner = getattr(exc, "orig", None) or exc
     first = (str(inner).strip().splitlines() or [""])[0]
     return f"{type(inner).__name__}: {first[:300]}"
-
-
-# --- the spool's Redis scripts -----------------------------------------------------------
-
-# KEYS: spool, claims, claim list; ARGV: batch size, now, token.
-_CLAIM = """
-local items = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
-if #items == 0 then return items end
-redis.call('LTRIM', KEYS[1], #items, -1)
-redis.call('RPUSH', KEYS[3], unpack(items))
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-return items
-"""
-
-# KEYS: spool, claims, claim list; ARGV: token. A drainer hands its claim back.
-_GIVE_BACK = """
-local items = redis.call('LRANGE', KEYS[3], 0, -1)
-for _, item in ipairs(items) do redis.call('LPUSH', KEYS[1], item) end
-redis.call('DEL', KEYS[3])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return #items
-"""
-
-# KEYS: spool, claims; ARGV: cutoff (claims at or before it go back), claim key prefix.
-_RECLAIM = """
-local tokens = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, token in ipairs(tokens) do
-  local key = ARGV[2] .. token
-  local items = redis.call('LRANGE', key, 0, -1)
-  for _, item in ipairs(items) do redis.call('LPUSH', KEYS[1], item) end
-  redis.call('DEL', key)
-  redis.call('ZREM', KEYS[2], token)
-end
-return #tokens
-"""
 
 
 class Ledger:
@@ -304,8 +253,6 @@ class Ledger:
         self.url = database_url(url or default_url(environ))
         self.redis_url = spool_redis_url(environ) if redis_url == "" else redis_url
         if spool_dir is None:
-            from workers.up import data_dir
-
             spool_dir = data_dir(environ)
         self.spool_file = Path(spool_dir) / SPOOL_FILE
         self.retry_db_after_s = retry_db_after_s
@@ -473,13 +420,13 @@ class Ledger:
             return written
         self._spooled_here = False
         if written:
-            log.warning("ledger: wrote %d spooled rows to %s", written, redacted(self.url))
+            log.debug("ledger: wrote %d spooled rows to %s", written, redacted(self.url))
         return written
 
     def _spool(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        entry = _encode(rows)
+        entry = encode_rows(rows)
         self._spooled_here = True
         client = self._client()
         if client is not None:
@@ -504,11 +451,7 @@ class Ledger:
         if self.redis_url is None:
             return None
         if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_timeout=5
-            )
+            self._redis = new_client(self.redis_url)
         return self._redis
 
     def _drain_redis(self) -> int:
@@ -520,19 +463,23 @@ class Ledger:
         written = 0
         try:
             cutoff = time.time() - CLAIM_STALE_S
-            client.eval(_RECLAIM, 2, SPOOL_KEY, CLAIMS_KEY, cutoff, CLAIM_PREFIX)
+            script(client, "spool_reclaim")(
+                keys=[SPOOL_KEY, CLAIMS_KEY], args=[cutoff, CLAIM_PREFIX]
+            )
             while True:
                 token = uuid.uuid4().hex
                 claim = CLAIM_PREFIX + token
-                keys = (SPOOL_KEY, CLAIMS_KEY, claim)
-                entries = client.eval(_CLAIM, 3, *keys, DRAIN_BATCH, time.time(), token)
+                claim_keys = [SPOOL_KEY, CLAIMS_KEY, claim]
+                entries = script(client, "spool_claim")(
+                    keys=claim_keys, args=[DRAIN_BATCH, time.time(), token]
+                )
                 if not entries:
                     return written
                 rows = [row for entry in entries for row in self._decoded(entry)]
                 try:
                     self.insert(rows)
                 except BaseException:
-                    client.eval(_GIVE_BACK, 3, *keys, token)  # at once, not when stale
+                    script(client, "spool_give_back")(keys=claim_keys, args=[token])  # at once
                     raise
                 client.pipeline().delete(claim).zrem(CLAIMS_KEY, token).execute()
                 written += len(rows)

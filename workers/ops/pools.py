@@ -54,7 +54,7 @@ def worker_argv(
         "-m",
         "celery",
         "-A",
-        "workers.celery_app",
+        "workers.runtime.celery_app",
         "worker",
         "-Q",
         ",".join(queues),

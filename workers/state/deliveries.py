@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from workers import keys
+from workers.state import keys
 
 MAX_DELIVERIES = 3
-FINAL_STATES = (b'"SUCCESS"', b'"FAILURE"')
+FINAL_STATES = ("SUCCESS", "FAILURE")
 KEEP_S = 86_400
 
 
@@ -27,39 +27,33 @@ class Delivery:
     count: int  # 1 on first delivery
     finished: bool  # the job already has its final result: this is a stale copy
     superseded: bool = False  # the job was forwarded and the next message delivered
-    meta: bytes | None = None  # the job's stored result, when finished
 
     @property
     def poisoned(self) -> bool:
         return self.count > MAX_DELIVERIES
 
 
-def begin(redis: Any, job_id: str, sends: int, result_key: str) -> Delivery:
+def begin(redis: Any, job_id: str, sends: int) -> Delivery:
     """Count this delivery, look for a final result and for a later message, in one
     round trip."""
-    counter = f"{keys.deliveries(job_id)}:{sends}"
+    counter = keys.deliveries(job_id, sends)
     pipe = redis.pipeline(transaction=False)
     pipe.incr(counter)
     pipe.expire(counter, KEEP_S)
-    pipe.get(result_key)
-    pipe.exists(f"{keys.deliveries(job_id)}:{sends + 1}")
+    pipe.get(keys.result(job_id))
+    pipe.exists(keys.deliveries(job_id, sends + 1))
     count, _, meta, later = pipe.execute()
-    finished = bool(meta) and any(state in meta for state in FINAL_STATES)
-    return Delivery(int(count), finished, bool(later), meta if finished else None)
+    return Delivery(int(count), stored_status(meta) in FINAL_STATES, bool(later))
 
 
-def stored_result(meta: bytes | str) -> tuple[dict[str, Any], bool] | None:
-    """The Result (summary) a finished job's stored state holds, and whether the job
-    failed; None when the state holds no Result (a failure other than JobFailed)."""
+def stored_status(meta: bytes | str | None) -> str | None:
+    """The status of a job's stored state (Celery's JSON meta), or None when there is none
+    or it cannot be read."""
+    if not meta:
+        return None
     try:
         stored = json.loads(meta)
     except ValueError:
         return None
-    value = stored.get("result")
-    if stored.get("status") == "SUCCESS" and isinstance(value, dict):
-        return value, False
-    if isinstance(value, dict) and value.get("exc_type") == "JobFailed":
-        args = value.get("exc_message") or []
-        if len(args) == 2 and isinstance(args[1], dict) and args[1]:
-            return args[1], True
-    return None
+    status = stored.get("status") if isinstance(stored, dict) else None
+    return status if isinstance(status, str) else None

@@ -5,7 +5,7 @@ on a small built-in English corpus, and the weights of a 2-layer llama are drawn
 seeded normal distribution. `fleet demo` and the tests use it as a stand-in for a real
 local model (its answers are gibberish, but real tokens, real counts, real latency).
 
-    python -m workers.tiny_model DIR [--seed N] [--force]
+    python -m workers.sim.tiny_model DIR [--seed N] [--force]
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ def build_tiny_model(path: Path, *, seed: int = 0, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.tiny_model",
+        prog="python -m workers.sim.tiny_model",
         description="Write a tiny random llama chat model (for demos and tests).",
     )
     parser.add_argument("dir", type=Path, help="directory to write the model into")

@@ -21,9 +21,9 @@ from typing import Any, TextIO
 
 from router.catalog import QUEUES
 from router.results import Result
-from workers.pools import worker_argv
-from workers.redis_server import RedisServer
-from workers.supervisor import Supervisor
+from workers.ops.pools import worker_argv
+from workers.ops.redis_server import RedisServer
+from workers.ops.supervisor import Supervisor
 
 DEMO_PROVIDER_TIMEOUT_S = 3.0
 # A 1x1 PNG: the vision job's image.
@@ -73,9 +73,9 @@ def demo_jobs() -> list[tuple[str, dict[str, Any]]]:
 @contextmanager
 def demo_fleet(out: TextIO, workdir: Path) -> Iterator[dict[str, str]]:
     """Simulator, tiny model, private Redis and one worker per queue; yields their env."""
-    from workers.simulated import simulated_env
-    from workers.simulator import Simulator
-    from workers.tiny_model import build_tiny_model
+    from workers.sim.simulated import simulated_env
+    from workers.sim.simulator import Simulator
+    from workers.sim.tiny_model import build_tiny_model
 
     progress = _progress(out)
     sim = Simulator(config=SIM_LATENCY).start()

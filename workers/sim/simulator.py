@@ -26,7 +26,7 @@ Faults: 429, 429:N (Retry-After: N s), 429:date:N (Retry-After as an HTTP-date),
 hour), `stall` (headers and half the body, then nothing), `malformed` (200, not JSON),
 `empty` (200, `choices: []`), `reset` (the socket is closed with a TCP reset).
 
-Run it with `python -m workers.simulator --host 127.0.0.1 --port 0 [--config FILE]`, or
+Run it with `python -m workers.sim.simulator --host 127.0.0.1 --port 0 [--config FILE]`, or
 from Python with `Simulator(port=0).start()`.
 """
 
@@ -544,7 +544,7 @@ class Simulator:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.simulator",
+        prog="python -m workers.sim.simulator",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from router.catalog import QUEUES, Catalog
-from workers.state import FleetState
+from workers.state.limits import FleetState
 
 
 def queue_status(app: Any, timeout_s: float = 1.0) -> list[dict[str, Any]]:

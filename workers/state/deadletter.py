@@ -1,5 +1,8 @@
 """The dead-letter store: every job that ended without an answer, with its reasons, kept
-in the fleet's Redis for an operator to list and replay (`fleet dead-letter`)."""
+in the fleet's Redis for an operator to list and replay (`fleet dead-letter`).
+
+A worker files a dead letter together with the job's final state, in one script
+(workers/runtime/resultstore.py); `entry()` is what it files."""
 
 from __future__ import annotations
 
@@ -8,17 +11,12 @@ import time
 import uuid
 from typing import Any
 
-from workers import keys
+from workers.state import keys
 
 
-def bury(redis: Any, job: dict[str, Any], result: dict[str, Any], only_new: bool = False) -> None:
-    """File a failed job (its payload and its Result, never a key) under its id;
-    `only_new`: unless it is already filed."""
-    entry = json.dumps({"job": job, "result": result, "failed_at": time.time()})
-    if only_new:
-        redis.hsetnx(keys.DEAD_LETTER, job["id"], entry)
-    else:
-        redis.hset(keys.DEAD_LETTER, job["id"], entry)
+def entry(job: dict[str, Any], result: dict[str, Any]) -> str:
+    """A failed job's dead letter: its payload and its Result (never a key), as JSON."""
+    return json.dumps({"job": job, "result": result, "failed_at": time.time()})
 
 
 def entries(redis: Any) -> list[dict[str, Any]]:

@@ -22,20 +22,12 @@ from typing import Any, TextIO
 
 from router.catalog import QUEUES
 from router.errors import ConfigError
-from workers.pools import worker_argv
-from workers.redis_server import RedisServer
-from workers.supervisor import Supervisor
+from workers.config import data_dir, read_up_info
+from workers.ops.pools import worker_argv
+from workers.ops.redis_server import RedisServer
+from workers.ops.supervisor import Supervisor
 
 FLOWER_PORT = 5555
-
-
-def data_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    override = environ.get("FLEET_DATA_DIR")
-    if override:
-        return Path(override).expanduser()
-    from platformdirs import user_data_dir
-
-    return Path(user_data_dir("modelfleet"))
 
 
 @contextmanager
@@ -57,23 +49,8 @@ def exclusive(directory: Path) -> Iterator[None]:
             (directory / "up.json").unlink(missing_ok=True)
 
 
-def read_up_info(directory: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((directory / "up.json").read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
-def broker_from_up(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """FLEET_BROKER_URL for clients: the environment's, or the running `fleet up`'s."""
-    if environ.get("FLEET_BROKER_URL"):
-        return {}
-    info = read_up_info(data_dir(environ))
-    return {"FLEET_BROKER_URL": info["broker_url"]} if info.get("broker_url") else {}
-
-
 def flower_argv(port: int, environ: Mapping[str, str]) -> list[str]:
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "flower"]
+    argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "flower"]
     argv += ["--address=127.0.0.1", f"--port={port}"]
     auth = environ.get("FLEET_FLOWER_BASIC_AUTH") or environ.get("FLOWER_BASIC_AUTH")
     if auth:
@@ -86,7 +63,7 @@ def start_fleet(sup: Supervisor, directory: Path, *, beat: bool, flower_port: in
         sup.start(f"worker-{queue}", worker_argv([queue]), ready_marker=" ready.")
     if beat:
         schedule = str(directory / "beat-schedule")
-        argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat"]
+        argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]
         sup.start("beat", [*argv, "-s", schedule, "-l", "INFO"], ready_marker="beat: Starting")
     if flower_port:
         sup.start("flower", flower_argv(flower_port, sup.env), ready_marker="Visit me at")

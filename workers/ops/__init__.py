@@ -1,0 +1,2 @@
+"""Running the fleet's processes: `fleet up`, the supervisor, the private redis-server,
+each queue's pool, and `fleet status`."""

@@ -1,0 +1,82 @@
+"""The fleet's result backend: Celery's Redis backend, except that a job's final state,
+once stored, stays final, and lands together with the job's bookkeeping.
+
+Celery writes a job's state several times: STARTED when a delivery starts, RETRY when a
+delivery forwards the job to its next model, SUCCESS or FAILURE at the end. Those writes
+come from different workers and can land out of order: the RETRY of the delivery that
+forwarded a job is written after the forward is sent, so the next delivery can finish
+first and its SUCCESS be overwritten by a late RETRY (seen by the chaos suite while
+Redis restarted), and a stale copy of a failed job, delivered again after its worker
+died before acking, writes STARTED over the FAILURE. Either way the final word is lost:
+callers wait forever and the stale-copy check no longer sees the job finished. Celery
+guards SUCCESS only, with a read before the write. Here a non-final state never replaces
+SUCCESS or FAILURE, checked and written in one Lua script (store_result.lua).
+
+The same script pushes the job's ledger rows onto the spool and files its dead letter,
+which the task attaches (`attach`) just before Celery stores the final state, in the same
+thread. So a worker killed at any moment leaves all of them or none: the caller never has
+an answer whose attempts the ledger will not see, and the task's path writes no database.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from celery import states
+from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+
+from workers.state import keys
+from workers.state.connections import script
+
+
+@dataclass(frozen=True)
+class Bookkeeping:
+    """What goes with a job's final state: its ledger rows (a spool entry) and, for a
+    failed job, its dead letter (JSON)."""
+
+    rows: str = ""
+    dead_letter: str = ""
+
+
+_attached: dict[str, Bookkeeping] = {}
+_lock = threading.Lock()
+
+
+def attach(job_id: str, bookkeeping: Bookkeeping) -> None:
+    """Have the next final-state write of `job_id` in this process carry `bookkeeping`."""
+    with _lock:
+        _attached[job_id] = bookkeeping
+
+
+def _take(job_id: str) -> Bookkeeping:
+    with _lock:
+        return _attached.pop(job_id, None) or Bookkeeping()
+
+
+class FleetRedisBackend(RedisBackend):
+    def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend")
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        final = state in states.READY_STATES
+        job_id = _job_id(key)
+        extra = _take(job_id) if final else Bookkeeping()
+        return self.ensure(self._store, (key, value, expires, final, job_id, extra))
+
+    def _store(
+        self, key: Any, value: Any, expires: Any, final: bool, job_id: str, extra: Bookkeeping
+    ) -> Any:
+        ttl = int(expires) if expires else 0
+        store = script(self.client, "store_result")
+        return store(
+            keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER],
+            args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter],
+        )
+
+
+def _job_id(key: Any) -> str:
+    text = key.decode() if isinstance(key, bytes) else str(key)
+    return text.removeprefix(keys.result(""))

@@ -1,0 +1,165 @@
+"""The Celery task that runs one delivery of a job. Thin: the logic is in `step.py`, the
+message's shape in `sending.py`.
+
+A delivery: count it (a stale or superseded copy runs nothing; a poisoned one fails),
+take one step down the chain (at most one provider call), and turn the step into a
+Celery action: return the Result, forward the job to its next queue, or fail. A finished
+job's ledger rows and dead letter are attached to its final state, which the result
+store writes in one atomic script: nothing on the task's path writes a database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import Ignore, Reject
+from celery.signals import worker_init, worker_ready, worker_shutdown
+
+from router.catalog import Catalog, load_catalog
+from router.errors import JobFailed
+from router.results import Result
+from workers.ledger.store import Ledger, encode_rows, rows_for
+from workers.ledger.writer import SpoolWriter
+from workers.providers.registry import ProviderRegistry
+from workers.runtime.resultstore import Bookkeeping, attach
+from workers.runtime.sending import TASK_RUN_JOB, describe
+from workers.runtime.step import Done, Failed, Forward, Gate, Step, advance, poisoned
+from workers.state import deadletter, deliveries
+from workers.state.connections import redis_client
+from workers.state.limits import FailOpen, FleetState
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_process: dict[str, Any] = {}
+
+
+def _catalog() -> Catalog:
+    with _lock:
+        if "catalog" not in _process:
+            _process["catalog"] = load_catalog()
+        return _process["catalog"]
+
+
+@worker_init.connect
+def _remember_concurrency(sender: Any = None, **_: Any) -> None:
+    # The -c the worker was started with: the HTTP connection pool is sized to it.
+    _process["concurrency"] = getattr(sender, "concurrency", None)
+
+
+@worker_ready.connect
+def _start_ledger_writer(**_: Any) -> None:
+    # One writer per worker process drains the spool every worker fills.
+    _process["writer"] = SpoolWriter(Ledger()).start()
+
+
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
+    registry = _process.pop("registry", None)
+    if registry is not None:
+        registry.close()
+    writer = _process.pop("writer", None)
+    if writer is not None:
+        writer.stop()
+
+
+def _registry() -> ProviderRegistry:
+    catalog = _catalog()
+    with _lock:
+        if "registry" not in _process:
+            concurrency = int(
+                os.environ.get("FLEET_WORKER_CONCURRENCY") or _process.get("concurrency") or 10
+            )
+            _process["registry"] = ProviderRegistry(catalog, concurrency)
+        return _process["registry"]
+
+
+def _gate() -> Gate:
+    """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
+    catalog = _catalog()
+    with _lock:
+        if "gate" not in _process:
+            _process["gate"] = FailOpen(FleetState(redis_client(), catalog))
+        return _process["gate"]
+
+
+class Reply:
+    """run_job's return value. The result backend stores the whole Result (kombu's JSON
+    encoder calls `__json__`), but Celery's task-succeeded event (what Flower shows) and
+    the worker's log line carry repr(return value): only the outcome, never the answer
+    text, which can quote the prompt."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+
+    def __json__(self) -> dict[str, Any]:
+        return self.summary
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"{{'job': {s.get('job_id')!r}, 'ok': {s.get('ok')!r}, 'model': {s.get('model')!r},"
+            f" 'queue_path': {s.get('queue_path')!r}, 'total_tokens': {s.get('total_tokens')!r}}}"
+        )
+
+
+def _bookkeeping(job: dict[str, Any], result: Result, failed: bool) -> Bookkeeping:
+    """A finished job's ledger rows (and dead letter), to go with its final state."""
+    summary = result.summary()
+    return Bookkeeping(
+        rows=encode_rows(rows_for(result, job, _catalog())),
+        dead_letter=deadletter.entry(job, summary) if failed else "",
+    )
+
+
+def _max_hold_s(app: Any) -> float:
+    """The longest countdown a forward may carry. A job waiting for its countdown sits
+    unacked in a worker, and once the visibility timeout passes Redis hands it to
+    another worker too: both would run it. A longer wait (a Retry-After, a model's
+    cooldown) is made of several shorter hops: each delivery looks again and forwards
+    the job again (the ETA's wait plus one attempt stays within the timeout)."""
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", 3600)) / 2
+
+
+@shared_task(bind=True, name=TASK_RUN_JOB, max_retries=None, throws=(JobFailed,))
+def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
+    job = {**job, "id": job.get("id") or self.request.id}
+    delivery = deliveries.begin(redis_client(), job["id"], (state or {}).get("sends", 0))
+    # A stale copy of a finished job (its caller has the answer, and the ledger its rows,
+    # which went with the final state), or a copy of a message already forwarded.
+    if delivery.finished or delivery.superseded:
+        raise Ignore()
+    if delivery.poisoned:
+        step: Step = poisoned(job, state, delivery.count)
+    else:
+        step = advance(
+            _catalog(),
+            job,
+            state,
+            here=(self.request.delivery_info or {}).get("routing_key"),
+            providers=_registry(),
+            gate=_gate(),
+            worker=self.request.hostname,
+        )
+    if isinstance(step, Done):
+        attach(job["id"], _bookkeeping(job, step.result, failed=False))
+        return Reply(step.result.summary())
+    if isinstance(step, Forward):
+        try:
+            raise self.retry(
+                kwargs={"job": job, "state": step.state},
+                queue=step.queue,
+                countdown=min(step.countdown_s, _max_hold_s(self.app)),  # 0: at once
+                max_retries=None,
+                argsrepr="()",
+                kwargsrepr=describe(job, step.queue),
+            )
+        except Reject as exc:  # the forward could not be sent (the broker is away):
+            raise Reject(exc.reason, requeue=True) from None  # keep this message, not drop it
+    assert isinstance(step, Failed)
+    attach(job["id"], _bookkeeping(job, step.result, failed=True))
+    raise JobFailed(step.result.error or "job failed", step.result.summary())
