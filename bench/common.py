@@ -21,7 +21,10 @@ from typing import Any
 
 import yaml
 
+from workers.ops.supervisor import Child, Supervisor
+
 ROOT = Path(__file__).resolve().parents[1]
+WORKER_READY = " ready."  # what `celery worker` logs once it consumes
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 PROVIDER_TIMEOUT_S = 30.0  # the simulated catalog's per-call timeout (1 s calls queue up)
 BIG = 1_000_000_000
@@ -109,36 +112,25 @@ def stop_process(process: subprocess.Popen[Any], timeout_s: float = 20) -> None:
 
 
 class Worker:
-    """One `celery worker` process (threads pool: one process, all its threads)."""
+    """One `celery worker` process (threads pool: one process, all its threads), a child
+    of the stack's Supervisor (the one `fleet up` runs its workers under)."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name, self.log_path = name, log_path
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.name, self.log_path = child.name, child.log_path
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self.child.pid
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def ready(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited:\n{self.log()[-3000:]}")
-        return " ready." in self.log()
+        return self.child.log()
 
     def cpu_s(self) -> float:
         return cpu_s(self.pid)
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb(self.pid)
-
-    def stop(self) -> None:
-        stop_process(self.process)
 
 
 class Stack:
@@ -152,6 +144,7 @@ class Stack:
         self.workers: list[Worker] = []
         self.redis: Any = None
         self.sim: Simulator | None = None
+        self.supervisor: Supervisor | None = None
         self._saved_env = dict(os.environ)
         try:
             self.redis = RedisServer(self.dir / "redis", appendonly=False).start()
@@ -168,6 +161,7 @@ class Stack:
                 "PYTHONPATH": str(ROOT),
             }
             self.env.pop("FLEET_STATE_URL", None)
+            self.supervisor = Supervisor(self.dir, self.env)
             # This process dispatches: it sees the same FLEET_* as the workers.
             os.environ.clear()
             os.environ.update(self.env)
@@ -187,23 +181,18 @@ class Stack:
         argv[argv.index("-Q") + 1] = queue  # the raw app has a queue of its own
         if raw:
             argv[argv.index("-A") + 1] = "bench.raw_app"
-        worker = Worker(name, argv, self.env, self.dir / f"{name}.log")
+        assert self.supervisor is not None
+        worker = Worker(self.supervisor.start(name, argv, WORKER_READY, cwd=ROOT))
         self.workers.append(worker)
         return worker
 
     def wait_ready(self, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not all(w.ready() for w in self.workers if w.process.poll() is None):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers not ready after {timeout_s} s (logs in {self.dir})")
-            time.sleep(0.05)
+        assert self.supervisor is not None
+        self.supervisor.wait_ready(timeout_s)
 
     def stop_workers(self) -> None:
-        for worker in self.workers:
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
-        for worker in self.workers:
-            worker.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop(20)
         self.workers = []
 
     def close(self) -> None:
@@ -228,7 +217,8 @@ class Stack:
 def _forget_clients() -> None:
     """This stack's Redis is gone: drop the apps and clients this process built for it."""
     from bench import raw_app
-    from workers import celery_app, live
+    from workers.runtime import celery_app
+    from workers.state import connections, live
 
     for apps in (celery_app._apps, raw_app._apps):
         for app in apps.values():
@@ -242,6 +232,10 @@ def _forget_clients() -> None:
         with contextlib.suppress(Exception):
             view.state.redis.close()
     live._views.clear()
+    for client in connections._clients.values():
+        with contextlib.suppress(Exception):
+            client.close()
+    connections._clients.clear()
 
 
 def bench_catalog(path: Path) -> None:

@@ -24,6 +24,8 @@ from router.results import Result
 from router.slots import earliest, horizon
 
 _catalogs: dict[tuple[Path, float], Catalog] = {}
+LOOK_AGAIN_S = 1.0  # how often a waiting caller reads the stored state itself
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
 
 
 def current_catalog(environ: Mapping[str, str] = os.environ) -> Catalog:
@@ -55,12 +57,7 @@ class JobHandle:
     def get(self, timeout: float | None = None, propagate: bool = True) -> Result:
         """Wait for the Result. A job that ended without an answer raises JobFailed
         (whose `.result` holds every attempt), or returns its Result with propagate=False."""
-        from celery.exceptions import TimeoutError as CeleryTimeout
-
-        try:
-            value = self._async.get(timeout=timeout, propagate=False, interval=0.05)
-        except CeleryTimeout:
-            raise TimeoutError(f"job {self.id} not finished after {timeout} s") from None
+        value = self._wait(timeout)
         if isinstance(value, JobFailed):
             result = Result.model_validate(value.result or _bare(self.job, str(value)))
             if propagate:
@@ -72,6 +69,29 @@ class JobHandle:
                 raise JobFailed(result.error or "job failed", result.summary())
             return result
         return Result.model_validate(value)
+
+    def _wait(self, timeout: float | None) -> Any:
+        """The job's final value. Celery wakes the wait when the final state is published;
+        the stored state is also read again every LOOK_AGAIN_S, because the fleet
+        subscribes to a job's result channel when a caller waits, not when it sends
+        (workers/runtime/resultstore.py): a state published in the instant between the
+        subscription and the first read would otherwise be missed."""
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = LOOK_AGAIN_S if deadline is None else deadline - time.monotonic()
+            try:
+                return self._async.get(
+                    timeout=max(0.0, min(LOOK_AGAIN_S, left)), propagate=False, interval=0.05
+                )
+            except CeleryTimeout:
+                meta = self._async.backend.get_task_meta(self.id, cache=False)
+                if meta.get("status") in FINAL_STATES:
+                    self._async._maybe_set_cache(meta)  # (and stop listening for it)
+                    return meta["result"]
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.id} not finished after {timeout} s") from None
 
 
 def _bare(job: Job, error: str) -> dict[str, Any]:

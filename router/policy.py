@@ -1,6 +1,6 @@
 """The routing decision: a job's ordered chain of models, each with its queue.
 
-Rules (DESIGN.md, "Routing"):
+Rules (docs/architecture.md, "Routing"):
   1. preference: explicit model > profile > focus > task class;
   2. a job with image parts takes the vision chain, whatever its class;
   3. a model whose context window is smaller than the prompt is skipped; above

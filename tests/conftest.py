@@ -1,23 +1,25 @@
 """Session fixtures: a real redis-server on a free port, the provider simulator over real
-HTTP, the tiny generated MLX model, and real Celery worker processes, one per queue."""
+HTTP, the tiny generated MLX model, and real Celery worker processes, one per queue. The
+helpers behind them live in tests/fixtures.py; this file only registers them."""
 
 from __future__ import annotations
 
 import os
 import resource
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from router.catalog import QUEUES
-from workers.ops.pools import worker_argv
-from workers.ops.redis_server import RedisServer
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `tests.fixtures`, as the chaos harness imports it too
+    sys.path.insert(0, str(ROOT))
+
+from router.catalog import QUEUES  # noqa: E402
+from tests import fixtures  # noqa: E402
+from workers.ops.redis_server import RedisServer  # noqa: E402
+from workers.sim.simulator import Simulator  # noqa: E402
 
 # The suite holds ~1,000 sockets at once (the concurrency tests) on top of its fleet's:
 # lift the soft open-file limit to the hard one, as a server process would.
@@ -45,12 +47,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture(scope="session")
-def simulator() -> Iterator[object]:
-    from workers.sim.simulator import Simulator
+def simulator() -> Iterator[Simulator]:
+    """The simulator the session fleet's providers point at."""
+    yield from fixtures.running_simulator()
 
-    sim = Simulator().start()
-    yield sim
-    sim.stop()
+
+@pytest.fixture(scope="module")
+def module_simulator() -> Iterator[Simulator]:
+    yield from fixtures.running_simulator()
+
+
+@pytest.fixture
+def sim(module_simulator: Simulator) -> Simulator:
+    """A simulator of the test module's own (no fleet calls it), reset for each test."""
+    module_simulator.reset()
+    return module_simulator
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +74,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def fleet_env(
     redis_server: RedisServer,
-    simulator: object,
+    simulator: Simulator,
     tiny_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
@@ -75,7 +86,7 @@ def fleet_env(
         "FLEET_BROKER_URL": redis_server.url,
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
-        **simulated_env(simulator.url, tiny_model_dir, data, PROVIDER_TIMEOUT_S),  # type: ignore[attr-defined]
+        **simulated_env(simulator.url, tiny_model_dir, data, PROVIDER_TIMEOUT_S),
         # Every test worker records its jobs' attempts in this one ledger (test_ledger reads it).
         "FLEET_LEDGER_URL": f"sqlite:///{data / 'ledger.db'}",
     }
@@ -83,53 +94,12 @@ def fleet_env(
     return env
 
 
-class Workers:
-    """Worker processes, one per queue, with their logs kept for assertions."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, queue: str, concurrency: int = 8) -> None:
-        log = open(self.log_dir / f"{queue}.log", "wb")  # noqa: SIM115 - closed in stop()
-        argv = worker_argv([queue], concurrency=concurrency, name=f"test-{queue}")
-        self.procs[queue] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=log, cwd=ROOT)
-        log.close()
-
-    def wait_ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        pending = set(self.procs)
-        while pending:
-            for queue in list(pending):
-                if self.procs[queue].poll() is not None:
-                    raise RuntimeError(f"worker {queue} exited:\n{self.log(queue)[-3000:]}")
-                if " ready." in self.log(queue):
-                    pending.discard(queue)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"workers not ready: {sorted(pending)}")
-            time.sleep(0.1)
-
-    def log(self, queue: str) -> str:
-        return (self.log_dir / f"{queue}.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            proc.terminate()
-        for queue, proc in self.procs.items():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                print(f"worker {queue} did not stop on SIGTERM", file=sys.stderr)
-
-
 @pytest.fixture(scope="session")
 def fleet_workers(
     fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Workers]:
-    workers = Workers(fleet_env, tmp_path_factory.mktemp("worker-logs"))
+) -> Iterator[fixtures.Workers]:
+    """One worker per queue (`test-<queue>@host`), under the fleet's Supervisor."""
+    workers = fixtures.Workers(fleet_env, tmp_path_factory.mktemp("worker-logs"))
     for queue in QUEUES:
         workers.start(queue)
     workers.wait_ready()
@@ -138,7 +108,9 @@ def fleet_workers(
 
 
 @pytest.fixture
-def fleet_app(fleet_env: dict[str, str], fleet_workers: Workers, monkeypatch: pytest.MonkeyPatch):
+def fleet_app(
+    fleet_env: dict[str, str], fleet_workers: fixtures.Workers, monkeypatch: pytest.MonkeyPatch
+):
     """The test process as a dispatcher: FLEET_* pointing at the test fleet."""
     for key in ("FLEET_BROKER_URL", "FLEET_CATALOG"):
         monkeypatch.setenv(key, fleet_env[key])
@@ -147,20 +119,14 @@ def fleet_app(fleet_env: dict[str, str], fleet_workers: Workers, monkeypatch: py
     return get_app()
 
 
-_databases = iter(range(1, 16))  # db 0 is the test fleet's
+@pytest.fixture(scope="session")
+def _databases(redis_server: RedisServer) -> fixtures.Databases:
+    return fixtures.Databases(redis_server.url)
 
 
 @pytest.fixture
-def fresh_redis(redis_server: RedisServer) -> Iterator[object]:
-    """A client of a Redis database no other test of this session uses, empty."""
-    import redis
-
-    try:
-        db = next(_databases)
-    except StopIteration:
-        pytest.fail("more than 15 tests asked for a fresh Redis database: reuse or raise")
-    client = redis.Redis.from_url(redis_server.url.rsplit("/", 1)[0] + f"/{db}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def fresh_redis(_databases: fixtures.Databases) -> Iterator[object]:
+    """A client of a Redis database of the test server that no other running test uses,
+    empty (emptied again, and handed back, when the test ends). fixtures.url_of() gives
+    its URL for FLEET_* variables."""
+    yield from _databases.fresh()

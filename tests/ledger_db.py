@@ -17,7 +17,8 @@ import pytest
 
 from router.catalog import Catalog, load_catalog
 from router.results import Attempt, Result
-from workers.ledger.store import Ledger, rows_for
+from workers.ledger.rows import rows_for
+from workers.ledger.store import Ledger
 
 # The machine's PostgreSQL (CI runs here too); override with FLEET_TEST_PG_URL.
 PG_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")

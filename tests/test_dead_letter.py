@@ -96,17 +96,27 @@ def test_a_message_redelivered_too_often_stops_and_is_dead_lettered(
     ]
 
 
-def test_a_stale_copy_of_a_finished_job_is_not_run_again(fleet_app, simulator, state_redis):
+def test_a_stale_copy_of_a_finished_job_is_not_run_again(
+    fleet_app, fleet_workers, simulator, state_redis
+):
     handle = dispatch(ask("once only", task_class="cost_free"))
     first = handle.get(timeout=30)
     finished = time.time()
+    counter = f"fleet:deliveries:{handle.id}:0"
+    assert state_redis.get(counter) == b"1"
     # When the same message arrives again (a redelivery after the job was answered)
     fleet_app.send_task(
         TASK_RUN_JOB, kwargs={"job": handle.job.model_dump(mode="json")}, task_id=handle.id,
         queue="free",
     )  # fmt: skip
-    time.sleep(2)
-    # Then no provider is called and the caller's result is unchanged
+    # Then a worker takes it (its second delivery is counted) and drops it
+    deadline = time.monotonic() + 30
+    dropped = f"fleet.run_job[{handle.id}] ignored"
+    while dropped not in fleet_workers.log("free") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dropped in fleet_workers.log("free")
+    assert state_redis.get(counter) == b"2"
+    # And no provider is called and the caller's result is unchanged
     assert not [r for r in simulator.requests() if r["t"] >= finished]
     assert handle.get(timeout=5) == first
 

@@ -5,26 +5,17 @@ credentials when basic auth is on."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import redis
-from mlx_server import free_port
 
 from router import dispatch
 from router.catalog import QUEUES
-from workers.runtime.celery_app import fleet_urls
+from tests.fixtures import Flower, reset_live_state
 from workers.sim.simulated import PLACEHOLDER_KEY
-from workers.state import keys
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 30
 # A tiny PNG as a data URL: the vision job's image part.
 PIXEL = (
@@ -33,65 +24,12 @@ PIXEL = (
 )
 
 
-def reset_live_state(environ: dict[str, str]) -> None:
-    """Forget every model's cooldown, circuit and rate windows in the state Redis, so the
-    jobs here meet every model usable, whatever ran before."""
-    with redis.Redis.from_url(fleet_urls(environ)[1]) as client:
-        for kind in ("cooldown", "circuit", "window"):
-            for key in client.scan_iter(f"{keys.PREFIX}:{kind}:*"):
-                client.delete(key)
-
-
-class Flower:
-    def __init__(self, env: dict[str, str], tmp: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"flower-{self.port}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "flower"]
-        argv += ["--address=127.0.0.1", f"--port={self.port}", *args]
-        with self.log_path.open("wb") as log:
-            # cwd: a scratch folder, so no flowerconfig.py or state file is picked up or left.
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=tmp)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_answering(self, timeout_s: float = 20) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"flower exited:\n{self.log()[-3000:]}")
-            try:
-                httpx.get(self.url + "/healthcheck", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise TimeoutError(f"flower did not answer within {timeout_s} s:\n{self.log()[-3000:]}")
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kwargs)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def flower(fleet_env, fleet_workers, tmp_path_factory) -> Iterator[Flower]:
     env = {**fleet_env, "FLOWER_UNAUTHENTICATED_API": "true"}
     server = Flower(env, tmp_path_factory.mktemp("flower"))
     try:
-        server.wait_answering()
-        # Flower knows a worker once it has seen its events (a heartbeat every 2 s): only
-        # then are the jobs' events sure to reach it.
-        deadline = time.monotonic() + 20
-        while len(server.get("/api/workers?status=1").json()) < len(QUEUES):
-            assert time.monotonic() < deadline, server.get("/api/workers?status=1").text
-            time.sleep(0.1)
+        server.wait_workers(len(QUEUES))  # only then are the jobs' events sure to reach it
         yield server
     finally:
         server.stop()
@@ -104,18 +42,6 @@ def ask(text: str, **fields: Any) -> dict[str, Any]:
 def image_job(text: str) -> dict[str, Any]:
     parts = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": PIXEL}}]
     return {"task_class": "user_facing", "messages": [{"role": "user", "content": parts}]}
-
-
-def wait_tasks(flower: Flower, ids: set[str], timeout_s: float = 10) -> dict[str, Any]:
-    """Flower's /api/tasks once every job in `ids` has reached a final state there."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        tasks = flower.get("/api/tasks").json()
-        final = {i for i in ids if tasks.get(i, {}).get("state") in ("SUCCESS", "FAILURE")}
-        if final == ids:
-            return dict(tasks)
-        assert time.monotonic() < deadline, f"Flower never saw {ids - final} finish"
-        time.sleep(0.1)
 
 
 def test_flower_sees_every_queue_and_shows_no_prompt_or_key(
@@ -148,7 +74,10 @@ def test_flower_sees_every_queue_and_shows_no_prompt_or_key(
     consumed = {q["name"] for w in workers.values() for q in w.get("active_queues") or []}
     assert consumed == set(QUEUES), sorted(workers)
 
-    tasks = wait_tasks(flower, {h.id for h in handles.values()})
+    ids = {h.id for h in handles.values()}
+    tasks = flower.tasks_when_final(ids)
+    unfinished = {i for i in ids if tasks.get(i, {}).get("state") not in ("SUCCESS", "FAILURE")}
+    assert not unfinished, f"Flower never saw {unfinished} finish"
     for name, handle in handles.items():
         task = tasks[handle.id]
         assert task["name"] == "fleet.run_job"
@@ -175,8 +104,10 @@ def test_flower_sees_every_queue_and_shows_no_prompt_or_key(
 
 
 def test_basic_auth_refuses_the_api_without_credentials(fleet_env, tmp_path) -> None:
+    # Basic auth as `fleet up` turns it on: FLEET_FLOWER_BASIC_AUTH in its environment
     env = {k: v for k, v in fleet_env.items() if k != "FLOWER_UNAUTHENTICATED_API"}
-    server = Flower(env, tmp_path, "--basic-auth=fleet:s3cret-pass")
+    env["FLEET_FLOWER_BASIC_AUTH"] = "fleet:s3cret-pass"
+    server = Flower(env, tmp_path)
     try:
         server.wait_answering()
         assert server.get("/api/workers").status_code == 401

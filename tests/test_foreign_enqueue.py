@@ -69,25 +69,16 @@ import redis
 from celery.result import AsyncResult
 
 from router import Result
-from workers.runtime.celery_app import fleet_urls
-from workers.state import keys
+from tests.fixtures import reset_live_state
 
 TIMEOUT_S = 30
 TASK = "fleet.run_job"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def reset_live_state(environ: dict[str, str]) -> None:
-    """Forget every model's cooldown, circuit and rate windows in the state Redis, so the
-    jobs here meet every model usable, whatever ran before."""
-    with redis.Redis.from_url(fleet_urls(environ)[1]) as client:
-        for kind in ("cooldown", "circuit", "window"):
-            for key in client.scan_iter(f"{keys.PREFIX}:{kind}:*"):
-                client.delete(key)
-
-
 @pytest.fixture(autouse=True)
 def _clean_live_state(fleet_env: dict[str, str]) -> None:
+    """Every model usable for the jobs here, whatever ran before."""
     reset_live_state(fleet_env)
 
 

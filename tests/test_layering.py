@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,37 @@ def test_fleet_route_starts_without_celery() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout.splitlines()[-1])
     assert not [m for m in loaded if m.split(".")[0] in set(FORBIDDEN) - {"redis"}]
+
+
+# What an app process that only sends jobs must not load: the worker, its pool, the ledger
+# and its database drivers, the provider adapters. (billiard's package itself is loaded by
+# kombu, for its fork hook: kombu/utils/compat.py; its pool is not.)
+WORKER_SIDE = (
+    "sqlalchemy", "psycopg", "httpx", "mlx", "mlx_lm", "billiard.pool", "celery.worker",
+    "celery.concurrency", "celery.apps.worker", "workers.runtime.tasks", "workers.runtime.step",
+    "workers.ledger", "workers.providers", "workers.ops", "workers.sim",
+)  # fmt: skip
+
+
+def test_the_client_sends_and_waits_without_loading_the_worker(redis_server) -> None:
+    code = (
+        "import sys, json\n"
+        "from router import dispatch, dispatch_many\n"
+        "job = {'task_class': 'cost_free', 'messages': [{'role': 'user', 'content': 'hi'}]}\n"
+        "handle = dispatch(job)\n"
+        "dispatch_many([job, job])\n"
+        "try:\n"
+        "    handle.get(timeout=0.2)\n"
+        "except TimeoutError:\n"
+        "    pass\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    env = {**os.environ, "FLEET_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/15"}
+    env.pop("FLEET_STATE_URL", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    loaded = json.loads(out.stdout.splitlines()[-1])
+    assert "celery" in loaded and "redis" in loaded  # it did send, through Celery's client
+    offenders = [m for m in loaded if m.startswith(WORKER_SIDE)]
+    assert offenders == []

@@ -20,16 +20,9 @@ from sqlalchemy import select, update
 from router import dispatch, load_catalog
 from router.catalog import default_catalog_path
 from router.errors import ConfigError
-from workers.ledger.store import (
-    CLAIM_PREFIX,
-    CLAIMS_KEY,
-    SPOOL_KEY,
-    Ledger,
-    attempts,
-    database_url,
-    encode_rows,
-    ledger_meta,
-)
+from workers.ledger.rows import encode_rows
+from workers.ledger.schema import attempts, ledger_meta
+from workers.ledger.store import CLAIM_PREFIX, CLAIMS_KEY, SPOOL_KEY, Ledger, database_url
 from workers.ops.redis_server import RedisServer, free_port
 from workers.state.connections import script
 
@@ -344,8 +337,8 @@ def test_the_fleet_records_every_attempt_of_every_job(
     assert [len(r.attempts) for r in results] == [1, 2, 1, 1]
 
     ledger = open_ledger(fleet_env["FLEET_LEDGER_URL"], tmp_path)
-    # The worker writes a job's rows once its result is stored (workers/runtime/tasks.py, JobTask),
-    # so they can land a few milliseconds after the caller has the answer.
+    # A job's rows reach the spool with its result; the workers' writer threads drain the
+    # spool into the database every second (workers/ledger/writer.py).
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
         len(stored(ledger, r.job_id)) < len(r.attempts) for r in results

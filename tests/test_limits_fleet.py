@@ -3,7 +3,6 @@ fails fast with every reason."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import yaml
 
 from router import NoRouteAvailable, dispatch, load_catalog
 from router.jobs import parse_job
-from workers.ops.pools import worker_argv
+from tests.fixtures import Workers, reset_live_state, url_of
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.step import Failed, Forward, advance
-from workers.state.limits import FleetState
+from workers.state.limits import FleetState, Slot
 
 LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_catalog(base: Path, tmp_path: Path, edit) -> Path:
@@ -39,31 +37,22 @@ def limit_llama(rpm: int):
 
 
 @pytest.fixture
-def limited_fleet(fleet_env, redis_server, tmp_path, monkeypatch):
+def limited_fleet(fleet_env, fresh_redis, tmp_path, monkeypatch):
     """Two worker processes on the free queue, on a broker database of their own, with
     llama limited to 5 requests a minute."""
-    url = redis_server.url.replace("/0", "/7")
-    redis_lib.Redis.from_url(url).flushdb()
+    url = url_of(fresh_redis)
     catalog = write_catalog(Path(fleet_env["FLEET_CATALOG"]), tmp_path, limit_llama(5))
     env = {**fleet_env, "FLEET_BROKER_URL": url, "FLEET_CATALOG": str(catalog)}
-    procs = []
-    for i in range(2):
-        log = open(tmp_path / f"w{i}.log", "wb")  # noqa: SIM115
-        argv = worker_argv(["free"], concurrency=4, name=f"limited{i}")
-        procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=ROOT))
-        log.close()
-    deadline = time.monotonic() + 60
-    while not all(" ready." in (tmp_path / f"w{i}.log").read_text() for i in range(2)):
-        assert time.monotonic() < deadline, "limited workers did not start"
-        time.sleep(0.1)
-    monkeypatch.setenv("FLEET_BROKER_URL", url)
-    monkeypatch.setenv("FLEET_CATALOG", str(catalog))
-    yield
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.wait(30)
-    redis_lib.Redis.from_url(url).flushdb()
+    workers = Workers(env, tmp_path / "logs")
+    try:
+        for i in range(2):
+            workers.start("free", name=f"limited{i}", concurrency=4)
+        workers.wait_ready()
+        monkeypatch.setenv("FLEET_BROKER_URL", url)
+        monkeypatch.setenv("FLEET_CATALOG", str(catalog))
+        yield
+    finally:
+        workers.stop()
 
 
 def test_two_workers_never_exceed_a_models_requests_per_minute(limited_fleet, simulator) -> None:
@@ -89,11 +78,9 @@ def test_two_workers_never_exceed_a_models_requests_per_minute(limited_fleet, si
 
 
 def test_a_fully_limited_chain_waits_for_the_earliest_slot_or_fails(
-    fleet_env, redis_server, tmp_path
+    fleet_env, fresh_redis, tmp_path
 ) -> None:
-    url = redis_server.url.replace("/0", "/6")
-    client = redis_lib.Redis.from_url(url)
-    client.flushdb()
+    client = fresh_redis
 
     def one_model_chain(max_wait: float):
         def edit(data: dict) -> None:
@@ -113,7 +100,7 @@ def test_a_fully_limited_chain_waits_for_the_earliest_slot_or_fails(
         catalog = load_catalog(path)
         state = FleetState(client, catalog)
         client.flushdb()
-        assert state.admit("cost_free", LLAMA, 5) is None  # another worker took the slot
+        assert isinstance(state.admit("cost_free", LLAMA, 5), Slot)  # another worker took it
         registry = ProviderRegistry(catalog, 2, environ=fleet_env)
         step = advance(
             catalog, parse_job(job).model_dump(mode="json"), None,
@@ -129,7 +116,6 @@ def test_a_fully_limited_chain_waits_for_the_earliest_slot_or_fails(
         else:
             assert "no usable model" in (step.result.error or "")
             assert "requests/min" in (step.result.error or "")
-    client.flushdb()
 
 
 def test_dispatch_fails_fast_when_every_model_is_cooled(fleet_app) -> None:
@@ -146,5 +132,5 @@ def test_dispatch_fails_fast_when_every_model_is_cooled(fleet_app) -> None:
         assert [m for m, _ in caught.value.reasons] == vision
         assert all("cooldown until" in why for _, why in caught.value.reasons)
     finally:
-        client.delete(*[f"fleet:cooldown:{m}" for m in vision])
+        reset_live_state(client)
         client.close()

@@ -80,11 +80,12 @@ def test_tiny_model_files_and_idempotent_build(tiny_model_dir: Path) -> None:
     assert config["vocab_size"] == vocab and 512 <= vocab <= 1000
     assert is_complete(tiny_model_dir)
 
-    before = (tiny_model_dir / "model.safetensors").stat().st_mtime_ns
-    started = time.perf_counter()
+    files = sorted(p for p in tiny_model_dir.rglob("*") if p.is_file())
+    before = {p: p.stat().st_mtime_ns for p in files}
     assert build_tiny_model(tiny_model_dir) == tiny_model_dir
-    assert time.perf_counter() - started < 0.5  # nothing rebuilt
-    assert (tiny_model_dir / "model.safetensors").stat().st_mtime_ns == before
+    # Nothing rebuilt: the same files, none written again
+    assert sorted(p for p in tiny_model_dir.rglob("*") if p.is_file()) == files
+    assert {p: p.stat().st_mtime_ns for p in files} == before
 
 
 def test_tiny_model_is_deterministic_and_force_rebuilds(
@@ -223,9 +224,8 @@ def test_timeout_is_retryable_and_provider_recovers(provider: MLXProvider) -> No
     with pytest.raises(Retryable) as info:
         provider.complete(slow)
     assert info.value.kind == "timeout"
-    started = time.perf_counter()  # the timed-out generation stops at its next token
+    # The timed-out generation stops at its next token: the next call is answered
     assert provider.complete(ask("Still there?", max_tokens=4)).completion_tokens <= 4
-    assert time.perf_counter() - started < 5
 
 
 def test_close_then_use_again(tiny_model_dir: Path) -> None:

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
 from router import dispatch
-from workers.ops.pools import worker_argv
+from tests.fixtures import Workers, url_of
 
-ROOT = Path(__file__).resolve().parents[1]
 AMQP = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
@@ -26,31 +22,23 @@ def rabbitmq_up() -> bool:
 
 
 @pytest.fixture
-def amqp_fleet(fleet_env, redis_server, tmp_path, monkeypatch):
+def amqp_fleet(fleet_env, fresh_redis, tmp_path, monkeypatch):
     if not rabbitmq_up():
         if os.environ.get("CI"):
             pytest.fail("RabbitMQ is not running on 127.0.0.1:5672 (rabbitmq-server -detached)")
         pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
-    state = redis_server.url.replace("/0", "/8")
+    state = url_of(fresh_redis)
     env = {**fleet_env, "FLEET_BROKER_URL": AMQP, "FLEET_STATE_URL": state}
-    procs = []
-    for queue in ("subscription", "free"):
-        log = open(tmp_path / f"{queue}.log", "wb")  # noqa: SIM115
-        argv = worker_argv([queue], concurrency=4, name=f"amqp-{queue}")
-        procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=ROOT))
-        log.close()
-    deadline = time.monotonic() + 60
-    logs = [tmp_path / "subscription.log", tmp_path / "free.log"]
-    while not all(" ready." in p.read_text() for p in logs):
-        assert time.monotonic() < deadline, logs[0].read_text()[-2000:]
-        time.sleep(0.1)
-    monkeypatch.setenv("FLEET_BROKER_URL", AMQP)
-    monkeypatch.setenv("FLEET_STATE_URL", state)
-    yield
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        proc.wait(30)
+    workers = Workers(env, tmp_path)
+    try:
+        for queue in ("subscription", "free"):
+            workers.start(queue, name=f"amqp-{queue}", concurrency=4)
+        workers.wait_ready()
+        monkeypatch.setenv("FLEET_BROKER_URL", AMQP)
+        monkeypatch.setenv("FLEET_STATE_URL", state)
+        yield
+    finally:
+        workers.stop()
 
 
 def test_jobs_travel_and_escalate_over_rabbitmq(amqp_fleet) -> None:

@@ -207,13 +207,38 @@ def test_cron_heartbeat_and_cost_free_never_get_subscription_or_paid(
 ) -> None:
     restricted = source in ("cron", "heartbeat") or task_class in ("cost_free", "heartbeat")
     decision = route(CATALOG, RouteQuery(task_class=task_class, source=source, **extra))
+    chain = [h.model for h in decision.chain]
     tiers = {h.tier for h in decision.chain}
+    preferred = unrestricted_chain(task_class, extra)
     if restricted:
+        # The same preference order, less every subscription and paid model
         assert tiers <= {"free", "local"}
         assert decision.queue in ("free", "local", "vision", "long-context")
+        assert chain == [m for m in preferred if CATALOG.model(m).tier in ("free", "local")]
+    else:
+        # Nothing is held back: the chain rules 1-3 give, whatever the tiers
+        assert chain == preferred
+        assert not [m for m, why in decision.dropped if "not allowed" in why]
     for model, why in decision.dropped:
         if CATALOG.model(model).tier in ("subscription", "paid") and restricted:
             assert "not allowed" in why or "vision" in why or "context" in why
+
+
+def unrestricted_chain(task_class: str, extra: dict) -> list[str]:
+    """The chain of an app job of `task_class` with one of the `extra` fields above, before
+    any tier is held back: rule 1's preference, rule 2's vision chain, rule 3's
+    long-context chain (all of whose models hold 250K tokens)."""
+    if extra.get("has_image"):
+        return [m for m, _ in DESIGN_CHAINS["vision"]]
+    if extra.get("prompt_tokens"):
+        return [m for m, _ in DESIGN_CHAINS["long_context"]]
+    if extra.get("profile") == "analysis" or extra.get("focus") == "orchestrator":
+        return ["litellm/kimi", *FALLBACKS]  # both lead with kimi, then the fallbacks
+    own = [m for m, _ in DESIGN_CHAINS[task_class]]
+    if "model" in extra:
+        return list(dict.fromkeys([extra["model"], *own]))
+    assert not extra, extra
+    return own
 
 
 def test_explicit_subscription_model_on_a_cron_job_is_dropped_with_its_reason() -> None:

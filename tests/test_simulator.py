@@ -21,21 +21,12 @@ import httpx
 import pytest
 
 from router.tokens import estimate_message_tokens, estimate_tokens
+from tests.fixtures import wait_until
+from workers.sim import simulator as simulator_module
 from workers.sim.simulator import Simulator, check_fault
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-sim-test-DO-NOT-LOG-7731"
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    with Simulator(port=0) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _clean(sim: Simulator) -> None:
-    sim.reset()
 
 
 @pytest.fixture(scope="module")
@@ -271,9 +262,12 @@ def test_status_faults_answer_openai_error_json(http, sim, status):
 
 
 def test_429_with_http_date(http, sim):
+    before = time.time()
     response = chat(http, sim, text="[[sim:*=429:date:30]]")
-    when = email.utils.parsedate_to_datetime(response.headers["retry-after"])
-    assert 28 <= when.timestamp() - time.time() <= 31
+    after = time.time()
+    # The date is 30 s after the moment the simulator answered, in whole seconds
+    when = email.utils.parsedate_to_datetime(response.headers["retry-after"]).timestamp()
+    assert before + 29 <= when <= after + 30
 
 
 def test_malformed_and_empty_answers(http, sim):
@@ -286,14 +280,13 @@ def test_malformed_and_empty_answers(http, sim):
 
 
 def test_timeout_fault_holds_the_client_without_blocking_others(http, sim):
-    with httpx.Client(timeout=1.0) as slow, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # Given a request that never gets its answer
+    with httpx.Client(timeout=3.0) as slow, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # Given a request that never gets its answer, held by the simulator
         pending = pool.submit(chat, slow, sim, "m", "[[sim:*=timeout]]")
-        time.sleep(0.1)
-        # Then other requests are answered at once meanwhile
-        start = time.monotonic()
+        wait_until(sim.requests, 10, "the held request reaching the simulator")
+        # Then other requests are answered meanwhile, while it is still held
         assert [chat(http, sim).status_code for _ in range(5)] == [200] * 5
-        assert time.monotonic() - start < 0.5
+        assert not pending.done()
         # And the held client times out on reading
         with pytest.raises(httpx.ReadTimeout):
             pending.result()
@@ -337,14 +330,18 @@ def test_check_fault_names():
 
 
 def test_holds_1000_slow_requests_at_once(sim):
-    sim.configure(default={"latency_ms": 1000})
+    # Given a model answering after 2 s (longer than 1,000 connections take to arrive)
+    sim.configure(default={"latency_ms": 2000})
     request = raw_request()
+    answered: list[float] = []
 
     async def one() -> bytes:
         reader, writer = await asyncio.open_connection(sim.host, sim.port)
         try:
             writer.write(request)
-            return await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            answered.append(time.time())
+            return head
         finally:
             writer.close()
             await writer.wait_closed()
@@ -352,24 +349,32 @@ def test_holds_1000_slow_requests_at_once(sim):
     async def burst() -> list[bytes]:
         return await asyncio.gather(*(one() for _ in range(1000)))
 
-    start = time.monotonic()
+    # When 1,000 clients ask at once
     heads = asyncio.run(burst())
-    elapsed = time.monotonic() - start
     assert all(h.startswith(b"HTTP/1.1 200") for h in heads)
-    assert elapsed < 3.0, f"1,000 x 1 s requests took {elapsed:.2f} s"
+    # Then the simulator held them all at once: every request had arrived (it logs one on
+    # arrival) before the first answer came back, none waited for another's answer
+    arrived = [r["t"] for r in sim.requests()]
+    assert len(arrived) == 1000
+    assert max(arrived) < min(answered), "requests were answered before others arrived"
 
 
 def test_stop_ends_held_requests_promptly():
     server = Simulator().start()
-    with httpx.Client(timeout=10) as client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+    port = server.port
+    with httpx.Client(timeout=60) as client, concurrent.futures.ThreadPoolExecutor(3) as pool:
+        # Given three requests the simulator holds (a `timeout` fault: an hour)
         held = [pool.submit(chat, client, server, "m", "[[sim:*=timeout]]") for _ in range(3)]
-        time.sleep(0.2)
-        start = time.monotonic()
+        wait_until(lambda: len(server.requests()) == 3, 10, "three held requests")
+        # When it stops
         server.stop()
-        assert time.monotonic() - start < 2
+        # Then each held client is cut off by the server, not left to its own read timeout
         for future in held:
-            with pytest.raises(httpx.TransportError):
-                future.result(timeout=5)
+            with pytest.raises(httpx.TransportError) as caught:
+                future.result(timeout=30)
+            assert not isinstance(caught.value, httpx.TimeoutException), caught.value
+    # And the port is free again
+    Simulator(port=port).start().stop()
 
 
 def test_start_reports_a_port_in_use():
@@ -378,6 +383,31 @@ def test_start_reports_a_port_in_use():
         taken.listen()
         with pytest.raises(RuntimeError, match="failed to start"):
             Simulator(port=taken.getsockname()[1]).start()
+
+
+def test_a_second_simulator_on_the_same_port_fails_to_start(http):
+    with Simulator(port=0) as first:
+        # When another simulator is started on the port the first one listens on
+        with pytest.raises(RuntimeError) as caught:
+            Simulator(port=first.port).start()
+        # Then it says where and why it could not listen
+        message = str(caught.value)
+        assert f"127.0.0.1:{first.port}" in message
+        assert "address already in use" in message.lower()
+        assert isinstance(caught.value.__cause__, OSError)
+        # And the first one still answers
+        assert chat(http, first).status_code == 200
+
+
+def test_start_fails_when_the_server_never_listens(monkeypatch):
+    # Given a server that never gets to listen (and never fails either)
+    async def never_listens(state, host, port, ready, stop):
+        await stop.wait()
+
+    monkeypatch.setattr(simulator_module, "serve", never_listens)
+    # Then start() gives up after its timeout rather than return a simulator that is not there
+    with pytest.raises(RuntimeError, match=r"did not start listening on 127\.0\.0\.1:0 within"):
+        Simulator(port=0).start(timeout_s=0.5)
 
 
 def test_config_given_at_construction(http):

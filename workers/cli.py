@@ -292,13 +292,21 @@ def _image_part(path: str) -> dict[str, Any]:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    import os
+
     from sqlalchemy.exc import SQLAlchemyError
 
     from workers.ledger.store import Ledger, redacted
     from workers.ledger.usage import print_report, usage_report
 
-    ledger = Ledger(redis_url=None)
+    # The rows of jobs that finished in the last second may still wait on the spool of the
+    # fleet's Redis: write them first, when this command knows which Redis that is.
+    environ = {**os.environ, **_broker_env()}
+    known = environ.get("FLEET_BROKER_URL") or environ.get("FLEET_STATE_URL")
+    ledger = Ledger(redis_url="" if known else None, environ=environ)
     try:
+        if known:
+            ledger.drain()
         report = usage_report(ledger, args.since, args.by, load_catalog())
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

@@ -25,8 +25,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -44,10 +42,11 @@ from router.catalog import load_catalog
 from router.dispatcher import JobHandle, dispatch
 from router.errors import FleetError
 from router.results import Result
-from workers.ledger.store import attempts as attempts_table
-from workers.ledger.store import rows_for
-from workers.ops.pools import worker_argv
+from tests.fixtures import Flower, Workers, reset_live_state
+from workers.ledger.rows import rows_for
+from workers.ledger.schema import attempts as attempts_table
 from workers.ops.redis_server import RedisServer, free_port
+from workers.ops.supervisor import Child
 from workers.sim.simulated import write_simulated_catalog
 from workers.sim.simulator import Simulator
 from workers.state import keys
@@ -75,39 +74,15 @@ def job_id(scenario: str, n: int) -> str:
 # --- processes ---------------------------------------------------------------------------
 
 
-@dataclass
-class Worker:
-    name: str
-    queue: str
-    pool: str
-    concurrency: int
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-    starts: int = 0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def children(self) -> list[int]:
-        """The pool's child processes (prefork), from /proc."""
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == self.pid:
-                    found.append(int(stat.parent.name))
-        return found
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+def pool_children(pid: int) -> list[int]:
+    """The pool's child processes of a prefork worker whose main process is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 class FinalMonitor:
@@ -215,7 +190,9 @@ class ChaosFleet:
         self.api_keys = api_keys
         self.dead_providers = tuple(dead_providers)
         self.circuit = circuit
-        self.workers: list[Worker] = []
+        self.workers: list[Child] = []
+        self._processes: Workers | None = None  # the workers' Supervisor
+        self._flowers: list[Flower] = []
         self.redis: RedisServer | None = None
         self.sim: Simulator | None = None
         self.monitor: FinalMonitor | None = None
@@ -273,6 +250,7 @@ class ChaosFleet:
         }
         env.update(keys_)
         self.env = env
+        self._processes = Workers(env, self.workdir / "logs")
         # The test process dispatches to this fleet.
         self._saved = {k: os.environ.get(k) for k in DISPATCHER_VARS}
         os.environ.pop("FLEET_STATE_URL", None)
@@ -283,8 +261,9 @@ class ChaosFleet:
 
     def stop(self) -> None:
         self._forget_results()
-        self._stop_workers()
-        for flower in getattr(self, "_flowers", []):
+        if self._processes is not None:
+            self._processes.stop(20)
+        for flower in self._flowers:
             flower.stop()
         if self.monitor is not None:
             self.monitor.stop()
@@ -300,19 +279,6 @@ class ChaosFleet:
             else:
                 os.environ[key] = value
         self._saved = {}
-
-    def _stop_workers(self) -> None:
-        for worker in self.workers:
-            if worker.alive():
-                assert worker.proc is not None
-                worker.proc.terminate()
-        for worker in self.workers:
-            if worker.proc is not None:
-                try:
-                    worker.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    worker.proc.kill()
-                    worker.proc.wait()
 
     def _forget_results(self) -> None:
         """Stop following this fleet's jobs before its Redis goes: a result handle
@@ -332,55 +298,35 @@ class ChaosFleet:
 
     # --- workers ---------------------------------------------------------------------
 
-    def start_worker(self, queue: str, *, pool: str = "threads", concurrency: int = 8) -> Worker:
-        index = sum(1 for w in self.workers if w.queue == queue)
+    @property
+    def processes(self) -> Workers:
+        assert self._processes is not None, "the fleet is not started"
+        return self._processes
+
+    def start_worker(self, queue: str, *, pool: str = "threads", concurrency: int = 8) -> Child:
+        index = sum(1 for w in self.workers if w.name.startswith(f"chaos-{queue}-"))
         name = f"chaos-{queue}-{index}"
-        worker = Worker(name, queue, pool, concurrency, self.workdir / "logs" / f"{name}.log")
+        worker = self.processes.start(queue, name=name, pool=pool, concurrency=concurrency)
         self.workers.append(worker)
-        self._launch(worker)
         return worker
 
-    def _launch(self, worker: Worker) -> None:
-        argv = worker_argv(
-            [worker.queue], pool=worker.pool, concurrency=worker.concurrency, name=worker.name
-        )
-        with open(worker.log_path, "ab") as log:
-            worker.proc = subprocess.Popen(
-                argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-            )
-        worker.starts += 1
+    def wait_ready(self, workers: Iterable[Child] | None = None, timeout_s: float = 60) -> None:
+        self.processes.wait_ready(timeout_s, workers)
 
-    def wait_ready(self, workers: Iterable[Worker] | None = None, timeout_s: float = 60) -> None:
-        pending = list(workers if workers is not None else self.workers)
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            for worker in list(pending):
-                if not worker.alive():
-                    raise RuntimeError(f"worker {worker.name} exited:\n{worker.log()[-3000:]}")
-                if worker.log().count(" ready.") >= worker.starts:
-                    pending.remove(worker)
-            if pending and time.monotonic() > deadline:
-                raise RuntimeError(f"workers not ready: {[w.name for w in pending]}")
-            time.sleep(0.05)
-
-    def kill(self, worker: Worker) -> None:
+    def kill(self, worker: Child) -> None:
         """kill -9 the worker's main process (with a threads pool: every job it holds)."""
-        os.kill(worker.pid, signal.SIGKILL)
-        assert worker.proc is not None
-        worker.proc.wait(10)
+        self.processes.kill(worker)
 
-    def kill_children(self, worker: Worker) -> int:
+    def kill_children(self, worker: Child) -> int:
         """kill -9 the pool processes of a prefork worker (its parent stays)."""
-        children = worker.children()
+        children = pool_children(worker.pid)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         return len(children)
 
-    def restart(self, worker: Worker, wait: bool = True) -> None:
-        self._launch(worker)
-        if wait:
-            self.wait_ready([worker])
+    def restart(self, worker: Child, wait: bool = True) -> None:
+        self.processes.restart(worker, wait)
 
     def worker_logs(self) -> dict[str, str]:
         return {w.name: w.log() for w in self.workers}
@@ -419,9 +365,7 @@ class ChaosFleet:
 
     def reset_live_state(self) -> None:
         """Forget cooldowns, circuits and windows (between fault groups)."""
-        for kind in ("cooldown", "circuit", "window"):
-            for key in self.client.scan_iter(f"{keys.PREFIX}:{kind}:*"):
-                self.client.delete(key)
+        reset_live_state(self.client)
 
     def queue_lengths(self) -> dict[str, int]:
         """Messages waiting in each queue list (every priority sub-list included)."""
@@ -481,60 +425,10 @@ class ChaosFleet:
     # --- Flower ---------------------------------------------------------------------------
 
     def start_flower(self) -> Flower:
-        flower = Flower({**self.env, "FLOWER_UNAUTHENTICATED_API": "true"}, self.workdir)
-        self._flowers = [*getattr(self, "_flowers", []), flower]
+        """Flower for this fleet, as tests/test_flower.py starts it (tests/fixtures.py)."""
+        flower = Flower({**self.env, "FLOWER_UNAUTHENTICATED_API": "true"}, self.workdir / "logs")
+        self._flowers.append(flower)
         return flower
-
-
-class Flower:
-    """Flower for one chaos fleet (as tests/test_flower.py starts it)."""
-
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / "logs" / "flower.log"
-        argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "flower"]
-        argv += ["--address=127.0.0.1", f"--port={self.port}"]
-        scratch = workdir / "flower"
-        scratch.mkdir(exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=scratch)
-
-    def get(self, path: str) -> Any:
-        import httpx
-
-        return httpx.get(self.url + path, timeout=10).json()
-
-    def wait_workers(self, count: int, timeout_s: float = 30) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"flower exited:\n{self.log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.TransportError, ValueError):
-                if len(self.get("/api/workers?status=1")) >= count:
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError("flower never saw the workers")
-            time.sleep(0.2)
-
-    def tasks_when_final(self, ids: set[str], timeout_s: float = 30) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            tasks = self.get("/api/tasks")
-            final = {i for i in ids if tasks.get(i, {}).get("state") in FINAL}
-            if final == ids or time.monotonic() > deadline:
-                return dict(tasks)
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 # --- the audit ---------------------------------------------------------------------------

@@ -1,10 +1,8 @@
-"""The usage ledger: one row per attempt of every finished job, in SQLite or PostgreSQL.
+"""The usage ledger's store: its database (SQLite or PostgreSQL, through SQLAlchemy Core;
+tables in schema.py, created when absent) and the spool that feeds it.
 
     ledger = Ledger()                       # FLEET_LEDGER_URL, or sqlite:///<data dir>/ledger.db
-    ledger.record(rows_for(result, job, catalog))
-
-SQLAlchemy Core, one table `attempts` keyed by (job_id, attempt), and `ledger_meta` holding
-the schema version (created when absent; a database of a newer version is refused).
+    ledger.record(rows_for(result, job, catalog))     # rows.py
 
 Exactly once: rows are inserted with insert-or-ignore on the key, so a redelivered task
 records nothing twice. Off the task's path: a worker pushes a finished job's rows (JSON)
@@ -18,55 +16,34 @@ claim spooled entries atomically (spool_claim.lua moves them to a per-drainer cl
 list), so concurrent writers never trim each other's rows; a claim left by a killed
 drainer goes back to the spool after CLAIM_STALE_S.
 
-Cost of an attempt: the provider's own figure when it returned one; else, for a paid model,
-tokens x the catalog's price per 1M tokens; 0 for subscription (paid by quota), free and
-local models. The catalog refuses a paid model without a price.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    Boolean,
-    Column,
-    DateTime,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    event,
-    func,
-    select,
-    text,
-)
+from sqlalchemy import event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
-from router.catalog import Catalog
-from router.costs import attempt_cost
 from router.errors import ConfigError
-from router.results import Result
 from workers.config import data_dir, fleet_urls
+from workers.ledger.rows import decode_rows, encode_rows
+from workers.ledger.schema import COLUMNS, SCHEMA_VERSION, attempts, ledger_meta, metadata
 from workers.state import keys
 from workers.state.connections import new_client, script
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 LOCKED_RETRIES = 3
 SPOOL_KEY = keys.LEDGER_SPOOL
 CLAIMS_KEY = keys.LEDGER_CLAIMS
@@ -78,112 +55,6 @@ CLAIM_STALE_S = 120.0  # a claim older than this belongs to a dead drainer
 RETRY_DB_AFTER_S = 2.0  # after an outage, spool straight away for this long
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PG_LOCK_ID = 0x666C656574  # advisory lock serialising schema creation ("fleet")
-
-metadata = MetaData()
-
-attempts = Table(
-    "attempts",
-    metadata,
-    Column("job_id", String(200), primary_key=True),
-    Column("attempt", Integer, primary_key=True, autoincrement=False),
-    Column("task_class", String(64), nullable=False),
-    Column("source", String(32), nullable=False),
-    Column("focus", String(200)),
-    Column("profile", String(200)),
-    Column("model", String(300), nullable=False),
-    Column("provider", String(200), nullable=False),
-    Column("queue", String(64), nullable=False),
-    Column("tier", String(32), nullable=False),
-    Column("outcome", String(16), nullable=False),  # ok, error, skipped
-    Column("error_kind", String(64)),
-    Column("prompt_tokens", Integer, nullable=False),
-    Column("completion_tokens", Integer, nullable=False),
-    Column("tokens_estimated", Boolean, nullable=False),
-    Column("cost_usd", Float, nullable=False),
-    Column("cost_source", String(16), nullable=False),  # provider, catalog, subscription, free
-    Column("usd_per_mtok_in", Float),  # the prices used (NULL when the provider gave the cost)
-    Column("usd_per_mtok_out", Float),
-    Column("latency_ms", Float, nullable=False),
-    Column("worker", String(300)),
-    Column("started_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=False),
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
-    Index("ix_attempts_started_at", "started_at"),
-)
-
-ledger_meta = Table(
-    "ledger_meta",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("schema_version", Integer, nullable=False),
-)
-
-COLUMNS: tuple[str, ...] = tuple(c.name for c in attempts.columns)
-_TIMESTAMPS = ("started_at", "finished_at", "recorded_at")
-
-
-# --- rows ------------------------------------------------------------------------------
-
-
-def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[dict[str, Any]]:
-    """The ledger rows of a finished job: one per attempt (skipped ones included)."""
-    recorded = datetime.now(UTC)
-    rows = []
-    for a in result.attempts:
-        model = catalog.by_id.get(a.model)
-        tier = model.tier if model else a.tier
-        cost = attempt_cost(model, a)
-        rows.append(
-            {
-                "job_id": result.job_id,
-                "attempt": a.number,
-                "task_class": result.task_class,
-                "source": result.source,
-                "focus": job.get("focus"),
-                "profile": job.get("profile"),
-                "model": a.model,
-                "provider": a.model.split("/", 1)[0],
-                "queue": a.queue,
-                "tier": tier,
-                "outcome": a.outcome,
-                "error_kind": a.error_kind,
-                "prompt_tokens": a.prompt_tokens,
-                "completion_tokens": a.completion_tokens,
-                "tokens_estimated": a.tokens_estimated,
-                "cost_usd": cost.usd,
-                "cost_source": cost.source,
-                "usd_per_mtok_in": cost.usd_per_mtok_in,
-                "usd_per_mtok_out": cost.usd_per_mtok_out,
-                "latency_ms": a.latency_ms,
-                "worker": a.worker,
-                "started_at": _utc(a.started_at),
-                "finished_at": _utc(a.started_at + a.latency_ms / 1000),
-                "recorded_at": recorded,
-            }
-        )
-    return rows
-
-
-def encode_rows(rows: list[dict[str, Any]]) -> str:
-    """A spool entry: one job's rows as JSON."""
-
-    def plain(row: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
-
-    return json.dumps({"rows": [plain(r) for r in rows]}, separators=(",", ":"))
-
-
-def _decode(entry: str | bytes) -> list[dict[str, Any]]:
-    rows = json.loads(entry)["rows"]
-    for row in rows:
-        for key in _TIMESTAMPS:
-            row[key] = datetime.fromisoformat(row[key])
-    return [{k: row.get(k) for k in COLUMNS} for row in rows]
-
 
 # --- configuration ---------------------------------------------------------------------
 
@@ -493,7 +364,7 @@ class Ledger:
 
     def _decoded(self, entry: str | bytes) -> list[dict[str, Any]]:
         try:
-            return _decode(entry)
+            return decode_rows(entry)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ledger: dropping an unreadable spool entry (%s)", _reason(exc))
             return []

@@ -66,7 +66,7 @@ class Report:
 def _group_key(ledger: Ledger, by: str) -> ColumnElement[Any]:
     from sqlalchemy import func
 
-    from workers.ledger.store import attempts
+    from workers.ledger.schema import attempts
 
     if by != "day":
         return attempts.c[by]
@@ -96,7 +96,7 @@ def usage_report(
     """Per-group attempts, jobs, tokens, cost and saving of the attempts started since."""
     from sqlalchemy import distinct, func, select
 
-    from workers.ledger.store import attempts
+    from workers.ledger.schema import attempts
 
     if by not in GROUPS:
         raise ConfigError(f"unknown --by {by!r} (valid: {', '.join(GROUPS)})")

@@ -144,7 +144,8 @@ def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
     app = Celery("modelfleet", set_as_current=False, fixups=[])
     app.conf.update(celery_settings(environ))
     harden_redis_transport()  # workers/runtime/kombu_fixes.py: survive a Redis restart
-    # redis:// results through workers/runtime/resultstore.py: a final state is never overwritten.
+    # redis:// results through workers/runtime/resultstore.py: a final state is never
+    # replaced by a non-final one, and carries the job's ledger rows and dead letter.
     app.loader.override_backends = {
         "redis": "workers.runtime.resultstore:FleetRedisBackend",
         "rediss": "workers.runtime.resultstore:FleetRedisBackend",

@@ -57,6 +57,12 @@ def _take(job_id: str) -> Bookkeeping:
 
 
 class FleetRedisBackend(RedisBackend):
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """Celery's Redis backend subscribes to a task's result channel as the task is
+        sent: one round trip per job, outside any pipeline. Not here: a caller that waits
+        (AsyncResult.get) subscribes then, and reads the stored state right after, so a
+        result published before that is not missed."""
+
     def _set_with_state(self, key: Any, value: Any, state: str) -> Any:
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis backend")

@@ -15,7 +15,8 @@ Message shape (for enqueuing from any language: docs/enqueue-from-any-language.m
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,25 +58,54 @@ class Outgoing:
     priority: int | None = None
 
 
-def send(app: Any, message: Outgoing, producer: Any = None) -> Any:
-    """Publish one job's message; its AsyncResult."""
-    return app.send_task(
-        TASK_RUN_JOB,
-        kwargs={"job": message.job, "state": message.state},
-        task_id=message.job["id"],
-        queue=message.queue,
-        priority=message.priority,
-        argsrepr="()",
-        kwargsrepr=describe(message.job, message.model),
-        producer=producer,
-    )
+def send(app: Any, message: Outgoing) -> Any:
+    """Publish one job's message (its task-sent event too, for Flower); its AsyncResult."""
+    return send_many(app, [message])[0]
 
 
 def send_many(app: Any, messages: Sequence[Outgoing]) -> list[Any]:
-    """Publish every message in one batch: on a Redis broker one pipelined round trip
-    (kombu's Producer.batch), messages and their task-sent events together. Either all
-    are sent or the error is raised (an unflushed batch is discarded)."""
+    """Publish every message; their AsyncResults, in order. On a Redis broker a batch of
+    several is one pipelined round trip (kombu's Producer.batch), messages and task-sent
+    events together: all are sent, or the error is raised and the unflushed rest dropped.
+
+    Celery's `send_task` is skipped for its message builder and publisher
+    (`app.amqp.create_task_message`, `send_task_message`): it would also look the task
+    up in the registry, route options the fleet has already routed, re-declare the queue
+    on every publish, and subscribe to each result's channel as it sends (a round trip
+    per job, outside the pipeline). A caller that waits subscribes then instead."""
+    from celery.result import AsyncResult
+
     if not messages:
         return []
-    with app.producer_or_acquire() as producer, producer.batch(max_size=4 * len(messages) + 4):
-        return [send(app, m, producer) for m in messages]
+    amqp = app.amqp
+    sent_event = app.conf.task_send_sent_event
+    with app.producer_or_acquire() as producer, producer.connection._reraise_as_library_errors():
+        batched = len(messages) > 1
+        # Buffered messages meet the broker when the batch is flushed, at its end: a
+        # retry per publish would retry nothing.
+        with producer.batch(max_size=4 * len(messages) + 4) if batched else _nothing():
+            for m in messages:
+                task = amqp.create_task_message(
+                    m.job["id"],
+                    TASK_RUN_JOB,
+                    (),
+                    {"job": m.job, "state": m.state},
+                    argsrepr="()",
+                    kwargsrepr=describe(m.job, m.model),
+                    create_sent_event=sent_event,
+                )
+                amqp.send_task_message(
+                    producer,
+                    TASK_RUN_JOB,
+                    task,
+                    queue=m.queue,
+                    priority=m.priority,
+                    declare=[],  # workers declare their queues; a Redis list needs none
+                    retry=False if batched else None,  # None: the app's publish retries
+                )
+    return [AsyncResult(m.job["id"], app=app) for m in messages]
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield

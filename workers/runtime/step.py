@@ -140,27 +140,38 @@ class _Delivery:
                     self.passed[model] = block
                     continue
                 return self.forward(hop["queue"], countdown)
+            # A model this worker cannot call (its key is unset here) is skipped before it
+            # takes a slot or a probe.
+            try:
+                target = providers(model)
+            except ProviderError as exc:
+                self.skip(hop, exc, worker)
+                continue
             # Here and now: the check and the slot (and a half-open circuit's probe) are
             # taken in one round trip.
             admission = self.gate.admit(self.job.task_class, model, self.tokens)
             if isinstance(admission, Block):
                 self.passed[model] = admission
                 continue
-            step = self.call(hop, providers, worker, admission)
+            step = self.call(hop, target, worker, admission)
             if step is not None:
                 return step
-            called = self.attempts[-1].outcome == "error"  # a skip made no call: go on
+            called = True
+
+    def skip(self, hop: dict[str, str], exc: ProviderError, worker: str | None) -> None:
+        number = len(self.attempts) + 1
+        base = {"number": number, "worker": worker, "started_at": self.now(), **hop}
+        self.attempts.append(Attempt(outcome="skipped", **_error_fields(exc), **base))
 
     def call(
-        self, hop: dict[str, str], providers: ProviderLookup, worker: str | None, slot: Slot
+        self, hop: dict[str, str], target: Target, worker: str | None, slot: Slot
     ) -> Step | None:
         attempt, text = _try(
-            self.job, self.state, hop, len(self.attempts) + 1, providers, worker, self.now
+            self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now
         )
         self.attempts.append(attempt)
-        if attempt.outcome != "skipped":
-            cost = attempt_cost(self.catalog.model(hop["model"]), attempt)
-            self.gate.settle(hop["model"], attempt, cost.usd, slot.probe)
+        cost = attempt_cost(self.catalog.model(hop["model"]), attempt)
+        self.gate.settle(hop["model"], attempt, cost.usd, slot.probe)
         if attempt.outcome == "ok":
             return Done(self.end(text=text, model=hop["model"]))
         if attempt.action == "fail":
@@ -197,17 +208,12 @@ def _try(
     state: dict[str, Any],
     hop: dict[str, str],
     number: int,
-    providers: ProviderLookup,
+    target: Target,
     worker: str | None,
     now: Callable[[], float],
 ) -> tuple[Attempt, str | None]:
     base = {"number": number, "worker": worker, **hop}
     started = now()
-    try:
-        target = providers(hop["model"])
-    except ProviderError as exc:
-        skipped = Attempt(outcome="skipped", started_at=started, **_error_fields(exc), **base)
-        return skipped, None
     request = CompletionRequest(
         model=target.upstream,
         messages=job.model_dump(mode="json")["messages"],

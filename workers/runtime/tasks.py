@@ -22,7 +22,8 @@ from celery.signals import worker_init, worker_ready, worker_shutdown
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
 from router.results import Result
-from workers.ledger.store import Ledger, encode_rows, rows_for
+from workers.ledger.rows import encode_rows, rows_for
+from workers.ledger.store import Ledger
 from workers.ledger.writer import SpoolWriter
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.resultstore import Bookkeeping, attach

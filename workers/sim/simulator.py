@@ -485,14 +485,25 @@ class Simulator:
     def url(self) -> str:
         return self.base_url + "/v1"
 
-    def start(self) -> Self:
+    def start(self, timeout_s: float = 10.0) -> Self:
+        """Serve in a background thread; return once the server listens. Raises
+        RuntimeError, naming the address and the cause (e.g. the port is taken), when it
+        does not come up within `timeout_s`."""
         self._ready.clear()
+        self._failure = None
+        address = f"{self.host}:{self.port}"  # (port 0: the one the server picks)
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
         self._thread.start()
-        self._ready.wait(10)
-        if self._failure is not None:
-            raise RuntimeError(f"simulator failed to start: {self._failure}")
-        return self
+        came_up = self._ready.wait(timeout_s)
+        failure = self._failure
+        if came_up and failure is None:
+            return self
+        self.stop()  # a server that came up late must not linger
+        if failure is not None:
+            raise RuntimeError(
+                f"simulator failed to start on {address}: {type(failure).__name__}: {failure}"
+            ) from failure
+        raise RuntimeError(f"simulator did not start listening on {address} within {timeout_s:g} s")
 
     def _run(self) -> None:
         async def main() -> None:
@@ -501,9 +512,10 @@ class Simulator:
 
         try:
             asyncio.run(main())
-        except Exception as exc:  # reported by start(), never lost in the thread
+        except BaseException as exc:  # reported by start(), never lost in the thread
             self._failure = exc
-            self._ready.set()
+        finally:
+            self._ready.set()  # up or not, start() stops waiting
 
     def _on_ready(self, port: int) -> None:
         self.port = port

@@ -68,7 +68,7 @@ def result(job_id: str) -> str:
     return f"celery-task-meta-{job_id}"
 
 
-# --- the ledger spool (workers/ledger/spool.py) -----------------------------------------
+# --- the ledger spool (filled by runtime/resultstore.py, drained by ledger/store.py) ------
 
 LEDGER_SPOOL = f"{PREFIX}:ledger:spool"  # list: one JSON entry of attempt rows per job
 LEDGER_CLAIMS = f"{PREFIX}:ledger:spool:claims"  # zset: claim token -> claimed at (unix s)

@@ -65,3 +65,9 @@ def live_view(catalog: Catalog, environ: Mapping[str, str] = os.environ) -> Live
     if key not in _views:
         _views[key] = LiveView(FleetState(redis_client(url), catalog))
     return _views[key]
+
+
+def forget_views() -> None:
+    """Drop this process's views and what they cached (their Redis went away, or a test
+    changed live state behind their back)."""
+    _views.clear()

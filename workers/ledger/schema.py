@@ -1,0 +1,60 @@
+"""The ledger's tables: `attempts`, one row per attempt keyed by (job_id, attempt), and
+`ledger_meta`, the schema version (a database of a newer version is refused)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+attempts = Table(
+    "attempts",
+    metadata,
+    Column("job_id", String(200), primary_key=True),
+    Column("attempt", Integer, primary_key=True, autoincrement=False),
+    Column("task_class", String(64), nullable=False),
+    Column("source", String(32), nullable=False),
+    Column("focus", String(200)),
+    Column("profile", String(200)),
+    Column("model", String(300), nullable=False),
+    Column("provider", String(200), nullable=False),
+    Column("queue", String(64), nullable=False),
+    Column("tier", String(32), nullable=False),
+    Column("outcome", String(16), nullable=False),  # ok, error, skipped
+    Column("error_kind", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("tokens_estimated", Boolean, nullable=False),
+    Column("cost_usd", Float, nullable=False),
+    Column("cost_source", String(16), nullable=False),  # provider, catalog, subscription, free
+    Column("usd_per_mtok_in", Float),  # the prices used (NULL when the provider gave the cost)
+    Column("usd_per_mtok_out", Float),
+    Column("latency_ms", Float, nullable=False),
+    Column("worker", String(300)),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Index("ix_attempts_started_at", "started_at"),
+)
+
+ledger_meta = Table(
+    "ledger_meta",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("schema_version", Integer, nullable=False),
+)
+
+COLUMNS: tuple[str, ...] = tuple(c.name for c in attempts.columns)
+TIMESTAMPS = ("started_at", "finished_at", "recorded_at")
