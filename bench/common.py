@@ -142,6 +142,7 @@ class Stack:
 
         self.dir = Path(tempfile.mkdtemp(prefix=f"fleet-bench-{name}-"))
         self.workers: list[Worker] = []
+        self.ledger_writer: Worker | None = None  # started with the first fleet worker
         self.redis: Any = None
         self.sim: Simulator | None = None
         self.supervisor: Supervisor | None = None
@@ -184,6 +185,15 @@ class Stack:
         assert self.supervisor is not None
         worker = Worker(self.supervisor.start(name, argv, WORKER_READY, cwd=ROOT))
         self.workers.append(worker)
+        if not raw and self.ledger_writer is None:
+            # The fleet as deployed: its finished jobs' rows go through the spool to the
+            # ledger writer, a process of its own that shares this machine's cores.
+            from workers.ops.up import LEDGER_WRITER_READY, ledger_writer_argv
+
+            child = self.supervisor.start(
+                "ledger-writer", ledger_writer_argv(), LEDGER_WRITER_READY, cwd=ROOT
+            )
+            self.ledger_writer = Worker(child)
         return worker
 
     def wait_ready(self, timeout_s: float = 90) -> None:
@@ -194,6 +204,7 @@ class Stack:
         if self.supervisor is not None:
             self.supervisor.stop(20)
         self.workers = []
+        self.ledger_writer = None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

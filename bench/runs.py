@@ -196,7 +196,12 @@ def throughput(quick: bool) -> Result:
     (threads, same -c), one idle while the other runs; alternating rounds."""
     n, rounds, concurrency = (300, 2, 100) if quick else (1000, 4, 100)
     figures: dict[str, dict[str, list[float]]] = {
-        side: {"jobs_per_s": [], "worker_cpu_ms_per_job": [], "redis_cpu_ms_per_job": []}
+        side: {
+            "jobs_per_s": [],
+            "worker_cpu_ms_per_job": [],
+            "redis_cpu_ms_per_job": [],
+            "ledger_writer_cpu_ms_per_job": [],
+        }
         for side in ("fleet", "raw")
     }
     with Stack("e2e", latency_ms=0) as stack:
@@ -212,13 +217,18 @@ def throughput(quick: bool) -> Result:
         for i in range(rounds):
             for side in ("fleet", "raw") if i % 2 == 0 else ("raw", "fleet"):
                 worker, out = workers[side], figures[side]
+                writer = stack.ledger_writer
+                writer0 = writer.cpu_s() if writer else 0.0
                 cpu0, redis0, start = worker.cpu_s(), cpu_s(redis_pid), time.perf_counter()
                 batches[side]()
                 out["jobs_per_s"].append(n / (time.perf_counter() - start))
                 out["worker_cpu_ms_per_job"].append((worker.cpu_s() - cpu0) / n * 1000)
                 out["redis_cpu_ms_per_job"].append((cpu_s(redis_pid) - redis0) / n * 1000)
-    f = {k: median(v) for k, v in figures["fleet"].items()}
-    r = {k: median(v) for k, v in figures["raw"].items()}
+                if side == "fleet" and writer is not None:
+                    spent = writer.cpu_s() - writer0
+                    out["ledger_writer_cpu_ms_per_job"].append(spent / n * 1000)
+    f = {k: median(v) if v else float("nan") for k, v in figures["fleet"].items()}
+    r = {k: median(v) if v else float("nan") for k, v in figures["raw"].items()}
     pairs = zip(figures["fleet"]["jobs_per_s"], figures["raw"]["jobs_per_s"], strict=True)
     ratio = median([fleet / raw for fleet, raw in pairs])  # per round, then the median
     cpu, rcpu = "worker_cpu_ms_per_job", "redis_cpu_ms_per_job"
@@ -232,6 +242,8 @@ def throughput(quick: bool) -> Result:
             "≤ 1.2× raw", cpu_ratio <= 1.2),
         Row("e2e", "  redis-server CPU per job", f[rcpu], r[rcpu], "ms", "ratio",
             f[rcpu] / max(r[rcpu], 1e-9)),
+        Row("e2e", "  ledger writer process CPU per job (spool → database)",
+            f["ledger_writer_cpu_ms_per_job"], None, "ms"),
     ]  # fmt: skip
     details = {"jobs_per_round": n, "rounds": rounds, "concurrency": concurrency, **figures}
     return rows, details

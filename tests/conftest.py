@@ -98,10 +98,12 @@ def fleet_env(
 def fleet_workers(
     fleet_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[fixtures.Workers]:
-    """One worker per queue (`test-<queue>@host`), under the fleet's Supervisor."""
+    """One worker per queue (`test-<queue>@host`) and the ledger writer, under the
+    fleet's Supervisor."""
     workers = fixtures.Workers(fleet_env, tmp_path_factory.mktemp("worker-logs"))
     for queue in QUEUES:
         workers.start(queue)
+    workers.start_ledger_writer()
     workers.wait_ready()
     yield workers
     workers.stop()

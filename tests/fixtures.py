@@ -70,6 +70,16 @@ class Workers:
         self.by_label[name or queue] = child
         return child
 
+    def start_ledger_writer(self) -> Child:
+        """The fleet's ledger writer (`fleet ledger-writer`), as `fleet up` runs it."""
+        from workers.ops.up import LEDGER_WRITER_READY, ledger_writer_argv
+
+        child = self.supervisor.start(
+            "ledger-writer", ledger_writer_argv(), ready_marker=LEDGER_WRITER_READY, cwd=ROOT
+        )
+        self.by_label["ledger-writer"] = child
+        return child
+
     def wait_ready(self, timeout_s: float = 60, children: Iterable[Child] | None = None) -> None:
         self.supervisor.wait_ready(timeout_s, children)
 

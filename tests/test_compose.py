@@ -105,7 +105,12 @@ def check_fleet(services: dict[str, Any]) -> dict[str, str]:
     assert re.search(r"--appendonly\s+yes", " ".join(command(redis))), command(redis)
     assert redis.get("volumes"), "Redis' AOF needs a volume to survive a restart"
 
-    for name in [*workers, *beats, *flowers]:
+    # The ledger writer: every finished job's attempts reach the database through it
+    writers = [n for n, s in services.items() if command(s)[:2] == ["fleet", "ledger-writer"]]
+    assert len(writers) >= 1, "nothing drains the ledger spool"
+    assert environment(services[writers[0]])["FLEET_LEDGER_URL"].startswith("postgresql://")
+
+    for name in [*workers, *beats, *flowers, *writers]:
         service = services[name]
         env = environment(service)
         assert env["FLEET_BROKER_URL"] == env["FLEET_STATE_URL"] == BROKER, name

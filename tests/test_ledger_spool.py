@@ -97,3 +97,15 @@ def test_a_worker_killed_after_answering_loses_no_row(
     finally:
         good.close()
     assert sorted(got) == [(1, "error"), (2, "ok")]
+
+
+def test_a_success_is_never_replaced_nor_billed_twice(fresh_redis) -> None:
+    backend = backend_on(fresh_redis)
+    attach("j2", Bookkeeping(rows=encode_rows(simple_rows("j2", 1))))
+    backend.store_result("j2", {"ok": True}, states.SUCCESS)
+    # A second run of the same job (a duplicate delivery) ends after the first
+    attach("j2", Bookkeeping(rows=encode_rows(simple_rows("j2", 1)), dead_letter="{}"))
+    backend.store_result("j2", JobFailed("late", {"ok": False}), states.FAILURE)
+    assert json.loads(fresh_redis.get(keys.result("j2")))["status"] == states.SUCCESS
+    assert fresh_redis.llen(keys.LEDGER_SPOOL) == 1
+    assert not fresh_redis.hexists(keys.DEAD_LETTER, "j2")

@@ -114,7 +114,7 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
     assert up.returncode == 0, out
     assert "stopping" in out
     pids = [int(p) for p in re.findall(r" pid (\d+) ", out)]
-    assert len(pids) == 7  # a worker per queue, beat, flower
+    assert len(pids) == 8  # a worker per queue, the ledger writer, beat, flower
     assert [pid for pid in pids if _alive(pid)] == []
     redis = subprocess.run(["pgrep", "-f", up_env["FLEET_DATA_DIR"]], capture_output=True)
     assert redis.stdout == b""  # the private redis-server (and beat) ran with the data dir

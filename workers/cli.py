@@ -45,6 +45,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
+    return value
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
 
@@ -225,6 +235,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from workers.ops.up import run_up
 
     return run_up(beat=not args.no_beat, flower_port=None if args.no_flower else args.flower_port)
+
+
+def cmd_ledger_writer(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    from workers.ledger import writer
+    from workers.ledger.store import Ledger
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.update(_broker_env())
+    return writer.run(Ledger(), every_s=args.every)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -470,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flower", action="store_true")
     p.add_argument("--flower-port", type=int, default=5555)
     p.set_defaults(handler=cmd_up)
+
+    p = sub.add_parser(
+        "ledger-writer",
+        help="drain the spool of finished jobs' rows into the ledger database (one per fleet)",
+    )
+    p.add_argument("--every", type=_positive_float, default=1.0, metavar="SECONDS")
+    p.set_defaults(handler=cmd_ledger_writer)
 
     p = sub.add_parser("dead-letter", help="jobs that ended without an answer: list, replay")
     dead = p.add_subparsers(dest="action", required=True, parser_class=_Parser)

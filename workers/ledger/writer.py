@@ -1,42 +1,57 @@
-"""The ledger's batching writer: a thread in every worker process that drains the Redis
-spool into the database every second or so.
+"""The ledger's batching writer: one process per fleet (`fleet ledger-writer`; `fleet up`
+and compose.yaml start it) that drains the Redis spool into the database every second.
 
 Workers push each finished job's rows onto the spool together with its final state, so
-the task's path never waits on the database; this thread inserts what every worker
-pushed, a batch per transaction. Several writers (one per worker process) share the
-spool safely: each claims its batch atomically (workers/ledger/store.py). While the
-database is down the rows wait in Redis and are written when it is back.
+neither the task's path nor the worker process ever waits on, or spends CPU on, the
+database; this process inserts what every worker pushed, a batch per transaction.
+Several writers may run (each claims its batch atomically: workers/ledger/store.py);
+while the database is down the rows wait in Redis and are written when it is back.
+`fleet usage` drains the spool before it reads, so it never shows a second-old ledger.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 import threading
+from typing import Any, TextIO
 
-from workers.ledger.store import Ledger
+from workers.ledger.store import Ledger, redacted
 
 log = logging.getLogger(__name__)
 EVERY_S = 1.0
+READY = "ledger writer: ready"  # the line `fleet up` waits for
 
 
-class SpoolWriter:
-    def __init__(self, ledger: Ledger, every_s: float = EVERY_S) -> None:
-        self.ledger = ledger
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+def run(
+    ledger: Ledger, *, every_s: float = EVERY_S, stop: threading.Event | None = None,
+    out: TextIO = sys.stdout,
+) -> int:  # fmt: skip
+    """Drain the spool every `every_s` until `stop` is set (or SIGTERM/SIGINT), then drain
+    once more and return 0."""
+    stop = stop or _stop_on_signals()
+    ledger.ensure_schema()  # a bad URL or a newer schema is said now, not every second
+    print(
+        f"{READY} (spool {redacted(ledger.redis_url or 'none')}, ledger {redacted(ledger.url)})",
+        file=out,
+        flush=True,
+    )
+    written = 0
+    while not stop.wait(every_s):
+        written += ledger.drain()  # never raises: what cannot be written stays spooled
+    written += ledger.drain()
+    ledger.close()
+    print(f"ledger writer: stopped after writing {written} rows", file=out, flush=True)
+    return 0
 
-    def start(self) -> SpoolWriter:
-        self._thread.start()
-        return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.ledger.drain()  # never raises: what cannot be written stays spooled
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop, after one last drain of what is spooled."""
-        self._stop.set()
-        self._thread.join(timeout_s)
-        self.ledger.drain()
-        self.ledger.close()
+    def handler(_signum: int, _frame: Any) -> None:
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop

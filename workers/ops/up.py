@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from router.catalog import QUEUES
 from router.errors import ConfigError
 from workers.config import data_dir, read_up_info
+from workers.ledger.writer import READY as LEDGER_WRITER_READY
 from workers.ops.pools import worker_argv
 from workers.ops.redis_server import RedisServer
 from workers.ops.supervisor import Supervisor
@@ -58,9 +59,14 @@ def flower_argv(port: int, environ: Mapping[str, str]) -> list[str]:
     return argv
 
 
+def ledger_writer_argv() -> list[str]:
+    return [sys.executable, "-m", "workers.cli", "ledger-writer"]
+
+
 def start_fleet(sup: Supervisor, directory: Path, *, beat: bool, flower_port: int | None) -> None:
     for queue in QUEUES:
         sup.start(f"worker-{queue}", worker_argv([queue]), ready_marker=" ready.")
+    sup.start("ledger-writer", ledger_writer_argv(), ready_marker=LEDGER_WRITER_READY)
     if beat:
         schedule = str(directory / "beat-schedule")
         argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]

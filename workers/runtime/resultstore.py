@@ -9,8 +9,9 @@ first and its SUCCESS be overwritten by a late RETRY (seen by the chaos suite wh
 Redis restarted), and a stale copy of a failed job, delivered again after its worker
 died before acking, writes STARTED over the FAILURE. Either way the final word is lost:
 callers wait forever and the stale-copy check no longer sees the job finished. Celery
-guards SUCCESS only, with a read before the write. Here a non-final state never replaces
-SUCCESS or FAILURE, checked and written in one Lua script (store_result.lua).
+guards SUCCESS only, with a read before every write (a round trip). Here SUCCESS is never
+replaced and a non-final state never replaces FAILURE, checked and written in one Lua
+script (store_result.lua), with no read before.
 
 The same script pushes the job's ledger rows onto the spool and files its dead letter,
 which the task attaches (`attach`) just before Celery stores the final state, in the same
@@ -27,6 +28,7 @@ from typing import Any
 from celery import states
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
 
 from workers.state import keys
 from workers.state.connections import script
@@ -57,6 +59,27 @@ def _take(job_id: str) -> Bookkeeping:
 
 
 class FleetRedisBackend(RedisBackend):
+    def _store_result(
+        self,
+        task_id: Any,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Celery's, without its read of the current state before the write: the script
+        makes that check itself, atomically."""
+        meta = self._get_result_meta(
+            result=result, state=state, traceback=traceback, request=request
+        )
+        meta["task_id"] = bytes_to_str(task_id)
+        try:
+            self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
+        except BackendStoreError as ex:
+            raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
+        return result
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery's Redis backend subscribes to a task's result channel as the task is
         sent: one round trip per job, outside any pipeline. Not here: a caller that waits

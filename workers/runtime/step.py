@@ -17,8 +17,9 @@ is not tried again; a bad request ends the job at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from router.catalog import Catalog
@@ -93,15 +94,54 @@ def advance(
     providers: ProviderLookup,
     gate: Gate | None = None,
     worker: str | None = None,
+    admitted: Mapping[str, Slot | Block] | None = None,
     now: Callable[[], float] = time.time,
 ) -> Step:
-    """Run this delivery of a job: at most one provider call."""
+    """Run this delivery of a job: at most one provider call. `admitted`: the answer to an
+    admission already asked for (first_call's model, with the delivery's first round
+    trip), used instead of asking the gate again."""
     started = _start(catalog, job_data, state, now())
     if isinstance(started, Failed):
         return started
     job, state = started
     delivery = _Delivery(catalog, job_data, job, state, gate or OpenGate(), now)
+    delivery.admitted = dict(admitted or {})
     return delivery.run(here, providers, worker)
+
+
+def first_call(
+    job_data: dict[str, Any],
+    state: dict[str, Any] | None,
+    *,
+    here: str | None,
+    providers: ProviderLookup,
+    now: float,
+) -> str | None:
+    """The model this delivery will ask admission for first, when that is the first thing
+    it does (the model is here, due now, callable from this worker, and the job not past
+    its deadline): its slot can then be taken in the delivery's first round trip. None
+    otherwise (the delivery looks and forwards, or routes a job that came without
+    state)."""
+    if not state or not state.get("chain") or _past(job_data.get("deadline"), now):
+        return None
+    attempts = [Attempt.model_validate(a) for a in state.get("attempts", [])]
+    pick = _next_model(state["chain"], attempts, {}, now)
+    if pick is None or pick[0]["queue"] != here or pick[1] > 0:
+        return None
+    try:
+        providers(pick[0]["model"])
+    except ProviderError:
+        return None
+    return pick[0]["model"]
+
+
+def _past(deadline: Any, now: float) -> bool:
+    if not deadline:
+        return False
+    try:
+        return datetime.fromisoformat(str(deadline).replace("Z", "+00:00")).timestamp() < now
+    except ValueError:
+        return True  # unreadable: let the delivery say so, without a slot taken
 
 
 class _Delivery:
@@ -121,6 +161,7 @@ class _Delivery:
         self.attempts = [Attempt.model_validate(a) for a in state["attempts"]]
         self.tokens = int(state.get("prompt_tokens") or 0)
         self.passed: dict[str, Block] = {}  # models found blocked in this delivery, and why
+        self.admitted: dict[str, Slot | Block] = {}  # admissions asked for before the walk
 
     def run(self, here: str | None, providers: ProviderLookup, worker: str | None) -> Step:
         called = False
@@ -149,7 +190,9 @@ class _Delivery:
                 continue
             # Here and now: the check and the slot (and a half-open circuit's probe) are
             # taken in one round trip.
-            admission = self.gate.admit(self.job.task_class, model, self.tokens)
+            admission = self.admitted.pop(model, None) or self.gate.admit(
+                self.job.task_class, model, self.tokens
+            )
             if isinstance(admission, Block):
                 self.passed[model] = admission
                 continue

@@ -13,22 +13,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_shutdown
 
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
 from router.results import Result
 from workers.ledger.rows import encode_rows, rows_for
-from workers.ledger.store import Ledger
-from workers.ledger.writer import SpoolWriter
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.sending import TASK_RUN_JOB, describe
-from workers.runtime.step import Done, Failed, Forward, Gate, Step, advance, poisoned
+from workers.runtime.step import Done, Failed, Forward, Gate, Step, advance, first_call, poisoned
 from workers.state import deadletter, deliveries
 from workers.state.connections import redis_client
 from workers.state.limits import FailOpen, FleetState
@@ -51,20 +50,11 @@ def _remember_concurrency(sender: Any = None, **_: Any) -> None:
     _process["concurrency"] = getattr(sender, "concurrency", None)
 
 
-@worker_ready.connect
-def _start_ledger_writer(**_: Any) -> None:
-    # One writer per worker process drains the spool every worker fills.
-    _process["writer"] = SpoolWriter(Ledger()).start()
-
-
 @worker_shutdown.connect
 def _stop(**_: Any) -> None:
     registry = _process.pop("registry", None)
     if registry is not None:
         registry.close()
-    writer = _process.pop("writer", None)
-    if writer is not None:
-        writer.stop()
 
 
 def _registry() -> ProviderRegistry:
@@ -78,12 +68,21 @@ def _registry() -> ProviderRegistry:
         return _process["registry"]
 
 
-def _gate() -> Gate:
+def _state() -> FleetState:
     """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
     catalog = _catalog()
     with _lock:
+        if "state" not in _process:
+            _process["state"] = FleetState(redis_client(), catalog)
+        return _process["state"]
+
+
+def _gate() -> Gate:
+    """The live state as a delivery uses it: open when the state Redis is unreachable."""
+    state = _state()
+    with _lock:
         if "gate" not in _process:
-            _process["gate"] = FailOpen(FleetState(redis_client(), catalog))
+            _process["gate"] = FailOpen(state)
         return _process["gate"]
 
 
@@ -107,12 +106,12 @@ class Reply:
         )
 
 
-def _bookkeeping(job: dict[str, Any], result: Result, failed: bool) -> Bookkeeping:
-    """A finished job's ledger rows (and dead letter), to go with its final state."""
-    summary = result.summary()
+def _bookkeeping(job: dict[str, Any], result: Result, summary: dict[str, Any]) -> Bookkeeping:
+    """A finished job's ledger rows (and, if it failed, its dead letter), to go with its
+    final state."""
     return Bookkeeping(
         rows=encode_rows(rows_for(result, job, _catalog())),
-        dead_letter=deadletter.entry(job, summary) if failed else "",
+        dead_letter="" if result.ok else deadletter.entry(job, summary),
     )
 
 
@@ -129,7 +128,15 @@ def _max_hold_s(app: Any) -> float:
 @shared_task(bind=True, name=TASK_RUN_JOB, max_retries=None, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
-    delivery = deliveries.begin(redis_client(), job["id"], (state or {}).get("sends", 0))
+    here = (self.request.delivery_info or {}).get("routing_key")
+    # The delivery's first round trip counts it and, when it will call a model here and
+    # now, takes that model's slot too.
+    first = first_call(job, state, here=here, providers=_registry(), now=time.time())
+    admission = None
+    if first is not None:
+        tokens = int((state or {}).get("prompt_tokens") or 0)
+        admission = _state().admission(str(job.get("task_class")), first, tokens)
+    delivery = deliveries.begin(redis_client(), job["id"], (state or {}).get("sends", 0), admission)
     # A stale copy of a finished job (its caller has the answer, and the ledger its rows,
     # which went with the final state), or a copy of a message already forwarded.
     if delivery.finished or delivery.superseded:
@@ -141,14 +148,16 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
             _catalog(),
             job,
             state,
-            here=(self.request.delivery_info or {}).get("routing_key"),
+            here=here,
             providers=_registry(),
             gate=_gate(),
             worker=self.request.hostname,
+            admitted={first: delivery.admitted} if first and delivery.admitted else None,
         )
     if isinstance(step, Done):
-        attach(job["id"], _bookkeeping(job, step.result, failed=False))
-        return Reply(step.result.summary())
+        summary = step.result.summary()
+        attach(job["id"], _bookkeeping(job, step.result, summary))
+        return Reply(summary)
     if isinstance(step, Forward):
         try:
             raise self.retry(
@@ -162,5 +171,6 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         except Reject as exc:  # the forward could not be sent (the broker is away):
             raise Reject(exc.reason, requeue=True) from None  # keep this message, not drop it
     assert isinstance(step, Failed)
-    attach(job["id"], _bookkeeping(job, step.result, failed=True))
-    raise JobFailed(step.result.error or "job failed", step.result.summary())
+    summary = step.result.summary()
+    attach(job["id"], _bookkeeping(job, step.result, summary))
+    raise JobFailed(step.result.error or "job failed", summary)

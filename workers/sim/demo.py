@@ -24,6 +24,7 @@ from router.results import Result
 from workers.ops.pools import worker_argv
 from workers.ops.redis_server import RedisServer
 from workers.ops.supervisor import Supervisor
+from workers.ops.up import LEDGER_WRITER_READY, ledger_writer_argv
 
 DEMO_PROVIDER_TIMEOUT_S = 3.0
 # A 1x1 PNG: the vision job's image.
@@ -95,6 +96,7 @@ def demo_fleet(out: TextIO, workdir: Path) -> Iterator[dict[str, str]]:
         sup = Supervisor(workdir / "logs", env)
         for queue in QUEUES:
             sup.start(f"worker-{queue}", worker_argv([queue], concurrency=8), " ready.")
+        sup.start("ledger-writer", ledger_writer_argv(), LEDGER_WRITER_READY)
         progress(f"redis-server on {redis.url}; starting a worker per queue: {', '.join(QUEUES)}")
         sup.wait_ready()
         yield env

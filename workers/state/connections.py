@@ -55,7 +55,12 @@ def redis_client(url: str | None = None, environ: Mapping[str, str] = os.environ
 
 @cache
 def _source(name: str) -> str:
-    return (SCRIPTS / f"{name}.lua").read_text(encoding="utf-8")
+    """A script's text, with each `--!include NAME` line replaced by NAME.lua (Lua has no
+    imports inside Redis: shared functions are pasted in before the script is sent)."""
+    lines = (SCRIPTS / f"{name}.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(
+        _source(line.split()[1]) if line.startswith("--!include ") else line for line in lines
+    )
 
 
 _registered: dict[tuple[int, str], Script] = {}

@@ -11,14 +11,15 @@ job a second time alongside the forwarded one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from router.slots import Block
 from workers.state import keys
+from workers.state.connections import Pipeline
+from workers.state.limits import Admission, Slot
 
 MAX_DELIVERIES = 3
-FINAL_STATES = ("SUCCESS", "FAILURE")
 KEEP_S = 86_400
 
 
@@ -27,33 +28,29 @@ class Delivery:
     count: int  # 1 on first delivery
     finished: bool  # the job already has its final result: this is a stale copy
     superseded: bool = False  # the job was forwarded and the next message delivered
+    admitted: Slot | Block | None = None  # the answer to the admission asked for, if any
 
     @property
     def poisoned(self) -> bool:
         return self.count > MAX_DELIVERIES
 
 
-def begin(redis: Any, job_id: str, sends: int) -> Delivery:
-    """Count this delivery, look for a final result and for a later message, in one
-    round trip."""
-    counter = keys.deliveries(job_id, sends)
-    pipe = redis.pipeline(transaction=False)
-    pipe.incr(counter)
-    pipe.expire(counter, KEEP_S)
-    pipe.get(keys.result(job_id))
-    pipe.exists(keys.deliveries(job_id, sends + 1))
-    count, _, meta, later = pipe.execute()
-    return Delivery(int(count), stored_status(meta) in FINAL_STATES, bool(later))
-
-
-def stored_status(meta: bytes | str | None) -> str | None:
-    """The status of a job's stored state (Celery's JSON meta), or None when there is none
-    or it cannot be read."""
-    if not meta:
-        return None
-    try:
-        stored = json.loads(meta)
-    except ValueError:
-        return None
-    status = stored.get("status") if isinstance(stored, dict) else None
-    return status if isinstance(status, str) else None
+def begin(redis: Any, job_id: str, sends: int, admission: Admission | None = None) -> Delivery:
+    """Count this delivery and look for a final result and for a later message; and, when
+    the delivery is to go on, take `admission` (the first model's slot): one round trip
+    (scripts/begin.lua). A finished job is recognised by the status its stored state
+    names."""
+    script_keys = [
+        keys.deliveries(job_id, sends),
+        keys.result(job_id),
+        keys.deliveries(job_id, sends + 1),
+    ]
+    args: list[Any] = [KEEP_S, MAX_DELIVERIES]
+    if admission is not None:
+        script_keys += admission.keys
+        args += admission.args
+    batch = Pipeline(redis)
+    batch.script("begin", script_keys, args)
+    count, finished, later, *rest = batch.execute()[0]
+    admitted = admission.read(rest[0]) if admission is not None and rest else None
+    return Delivery(int(count), bool(finished), bool(later), admitted)

@@ -8,7 +8,9 @@ clock, so machines with skewed clocks still agree.
     block(cls, model)        why the model cannot take a job now (and until when): a look
     admit(cls, model, tok)   the same check, and the slot taken in every window the model
                              counts against (and the probe of a half-open circuit), in one
-                             round trip (scripts/admit.lua): a Slot, or the Block
+                             round trip (scripts/admission.lua): a Slot, or the Block
+    admission(...)           that call's keys and args, for a script that admits as part of
+                             something else (a delivery's begin.lua)
     settle(model, attempt, cost, probe)
                              after a call, write-only: tokens, spend, and the model's
                              health (a 429 cools it for Retry-After; repeated failures open
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +50,15 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """One model's admission.lua call: its keys and args, and how to read its reply."""
+
+    keys: list[str]
+    args: list[Any]
+    read: Callable[[Any], Slot | Block]
+
+
+@dataclass(frozen=True)
 class _Window:
     key: str
     limit: int
@@ -68,6 +80,8 @@ class FleetState:
     def __init__(self, redis: Any, catalog: Catalog) -> None:
         self.redis = redis
         self.catalog = catalog
+        # What a model counts against follows from the catalog alone: worked out once.
+        self._windows_of: dict[tuple[str, str], list[_Window]] = {}
 
     # --- looking and taking -------------------------------------------------------------
 
@@ -83,25 +97,27 @@ class FleetState:
         """Why each of `models` cannot take a job of `task_class` now (absent: it can), all
         looked at in one round trip."""
         batch = Pipeline(self.redis)
-        checks = [self._check(batch, task_class, m, prompt_tokens, take=False) for m in models]
-        replies = batch.execute()
+        looks = [self.admission(task_class, m, prompt_tokens, take=False) for m in models]
+        for look in looks:
+            batch.script("admit", look.keys, look.args)
         found = {}
-        for model_id, check, reply in zip(models, checks, replies, strict=True):
-            answer = check(reply)
+        for model_id, look, reply in zip(models, looks, batch.execute(), strict=True):
+            answer = look.read(reply)
             if isinstance(answer, Block):
                 found[model_id] = answer
         return found
 
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
         """Take a slot for one call, fleet-wide; or the Block saying until when to wait."""
+        call = self.admission(task_class, model_id, prompt_tokens)
         batch = Pipeline(self.redis)
-        check = self._check(batch, task_class, model_id, prompt_tokens, take=True)
-        return check(batch.execute()[0])
+        batch.script("admit", call.keys, call.args)
+        return call.read(batch.execute()[0])
 
-    def _check(
-        self, batch: Pipeline, task_class: str, model_id: str, prompt_tokens: int, *, take: bool
-    ) -> Any:
-        """Queue one admit.lua call in `batch`; the function that reads its reply."""
+    def admission(
+        self, task_class: str, model_id: str, prompt_tokens: int, *, take: bool = True
+    ) -> Admission:
+        """The admission.lua call for one model (a look only, unless `take`)."""
         model = self.catalog.model(model_id)
         now = datetime.now(UTC)
         caps = self._caps(model, now)
@@ -110,8 +126,7 @@ class FleetState:
         script_keys += [c.key for c in caps] + [w.key for w in windows]
         args: list[Any] = [uuid.uuid4().hex, "0" if take else "1", PROBE_TTL_MS, len(caps)]
         args += [c.usd for c in caps] + _window_args(windows, prompt_tokens)
-        batch.script("admit", script_keys, args)
-        return lambda reply: _answer(reply, caps, windows, now)
+        return Admission(script_keys, args, lambda reply: _answer(reply, caps, windows, now))
 
     def _caps(self, model: Model, now: datetime) -> list[_Cap]:
         """Every budget capping `model`, with the spend counter of its current period."""
@@ -126,6 +141,12 @@ class FleetState:
         ]  # fmt: skip
 
     def _windows(self, task_class: str, model: Model) -> list[_Window]:
+        key = (task_class, model.id)
+        if key not in self._windows_of:
+            self._windows_of[key] = self._windows_uncached(task_class, model)
+        return self._windows_of[key]
+
+    def _windows_uncached(self, task_class: str, model: Model) -> list[_Window]:
         provider = self.catalog.providers[model.provider]
         windows = _limit_windows("model", model.id, model.limits)
         windows += _limit_windows("provider", model.provider, provider.limits)

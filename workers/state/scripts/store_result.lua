@@ -2,15 +2,17 @@
 -- KEYS: the job's result key, the ledger spool, the dead-letter hash.
 -- ARGV: value (Celery's JSON), expiry in s (0: none), final ('1' for SUCCESS or FAILURE),
 --   the job's ledger rows ('' = none), job id, its dead letter ('' = none).
--- A non-final state (STARTED, RETRY) never replaces a final one: Celery writes them from
--- different workers and they can land out of order (workers/runtime/resultstore.py).
+-- SUCCESS is never replaced (Celery's own rule, which it checks with a read before the
+-- write), and a non-final state (STARTED, RETRY) never replaces FAILURE either: Celery
+-- writes them from different workers and they can land out of order
+-- (workers/runtime/resultstore.py).
 -- With a final state go the job's attempt rows onto the ledger spool and, for a failed
 -- job, its dead letter: a worker killed at any moment leaves either all three or none.
 local current = redis.call('GET', KEYS[1])
-if current and ARGV[3] == '0' then
+if current then
   local ok, meta = pcall(cjson.decode, current)
   local status = ok and type(meta) == 'table' and meta['status']
-  if status == 'SUCCESS' or status == 'FAILURE' then
+  if status == 'SUCCESS' or (status == 'FAILURE' and ARGV[3] == '0') then
     return 0
   end
 end
