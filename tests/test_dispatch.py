@@ -130,3 +130,50 @@ def test_a_result_stored_without_a_wake_up_is_still_found(broker) -> None:
     started = time.monotonic()
     assert handle.get(timeout=10).text == "hi"
     assert time.monotonic() - started < 9
+
+
+def _events(broker: Any) -> Any:
+    pubsub = broker.pubsub()
+    pubsub.psubscribe("*celeryev/task.sent")
+    assert pubsub.get_message(timeout=2)["type"] == "psubscribe"  # subscribed, for sure
+    return pubsub
+
+
+def _shape(envelope: dict[str, Any]) -> dict[str, Any]:
+    """An envelope without what differs from message to message."""
+    import base64
+
+    varying = {"id", "root_id", "correlation_id", "delivery_tag", "kwargsrepr", "uuid",
+               "kwargs", "timestamp", "clock", "pid", "hostname", "origin"}  # fmt: skip
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if k not in varying
+        }
+
+    body = json.loads(base64.b64decode(envelope["body"]))
+    task = isinstance(body, list)  # a task: [args, kwargs, embed]; else an event
+    return {**strip(envelope), "body": [body[0], sorted(body[1]), body[2]] if task else strip(body)}
+
+
+def test_a_batched_message_and_its_event_are_what_kombu_writes(broker) -> None:
+    events = _events(broker)
+    # Given one job sent through kombu's producer, then two in a batch
+    one = dispatch(ask("single"))
+    many = dispatch_many([ask("batch a"), ask("batch b")])
+    messages = {json.loads(m)["headers"]["id"]: json.loads(m) for m in queued(broker, "free")}
+    sent = []
+    while len(sent) < 3 and (message := events.get_message(timeout=2)):
+        if message["type"] == "pmessage":
+            sent.append(json.loads(message["data"]))
+    events.close()
+    # Then every message and every task-sent event has kombu's shape
+    assert len(messages) == 3 and len(sent) == 3
+    kombu_message = _shape(messages[one.id])
+    assert [_shape(messages[h.id]) for h in many] == [kombu_message] * 2
+    shapes = [_shape(e) for e in sent]
+    assert shapes[1:] == [shapes[0]] * 2
+    assert {json.loads(__import__("base64").b64decode(e["body"]))["uuid"] for e in sent} == {
+        one.id,
+        *(h.id for h in many),
+    }

@@ -60,3 +60,12 @@ def test_cron_job_never_escalates_into_subscription(fleet_app) -> None:
     tiers = {a["tier"] for a in result["attempts"]}
     assert tiers <= {"free", "local"}
     assert "every model failed" in result["error"]
+
+
+def test_a_batch_sent_in_one_round_trip_is_answered_job_by_job(fleet_app, simulator) -> None:
+    from router import dispatch_many
+
+    handles = dispatch_many([ask(f"batch item {i}", task_class="cost_free") for i in range(5)])
+    results = [h.get(timeout=TIMEOUT_S) for h in handles]
+    assert [r.job_id for r in results] == [h.id for h in handles]
+    assert all(r.ok and r.queue_path == ["free"] for r in results)

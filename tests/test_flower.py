@@ -77,7 +77,8 @@ def test_flower_sees_every_queue_and_shows_no_prompt_or_key(
     ids = {h.id for h in handles.values()}
     tasks = flower.tasks_when_final(ids)
     unfinished = {i for i in ids if tasks.get(i, {}).get("state") not in ("SUCCESS", "FAILURE")}
-    assert not unfinished, f"Flower never saw {unfinished} finish"
+    names = {h.id: name for name, h in handles.items()}
+    assert not unfinished, f"Flower never saw {[names[i] for i in unfinished]} finish: {tasks}"
     for name, handle in handles.items():
         task = tasks[handle.id]
         assert task["name"] == "fleet.run_job"

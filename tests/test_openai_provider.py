@@ -225,11 +225,14 @@ def test_1000_concurrent_slow_requests(sim):
         # When all of them call at once
         results = list(pool.map(call, range(1000)))
     assert len(results) == 1000 and all(r.text for r in results)
-    # Then all 1,000 calls were in flight together: every request reached the provider
-    # before the first answer came back (no pool limit made one wait for another)
+    # Then the calls were in flight together: far more requests reached the provider
+    # before the first answer came back than a pool of httpx's default 100 connections
+    # would let through (on a loaded machine the last few threads may start late, so not
+    # all 1,000 are required)
     arrived = [r["t"] for r in sim.requests()]
     assert len(arrived) == 1000
-    assert max(arrived) < min(answered), "calls waited for a free connection"
+    early = sum(t < min(answered) for t in arrived)
+    assert early > 500, f"only {early} calls in flight before the first answer"
 
 
 def warm_up() -> None:

@@ -26,7 +26,7 @@ from router.results import Result
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.resultstore import Bookkeeping, attach
-from workers.runtime.sending import TASK_RUN_JOB, describe
+from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
 from workers.runtime.step import Done, Failed, Forward, Gate, Step, advance, first_call, poisoned
 from workers.state import deadletter, deliveries
 from workers.state.connections import redis_client
@@ -125,7 +125,30 @@ def _max_hold_s(app: Any) -> float:
     return float(options.get("visibility_timeout", 3600)) / 2
 
 
-@shared_task(bind=True, name=TASK_RUN_JOB, max_retries=None, throws=(JobFailed,))
+def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
+    """Send the job's next message (same task id) to the queue of its next model.
+
+    Not Celery's `retry()`: that also writes a RETRY state and sends a task-retried
+    event after the next message is out, and when the next delivery finishes first (an
+    escalation takes a few ms) the late event makes Flower show the finished job as
+    RETRY for good. Here the next message is the only trace of the hop; the job's state
+    stays STARTED until a delivery ends it."""
+    message = Outgoing(
+        job=job,
+        state=step.state,
+        queue=step.queue,
+        model=step.queue,
+        priority=job.get("priority"),
+        countdown_s=min(step.countdown_s, _max_hold_s(app)),  # 0: at once
+    )
+    try:
+        send(app, message)
+    except Exception as exc:  # the broker is away: keep this message rather than drop it
+        log.warning("job %s: forward to %s not sent (%r); requeued", job["id"], step.queue, exc)
+        raise Reject(f"forward not sent: {type(exc).__name__}", requeue=True) from None
+
+
+@shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
     here = (self.request.delivery_info or {}).get("routing_key")
@@ -159,17 +182,8 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         attach(job["id"], _bookkeeping(job, step.result, summary))
         return Reply(summary)
     if isinstance(step, Forward):
-        try:
-            raise self.retry(
-                kwargs={"job": job, "state": step.state},
-                queue=step.queue,
-                countdown=min(step.countdown_s, _max_hold_s(self.app)),  # 0: at once
-                max_retries=None,
-                argsrepr="()",
-                kwargsrepr=describe(job, step.queue),
-            )
-        except Reject as exc:  # the forward could not be sent (the broker is away):
-            raise Reject(exc.reason, requeue=True) from None  # keep this message, not drop it
+        _forward(self.app, job, step)
+        raise Ignore()  # this message is done with: acked, no state written, no event
     assert isinstance(step, Failed)
     summary = step.result.summary()
     attach(job["id"], _bookkeeping(job, step.result, summary))
