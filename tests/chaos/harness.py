@@ -547,11 +547,11 @@ def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
     ledger = Ledger(fleet.ledger_url, redis_url=fleet.redis.url if fleet.redis else None,
                     spool_dir=fleet.workdir / "data")  # fmt: skip
     try:
-        drained = ledger.drain()  # rows spooled during an outage, if any
+        drained = ledger.drain()  # what the fleet's ledger writer would write: every row
     finally:
         ledger.close()
     if drained:
-        tally.notes.append(f"{drained} ledger rows were spooled and drained")
+        tally.notes.append(f"the audit wrote {drained} ledger rows from the spool")
     rows = ledger_rows(fleet.ledger_url)
     finals = fleet.monitor.finals if fleet.monitor else Counter()
     tally.jobs += len(records)
