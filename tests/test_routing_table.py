@@ -1,4 +1,5 @@
-"""Every row of DESIGN.md's chain table, the focus/profile precedence and rules 2-4."""
+"""Every row of the chain table (docs/architecture.md, section 4), the focus/profile
+precedence and rules 2-4."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from router.errors import InvalidJob
 CATALOG = load_catalog()
 
 OR = "openrouter/"
-# DESIGN.md "Default chains", primary first, as (model, queue).
+# The default chains (docs/architecture.md, section 4), primary first, as (model, queue).
 DESIGN_CHAINS = {
     "complex_reasoning": [
         ("zai/glm-4.7", "subscription"),
