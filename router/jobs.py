@@ -61,6 +61,18 @@ def _not_a_bool(value: Any) -> Any:
 NotBool = BeforeValidator(_not_a_bool)
 
 
+class Reservation(_Strict):
+    """What an app's budget set aside for this job before it was queued (the gateway's
+    doing): the worker settles it to the job's real cost when the job ends."""
+
+    usd: Annotated[float, Field(ge=0)]
+    day: Annotated[str, Field(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+    month: Annotated[str, Field(pattern=r"^\d{4}-\d{2}$")]
+
+
+AppName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
 class Job(_Strict):
     id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\w.:-]+$")] = Field(
         default_factory=lambda: uuid.uuid4().hex
@@ -77,6 +89,8 @@ class Job(_Strict):
     idempotency_key: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     deadline: datetime | None = None
     metadata: dict[str, MetadataValue] = {}
+    app: AppName | None = None  # who sent it (the gateway: the app its key names)
+    reservation: Reservation | None = None
 
     @property
     def has_image(self) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 from ledger_db import DATABASES, attempt, database, rows, simple_rows, write_concurrently
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from router import dispatch, load_catalog
 from router.catalog import default_catalog_path
@@ -163,15 +163,35 @@ def test_urls_and_schema_version(url: str, tmp_path: Path) -> None:
     ledger.ensure_schema()
     ledger.ensure_schema()
     with ledger.engine.begin() as conn:
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [1]
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [2]
         conn.execute(update(ledger_meta).values(schema_version=99))
     ledger.close()
     newer = open_ledger(url, tmp_path)
-    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 1"):
+    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 2"):
         newer.ensure_schema()
     newer.record(simple_rows("kept"))  # refused, but neither raised nor lost
     assert newer.pending() == 1
     newer.close()
+
+
+def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(url: str, tmp_path: Path) -> None:
+    # Given a ledger written by the first version (no app column, no app_keys table)
+    ledger = open_ledger(url, tmp_path)
+    ledger.record(simple_rows("old", 2))
+    with ledger.engine.begin() as conn:
+        conn.execute(text("DROP TABLE app_keys"))
+        conn.execute(text("ALTER TABLE attempts DROP COLUMN app"))
+        conn.execute(update(ledger_meta).values(schema_version=1))
+    ledger.close()
+    # When this version opens it
+    upgraded = open_ledger(url, tmp_path)
+    upgraded.record([{**row, "app": "billing"} for row in simple_rows("new", 1)])
+    # Then the old rows are there, the new ones carry their app, and the version is 2
+    with upgraded.engine.connect() as conn:
+        apps = conn.execute(select(attempts.c.job_id, attempts.c.app)).all()
+        assert sorted(apps) == [("new", "billing"), ("old", None), ("old", None)]
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 2
+    upgraded.close()
 
 
 # --- concurrency -------------------------------------------------------------------------

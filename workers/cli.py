@@ -55,6 +55,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value} (valid: 0-65535)")
+    return value
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
 
@@ -247,6 +264,63 @@ def cmd_ledger_writer(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     os.environ.update(_broker_env())
     return writer.run(Ledger(), every_s=args.every)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.serve import serve
+
+    os.environ.update(_broker_env())
+    return serve(args.host, args.port)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from gateway.keys import KeyStore
+    from workers.ledger.store import Ledger
+    from workers.state.apps import AppLimits
+
+    ledger = Ledger(redis_url=None)
+    store = KeyStore(ledger)
+    try:
+        if args.action == "create":
+            limits = AppLimits(args.usd_per_day, args.usd_per_month, args.requests_per_min)
+            classes = args.classes.split(",") if args.classes else None
+            key, row = store.create(args.app, limits, classes)
+            if args.json:
+                _print_json({**row.as_dict(), "key": key})
+            else:
+                print(key)
+                print(f"fleet: key {row.key_id} for app {row.app!r}: shown once, keep it"
+                      " (the ledger holds only its hash)", file=sys.stderr)  # fmt: skip
+            return 0
+        if args.action == "revoke":
+            row = store.revoke(args.key_id)
+            _print_json(row.as_dict()) if args.json else print(f"revoked {row.key_id} ({row.app})")
+            return 0
+        rows = [k.as_dict() for k in store.list()]
+        if args.json:
+            _print_json(rows)
+        for r in [] if args.json else rows:
+            state = "revoked" if r["revoked_at"] else "active"
+            shown = (
+                " ".join(
+                    part
+                    for part, value in (
+                        (f"day ${r['usd_per_day']}", r["usd_per_day"]),
+                        (f"month ${r['usd_per_month']}", r["usd_per_month"]),
+                        (f"{r['requests_per_min']}/min", r["requests_per_min"]),
+                    )
+                    if value is not None
+                )
+                or "no limits"
+            )
+            allowed: Any = r["classes"]
+            classes = ",".join(allowed) if allowed else "all classes"
+            print(f"{r['key_id']}  {r['app']:<20} {state:<8} {shown}; {classes}")
+        return 0
+    finally:
+        ledger.close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -499,6 +573,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--every", type=_positive_float, default=1.0, metavar="SECONDS")
     p.set_defaults(handler=cmd_ledger_writer)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP gateway")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=_port, default=8080)
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser("keys", help="the gateway's keys per app: create, list, revoke")
+    keys = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    q = keys.add_parser("create", help="a new key for APP (printed once)")
+    q.add_argument("app")
+    q.add_argument("--usd-per-day", type=_non_negative_float, metavar="X")
+    q.add_argument("--usd-per-month", type=_non_negative_float, metavar="Y")
+    q.add_argument("--requests-per-min", type=_positive_int, metavar="N")
+    q.add_argument("--classes", metavar="C,...", help="task classes the key may use (all)")
+    q.add_argument("--json", action="store_true")
+    q = keys.add_parser("list", help="every key, its app and limits (never the key)")
+    q.add_argument("--json", action="store_true")
+    q = keys.add_parser("revoke", help="revoke a key for good")
+    q.add_argument("key_id")
+    q.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_keys)
 
     p = sub.add_parser("dead-letter", help="jobs that ended without an answer: list, replay")
     dead = p.add_subparsers(dest="action", required=True, parser_class=_Parser)

@@ -52,6 +52,7 @@ def rows_for(result: Result, job: Mapping[str, Any], catalog: Catalog) -> list[d
                 "started_at": _utc(a.started_at),
                 "finished_at": _utc(a.started_at + a.latency_ms / 1000),
                 "recorded_at": recorded,
+                "app": job.get("app"),
             }
         )
     return rows

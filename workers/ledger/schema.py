@@ -1,5 +1,7 @@
-"""The ledger's tables: `attempts`, one row per attempt keyed by (job_id, attempt), and
-`ledger_meta`, the schema version (a database of a newer version is refused)."""
+"""The ledger's tables: `attempts`, one row per attempt keyed by (job_id, attempt);
+`app_keys`, the gateway's keys per app (hashed, never in clear); and `ledger_meta`, the
+schema version (a database of a newer version is refused; an older one is upgraded:
+MIGRATIONS)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from sqlalchemy import (
     Table,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -46,8 +48,29 @@ attempts = Table(
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("app", String(64)),  # the app that sent the job (its gateway key's), if known
     Index("ix_attempts_started_at", "started_at"),
 )
+
+app_keys = Table(
+    "app_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),  # the key's public prefix, shown in lists
+    Column("key_sha256", String(64), nullable=False),  # the whole key, hashed
+    Column("app", String(64), nullable=False),
+    Column("usd_per_day", Float),
+    Column("usd_per_month", Float),
+    Column("requests_per_min", Integer),
+    Column("classes", String(1000)),  # comma-separated task classes; NULL: every class
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Index("ix_app_keys_app", "app"),
+)
+
+# What takes a database of version N to N + 1 (tables that are new are created as such).
+MIGRATIONS: dict[int, list[str]] = {
+    1: ["ALTER TABLE attempts ADD COLUMN app VARCHAR(64)"],
+}
 
 ledger_meta = Table(
     "ledger_meta",

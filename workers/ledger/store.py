@@ -38,7 +38,14 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from router.errors import ConfigError
 from workers.config import data_dir, fleet_urls
 from workers.ledger.rows import decode_rows, encode_rows
-from workers.ledger.schema import COLUMNS, SCHEMA_VERSION, attempts, ledger_meta, metadata
+from workers.ledger.schema import (
+    COLUMNS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    attempts,
+    ledger_meta,
+    metadata,
+)
 from workers.state import keys
 from workers.state.connections import new_client, script
 
@@ -105,6 +112,16 @@ def _reason(exc: BaseException) -> str:
     inner = getattr(exc, "orig", None) or exc
     first = (str(inner).strip().splitlines() or [""])[0]
     return f"{type(inner).__name__}: {first[:300]}"
+
+
+def _upgrade(conn: Connection, version: int) -> None:
+    """Bring a database of an older schema version up to this one, in the transaction
+    that checked it (a PostgreSQL advisory lock keeps two processes from racing)."""
+    for step in range(version, SCHEMA_VERSION):
+        for statement in MIGRATIONS.get(step, []):
+            conn.execute(text(statement))
+    if version < SCHEMA_VERSION:
+        conn.execute(ledger_meta.update().values(schema_version=SCHEMA_VERSION))
 
 
 class Ledger:
@@ -203,12 +220,16 @@ class Ledger:
                     metadata.create_all(conn, checkfirst=True)
                     version = conn.execute(select(ledger_meta.c.schema_version)).scalar()
                     if version is None:
-                        conn.execute(ledger_meta.insert().values(id=1, schema_version=1))
+                        conn.execute(
+                            ledger_meta.insert().values(id=1, schema_version=SCHEMA_VERSION)
+                        )
                     elif version > SCHEMA_VERSION:
                         raise ConfigError(
                             f"the ledger at {redacted(self.url)} has schema version {version},"
                             f" newer than this modelfleet's {SCHEMA_VERSION}: upgrade modelfleet"
                         )
+                    else:
+                        _upgrade(conn, version)
             self._ready = True
 
     def insert(self, rows: list[dict[str, Any]]) -> None:

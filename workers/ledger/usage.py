@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
     from workers.ledger.store import Ledger
 
-GROUPS: tuple[str, ...] = ("model", "provider", "tier", "queue", "task_class", "source", "day")
+GROUPS: tuple[str, ...] = (
+    "model", "provider", "tier", "queue", "task_class", "source", "app", "day",
+)  # fmt: skip
 REFERENCE_MODEL = "litellm/kimi"
 REFERENCE_PRICES: tuple[float, float] = (
     0.56,

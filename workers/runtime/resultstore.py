@@ -41,6 +41,8 @@ class Bookkeeping:
 
     rows: str = ""
     dead_letter: str = ""
+    settle_keys: tuple[str, ...] = ()  # an app's reservation: marker, day and month spend
+    settle_usd: float | None = None  # the job's real cost minus what was reserved
 
 
 _attached: dict[str, Bookkeeping] = {}
@@ -100,10 +102,12 @@ class FleetRedisBackend(RedisBackend):
     ) -> Any:
         ttl = int(expires) if expires else 0
         store = script(self.client, "store_result")
+        settle = "" if extra.settle_usd is None else repr(extra.settle_usd)
         return store(
-            keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER],
-            args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter],
-        )
+            keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER, *extra.settle_keys],
+            args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter,
+                  settle],
+        )  # fmt: skip
 
 
 def _job_id(key: Any) -> str:

@@ -304,6 +304,16 @@ def poisoned(job_data: dict[str, Any], state: dict[str, Any] | None, deliveries:
     return Failed(_result(job_data, state, attempts, time.time(), error=error))
 
 
+REVOKED = "revoked by its app"
+
+
+def revoked(job_data: dict[str, Any], state: dict[str, Any] | None) -> Result:
+    """The Result of a job its app revoked: no answer, the attempts made before."""
+    state = state or {}
+    attempts = [Attempt.model_validate(a) for a in state.get("attempts", [])]
+    return _result(job_data, state, attempts, time.time(), error=REVOKED)
+
+
 def _start(
     catalog: Catalog, job_data: dict[str, Any], state: dict[str, Any] | None, now: float
 ) -> tuple[Job, dict[str, Any]] | Failed:

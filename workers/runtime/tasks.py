@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
@@ -22,13 +22,25 @@ from celery.signals import worker_init, worker_shutdown
 
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
+from router.jobs import Reservation
 from router.results import Result
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
-from workers.runtime.step import Done, Failed, Forward, Gate, Step, advance, first_call, poisoned
-from workers.state import deadletter, deliveries
+from workers.runtime.step import (
+    REVOKED,
+    Done,
+    Failed,
+    Forward,
+    Gate,
+    Step,
+    advance,
+    first_call,
+    poisoned,
+    revoked,
+)
+from workers.state import apps, deadletter, deliveries
 from workers.state.connections import redis_client
 from workers.state.limits import FailOpen, FleetState
 
@@ -107,11 +119,21 @@ class Reply:
 
 
 def _bookkeeping(job: dict[str, Any], result: Result, summary: dict[str, Any]) -> Bookkeeping:
-    """A finished job's ledger rows (and, if it failed, its dead letter), to go with its
-    final state."""
+    """A finished job's ledger rows, its dead letter if it failed, and the settlement of
+    what its app's budget set aside for it, to go with its final state."""
+    rows = rows_for(result, job, _catalog())
+    settle_keys: tuple[str, ...] = ()
+    settle_usd = None
+    reserved = job.get("reservation")
+    if job.get("app") and reserved:
+        reservation = Reservation.model_validate(reserved)
+        settle_keys = tuple(apps.settle_keys(job["app"], job["id"], reservation))
+        settle_usd = sum(row["cost_usd"] for row in rows) - reservation.usd
     return Bookkeeping(
-        rows=encode_rows(rows_for(result, job, _catalog())),
-        dead_letter="" if result.ok else deadletter.entry(job, summary),
+        rows=encode_rows(rows),
+        dead_letter="" if result.ok or result.error == REVOKED else deadletter.entry(job, summary),
+        settle_keys=settle_keys,
+        settle_usd=settle_usd,
     )
 
 
@@ -148,6 +170,18 @@ def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
         raise Reject(f"forward not sent: {type(exc).__name__}", requeue=True) from None
 
 
+def _end_revoked(task: Task, job: dict[str, Any], state: dict[str, Any] | None) -> NoReturn:
+    """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made
+    before, and the settlement of its reservation), and end this delivery."""
+    from celery import states
+    from celery.exceptions import TaskRevokedError
+
+    result = revoked(job, state)
+    attach(job["id"], _bookkeeping(job, result, result.summary()))
+    task.backend.store_result(job["id"], TaskRevokedError(result.error), states.REVOKED)
+    raise Ignore()
+
+
 @shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
@@ -164,6 +198,8 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     # which went with the final state), or a copy of a message already forwarded.
     if delivery.finished or delivery.superseded:
         raise Ignore()
+    if delivery.revoked:  # its app revoked it: end it here, with what it spent so far
+        _end_revoked(self, job, state)
     if delivery.poisoned:
         step: Step = poisoned(job, state, delivery.count)
     else:

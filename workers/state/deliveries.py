@@ -29,6 +29,7 @@ class Delivery:
     finished: bool  # the job already has its final result: this is a stale copy
     superseded: bool = False  # the job was forwarded and the next message delivered
     admitted: Slot | Block | None = None  # the answer to the admission asked for, if any
+    revoked: bool = False  # its app revoked the job: end it, make no call
 
     @property
     def poisoned(self) -> bool:
@@ -44,6 +45,7 @@ def begin(redis: Any, job_id: str, sends: int, admission: Admission | None = Non
         keys.deliveries(job_id, sends),
         keys.result(job_id),
         keys.deliveries(job_id, sends + 1),
+        keys.revoked(job_id),
     ]
     args: list[Any] = [KEEP_S, MAX_DELIVERIES]
     if admission is not None:
@@ -51,6 +53,6 @@ def begin(redis: Any, job_id: str, sends: int, admission: Admission | None = Non
         args += admission.args
     batch = Pipeline(redis)
     batch.script("begin", script_keys, args)
-    count, finished, later, *rest = batch.execute()[0]
+    count, finished, later, revoked, *rest = batch.execute()[0]
     admitted = admission.read(rest[0]) if admission is not None and rest else None
-    return Delivery(int(count), bool(finished), bool(later), admitted)
+    return Delivery(int(count), bool(finished), bool(later), admitted, bool(revoked))

@@ -73,3 +73,36 @@ def result(job_id: str) -> str:
 LEDGER_SPOOL = f"{PREFIX}:ledger:spool"  # list: one JSON entry of attempt rows per job
 LEDGER_CLAIMS = f"{PREFIX}:ledger:spool:claims"  # zset: claim token -> claimed at (unix s)
 LEDGER_CLAIM_PREFIX = f"{PREFIX}:ledger:spool:claim:"  # + token: the entries one drainer holds
+
+
+# --- apps behind the gateway (workers/state/apps.py) -------------------------------------
+
+
+def app_requests(app: str) -> str:
+    """An app's requests of the last minute (sorted set by arrival ms), for its key's
+    requests_per_min; expires a minute after the last."""
+    return f"{PREFIX}:app:{app}:requests"
+
+
+def app_spend(app: str, period: str, stamp: str) -> str:
+    """USD an app's jobs have set aside (reserved at the door, settled to their real cost
+    when they end) in one UTC day (kept 2 days) or month (33)."""
+    return f"{PREFIX}:app:{app}:spend:{period}:{stamp}"
+
+
+def settled(job_id: str) -> str:
+    """Set once a job's reservation was settled (by its final state, or refunded by the
+    gateway for a job that never ran), so that it is settled once; kept a day."""
+    return f"{PREFIX}:app:settled:{job_id}"
+
+
+def revoked(job_id: str) -> str:
+    """Set when a job's app revoked it while a worker held it: its next delivery ends it
+    (workers/state/scripts/begin.lua); kept a day."""
+    return f"{PREFIX}:gateway:revoked:{job_id}"
+
+
+def owner(job_id: str) -> str:
+    """The app that sent a job through the gateway (only it may read or revoke the job);
+    kept a day."""
+    return f"{PREFIX}:gateway:owner:{job_id}"

@@ -1,0 +1,338 @@
+"""The gateway's routes: an ASGI app on Starlette (served by uvicorn: gateway/serve.py).
+
+    POST   /v1/chat/completions   an OpenAI chat completion, answered when the job ends
+    GET    /v1/models             every catalog model and route name
+    POST   /v1/jobs               a fleet job nobody waits on: 202 and its id
+    GET    /v1/jobs/{id}          its state, and its Result once it has one
+    DELETE /v1/jobs/{id}          revoke it: at once if not yet delivered, else at its next
+                                  step (a provider call in flight finishes)
+
+Every route needs a bearer key (gateway/keys.py). A request is checked whole before
+anything is queued: the body, the model, the key's classes, then its budget and request
+limit (one Redis script that also sets the worst case aside); only then is the job
+dispatched. A refused request leaves nothing behind. The job, once queued, runs to its
+end whether or not its caller waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway import shapes
+from gateway.errors import APIError
+from gateway.keys import AppKey, KeyStore
+from gateway.waiter import ResultWaiter
+from router.catalog import Catalog
+from router.dispatcher import current_catalog, dispatch
+from router.errors import InvalidJob, NoRouteAvailable
+from router.jobs import Job
+from router.policy import route_job
+from router.results import Result
+from workers.config import fleet_urls
+from workers.ledger.store import Ledger
+from workers.state import apps, keys
+from workers.state.apps import Refused
+from workers.state.connections import redis_client
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+TIMEOUT_S = 300.0
+SEND_THREADS = 64  # requests dispatching at once (each a short blocking send)
+
+
+@dataclass(frozen=True)
+class Settings:
+    timeout_s: float = TIMEOUT_S  # how long a chat request waits for its job
+    max_body_bytes: int = MAX_BODY_BYTES
+    result_expires_s: int = 86_400
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        return cls(
+            timeout_s=float(environ.get("FLEET_GATEWAY_TIMEOUT_S", TIMEOUT_S)),
+            max_body_bytes=int(environ.get("FLEET_GATEWAY_MAX_BODY_BYTES", MAX_BODY_BYTES)),
+            result_expires_s=int(environ.get("FLEET_RESULT_EXPIRES_S", 86_400)),
+        )
+
+
+class Gateway:
+    """What the routes share: settings, keys, the waiter, the state Redis."""
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self.settings = settings
+        self.keys = KeyStore(ledger)
+        self.redis = redis_client()
+        self.waiter = ResultWaiter(fleet_urls()[1])
+        self.limiter = anyio.CapacityLimiter(SEND_THREADS)
+
+    async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def key_of(self, request: Request) -> AppKey:
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise APIError(401, "no key: send 'Authorization: Bearer <key>'", code="missing_key")
+        found = await self.blocking(self.keys.verify, presented.strip())
+        if found is None:
+            raise APIError(401, "the key is unknown or revoked", code="invalid_api_key")
+        return found
+
+    async def body(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks) or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the body is not valid JSON", code="invalid_json") from None
+
+    async def send(self, key: AppKey, job: Job, catalog: Catalog) -> Job:
+        """Reserve the job's worst case on the key's budget and dispatch it: the job as
+        sent. APIError (nothing queued, nothing reserved) when it cannot go."""
+        if key.classes is not None and job.task_class not in key.classes:
+            raise APIError(
+                403,
+                f"this key may not send {job.task_class!r} jobs"
+                f" (allowed: {', '.join(sorted(key.classes))})",
+                code="class_not_allowed",
+                param="task_class",
+            )
+        try:
+            decision = route_job(catalog, job)
+        except NoRouteAvailable as exc:
+            raise _no_route(exc) from None
+        worst = shapes.worst_cost(catalog, decision)
+        if worst > 0 and decision.max_tokens is None:  # bound what the reservation covers
+            job = job.model_copy(update={"max_tokens": shapes.DEFAULT_MAX_TOKENS})
+        sent: Job = await self.blocking(self._reserve_and_dispatch, key, job, worst)
+        return sent
+
+    def _reserve_and_dispatch(self, key: AppKey, job: Job, worst: float) -> Job:
+        reserved = apps.reserve(self.redis, key.app, key.limits, worst, job.id)
+        if isinstance(reserved, Refused):
+            retry = f"{max(1, round(reserved.retry_after_s))}"
+            raise APIError(429, reserved.reason, code="limit_reached",
+                           headers={"Retry-After": retry})  # fmt: skip
+        job = job.model_copy(update={"reservation": reserved})
+        try:
+            handle = dispatch(job)
+        except BaseException as exc:
+            apps.refund(self.redis, key.app, job.id, reserved)
+            self.redis.delete(keys.owner(job.id))
+            if isinstance(exc, NoRouteAvailable):
+                raise _no_route(exc) from None
+            if isinstance(exc, InvalidJob):
+                raise APIError(400, str(exc), code="invalid_job") from None
+            raise APIError(503, f"the fleet's broker is not reachable ({type(exc).__name__})",
+                           code="broker_unavailable") from None  # fmt: skip
+        if handle.id != job.id:  # an idempotency key named an earlier job: follow it
+            apps.refund(self.redis, key.app, job.id, reserved)
+            return job.model_copy(update={"id": handle.id})
+        return job
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
+
+
+def _no_route(exc: NoRouteAvailable) -> APIError:
+    reasons = [{"model": m, "reason": why} for m, why in exc.reasons]
+    return APIError(503, str(exc), code="no_usable_model", extra={"models": reasons},
+                    headers={"Retry-After": "5"})  # fmt: skip
+
+
+def _gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+def _idempotency(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= 200:
+        raise APIError(400, "header 'Idempotency-Key' must be 1 to 200 characters",
+                       code="invalid_header")  # fmt: skip
+    return key
+
+
+def _invalid(exc: InvalidJob) -> APIError:
+    if isinstance(exc, shapes.UnknownModel):
+        return APIError(404, str(exc), code="model_not_found", param="model")
+    return APIError(400, str(exc), code="invalid_request")
+
+
+# --- routes ----------------------------------------------------------------------------
+
+
+async def chat_completions(request: Request) -> Response:
+    gw = _gateway(request)
+    key = await gw.key_of(request)
+    body = await gw.body(request)
+    catalog = current_catalog()
+    try:
+        chat = shapes.chat_request(body)
+        job = shapes.chat_job(chat, key.app, catalog)
+    except InvalidJob as exc:
+        raise _invalid(exc) from None
+    if (idem := _idempotency(request)) is not None:
+        job = job.model_copy(update={"idempotency_key": idem})
+    job = await gw.send(key, job, catalog)
+    timeout = min(chat.timeout_s or gw.settings.timeout_s, gw.settings.timeout_s)
+    meta = await gw.waiter.wait(job.id, max(0.0, timeout))
+    if meta is None:
+        message = (
+            f"job {job.id} not finished after {timeout:g} s; it goes on: GET /v1/jobs/{job.id}"
+        )
+        raise APIError(504, message, code="timeout", extra={"job_id": job.id})
+    result = _result(meta, job)
+    if not result.ok:
+        raise _failed(result)
+    headers = shapes.fleet_headers(result)
+    return JSONResponse(shapes.completion(result, catalog), headers=headers)
+
+
+def _result(meta: dict[str, Any], job: Job) -> Result:
+    """The Result a job's final stored state holds."""
+    value = meta.get("result")
+    if meta.get("status") == "SUCCESS" and isinstance(value, dict):
+        return Result.model_validate(value)
+    args = value.get("exc_message") if isinstance(value, dict) else None
+    if isinstance(args, list) and len(args) == 2 and isinstance(args[1], dict) and args[1]:
+        return Result.model_validate(args[1])
+    error = f"job {meta.get('status', 'ended').lower()}"
+    if isinstance(args, list) and args:
+        error = f"{error}: {args[0]}"
+    return Result(job_id=job.id, task_class=job.task_class, source=job.source, ok=False,
+                  error=error)  # fmt: skip
+
+
+def _failed(result: Result) -> APIError:
+    last = next((a for a in reversed(result.attempts) if a.outcome == "error"), None)
+    extra = {"job_id": result.job_id,
+             "attempts": [{"model": a.model, "outcome": a.outcome, "error_kind": a.error_kind,
+                           "error": a.error} for a in result.attempts]}  # fmt: skip
+    if last is not None and last.action == "fail":  # the provider refused the request itself
+        return APIError(400, result.error or "bad request", code=last.error_kind, extra=extra)
+    return APIError(502, result.error or "the job ended without an answer",
+                    code="upstream_failed", extra=extra)  # fmt: skip
+
+
+async def models(request: Request) -> Response:
+    await _gateway(request).key_of(request)
+    return JSONResponse(shapes.model_list(current_catalog()))
+
+
+async def create_job(request: Request) -> Response:
+    gw = _gateway(request)
+    key = await gw.key_of(request)
+    body = await gw.body(request)
+    try:
+        job = shapes.fleet_job(body, key.app)
+    except InvalidJob as exc:
+        raise _invalid(exc) from None
+    if (idem := _idempotency(request)) is not None:
+        job = job.model_copy(update={"idempotency_key": idem})
+    job = await gw.send(key, job, current_catalog())
+    return JSONResponse({"id": job.id, "object": "fleet.job", "status": "queued"},
+                        status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})  # fmt: skip
+
+
+async def _owned(request: Request) -> tuple[Gateway, str, Any]:
+    """The job the path names, if the key's app sent it (else 404, as if there were none)."""
+    gw = _gateway(request)
+    key = await gw.key_of(request)
+    job_id = request.path_params["job_id"]
+    owner = apps.owner_of(await gw.waiter.client.get(keys.owner(job_id)))
+    if owner is None or owner[0] != key.app:
+        raise APIError(404, f"no job {job_id!r} sent with this app's keys", code="job_not_found")
+    return gw, job_id, owner
+
+
+async def get_job(request: Request) -> Response:
+    gw, job_id, _ = await _owned(request)
+    meta = await gw.waiter.stored(job_id)
+    status = (meta or {}).get("status") or "PENDING"
+    body: dict[str, Any] = {"id": job_id, "object": "fleet.job", "status": status.lower()}
+    if status in ("SUCCESS", "FAILURE", "REVOKED"):
+        stub = Job(id=job_id, task_class="fast_general",
+                   messages=[{"role": "user", "content": "-"}])  # fmt: skip
+        body["result"] = _result(meta or {}, stub).summary()
+    return JSONResponse(body)
+
+
+async def delete_job(request: Request) -> Response:
+    gw, job_id, (app, reservation) = await _owned(request)
+    state = json.dumps({
+        "status": "REVOKED", "traceback": None, "children": [], "task_id": job_id,
+        "result": {"exc_type": "TaskRevokedError", "exc_message": ["revoked by its app"],
+                   "exc_module": "celery.exceptions"},
+        "date_done": datetime.now(UTC).isoformat(),
+    })  # fmt: skip
+    answer = await gw.blocking(
+        apps.revoke, gw.redis, job_id, state, gw.settings.result_expires_s, app, reservation
+    )
+    if answer == "REVOKING":  # a worker holds it: its next step ends it, a call finishes
+        return JSONResponse({"id": job_id, "object": "fleet.job", "status": "revoking"},
+                            status_code=202)  # fmt: skip
+    if answer != "REVOKED":
+        ended = answer.removeprefix("ENDED ").lower()
+        raise APIError(409, f"job {job_id} cannot be revoked: it has ended ({ended})",
+                       code="job_ended")  # fmt: skip
+    return JSONResponse({"id": job_id, "object": "fleet.job", "status": "revoked"})
+
+
+async def _api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    status = int(getattr(exc, "status_code", 400))
+    detail = str(getattr(exc, "detail", "")) or "not found"
+    return APIError(status, detail, code="route_not_found" if status == 404 else None).response()
+
+
+def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway = Gateway(settings, ledger or Ledger())
+        gateway.keys.ledger.ensure_schema()  # a bad ledger URL is said at start
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await gateway.waiter.close()
+
+    from starlette.exceptions import HTTPException
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/jobs", create_job, methods=["POST"]),
+            Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+            Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
+        ],
+        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,290 @@
+"""The HTTP gateway (`fleet serve`) driven as apps drive it: the official `openai` package
+for chat completions and the model list, plain HTTP for the job API; behind it the test
+fleet's real workers, redis-server and the provider simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures import reset_live_state
+
+FLEET = str(Path(sys.executable).with_name("fleet"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fleet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FLEET, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def new_key(env: dict[str, str], app: str, *options: str) -> str:
+    made = fleet(env, "keys", "create", app, *options)
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip()
+
+
+class Gateway:
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self.log_file = open(log, "w+")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [FLEET, "serve", "--port", "0"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=self.log_file, text=True,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
+        if not found:
+            self.stop()
+            raise RuntimeError(f"fleet serve did not start: {line!r} {log.read_text()[-2000:]}")
+        self.url = found.group(1)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        for c in _clients:
+            c.close()
+        _clients.clear()
+        self.process.terminate()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.log_file.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(fleet_env, fleet_workers, tmp_path_factory) -> Iterator[Gateway]:
+    env = {**fleet_env, "FLEET_GATEWAY_TIMEOUT_S": "20"}
+    gw = Gateway(env, tmp_path_factory.mktemp("gateway") / "gateway.log")
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def app_key(fleet_env) -> str:
+    return new_key(fleet_env, "tests-app")
+
+
+_clients: list[openai.OpenAI] = []  # closed with the gateway
+
+
+def client(gateway: Gateway, key: str) -> openai.OpenAI:
+    made = openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0, timeout=60)
+    _clients.append(made)
+    return made
+
+
+def ask(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_a_chat_completion_through_the_fleet(gateway, app_key) -> None:
+    # When an app asks with the official client, naming a task class as the model
+    raw = client(gateway, app_key).chat.completions.with_raw_response.create(
+        model="fleet/user_facing", messages=ask("Say hello to the user"), temperature=0.2
+    )
+    completion = raw.parse()
+    # Then the fleet's primary answers, in OpenAI's shape, with the fleet's headers
+    assert completion.model == "zai/glm-4.7"
+    assert completion.choices[0].message.content and completion.choices[0].finish_reason
+    usage = completion.usage
+    assert usage is not None and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.model_extra is not None and usage.model_extra["cost"] == 0.0  # subscription
+    job_id = raw.headers["x-fleet-job-id"]
+    assert completion.id == f"chatcmpl-{job_id}"
+    assert raw.headers["x-fleet-model"] == "zai/glm-4.7"
+    assert (
+        raw.headers["x-fleet-attempts"] == "1" and raw.headers["x-fleet-queues"] == "subscription"
+    )
+
+
+def test_a_paid_profile_reports_its_cost_and_an_escalation_its_path(gateway, app_key) -> None:
+    c = client(gateway, app_key)
+    paid = c.chat.completions.create(model="profile/routing", messages=ask("Route this"))
+    assert paid.model == "litellm/kimi"
+    cost = paid.usage.model_extra["cost"]  # type: ignore[union-attr]
+    expected = (paid.usage.prompt_tokens * 0.56 + paid.usage.completion_tokens * 2.94) / 1e6  # type: ignore[union-attr]
+    assert cost == pytest.approx(expected, rel=1e-6) and cost > 0
+    raw = c.chat.completions.with_raw_response.create(
+        model="fleet/fast_general", messages=ask("[[sim:MiniMax-M2.1=503]] quick")
+    )
+    assert raw.headers["x-fleet-queues"] == "subscription,free"
+    assert raw.headers["x-fleet-attempts"] == "2"
+
+
+def test_the_model_list_names_every_model_and_route(gateway, app_key) -> None:
+    listed = {m.id: m for m in client(gateway, app_key).models.list()}
+    assert {"fleet/user_facing", "fleet/heartbeat", "profile/code", "focus/trader"} <= set(listed)
+    kimi = listed["litellm/kimi"].model_extra
+    assert kimi is not None and kimi["tier"] == "paid" and kimi["usd_per_mtok_out"] == 2.94
+    assert kimi["queue"] and kimi["context_window"] > 0
+
+
+def test_each_refusal_is_the_sdks_own_typed_error(gateway, app_key, fleet_env) -> None:
+    c = client(gateway, app_key)
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "mf-000000000000-" + "x" * 43).models.list()
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models lists them"):
+        c.chat.completions.create(model="nope/nothing", messages=ask("hi"))
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.chat.completions.create(model="fleet/creative", messages=ask("hi"), temperature=7)
+    with pytest.raises(openai.BadRequestError, match="'top_p' is not supported"):
+        c.chat.completions.create(model="fleet/creative", messages=ask("hi"), top_p=0.5)
+    narrow = client(gateway, new_key(fleet_env, "narrow-app", "--classes", "cost_free"))
+    with pytest.raises(openai.PermissionDeniedError, match="allowed: cost_free"):
+        narrow.chat.completions.create(model="fleet/creative", messages=ask("hi"))
+    slow = client(gateway, new_key(fleet_env, "one-a-minute", "--requests-per-min", "1"))
+    slow.chat.completions.create(model="fleet/cost_free", messages=ask("first"))
+    with pytest.raises(openai.RateLimitError) as limited:
+        slow.chat.completions.create(model="fleet/cost_free", messages=ask("second"))
+    assert 0 < int(limited.value.response.headers["retry-after"]) <= 60
+    with pytest.raises(openai.APIStatusError) as big:
+        c.chat.completions.create(model="fleet/long_context", messages=ask("x" * 9_000_000))
+    assert big.value.status_code == 413
+
+
+def test_no_usable_model_is_503_with_every_reason(gateway, app_key, fleet_env) -> None:
+    import redis
+
+    client_ = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
+    until = int((time.time() + 3600) * 1000)
+    chain = ["local/qwen3-mlx", "local/phi4-mini-local", "local/qwen-cpu-fallback",
+             "litellm/gpt-oss-small-free"]  # fmt: skip
+    try:
+        for model in chain:
+            client_.set(f"fleet:cooldown:{model}", f"{until}|test", px=3_600_000)
+        time.sleep(1.1)  # the dispatcher's view of live state is a second old at most
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(gateway, app_key).chat.completions.create(
+                model="fleet/heartbeat", messages=ask("ping"),
+                extra_body={"source": "heartbeat"},
+            )  # fmt: skip
+        assert caught.value.status_code == 503
+        body = caught.value.body
+        assert isinstance(body, dict) and [m["model"] for m in body["models"]] == chain
+    finally:
+        reset_live_state(fleet_env)
+        client_.close()
+
+
+def test_a_request_that_outlives_its_wait_is_504_and_the_job_goes_on(
+    gateway, app_key, simulator
+) -> None:
+    simulator.configure(models={"meta-llama/llama-3.1-405b-instruct:free": {"latency_ms": 2500}})
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client(gateway, app_key).chat.completions.create(
+                model="fleet/cost_free", messages=ask("slow one"), extra_body={"timeout_s": 0.5}
+            )
+        assert caught.value.status_code == 504
+        job_id = caught.value.body["job_id"]  # type: ignore[index]
+        headers = {"Authorization": f"Bearer {app_key}"}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{gateway.url}/jobs/{job_id}", headers=headers).json()
+            if state["status"] == "success":
+                break
+            time.sleep(0.2)
+        assert state["status"] == "success" and state["result"]["ok"]
+    finally:
+        simulator.reset()
+
+
+def test_the_job_api(gateway, app_key, fleet_env) -> None:
+    headers = {"Authorization": f"Bearer {app_key}"}
+    job = {"task_class": "cost_free", "messages": ask("a job nobody waits on")}
+    created = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    deadline = time.monotonic() + 30
+    while (state := httpx.get(f"{gateway.url}/jobs/{job_id}", headers=headers).json())[
+        "status"
+    ] != "success" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state["result"]["ok"] and state["result"]["job_id"] == job_id
+    # Another app's key does not see it
+    other = {"Authorization": f"Bearer {new_key(fleet_env, 'other-app')}"}
+    assert httpx.get(f"{gateway.url}/jobs/{job_id}", headers=other).status_code == 404
+    # A finished job cannot be revoked; a job may not name its own app
+    assert httpx.delete(f"{gateway.url}/jobs/{job_id}", headers=headers).status_code == 409
+    forged = httpx.post(f"{gateway.url}/jobs", json={**job, "app": "x"}, headers=headers)
+    assert forged.status_code == 400 and "set by the gateway" in forged.text
+
+
+def test_a_revoked_job_never_runs(gateway, fleet_env, simulator) -> None:
+    import redis
+
+    key = new_key(fleet_env, "revoker")
+    headers = {"Authorization": f"Bearer {key}"}
+    state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
+    until = int((time.time() + 4) * 1000)
+    chain = ["openrouter/meta-llama/llama-3.1-405b-instruct:free",
+             "openrouter/nousresearch/hermes-3-llama-3.1-405b:free", "litellm/deepseek-free",
+             "litellm/gpt-oss-free", "local/qwen3-mlx"]  # fmt: skip
+    try:
+        # Given a job whose every model rests for a few seconds: a worker holds it,
+        # waiting for the first to be free again
+        for model in chain:
+            state.set(f"fleet:cooldown:{model}", f"{until}|test", px=4000)
+        time.sleep(1.1)
+        job = {"task_class": "cost_free", "messages": ask("revoke me while I wait")}
+        created = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers).json()
+        time.sleep(0.5)
+        # When its app revokes it
+        gone = httpx.delete(f"{gateway.url}/jobs/{created['id']}", headers=headers)
+        assert gone.status_code == 202 and gone.json()["status"] == "revoking", gone.text
+        # Then its next step ends it as revoked, and no provider ever sees it
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{gateway.url}/jobs/{created['id']}", headers=headers).json()
+            if status["status"] != "started":
+                break
+            time.sleep(0.2)
+        assert status["status"] == "revoked", status
+        assert not [r for r in simulator.requests() if "revoke me" in json.dumps(r)]
+        again = httpx.delete(f"{gateway.url}/jobs/{created['id']}", headers=headers)
+        assert again.status_code == 409
+    finally:
+        reset_live_state(fleet_env)
+        state.close()
+
+
+def test_keys_are_hashed_listed_without_the_key_and_revocable(gateway, fleet_env) -> None:
+    key = new_key(fleet_env, "short-lived")
+    key_id = key.split("-")[1]
+    listed = json.loads(fleet(fleet_env, "keys", "list", "--json").stdout)
+    mine = [k for k in listed if k["key_id"] == key_id]
+    assert mine and mine[0]["app"] == "short-lived" and key not in json.dumps(listed)
+    ledger = Path(fleet_env["FLEET_LEDGER_URL"].removeprefix("sqlite:///")).read_bytes()
+    assert key.encode() not in ledger
+    c = client(gateway, key)
+    c.models.list()
+    assert fleet(fleet_env, "keys", "revoke", key_id).returncode == 0
+    time.sleep(2.2)  # keys are cached for 2 s
+    with pytest.raises(openai.AuthenticationError):
+        c.models.list()
+    bad = fleet(fleet_env, "keys", "revoke", "nosuchkey")
+    assert bad.returncode == 2 and "no active key 'nosuchkey'" in bad.stderr
+    assert key not in gateway.log()
+
+
+def test_the_gateway_binds_to_loopback_by_default() -> None:
+    help_text = subprocess.run([FLEET, "serve", "--help"], capture_output=True, text=True)
+    assert "default loopback" in help_text.stdout
+    assert os.environ.get("FLEET_GATEWAY_HOST") is None

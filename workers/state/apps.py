@@ -1,0 +1,152 @@
+"""Apps behind the gateway, as live state: each app's requests per minute and its USD
+per day and per month, counted fleet-wide in Redis.
+
+A request is admitted with its worst-case cost set aside (`reserve`: one script, so
+concurrent requests never spend past a cap); its job carries the reservation, and the
+worker settles it to the job's real cost together with the job's final state
+(store_result.lua). A job that never runs is refunded (`refund`). Settling happens once
+per job, whoever does it first.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from router.jobs import Reservation
+from workers.state import keys
+from workers.state.connections import Pipeline
+
+DAY_TTL_S = 2 * 86_400
+MONTH_TTL_S = 33 * 86_400
+OWNER_TTL_S = 86_400
+
+
+@dataclass(frozen=True)
+class AppLimits:
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    requests_per_min: int | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why an app's request is refused now, and in how many seconds to try again."""
+
+    reason: str
+    retry_after_s: float
+
+
+def reserve(
+    redis: Any, app: str, limits: AppLimits, worst_usd: float, job_id: str,
+    now: datetime | None = None,
+) -> Reservation | Refused:  # fmt: skip
+    """Take the request's slot and set its worst-case cost aside; or say which limit is
+    full. The job is recorded as the app's (`owner`) in the same step."""
+    now = now or datetime.now(UTC)
+    day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
+    batch = Pipeline(redis)
+    batch.script(
+        "app_admit",
+        [
+            keys.app_requests(app),
+            keys.app_spend(app, "day", day),
+            keys.app_spend(app, "month", month),
+            keys.owner(job_id),
+        ],
+        [
+            uuid.uuid4().hex,
+            limits.requests_per_min or 0,
+            worst_usd,
+            -1 if limits.usd_per_day is None else limits.usd_per_day,
+            -1 if limits.usd_per_month is None else limits.usd_per_month,
+            DAY_TTL_S,
+            MONTH_TTL_S,
+            json.dumps({"app": app, "usd": worst_usd, "day": day, "month": month}),
+            OWNER_TTL_S,
+        ],
+    )
+    reply = batch.execute()[0]
+    if int(reply[0]) == 1:
+        return Reservation(usd=worst_usd, day=day, month=month)
+    return _refused(reply, limits, worst_usd, now)
+
+
+def _refused(reply: Any, limits: AppLimits, worst_usd: float, now: datetime) -> Refused:
+    which = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+    spent = float(reply[3])
+    if which == "requests":
+        return Refused(
+            f"the key's limit of {limits.requests_per_min} requests per minute is reached",
+            max(0.001, int(reply[2]) / 1000),
+        )
+    cap = limits.usd_per_day if which == "day" else limits.usd_per_month
+    ends = _period_end(now, which)
+    return Refused(
+        f"the key's budget of ${cap:.4f} per {which} would be passed: ${spent:.6f} spent or"
+        f" set aside, and this request may cost up to ${worst_usd:.6f}",
+        max(1.0, (ends - now).total_seconds()),
+    )
+
+
+def _period_end(now: datetime, period: str) -> datetime:
+    start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return start + timedelta(days=1)
+    return (start.replace(day=1) + timedelta(days=32)).replace(day=1)
+
+
+def settle_keys(app: str, job_id: str, reservation: Reservation) -> list[str]:
+    """The keys a settlement of this job's reservation writes (marker, day, month)."""
+    return [
+        keys.settled(job_id),
+        keys.app_spend(app, "day", reservation.day),
+        keys.app_spend(app, "month", reservation.month),
+    ]
+
+
+def refund(redis: Any, app: str, job_id: str, reservation: Reservation) -> bool:
+    """Give back the whole reservation of a job that will not run; False when the job was
+    settled already (it ran after all)."""
+    batch = Pipeline(redis)
+    batch.script("refund", settle_keys(app, job_id, reservation), [reservation.usd])
+    return bool(batch.execute()[0])
+
+
+def revoke(
+    redis: Any, job_id: str, state_json: str, expires_s: int, app: str,
+    reservation: Reservation | None,
+) -> str:  # fmt: skip
+    """Revoke a job (scripts/revoke.lua): 'REVOKED' (ended now: it was not delivered yet),
+    'REVOKING' (a worker holds it: its next delivery ends it), or 'ENDED <status>' for a
+    job that has its final status already."""
+    script_keys = [keys.result(job_id), keys.revoked(job_id)]
+    args: list[Any] = [state_json, expires_s, ""]
+    if reservation is not None:
+        script_keys += settle_keys(app, job_id, reservation)
+        args[2] = reservation.usd
+    batch = Pipeline(redis)
+    batch.script("revoke", script_keys, args)
+    answer = batch.execute()[0]
+    return answer.decode() if isinstance(answer, bytes) else str(answer)
+
+
+def spent(redis: Any, app: str, now: datetime | None = None) -> dict[str, float]:
+    """USD an app has spent or set aside today and this month."""
+    now = now or datetime.now(UTC)
+    day = redis.get(keys.app_spend(app, "day", now.strftime("%Y-%m-%d")))
+    month = redis.get(keys.app_spend(app, "month", now.strftime("%Y-%m")))
+    return {"day": float(day or 0), "month": float(month or 0)}
+
+
+def owner_of(raw: bytes | str | None) -> tuple[str, Reservation] | None:
+    """The app that sent a job through the gateway and what it reserved for it, from the
+    job's owner key (keys.owner), if any."""
+    if not raw:
+        return None
+    entry = json.loads(raw)
+    reservation = Reservation(usd=entry["usd"], day=entry["day"], month=entry["month"])
+    return str(entry["app"]), reservation
