@@ -230,3 +230,11 @@ def test_every_worker_writes_one_shared_ledger() -> None:
     urls = {environment(s).get("FLEET_LEDGER_URL") for s in workers}
     assert len(urls) == 1 and next(iter(urls)).startswith("postgresql://")
     assert services["postgres"]["image"].startswith("postgres:")
+
+
+def test_the_gateway_is_published_on_loopback_only() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    gateway = services["gateway"]
+    assert command(gateway)[:2] == ["fleet", "serve"]
+    assert all(str(p).startswith("127.0.0.1:") for p in gateway["ports"])
+    assert "FLEET_LEDGER_URL" in environment(gateway)  # its keys live in the ledger

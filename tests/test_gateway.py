@@ -288,3 +288,117 @@ def test_the_gateway_binds_to_loopback_by_default() -> None:
     help_text = subprocess.run([FLEET, "serve", "--help"], capture_output=True, text=True)
     assert "default loopback" in help_text.stdout
     assert os.environ.get("FLEET_GATEWAY_HOST") is None
+
+
+def test_concurrent_requests_never_spend_past_a_keys_budget(gateway, fleet_env) -> None:
+    import concurrent.futures
+
+    from sqlalchemy import func, select
+
+    from workers.ledger.schema import attempts
+    from workers.ledger.store import Ledger
+
+    # Given a key capped at 2 cents a day, and 200 requests sent at once, each on a paid
+    # model and costing about 0.23 cents (a 4,000-token prompt, 20 tokens out)
+    cap = 0.02
+    c = client(gateway, new_key(fleet_env, "racer", "--usd-per-day", str(cap)))
+    prompt = "Count the words in this text, please. " * 420
+
+    def one(_: int) -> str:
+        try:
+            c.chat.completions.create(model="litellm/kimi", messages=ask(prompt), max_tokens=20)
+            return "ok"
+        except openai.RateLimitError:
+            return "429"
+
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        outcomes = list(pool.map(one, range(200)))
+    answered = outcomes.count("ok")
+    # Then some were answered and the rest refused with 429
+    assert answered >= 1 and outcomes.count("429") == 200 - answered
+    # And the ledger's spend for the key's app never passes the cap
+    ledger = Ledger(fleet_env["FLEET_LEDGER_URL"], redis_url=None)
+    try:
+        query = select(func.count(), func.sum(attempts.c.cost_usd)).where(attempts.c.app == "racer")
+        deadline = time.monotonic() + 15
+        while True:
+            with ledger.engine.connect() as conn:
+                rows, spent = conn.execute(query).one()
+            if rows >= answered or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        ledger.close()
+    assert rows == answered
+    assert 0 < spent <= cap
+    assert spent > cap / 2, f"the budget was barely used: ${spent:.5f} of ${cap}"
+    # (`fleet usage --by app` shows the same figure)
+    usage = json.loads(fleet(fleet_env, "usage", "--by", "app", "--json").stdout)
+    assert [row["cost_usd"] for row in usage if row["app"] == "racer"] == [
+        pytest.approx(spent, abs=1e-9)
+    ]
+
+
+def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
+    gateway, fleet_env
+) -> None:
+    import redis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    key = new_key(fleet_env, "fuzzer")
+    state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    values = st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+    fields = st.sampled_from(["model", "messages", "temperature", "max_tokens", "stream", "n",
+                              "task_class", "source", "priority", "deadline", "metadata",
+                              "timeout_s", "app", "reservation", "id", "tools"])  # fmt: skip
+    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool", 3]),
+                                     "content": values})  # fmt: skip
+    body = st.one_of(
+        values,
+        st.dictionaries(fields, values, max_size=6),
+        st.fixed_dictionaries(
+            {"model": st.sampled_from(["fleet/cost_free", "fleet/x", "profile/code", "zz"]),
+             "messages": st.lists(message, max_size=2)},
+            optional={"max_tokens": values, "temperature": values, "priority": values},
+        ),
+    )  # fmt: skip
+    printable = st.characters(min_codepoint=33, max_codepoint=126)
+    headers = st.fixed_dictionaries({}, optional={
+        "Idempotency-Key": st.text(printable, max_size=250),
+        "Content-Type": st.sampled_from(["application/json", "text/plain", "x/y"]),
+    })  # fmt: skip
+    accepted: list[str] = []
+
+    slow_ok = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=slow_ok)
+    @given(path=st.sampled_from(["/chat/completions", "/jobs"]), body=body, extra=headers)
+    def door(path: str, body: Any, extra: dict[str, str]) -> None:
+        sent = {"Authorization": f"Bearer {key}", **extra}
+        reply = httpx.post(f"{gateway.url}{path}", content=json.dumps(body), headers=sent,
+                           timeout=60)  # fmt: skip
+        assert reply.status_code < 500 or reply.status_code in (502, 503, 504), reply.text
+        answer = reply.json()
+        if reply.status_code < 400:
+            accepted.append(answer["id"].removeprefix("chatcmpl-"))
+        elif "job_id" in answer["error"]:  # queued, then failed upstream or outlived its wait
+            accepted.append(answer["error"]["job_id"])
+        else:
+            assert answer["error"]["message"]
+
+    try:
+        door()
+        owned = [k for k in state.scan_iter("fleet:gateway:owner:*")
+                 if json.loads(state.get(k) or "{}").get("app") == "fuzzer"]  # fmt: skip
+        # Every job the fuzzer's key queued was one it was told was accepted
+        assert sorted(k.decode().rsplit(":", 1)[1] for k in owned) == sorted(set(accepted))
+    finally:
+        state.close()

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -80,9 +82,9 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
     up_env: dict[str, str],
 ) -> None:
     # Given a fleet started with `fleet up` on a fresh data dir
-    port = free_port()
+    port, gateway_port = free_port(), free_port()
     up = subprocess.Popen(
-        [FLEET, "up", "--flower-port", str(port)],
+        [FLEET, "up", "--flower-port", str(port), "--gateway-port", str(gateway_port)],
         env=up_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -107,6 +109,13 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
         assert result["ok"] and result["model"] == "zai/glm-4.7"
         assert info["broker_url"].startswith("redis://127.0.0.1:")
         assert info["flower"].endswith(f":{port}")
+        # And the gateway answers at the URL it announced (a key is needed)
+        assert info["gateway"] == f"http://127.0.0.1:{gateway_port}/v1"
+        refused = urllib.request.Request(info["gateway"] + "/models")
+        with pytest.raises(urllib.error.HTTPError) as no_key:
+            urllib.request.urlopen(refused, timeout=10)
+        assert no_key.value.code == 401
+        no_key.value.close()
     finally:
         # Then SIGTERM stops every child and the private Redis
         up.send_signal(signal.SIGTERM)
@@ -114,7 +123,7 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
     assert up.returncode == 0, out
     assert "stopping" in out
     pids = [int(p) for p in re.findall(r" pid (\d+) ", out)]
-    assert len(pids) == 8  # a worker per queue, the ledger writer, beat, flower
+    assert len(pids) == 9  # a worker per queue, the ledger writer, beat, flower, gateway
     assert [pid for pid in pids if _alive(pid)] == []
     redis = subprocess.run(["pgrep", "-f", up_env["FLEET_DATA_DIR"]], capture_output=True)
     assert redis.stdout == b""  # the private redis-server (and beat) ran with the data dir

@@ -251,7 +251,11 @@ def _broker_env() -> dict[str, str]:
 def cmd_up(args: argparse.Namespace) -> int:
     from workers.ops.up import run_up
 
-    return run_up(beat=not args.no_beat, flower_port=None if args.no_flower else args.flower_port)
+    return run_up(
+        beat=not args.no_beat,
+        flower_port=None if args.no_flower else args.flower_port,
+        gateway_port=None if args.no_gateway else args.gateway_port,
+    )
 
 
 def cmd_ledger_writer(args: argparse.Namespace) -> int:
@@ -561,10 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per job, per line")
     p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("up", help="start the fleet: redis, a worker per queue, beat, Flower")
+    p = sub.add_parser(
+        "up", help="start the fleet: redis, a worker per queue, beat, Flower, the gateway"
+    )
     p.add_argument("--no-beat", action="store_true")
     p.add_argument("--no-flower", action="store_true")
-    p.add_argument("--flower-port", type=int, default=5555)
+    p.add_argument("--flower-port", type=_port, default=5555)
+    p.add_argument("--no-gateway", action="store_true")
+    p.add_argument("--gateway-port", type=_port, default=8080)
     p.set_defaults(handler=cmd_up)
 
     p = sub.add_parser(

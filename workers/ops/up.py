@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway.serve import READY as GATEWAY_READY
 from router.catalog import QUEUES
 from router.errors import ConfigError
 from workers.config import data_dir, read_up_info
@@ -29,6 +30,7 @@ from workers.ops.redis_server import RedisServer
 from workers.ops.supervisor import Supervisor
 
 FLOWER_PORT = 5555
+GATEWAY_PORT = 8080
 
 
 @contextmanager
@@ -63,7 +65,14 @@ def ledger_writer_argv() -> list[str]:
     return [sys.executable, "-m", "workers.cli", "ledger-writer"]
 
 
-def start_fleet(sup: Supervisor, directory: Path, *, beat: bool, flower_port: int | None) -> None:
+def gateway_argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "workers.cli", "serve", "--port", str(port)]
+
+
+def start_fleet(
+    sup: Supervisor, directory: Path, *, beat: bool, flower_port: int | None,
+    gateway_port: int | None = None,
+) -> None:  # fmt: skip
     for queue in QUEUES:
         sup.start(f"worker-{queue}", worker_argv([queue]), ready_marker=" ready.")
     sup.start("ledger-writer", ledger_writer_argv(), ready_marker=LEDGER_WRITER_READY)
@@ -73,10 +82,16 @@ def start_fleet(sup: Supervisor, directory: Path, *, beat: bool, flower_port: in
         sup.start("beat", [*argv, "-s", schedule, "-l", "INFO"], ready_marker="beat: Starting")
     if flower_port:
         sup.start("flower", flower_argv(flower_port, sup.env), ready_marker="Visit me at")
+    if gateway_port is not None:
+        sup.start("gateway", gateway_argv(gateway_port), ready_marker=GATEWAY_READY)
 
 
 def run_up(
-    *, beat: bool = True, flower_port: int | None = FLOWER_PORT, out: TextIO = sys.stdout
+    *,
+    beat: bool = True,
+    flower_port: int | None = FLOWER_PORT,
+    gateway_port: int | None = GATEWAY_PORT,
+    out: TextIO = sys.stdout,
 ) -> int:
     directory = data_dir()
     with exclusive(directory):
@@ -92,7 +107,9 @@ def run_up(
             for s in (signal.SIGINT, signal.SIGTERM)
         }
         try:
-            start_fleet(sup, directory, beat=beat, flower_port=flower_port)
+            start_fleet(
+                sup, directory, beat=beat, flower_port=flower_port, gateway_port=gateway_port
+            )
             sup.wait_ready()
             info = {
                 "pid": os.getpid(),
@@ -101,6 +118,8 @@ def run_up(
             }
             if flower_port:
                 info["flower"] = f"http://127.0.0.1:{flower_port}"
+            if gateway_port is not None:
+                info["gateway"] = _gateway_url(sup)
             (directory / "up.json").write_text(json.dumps(info))
             _print_banner(out, directory, sup, info)
             while not stopping and not sup.dead():
@@ -119,6 +138,13 @@ def run_up(
                 signal.signal(sig, handler)
 
 
+def _gateway_url(sup: Supervisor) -> str:
+    """The URL the gateway printed when it started listening."""
+    child = next(c for c in sup.children if c.name == "gateway")
+    line = next(x for x in child.log().splitlines() if GATEWAY_READY in x)
+    return line.split(GATEWAY_READY, 1)[1].strip()
+
+
 def _print_banner(out: TextIO, directory: Path, sup: Supervisor, info: dict[str, Any]) -> None:
     print(f"fleet up: data dir {directory}", file=out)
     print(f"  broker  {info['broker_url']}", file=out)
@@ -127,4 +153,7 @@ def _print_banner(out: TextIO, directory: Path, sup: Supervisor, info: dict[str,
         print(f"  {child.name:<20} pid {pid:<8} log {child.log_path}", file=out)
     if "flower" in info:
         print(f"  flower  {info['flower']}", file=out)
+    if "gateway" in info:
+        print(f"  gateway {info['gateway']}  (OpenAI-compatible; keys: fleet keys create APP)",
+              file=out)  # fmt: skip
     print("Ctrl-C stops the fleet.", file=out, flush=True)
