@@ -216,7 +216,8 @@ class Stack:
         os.environ.clear()
         os.environ.update(self._saved_env)
         _forget_clients()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP") is None:  # BENCH_KEEP=1 keeps logs to read
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> Stack:
         return self

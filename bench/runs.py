@@ -409,6 +409,12 @@ def escalation(quick: bool) -> Result:
     return rows, details
 
 
+def _gateway_bench(quick: bool) -> Result:
+    from bench.bench_gateway import gateway
+
+    return gateway(quick)
+
+
 BENCHES: dict[str, Callable[[bool], Result]] = {
     "router": router,
     "enqueue": enqueue,
@@ -416,4 +422,5 @@ BENCHES: dict[str, Callable[[bool], Result]] = {
     "latency": latency,
     "io": concurrency,
     "escalation": escalation,
+    "gateway": _gateway_bench,
 }

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -304,6 +305,12 @@ async def _api_error(_request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+async def _unavailable(_request: Request, exc: Exception) -> Response:
+    """The fleet's Redis or broker cannot be reached: 503, the request may be retried."""
+    return APIError(503, f"the fleet's state is not reachable ({type(exc).__name__})",
+                    code="state_unavailable", headers={"Retry-After": "2"}).response()  # fmt: skip
+
+
 async def _http_error(_request: Request, exc: Exception) -> Response:
     status = int(getattr(exc, "status_code", 400))
     detail = str(getattr(exc, "detail", "")) or "not found"
@@ -333,6 +340,10 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
             Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
         ],
-        exception_handlers={APIError: _api_error, HTTPException: _http_error},
+        exception_handlers={
+            APIError: _api_error,
+            HTTPException: _http_error,
+            RedisError: _unavailable,
+        },
         lifespan=lifespan,
     )

@@ -1,10 +1,13 @@
 """Waiting for jobs without a thread each: one Redis pub/sub connection per gateway
-process, on which every waiting request subscribes to its job's result channel.
+process, subscribed once to every job's result channel (a pattern), and a future per
+waiting request.
 
-The final state is published on the channel as it is stored (store_result.lua); a
-waiter subscribes first and then reads the stored state, so a state stored before the
-subscription is found by the read. Each waiter also reads again every LOOK_AGAIN_S: a
-state published in the instant between the subscription and the read is not missed.
+A job's state is published on its channel as it is stored (store_result.lua). A waiter
+registers its future, then reads the stored state, so a state stored before it came is
+found by the read. Subscribing per job would put a SUBSCRIBE and an UNSUBSCRIBE on the
+one connection for every request, in turn with the reader: under a burst the requests
+queue behind each other there. Each waiter also reads again every LOOK_AGAIN_S, so a
+publication missed while the connection reconnects is not waited for in vain.
 """
 
 from __future__ import annotations
@@ -17,18 +20,33 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from workers.state import keys
-from workers.state.connections import CONNECT_TIMEOUT_S, HEALTH_CHECK_S
+from workers.state.connections import CONNECT_TIMEOUT_S, HEALTH_CHECK_S, SOCKET_TIMEOUT_S
 
 FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LOOK_AGAIN_S = 1.0
+CONNECTIONS = 32  # to the state Redis, shared by every waiting request
 
 
 class ResultWaiter:
-    def __init__(self, url: str) -> None:
-        self.client = aioredis.Redis.from_url(
+    def __init__(self, url: str, connections: int = CONNECTIONS) -> None:
+        # A blocking pool: hundreds of waiters share a few connections, each waiting its
+        # turn for one instead of failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=connections,
+            timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            health_check_interval=HEALTH_CHECK_S,
+        )
+        self.client = aioredis.Redis(connection_pool=pool)
+        # The pub/sub connection is one of its own, and (un)subscriptions take turns on
+        # it: redis-py's PubSub opens its connection on first use, and concurrent first
+        # uses would each open one.
+        self._pubsub_client = aioredis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=HEALTH_CHECK_S
         )
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub = self._pubsub_client.pubsub(ignore_subscribe_messages=True)
+        self._subscribing = asyncio.Lock()
         self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
 
@@ -44,9 +62,7 @@ class ResultWaiter:
         waiters = self._waiting.setdefault(channel, [])
         waiters.append(future)
         try:
-            if len(waiters) == 1:
-                await self.pubsub.subscribe(channel)
-            self._start_reader()
+            await self._start_reader()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             while True:
@@ -62,21 +78,28 @@ class ResultWaiter:
             waiters.remove(future)
             if not waiters:
                 del self._waiting[channel]
-                with contextlib.suppress(Exception):
-                    await self.pubsub.unsubscribe(channel)
 
-    def _start_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+    async def _start_reader(self) -> None:
+        # One subscription and one reader for the life of the process, from the first
+        # waiter on.
+        if self._reader is not None and not self._reader.done():
+            return
+        async with self._subscribing:
+            if self._reader is None or self._reader.done():
+                await self.pubsub.psubscribe(keys.result("*"))
+                self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
-        while self._waiting:
+        while True:
+            if not self.pubsub.subscribed:
+                await asyncio.sleep(0.01)
+                continue
             try:
                 message = await self.pubsub.get_message(timeout=1.0)
             except Exception:  # the connection dropped: the waiters' own reads go on
                 await asyncio.sleep(0.2)
                 continue
-            if not message or message.get("type") != "message":
+            if not message or message.get("type") != "pmessage":
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
@@ -92,6 +115,7 @@ class ResultWaiter:
             self._reader.cancel()
         with contextlib.suppress(Exception):
             await self.pubsub.aclose()
+        await self._pubsub_client.aclose()
         await self.client.aclose()
 
 

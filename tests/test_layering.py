@@ -70,3 +70,19 @@ def test_the_client_sends_and_waits_without_loading_the_worker(redis_server) -> 
     assert "celery" in loaded and "redis" in loaded  # it did send, through Celery's client
     offenders = [m for m in loaded if m.startswith(WORKER_SIDE)]
     assert offenders == []
+
+
+def test_the_gateway_loads_no_worker_code() -> None:
+    # The gateway stands on the fleet's public API: dispatch, routing, the catalog, the
+    # live state of apps, the ledger's keys; none of the worker's machinery.
+    code = (
+        "import sys, json\n"
+        "from gateway.app import create_app\n"
+        "create_app()\n"
+        "import gateway.serve, gateway.keys, gateway.shapes, gateway.waiter\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout.splitlines()[-1])
+    worker = tuple(m for m in WORKER_SIDE if m not in ("sqlalchemy", "psycopg", "workers.ledger"))
+    assert [m for m in loaded if m.startswith(worker)] == []

@@ -1,0 +1,126 @@
+"""The gateway's cost: one request at a time through `fleet serve`, against `dispatch()`
+and against a direct call to the provider (median, p99); then 500 requests at once
+against a 1 s provider, against Little's law for the fleet's concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from bench.common import ROOT, Stack, median, percentile
+
+LITELLM_PROXY_MS = 21.0  # its median overhead per call on this kind of machine (issue 9)
+
+
+def _gateway(stack: Stack) -> tuple[str, str]:
+    """Start `fleet serve` in the stack; its URL and an app key."""
+    fleet = [sys.executable, "-m", "workers.cli"]
+    made = subprocess.run([*fleet, "keys", "create", "bench"], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert stack.supervisor is not None
+    child = stack.supervisor.start(
+        "gateway", [*fleet, "serve", "--port", "0"], "gateway: serving on", cwd=ROOT
+    )
+    stack.supervisor.wait_ready(60, [child])
+    found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", child.log())
+    assert found, child.log()
+    return found.group(1), made.stdout.strip()
+
+
+def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
+    import httpx
+
+    from bench.runs import JOB, UPSTREAM, Row, _fleet_batch
+
+    n, warm, burst = (60, 10, 500) if quick else (200, 10, 500)
+    samples: dict[str, list[float]] = {"direct": [], "dispatch": [], "gateway": []}
+    body = {"model": "focus/journalist", "messages": JOB["messages"], "task_class": "cost_free"}
+    with Stack("gateway", latency_ms=0) as stack:
+        stack.worker("free", 100)
+        stack.wait_ready()
+        url, key = _gateway(stack)
+        assert stack.sim is not None
+        headers = {"Authorization": f"Bearer {key}"}
+        sim_url = stack.sim.url + "/chat/completions"
+        sim_body = {"model": UPSTREAM, "messages": JOB["messages"]}
+        with httpx.Client(timeout=60) as client:
+
+            def direct() -> None:
+                client.post(sim_url, json=sim_body, headers=headers).raise_for_status()
+
+            def through_gateway() -> None:
+                reply = client.post(f"{url}/chat/completions", json=body, headers=headers)
+                reply.raise_for_status()
+
+            one = {"direct": direct, "dispatch": _fleet_batch(1), "gateway": through_gateway}
+            for i in range(n + warm):
+                for side, run in one.items():
+                    start = time.perf_counter()
+                    run()
+                    if i >= warm:
+                        samples[side].append((time.perf_counter() - start) * 1000)
+        # 500 at once against a 1 s provider: the fleet holds 100 calls at a time (one
+        # worker, -c 100), so Little's law bounds the burst at 500 x 1 s / 100 = 5 s
+        stack.sim.configure({"default": {"latency_ms": 1000}})
+        seconds, failed = asyncio.run(_burst(url, headers, body, burst))
+    bound = burst * 1.0 / 100
+    med = {k: median(v) for k, v in samples.items()}
+    p99 = {k: percentile(v, 99) for k, v in samples.items()}
+    over_direct, over_dispatch = med["gateway"] - med["direct"], med["gateway"] - med["dispatch"]
+    rows = [
+        Row("gateway", "one request through the gateway, median", med["gateway"], None, "ms"),
+        Row("gateway", "  overhead over a direct provider call, median", over_direct, None,
+            "ms", "", None, f"< LiteLLM proxy's {LITELLM_PROXY_MS:g} ms",
+            over_direct < LITELLM_PROXY_MS),
+        Row("gateway", "  ... p99", p99["gateway"] - p99["direct"], None, "ms"),
+        Row("gateway", "  overhead over dispatch()+get(), median", over_dispatch, None, "ms"),
+        Row("gateway", "  ... p99", p99["gateway"] - p99["dispatch"], None, "ms"),
+        Row("gateway", f"{burst} requests at once × 1 s provider (fleet -c 100): seconds",
+            seconds, None, "s", "", None, "≤ 1.25× Little's law", seconds <= 1.25 * bound),
+        Row("gateway", f"  ... × Little's-law bound ({bound:g} s); failed requests",
+            seconds / bound, float(failed), "×"),
+    ]  # fmt: skip
+    details = {"sequential": n, "burst": burst, "medians_ms": med, "p99_ms": p99,
+               "burst_s": seconds, "burst_failed": failed, "bound_s": bound,
+               "litellm_proxy_ms_quoted": LITELLM_PROXY_MS}  # fmt: skip
+    return rows, details
+
+
+async def _burst(
+    url: str, headers: dict[str, str], body: dict[str, Any], n: int
+) -> tuple[float, int]:
+    """`n` requests at once, each on a connection of its own, with a bare HTTP/1.1 client:
+    httpx's async pool spends about 14 ms of CPU per request with 500 in flight (it was
+    the bottleneck of this measure, on the same two cores as the fleet)."""
+    import json
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "Connection: close\r\n\r\n"
+    ).encode()
+
+    async def one() -> bool:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(head + payload)
+            status = await reader.readline()
+            await reader.read()  # the rest, until the server closes
+            ok = status.split()[1:2] == [b"200"]
+            if not ok:
+                print(f"  gateway burst: {status!r}", file=sys.stderr)
+            return ok
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    done = await asyncio.gather(*(one() for _ in range(n)))
+    return time.perf_counter() - start, done.count(False)
