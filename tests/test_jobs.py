@@ -69,7 +69,7 @@ def test_defaults() -> None:
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             ["'messages.0.content.0.image_url.url' is required"],
         ),
-        ({"colour": "red"}, ["'colour' is unknown", "valid: deadline, focus, id"]),
+        ({"colour": "red"}, ["'colour' is unknown", "valid: app, deadline, focus, id"]),
         ({"metadata": {"k": [1]}}, ["'metadata.k"]),
         ({"id": "has space"}, ["'id'", "pattern"]),
     ],
