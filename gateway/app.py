@@ -85,8 +85,11 @@ class Gateway:
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             raise APIError(401, "no key: send 'Authorization: Bearer <key>'", code="missing_key")
-        found = await self.blocking(self.keys.verify, presented.strip())
-        if found is None:
+        presented = presented.strip()
+        found = self.keys.cached(presented)  # most requests: no thread, no database
+        if found is False:
+            found = await self.blocking(self.keys.verify, presented)
+        if not isinstance(found, AppKey):
             raise APIError(401, "the key is unknown or revoked", code="invalid_api_key")
         return found
 

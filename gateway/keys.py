@@ -137,6 +137,18 @@ class KeyStore:
             self._cache.pop(key_id, None)
         return next(k for k in self.list() if k.key_id == key_id)
 
+    def cached(self, presented: str) -> AppKey | bool | None:
+        """verify() when what it needs is in the cache (no database read): the key or
+        None; False when the database must be read (call verify() then)."""
+        match = _KEY.match(presented)
+        if not match:
+            return self.verify(presented)  # no key id: no read, refused in constant time
+        with self._lock:
+            cached = self._cache.get(match.group(1))
+        if cached is None or cached[0] <= time.monotonic():
+            return False
+        return self.verify(presented)
+
     def verify(self, presented: str) -> AppKey | None:
         """The active key `presented` is, or None. The digests are compared in constant
         time, and an unknown key id costs the same comparison as a known one."""
