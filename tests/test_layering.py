@@ -7,19 +7,25 @@ import os
 import subprocess
 import sys
 
+
+def modules_after(code: str, env: dict[str, str] | None = None) -> list[str]:
+    """Every module a fresh interpreter has loaded after running `code`."""
+    script = f"{code}\nimport sys, json\nprint(json.dumps(sorted(sys.modules)))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
+    )
+    return list(json.loads(out.stdout.splitlines()[-1]))
+
+
 FORBIDDEN = ("celery", "kombu", "httpx", "redis", "sqlalchemy", "psycopg", "sqlite3", "mlx")
 
 
 def test_decision_code_imports_no_io_library() -> None:
-    code = (
-        "import sys, json\n"
+    loaded = modules_after(
         "import router, router.catalog, router.policy, router.jobs, router.tokens\n"
         "from router import load_catalog, route, RouteQuery\n"
-        "route(load_catalog(), RouteQuery(task_class='creative'))\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
+        "route(load_catalog(), RouteQuery(task_class='creative'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(out.stdout)
     offenders = [m for m in loaded if m.split(".")[0] in FORBIDDEN]
     assert offenders == []
 
@@ -27,14 +33,9 @@ def test_decision_code_imports_no_io_library() -> None:
 def test_fleet_route_starts_without_celery() -> None:
     # `fleet route` reads live state from Redis when it can, but loads no Celery, HTTP
     # client or database driver.
-    code = (
-        "import sys, json\n"
-        "from workers.cli import main\n"
-        "main(['route', '--class', 'creative', '--json'])\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
+    loaded = modules_after(
+        "from workers.cli import main\nmain(['route', '--class', 'creative', '--json'])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(out.stdout.splitlines()[-1])
     assert not [m for m in loaded if m.split(".")[0] in set(FORBIDDEN) - {"redis"}]
 
 
@@ -49,8 +50,9 @@ WORKER_SIDE = (
 
 
 def test_the_client_sends_and_waits_without_loading_the_worker(redis_server) -> None:
-    code = (
-        "import sys, json\n"
+    env = {**os.environ, "FLEET_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/15"}
+    env.pop("FLEET_STATE_URL", None)
+    loaded = modules_after(
         "from router import dispatch, dispatch_many\n"
         "job = {'task_class': 'cost_free', 'messages': [{'role': 'user', 'content': 'hi'}]}\n"
         "handle = dispatch(job)\n"
@@ -58,15 +60,9 @@ def test_the_client_sends_and_waits_without_loading_the_worker(redis_server) -> 
         "try:\n"
         "    handle.get(timeout=0.2)\n"
         "except TimeoutError:\n"
-        "    pass\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
+        "    pass",
+        env,
     )
-    env = {**os.environ, "FLEET_BROKER_URL": redis_server.url.rsplit("/", 1)[0] + "/15"}
-    env.pop("FLEET_STATE_URL", None)
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    loaded = json.loads(out.stdout.splitlines()[-1])
     assert "celery" in loaded and "redis" in loaded  # it did send, through Celery's client
     offenders = [m for m in loaded if m.startswith(WORKER_SIDE)]
     assert offenders == []
@@ -75,14 +71,10 @@ def test_the_client_sends_and_waits_without_loading_the_worker(redis_server) -> 
 def test_the_gateway_loads_no_worker_code() -> None:
     # The gateway stands on the fleet's public API: dispatch, routing, the catalog, the
     # live state of apps, the ledger's keys; none of the worker's machinery.
-    code = (
-        "import sys, json\n"
+    loaded = modules_after(
         "from gateway.app import create_app\n"
         "create_app()\n"
-        "import gateway.serve, gateway.keys, gateway.shapes, gateway.waiter\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
+        "import gateway.serve, gateway.keys, gateway.shapes, gateway.waiter"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(out.stdout.splitlines()[-1])
     worker = tuple(m for m in WORKER_SIDE if m not in ("sqlalchemy", "psycopg", "workers.ledger"))
     assert [m for m in loaded if m.startswith(worker)] == []

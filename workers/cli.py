@@ -45,24 +45,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0 (got {text})")
-    return value
+def _float_above(minimum: float, inclusive: bool) -> Callable[[str], float]:
+    """An argparse type: a number above `minimum` (or equal to it, if `inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if inclusive and not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be {minimum:g} or more (got {text})")
+        if not inclusive and not value > minimum:
+            raise argparse.ArgumentTypeError(f"must be above {minimum:g} (got {text})")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
-    return value
+_positive_float = _float_above(0, inclusive=False)
+_non_negative_float = _float_above(0, inclusive=True)
 
 
 def _port(text: str) -> int:

@@ -134,14 +134,6 @@ def revoke(
     return answer.decode() if isinstance(answer, bytes) else str(answer)
 
 
-def spent(redis: Any, app: str, now: datetime | None = None) -> dict[str, float]:
-    """USD an app has spent or set aside today and this month."""
-    now = now or datetime.now(UTC)
-    day = redis.get(keys.app_spend(app, "day", now.strftime("%Y-%m-%d")))
-    month = redis.get(keys.app_spend(app, "month", now.strftime("%Y-%m")))
-    return {"day": float(day or 0), "month": float(month or 0)}
-
-
 def owner_of(raw: bytes | str | None) -> tuple[str, Reservation] | None:
     """The app that sent a job through the gateway and what it reserved for it, from the
     job's owner key (keys.owner), if any."""
