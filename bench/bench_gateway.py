@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import ROOT, Stack, median, percentile
+from bench.common import ROOT, Stack, interleaved, median, percentile
 
 LITELLM_PROXY_MS = 21.0  # its median overhead per call on this kind of machine (issue 9)
 
@@ -37,7 +37,6 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
     from bench.runs import JOB, UPSTREAM, Row, _fleet_batch
 
     n, warm, burst = (60, 10, 500) if quick else (200, 10, 500)
-    samples: dict[str, list[float]] = {"direct": [], "dispatch": [], "gateway": []}
     body = {"model": "focus/journalist", "messages": JOB["messages"], "task_class": "cost_free"}
     with Stack("gateway", latency_ms=0) as stack:
         stack.worker("free", 100)
@@ -57,12 +56,7 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
                 reply.raise_for_status()
 
             one = {"direct": direct, "dispatch": _fleet_batch(1), "gateway": through_gateway}
-            for i in range(n + warm):
-                for side, run in one.items():
-                    start = time.perf_counter()
-                    run()
-                    if i >= warm:
-                        samples[side].append((time.perf_counter() - start) * 1000)
+            samples = interleaved(one, n, warm)
         # 500 at once against a 1 s provider: the fleet holds 100 calls at a time (one
         # worker, -c 100), so Little's law bounds the burst at 500 x 1 s / 100 = 5 s
         stack.sim.configure({"default": {"latency_ms": 1000}})

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return float(ordered[index])
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], n: int, warm: int) -> dict[str, list[float]]:
+    """Milliseconds of each run, `n` times, taking turns (after `warm` untimed rounds):
+    every side meets the same moments of a noisy machine."""
+    samples: dict[str, list[float]] = {side: [] for side in runs}
+    for i in range(n + warm):
+        for side, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if i >= warm:
+                samples[side].append((time.perf_counter() - start) * 1000)
+    return samples
 
 
 # --- /proc ----------------------------------------------------------------------------

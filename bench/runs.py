@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Stack, cpu_s, median, percentile
+from bench.common import Stack, cpu_s, interleaved, median, percentile
 
 # A realistic small job: routed by focus to a free model without rate limits (raw Celery
 # has none either), so both sides make exactly one HTTP call per job.
@@ -258,7 +258,6 @@ def latency(quick: bool) -> Result:
     import httpx
 
     n, warm = (60, 10) if quick else (200, 10)
-    samples: dict[str, list[float]] = {"fleet": [], "raw": [], "direct": []}
     with Stack("latency", latency_ms=0) as stack:
         stack.worker("free", 100)
         stack.worker("raw", 100, raw=True)
@@ -273,12 +272,7 @@ def latency(quick: bool) -> Result:
                 client.post(url, json=body, headers=headers).raise_for_status()
 
             one = {"direct": direct, "fleet": _fleet_batch(1), "raw": _raw_batch(1)}
-            for i in range(n + warm):
-                for side, run in one.items():
-                    start = time.perf_counter()
-                    run()
-                    if i >= warm:
-                        samples[side].append((time.perf_counter() - start) * 1000)
+            samples = interleaved(one, n, warm)
     fleet, raw, direct_ms = (median(samples[k]) for k in ("fleet", "raw", "direct"))
     overhead, raw_overhead = fleet - direct_ms, raw - direct_ms
     rows = [
