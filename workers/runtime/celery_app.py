@@ -9,6 +9,9 @@ Settings come from the environment when the app is built (never at import):
                        (default 600; must exceed twice the longest single attempt:
                        a job waits in a worker at most half of it, then calls)
     FLEET_RESULT_EXPIRES_S       how long results are kept (default 1 day)
+    FLEET_BROKER_TRANSPORT       on a Redis broker: `fleet` (default: workers/runtime/
+                       transport.py, which no kill can make lose a job) or `kombu`
+                       (kombu's stock channel, kept for comparison)
     FLEET_BEAT_EVERY_S           a test/demo knob: fire every beat entry this many seconds
                        apart instead of on its schedule (unset in production)
 
@@ -81,11 +84,26 @@ def _beat_every_s(environ: Mapping[str, str]) -> float | None:
     return every
 
 
+BROKER_TRANSPORTS = {"fleet": "workers.runtime.transport:Transport", "kombu": None}
+
+
+def _broker_transport(broker: str, environ: Mapping[str, str]) -> str | None:
+    """The transport class for a Redis broker (None: the URL's scheme chooses)."""
+    name = environ.get("FLEET_BROKER_TRANSPORT") or "fleet"
+    if name not in BROKER_TRANSPORTS:
+        raise ConfigError(
+            f"FLEET_BROKER_TRANSPORT must be one of {', '.join(BROKER_TRANSPORTS)} (got {name!r})"
+        )
+    return BROKER_TRANSPORTS[name] if broker.startswith(("redis://", "rediss://")) else None
+
+
 def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     broker, state = fleet_urls(environ)
     visibility = int(environ.get("FLEET_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S))
     return {
         "broker_url": broker,
+        # A transport given by name wins over the URL's scheme (kombu's Connection).
+        "broker_transport": _broker_transport(broker, environ),
         "result_backend": state,
         "broker_connection_retry_on_startup": True,
         # Redis redelivers a job nobody acked within this; unacked ETA tasks too. The
@@ -97,6 +115,8 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
             "visibility_timeout": visibility,
             "unacked_restore_interval": max(1, min(10, visibility // 4)),
             "unacked_restore_throttle": 1,
+            # the queues whose messages the fleet's transport files from publish to ack
+            "tracked_queues": list(QUEUES),
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         # Storing a result retries through a Redis restart: a job that finished while
@@ -155,12 +175,12 @@ def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
     return app
 
 
-_apps: dict[tuple[str, str], Celery] = {}
+_apps: dict[tuple[str, str, str], Celery] = {}
 
 
 def get_app(environ: Mapping[str, str] = os.environ) -> Celery:
-    """The app for the current FLEET_* settings, built once per broker/state pair."""
-    key = fleet_urls(environ)
+    """The app for the current FLEET_* settings, built once per broker, state and transport."""
+    key = (*fleet_urls(environ), environ.get("FLEET_BROKER_TRANSPORT") or "fleet")
     if key not in _apps:
         _apps[key] = create_app(environ)
     return _apps[key]

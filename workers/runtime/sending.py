@@ -19,8 +19,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,28 +129,34 @@ class _RedisBatch:
     def send(self, messages: Sequence[Outgoing]) -> None:
         from redis.exceptions import ConnectionError, TimeoutError
 
-        writes: list[tuple[str, str, str]] = []  # (command, key or topic, payload)
+        writes: list[tuple[str, tuple[Any, ...]]] = []  # (command, its arguments)
         topic = self.channel._get_publish_topic(EVENTS_EXCHANGE, "task.sent")
+        # the fleet's transport files each job message as it is published (transport.py)
+        put = getattr(self.channel, "put_commands", self._lpush)
         for m in messages:
             headers, properties, body, sent = _task_message(self.app, m)
             properties["delivery_mode"] = 2
             priority = m.priority or 0  # as kombu: no priority is priority 0
-            envelope = _envelope(body, headers, properties, priority, "", m.queue)
-            writes.append(("lpush", self.channel._q_for_pri(m.queue, priority), envelope))
+            writes += put(m.queue, _envelope(body, headers, properties, priority, "", m.queue))
             if sent:
-                writes.append(("publish", topic, self._event(sent, m.queue)))
+                writes.append(("publish", (topic, self._event(sent, m.queue))))
         policy = self.app.conf.task_publish_retry_policy or {}
         for wait in [*_backoff(policy), None]:
             try:
                 pipe = self.channel.client.pipeline(transaction=True)
-                for command, key, payload in writes:
-                    getattr(pipe, command)(key, payload)
+                for command, args in writes:
+                    getattr(pipe, command)(*args)
                 pipe.execute()
                 return
             except (ConnectionError, TimeoutError):
                 if wait is None:
                     raise
                 time.sleep(wait)
+
+    def _lpush(self, queue: str, envelope: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+        """kombu's stock channel: the message's LPUSH, nothing else."""
+        key = self.channel._q_for_pri(queue, envelope["properties"]["priority"])
+        return [("lpush", (key, json.dumps(envelope)))]
 
     def _event(self, fields: dict[str, Any], queue: str) -> str:
         from celery.events.event import Event
@@ -166,7 +171,8 @@ class _RedisBatch:
             **{**fields, "queue": queue, "exchange": "", "routing_key": queue},
         )
         headers = {"hostname": self.hostname}
-        return _envelope(event, headers, {"delivery_mode": 1}, 0, EVENTS_EXCHANGE, "task.sent")
+        envelope = _envelope(event, headers, {"delivery_mode": 1}, 0, EVENTS_EXCHANGE, "task.sent")
+        return json.dumps(envelope)
 
 
 def _backoff(policy: dict[str, Any]) -> list[float]:
@@ -179,8 +185,8 @@ def _backoff(policy: dict[str, Any]) -> list[float]:
 def _envelope(
     body: Any, headers: dict[str, Any], properties: dict[str, Any], priority: int,
     exchange: str, routing_key: str,
-) -> str:  # fmt: skip
-    """The JSON kombu's Redis channel writes for one published message."""
+) -> dict[str, Any]:  # fmt: skip
+    """What kombu's Redis channel writes (as JSON) for one published message."""
     encoded = base64.b64encode(json.dumps(body).encode()).decode()
     properties = {
         **properties,
@@ -196,9 +202,4 @@ def _envelope(
         "headers": headers,
         "properties": properties,
     }
-    return json.dumps(envelope)
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+    return envelope

@@ -46,7 +46,7 @@ def spend(scope: str, name: str, period: str, stamp: str) -> str:
     return f"{PREFIX}:spend:{scope}:{name}:{period}:{stamp}"
 
 
-# --- jobs (workers/state/deliveries.py, idempotency.py, deadletter.py) ------------------
+# --- jobs (workers/state/deliveries.py, idempotency.py, deadletter.py, beathealth.py) ----
 
 
 def deliveries(job_id: str, sends: int) -> str:
@@ -60,12 +60,35 @@ def idempotency(key: str) -> str:
 
 
 DEAD_LETTER = f"{PREFIX}:dead-letter"  # hash: job id -> the failed job and its reasons
+# hash: task class -> dead letters its retention took out; '<class>:at' -> the last time
+DEAD_LETTER_TRIMMED = f"{PREFIX}:dead-letter:trimmed"
+
+
+def dead_letter_index(bucket: str) -> str:
+    """One task class's dead letters (sorted set: job id -> filed at, unix s on Redis'
+    clock), so that its oldest are found and trimmed without reading the hash."""
+    return f"{PREFIX}:dead-letter:index:{bucket}"
+
+
+# hash: beat entry -> JSON: failing since when, why, repeats not filed, recovered when
+BEAT_HEALTH = f"{PREFIX}:beat:health"
 
 
 def result(job_id: str) -> str:
     """Celery's own key for a job's state and Result (the result backend writes it through
     store_result.lua; kept FLEET_RESULT_EXPIRES_S)."""
     return f"celery-task-meta-{job_id}"
+
+
+# --- the broker's own bookkeeping (runtime/transport.py) ---------------------------------
+
+# Every job message from its publish to its ack, so that no moment between Redis' pop and
+# a worker's record of the delivery can lose it (kombu's stock channel records a message
+# only after the pop, and a worker killed in between loses it).
+# hash: delivery tag -> [payload, exchange, routing key, list key]
+BROKER_MESSAGES = f"{PREFIX}:broker:messages"
+# zset: delivery tag -> when last touched (published, delivered, put back; unix s)
+BROKER_INDEX = f"{PREFIX}:broker:index"
 
 
 # --- the ledger spool (filled by runtime/resultstore.py, drained by ledger/store.py) ------
