@@ -16,8 +16,12 @@ Errors cross Celery as JSON, so they carry primitives only (`kind`, `message`,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
+from urllib.parse import quote
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,45 @@ class Completion:
 
 class Provider(Protocol):
     def complete(self, request: CompletionRequest) -> Completion: ...
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Which delivery of which job is calling: an HTTP adapter sends it to the provider
+    (the `X-Fleet-Job` header), so a provider's own request log can be held against the
+    ledger call by call (the chaos suite does, with the simulator's). A job id is no
+    secret: logs, Flower and the ledger show it, and the gateway serves a job only to the
+    app that sent it."""
+
+    job_id: str
+    message: int  # which of the job's messages (`sends` in its travelling state)
+    delivery: int  # which delivery of that message: more than 1 when it came back
+
+    def header(self) -> str:
+        # Job ids are `[\w.:-]+`, and `\w` admits non-ASCII letters: percent-encoded,
+        # the value is plain ASCII, as HTTP headers must be.
+        job = quote(self.job_id, safe=":")
+        return f"{job}; message={self.message}; delivery={self.delivery}"
+
+
+FLEET_JOB_HEADER = "X-Fleet-Job"
+_caller: ContextVar[Caller | None] = ContextVar("fleet_caller", default=None)
+
+
+@contextmanager
+def calling_for(caller: Caller) -> Iterator[None]:
+    """Provider calls made inside this block (in this thread) are made for `caller`.
+    A context variable rather than a field of CompletionRequest: the task knows the
+    delivery, and the code between it and the adapter need not carry it."""
+    token = _caller.set(caller)
+    try:
+        yield
+    finally:
+        _caller.reset(token)
+
+
+def current_caller() -> Caller | None:
+    return _caller.get()
 
 
 @dataclass(frozen=True)

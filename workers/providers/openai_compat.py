@@ -15,7 +15,9 @@ every failure, once, onto base.py's error tree:
     HTTP 400, 422, other 4xx          Permanent("bad_request")
 
 Error messages carry the status and a truncated piece of the provider's own message, and
-never the API key (it is redacted should a provider echo it back).
+never the API key (it is redacted should a provider echo it back). A call made for a job
+carries `X-Fleet-Job: <job id>; message=N; delivery=N` (base.Caller), which providers
+ignore and the simulator logs.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ import httpx
 
 from router.tokens import estimate_message_tokens, estimate_tokens
 from workers.providers.base import (
+    FLEET_JOB_HEADER,
     Completion,
     CompletionRequest,
     ModelUnusable,
     Permanent,
     ProviderError,
     Retryable,
+    current_caller,
 )
 
 MAX_DETAIL = 200  # characters of the provider's error message kept in ours
@@ -147,9 +151,13 @@ class OpenAICompatProvider:
             payload["temperature"] = request.temperature
         if request.max_tokens is not None:
             payload["max_tokens"] = request.max_tokens
+        headers = self._headers
+        caller = current_caller()
+        if caller is not None:  # the job and delivery, for the provider's own log
+            headers = {**headers, FLEET_JOB_HEADER: caller.header()}
         try:
             response = self._client.post(
-                self.url, json=payload, headers=self._headers, timeout=request.timeout_s
+                self.url, json=payload, headers=headers, timeout=request.timeout_s
             )
         except httpx.TimeoutException as exc:
             raise Retryable("timeout", self._describe(exc)) from exc

@@ -25,6 +25,7 @@ from router.errors import JobFailed
 from router.jobs import Reservation
 from router.results import Result
 from workers.ledger.rows import encode_rows, rows_for
+from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
@@ -203,16 +204,19 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     if delivery.poisoned:
         step: Step = poisoned(job, state, delivery.count)
     else:
-        step = advance(
-            _catalog(),
-            job,
-            state,
-            here=here,
-            providers=_registry(),
-            gate=_gate(),
-            worker=self.request.hostname,
-            admitted={first: delivery.admitted} if first and delivery.admitted else None,
-        )
+        # Its provider call says which job and delivery it is for (X-Fleet-Job).
+        caller = Caller(job["id"], int((state or {}).get("sends", 0)), delivery.count)
+        with calling_for(caller):
+            step = advance(
+                _catalog(),
+                job,
+                state,
+                here=here,
+                providers=_registry(),
+                gate=_gate(),
+                worker=self.request.hostname,
+                admitted={first: delivery.admitted} if first and delivery.admitted else None,
+            )
     if isinstance(step, Done):
         summary = step.result.summary()
         attach(job["id"], _bookkeeping(job, step.result, summary))

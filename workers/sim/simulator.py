@@ -11,7 +11,11 @@ Endpoints (every path also works with a `/v1` prefix, so base URLs with or witho
     POST /_sim/config        merge {"models": {NAME: SETTINGS}, "default": SETTINGS}
     GET  /_sim/config        the current configuration
     POST /_sim/reset         clear the configuration and the request log
-    GET  /_sim/requests      the log of completion requests received
+    GET  /_sim/requests      the log of completion requests received, one entry each:
+                             model, t (arrival, epoch s), fault, authorization_present,
+                             temperature, max_tokens, images, and the fleet's caller
+                             from the X-Fleet-Job header (job, job_message,
+                             job_delivery; None when absent)
 
 SETTINGS (all optional): `latency_ms` delay before answering; `faults` a queue of faults
 consumed one per request; `fault` a fault applied to every request; `usage: false` to
@@ -50,6 +54,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import unquote
 
 from router.tokens import estimate_message_tokens, estimate_tokens
 
@@ -165,6 +170,22 @@ def _directive_fault(model: str, texts: list[tuple[str, str]]) -> str | None:
             if target == "*" or target == model or target.endswith("/" + model):
                 return fault.strip()
     return None
+
+
+def _fleet_job(header: str | None) -> dict[str, Any]:
+    """The fleet's caller, from `X-Fleet-Job: <job id>; message=N; delivery=N` (sent by
+    workers/providers/openai_compat.py): which job, message and delivery made the call."""
+    found: dict[str, Any] = {"job": None, "job_message": None, "job_delivery": None}
+    if not header:
+        return found
+    job, *params = header.split(";")
+    found["job"] = unquote(job.strip()) or None
+    for param in params:
+        name, _, value = param.strip().partition("=")
+        if name in ("message", "delivery"):
+            with contextlib.suppress(ValueError):
+                found[f"job_{name}"] = int(value)
+    return found
 
 
 Answer = tuple[int, bytes, dict[str, str]]  # status, body, extra headers
@@ -357,6 +378,7 @@ class _Completer:
                 "temperature": body.get("temperature"),
                 "max_tokens": self.max_tokens,
                 "images": images,
+                **_fleet_job(self.request.headers.get("x-fleet-job")),
             }
         )
 

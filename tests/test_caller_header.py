@@ -1,0 +1,70 @@
+"""The X-Fleet-Job header: a provider call names the job and delivery it is made for, and
+the simulator's request log records it (the chaos audit holds that log against the
+ledger)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from workers.providers.base import Caller, CompletionRequest, calling_for, current_caller
+from workers.providers.openai_compat import OpenAICompatProvider, make_client
+from workers.sim.simulator import Simulator
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator() as server:
+        yield server
+
+
+@pytest.fixture
+def provider(sim: Simulator) -> Iterator[OpenAICompatProvider]:
+    client = make_client(4)
+    yield OpenAICompatProvider(sim.url, "sk-test", client)
+    client.close()
+
+
+def test_a_call_made_for_a_job_names_it(sim: Simulator, provider: OpenAICompatProvider) -> None:
+    provider.complete(CompletionRequest("m", HELLO))  # outside any job: no header
+    with calling_for(Caller("job-7:a", 2, 3)):
+        provider.complete(CompletionRequest("m", HELLO))
+    provider.complete(CompletionRequest("m", HELLO))  # the block is over
+    logged = [(r["job"], r["job_message"], r["job_delivery"]) for r in sim.requests()]
+    assert logged == [(None, None, None), ("job-7:a", 2, 3), (None, None, None)]
+
+
+def test_a_non_ascii_job_id_travels_percent_encoded(
+    sim: Simulator, provider: OpenAICompatProvider
+) -> None:
+    # Job ids are [\w.:-]+, and \w admits non-ASCII letters: an HTTP header is ASCII.
+    caller = Caller("reçu-été", 0, 1)
+    assert caller.header() == "re%C3%A7u-%C3%A9t%C3%A9; message=0; delivery=1"
+    with calling_for(caller):
+        provider.complete(CompletionRequest("m", HELLO))
+    assert sim.requests()[-1]["job"] == "reçu-été"
+
+
+def test_the_caller_belongs_to_its_thread() -> None:
+    seen: list[Caller | None] = []
+    with calling_for(Caller("mine", 0, 1)):
+        thread = threading.Thread(target=lambda: seen.append(current_caller()))
+        thread.start()
+        thread.join()
+        assert current_caller() == Caller("mine", 0, 1)
+    assert seen == [None]
+    assert current_caller() is None
+
+
+def test_the_simulator_reads_a_partial_or_odd_header(sim: Simulator) -> None:
+    body = {"model": "m", "messages": HELLO}
+    with httpx.Client(timeout=10) as http:
+        for header in ("abc; message=x; delivery=2", "abc", "; message=1"):
+            http.post(sim.url + "/chat/completions", json=body, headers={"X-Fleet-Job": header})
+    logged = [(r["job"], r["job_message"], r["job_delivery"]) for r in sim.requests()]
+    assert logged == [("abc", None, 2), ("abc", None, None), (None, 1, None)]
