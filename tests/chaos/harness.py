@@ -14,9 +14,26 @@ killed worker's jobs come back within seconds. The test process is the dispatche
 - duplicated: the job ended more than once (two final-state publications on the result
   backend, a stored result other than the one its caller got, an answer that is also
   dead-lettered);
-- double-billed: the ledger's rows for the job are not exactly the attempts of its final
-  Result (rows from another execution, rows missing or extra, a different cost);
+- unwatched: the job ended, but the final-state listener saw no publication of it (the
+  duplicate check above cannot vouch for it);
+- under-billed / over-billed, against the provider's own request log, not the fleet's
+  word: every call the simulator received names its job (the workers send
+  `X-Fleet-Job`), and for each job and model the calls received must equal the ledger's
+  rows with outcome ok, error or orphaned. A call with no row is under-billed (the
+  ledger misses a call the provider served); a row with no call is over-billed. A
+  missing row whose call was made by a delivery that was delivered again (its worker
+  killed mid-call, or its ack lost with Redis) is the known gap, counted apart
+  (`redelivered_unbilled`); any other is a problem. Models the simulator does not serve
+  (a provider pointed at a closed port, the local MLX ones) have no witness and are left
+  out;
+- ledger ≠ result: the ledger's rows (orphaned rows aside) are not exactly the attempts of
+  the job's final Result (rows from another execution, rows missing or extra, a
+  different cost);
 - wrong: ended once, but not as the scenario says it must (a fault's documented action).
+
+A scenario also proves that its fault struck (`Tally.hit`: workers killed, messages
+redelivered, Redis restarts seen by workers, faults served): a count of 0 is a problem.
+Faults strike at random moments (`Strikes`) under steady traffic (`steady`).
 """
 
 from __future__ import annotations
@@ -24,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import re
 import signal
 import threading
 import time
@@ -55,6 +74,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_TIMEOUT_S = 2.0  # the simulated providers' timeout: `timeout`/`stall` wait this
 DISPATCHER_VARS = ("FLEET_BROKER_URL", "FLEET_STATE_URL", "FLEET_CATALOG")
 FINAL = ("SUCCESS", "FAILURE")
+# What Celery's consumer logs when it loses its broker (and then reconnects).
+BROKER_LOST = re.compile(r"consumer: Connection to broker lost")
+BILLED = ("ok", "error", "orphaned")  # ledger outcomes that stand for a call made
 
 # What an attempt looks like in the ledger and in a Result, for comparing the two.
 _ROW_FIELDS = (
@@ -88,37 +110,56 @@ def pool_children(pid: int) -> list[int]:
 class FinalMonitor:
     """Counts each job's distinct final states published on the result backend (the
     Redis backend PUBLISHes every state it stores): two for one job means it ended twice
-    (the same state stored again, a backend retry, is not counted twice). Reconnects by
-    itself across a Redis restart."""
+    (the same state stored again, a backend retry, is not counted twice), none means the
+    listener cannot vouch for it. Reconnects by itself across a Redis restart;
+    `subscriptions` counts the confirmations Redis sent (1 + each reconnection)."""
+
+    PATTERN = "celery-task-meta-*"
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.finals: Counter[str] = Counter()
+        self.subscriptions = 0
         self._seen: set[tuple[str, str]] = set()
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="final-monitor", daemon=True)
 
-    def start(self) -> FinalMonitor:
+    def start(self, timeout_s: float = 10) -> FinalMonitor:
+        """Return once Redis has confirmed the subscription: a listener that is not yet
+        subscribed would miss the first jobs' endings, and call them not duplicated."""
         self._thread.start()
-        self._subscribed.wait(10)
+        if not self._subscribed.wait(timeout_s):
+            self.stop()
+            raise RuntimeError(f"no psubscribe confirmation for {self.PATTERN} in {timeout_s} s")
         return self
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                pubsub.psubscribe("celery-task-meta-*")
-                self._subscribed.set()
-                while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=0.2)
-                    if message and message["type"] == "pmessage":
-                        self._count(message["data"])
+                self._listen()
+            except (redis.RedisError, OSError):
+                time.sleep(0.02)  # Redis away: try again at once, a restart is short
+
+    def _listen(self) -> None:
+        # (a read timeout too: a Redis that never answers is a lost connection)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=1)
+        pubsub = client.pubsub()
+        try:
+            pubsub.psubscribe(self.PATTERN)
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=0.2)
+                if message is None:
+                    continue
+                if message["type"] == "psubscribe":  # Redis' confirmation
+                    self.subscriptions += 1
+                    self._subscribed.set()
+                elif message["type"] == "pmessage":
+                    self._count(message["data"])
+        finally:
+            with contextlib.suppress(redis.RedisError, OSError):
                 pubsub.close()
                 client.close()
-            except (redis.RedisError, OSError):
-                time.sleep(0.1)
 
     def _count(self, data: bytes) -> None:
         with contextlib.suppress(ValueError, TypeError):
@@ -342,12 +383,27 @@ class ChaosFleet:
     # --- Redis -------------------------------------------------------------------------
 
     def stop_redis(self) -> None:
+        """A clean stop (SIGTERM): Redis flushes its append-only file and exits."""
         assert self.redis is not None
         self.redis.stop()
+
+    def kill_redis(self) -> None:
+        """kill -9 redis-server: no shutdown, no last flush; what a crash leaves."""
+        assert self.redis is not None and self.redis.process is not None
+        process = self.redis.process
+        process.kill()
+        process.wait()
+        if process.stderr:
+            process.stderr.close()
+        self.redis.process = None
 
     def start_redis(self) -> None:
         assert self.redis is not None
         self.redis.start()  # same port, same dir: the append-only file brings it all back
+
+    def broker_losses(self) -> dict[str, int]:
+        """How many times each worker lost its broker connection, from its own log."""
+        return {w.name: len(BROKER_LOST.findall(w.log())) for w in self.workers}
 
     def wait_quiet(self, timeout_s: float) -> bool:
         """Wait until Redis holds no message: none queued, none unacked. A message left
@@ -378,6 +434,29 @@ class ChaosFleet:
             if base in found and self.client.type(key) == b"list":
                 found[base] += int(self.client.llen(key))
         return found
+
+    # --- the provider's witness ---------------------------------------------------------
+
+    def provider_calls(self) -> list[dict[str, Any]]:
+        """Every completion request the simulator received, with the job it named."""
+        assert self.sim is not None
+        return self.sim.requests()
+
+    def simulated_models(self) -> dict[str, str]:
+        """Catalog model id -> the name the simulator logs it under, for every model the
+        simulator serves (not a provider pointed elsewhere, not a local MLX model)."""
+        assert self.sim is not None
+        url = self.sim.url.rstrip("/")
+        return {
+            m.id: m.upstream
+            for m in self.catalog.models
+            if (self.catalog.providers[m.provider].resolved_base_url(self.env) or "").rstrip("/")
+            == url
+        }
+
+    def deliveries(self, job: str, message: int) -> int:
+        """How many times the fleet delivered message `message` of `job` (its counter)."""
+        return int(self.client.get(keys.deliveries(job, message)) or 0)
 
     # --- dispatching and collecting ---------------------------------------------------
 
@@ -431,6 +510,81 @@ class ChaosFleet:
         return flower
 
 
+# --- traffic and strikes -----------------------------------------------------------------
+
+
+def chaos_rng(seed: int | None = None) -> tuple[random.Random, int]:
+    """A random source for a scenario's strikes, and its seed (CHAOS_SEED, or fresh):
+    printed in the scenario's notes, it replays the same moments and choices."""
+    if seed is None:
+        seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
+    return random.Random(seed), seed
+
+
+def steady(
+    fleet: ChaosFleet,
+    make: Callable[[int], tuple[dict[str, Any], Any]],
+    count: int,
+    rate_per_s: float,
+) -> list[JobRecord]:
+    """Dispatch `count` jobs, `make(n)` -> (job, expect), at a steady `rate_per_s`, as an
+    app does. A dispatch that waits for the broker (retried through an outage) delays
+    the next ones; they are not then sent in a burst to catch up."""
+    records = []
+    due = time.monotonic()
+    for n in range(count):
+        time.sleep(max(0.0, due - time.monotonic()))
+        job, expect = make(n)
+        records.append(fleet.submit(job, expect))
+        due = max(due + 1 / rate_per_s, time.monotonic())
+    return records
+
+
+class Strikes:
+    """A thread that runs `strikes` one after another at random moments of the window
+    [start_s, end_s] (seconds after the thread starts): drawn uniformly, then spread to
+    be at least `gap_s` apart (a restarted worker or Redis comes back in between). Used
+    around `steady()` traffic, a strike meets whatever the fleet happens to be doing.
+    `log` says what each strike did and when."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        strikes: list[Callable[[], str]],
+        window: tuple[float, float],
+        gap_s: float = 0.0,
+    ) -> None:
+        start, end = window
+        room = end - start - gap_s * (len(strikes) - 1)
+        if room < 0:  # they would run past the window, after the traffic
+            raise ValueError(f"{len(strikes)} strikes {gap_s} s apart do not fit in {window}")
+        draws = sorted(rng.uniform(0, room) for _ in strikes)
+        self.at = [start + d + i * gap_s for i, d in enumerate(draws)]
+        self.strikes = strikes
+        self.log: list[str] = []
+        self.failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="strikes", daemon=True)
+
+    def __enter__(self) -> Strikes:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
+        if self.failure is not None:
+            raise RuntimeError(f"a strike failed: {self.failure!r}") from self.failure
+
+    def _run(self) -> None:
+        try:
+            for at, strike in zip(self.at, self.strikes, strict=True):
+                time.sleep(max(0.0, self._started + at - time.monotonic()))
+                done = strike()
+                self.log.append(f"{time.monotonic() - self._started:.2f} s {done}")
+        except BaseException as exc:  # reported by __exit__, never lost in the thread
+            self.failure = exc
+
+
 # --- the audit ---------------------------------------------------------------------------
 
 
@@ -453,27 +607,58 @@ class JobRecord:
 
 @dataclass
 class Tally:
+    """A scenario's counts. Jobs: answered, dead_lettered, lost, duplicated, unwatched,
+    under_billed, over_billed, ledger_vs_result, wrong. Calls, from the provider's log:
+    provider_calls received for the audited jobs, unbilled_calls with no ledger row
+    (redelivered_unbilled of them made by a delivery that was delivered again: the
+    known gap), uncalled_rows in the ledger with no call. `hits`: what the fault struck."""
+
     scenario: str
     jobs: int = 0
     answered: int = 0
     dead_lettered: int = 0
     lost: int = 0
     duplicated: int = 0
-    double_billed: int = 0
+    unwatched: int = 0
+    under_billed: int = 0
+    over_billed: int = 0
+    ledger_vs_result: int = 0
     wrong: int = 0
+    provider_calls: int = 0
+    unbilled_calls: int = 0
+    redelivered_unbilled: int = 0
+    uncalled_rows: int = 0
     seconds: float = 0.0
+    hits: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
+    def double_billed(self) -> int:
+        """Jobs billed for more calls than the provider received (was: the ledger against
+        the fleet's own Result, now `ledger_vs_result`)."""
+        return self.over_billed
+
+    @property
     def clean(self) -> bool:
-        return not self.problems and not (
-            self.lost or self.duplicated or self.double_billed or self.wrong
-        )
+        """Nothing wrong, the known gap included: a call the ledger misses is reported
+        whatever explains it."""
+        counts = (
+            self.lost, self.duplicated, self.unwatched, self.under_billed, self.over_billed,
+            self.ledger_vs_result, self.wrong,
+        )  # fmt: skip
+        return not self.problems and not any(counts)
 
     def problem(self, kind: str, job: str, why: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
         self.problems.append(f"{kind}: {job}: {why}")
+
+    def hit(self, what: str, count: int) -> None:
+        """Evidence that the scenario's fault struck something: 0 is a problem (a fault
+        that met nothing proves nothing)."""
+        self.hits[what] = self.hits.get(what, 0) + count
+        if count <= 0:
+            self.problems.append(f"missed: {what} = 0: the fault struck nothing")
 
 
 def backend_meta(client: redis.Redis, job: str) -> dict[str, Any] | None:
@@ -518,7 +703,9 @@ def _stamp(value: Any) -> float:
 
 
 def billing_mismatch(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> str | None:
-    """Why the ledger's rows are not exactly the final Result's attempts (or None)."""
+    """Why the ledger's rows are not exactly the final Result's attempts (or None).
+    Orphaned rows (calls in flight when a worker died) are in no Result: left out."""
+    rows = [r for r in rows if r["outcome"] != "orphaned"]
     have = {r["attempt"]: r for r in rows}
     want = {r["attempt"]: r for r in expected}
     if sorted(have) != sorted(want):
@@ -553,6 +740,8 @@ def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
     if drained:
         tally.notes.append(f"the audit wrote {drained} ledger rows from the spool")
     rows = ledger_rows(fleet.ledger_url)
+    calls = _calls_by_job(fleet, tally)
+    served = fleet.simulated_models()
     finals = fleet.monitor.finals if fleet.monitor else Counter()
     tally.jobs += len(records)
     by_id: dict[str, list[JobRecord]] = {}
@@ -564,7 +753,93 @@ def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
         raw_dead = fleet.client.hget(keys.DEAD_LETTER, jid)
         dead = json.loads(raw_dead) if raw_dead else None
         _audit_job(tally, jid, callers, meta, final, dead, finals[jid], rows.get(jid, []), fleet)
+        _audit_billing(tally, jid, calls.get(jid, []), rows.get(jid, []), served, fleet)
     return tally
+
+
+def _calls_by_job(fleet: ChaosFleet, tally: Tally) -> dict[str, list[dict[str, Any]]]:
+    """The simulator's request log by the job each call named. A call naming no job
+    would escape the billing check: it is a problem."""
+    by_job: dict[str, list[dict[str, Any]]] = {}
+    anonymous = 0
+    for call in fleet.provider_calls():
+        if call.get("job"):
+            by_job.setdefault(call["job"], []).append(call)
+        else:
+            anonymous += 1
+    why = f"untagged: {anonymous} provider calls named no job (no X-Fleet-Job header)"
+    if anonymous and why not in tally.problems:
+        tally.problems.append(why)
+    return by_job
+
+
+@dataclass
+class Billing:
+    """One job's provider calls against its ledger rows, by model (the simulator's name)."""
+
+    unbilled: Counter[str]  # calls the provider received with no ledger row
+    redelivered: int  # of those, calls made by a delivery that was delivered again
+    uncalled: Counter[str]  # ledger rows for calls the provider never received
+
+    def unexplained(self) -> int:
+        return sum(self.unbilled.values()) - self.redelivered
+
+
+def billing(
+    calls: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    served: dict[str, str],
+    redelivered: Callable[[dict[str, Any]], bool],
+) -> Billing:
+    """Hold a job's calls, from the provider's log, against its ledger rows (outcome ok,
+    error or orphaned; rows of models the simulator does not serve have no witness).
+    A missing row is explained when the call's delivery was delivered again (at most
+    as many as there are such calls to that model)."""
+    billed = Counter(
+        served[r["model"]] for r in rows if r["outcome"] in BILLED and r["model"] in served
+    )
+    received = Counter(c["model"] for c in calls)
+    unbilled = received - billed
+    again = sum(
+        min(missing, sum(1 for c in calls if c["model"] == model and redelivered(c)))
+        for model, missing in unbilled.items()
+    )
+    return Billing(unbilled, again, billed - received)
+
+
+def _audit_billing(
+    tally: Tally,
+    jid: str,
+    calls: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    served: dict[str, str],
+    fleet: ChaosFleet,
+) -> None:
+    found = billing(calls, rows, served, lambda call: _redelivered(fleet, jid, call))
+    tally.provider_calls += len(calls)
+    if found.uncalled:
+        tally.uncalled_rows += sum(found.uncalled.values())
+        tally.problem(
+            "over_billed", jid, f"ledger rows with no provider call: {dict(found.uncalled)}"
+        )
+    if found.unbilled:
+        tally.under_billed += 1
+        tally.unbilled_calls += sum(found.unbilled.values())
+        tally.redelivered_unbilled += found.redelivered
+    if found.unexplained():
+        tally.problems.append(
+            f"under_billed: {jid}: {found.unexplained()} provider calls with no ledger row,"
+            f" not explained by a redelivery (calls missing: {dict(found.unbilled)})"
+        )
+
+
+def _redelivered(fleet: ChaosFleet, jid: str, call: dict[str, Any]) -> bool:
+    """Whether the delivery that made `call` was followed by another delivery of the same
+    message: its worker died before acking (or the ack was lost with Redis)."""
+    message, delivery = call.get("job_message"), call.get("job_delivery")
+    if message is None or delivery is None:
+        return False
+    return fleet.deliveries(jid, message) > delivery
 
 
 def _audit_job(
@@ -579,9 +854,9 @@ def _audit_job(
     fleet: ChaosFleet,
 ) -> None:
     kind, why = _ending(callers, meta, final, dead, publications)
-    if final is not None and not kind:  # ended once: billed once?
+    if final is not None and not kind:  # ended once: its ledger rows are its attempts?
         why = billing_mismatch(rows, rows_for(final, callers[0].job, fleet.catalog))
-        kind = "double_billed" if why else ""
+        kind = "ledger_vs_result" if why else ""
     if final is not None and not kind:  # as the scenario says it must?
         why = next((w for c in callers if c.expect and (w := c.expect(final, dead))), None)
         kind = "wrong" if why else ""
@@ -606,6 +881,8 @@ def _ending(
             return "lost", caller.error or caller.last_get_error or "no answer"
     if final is None:
         return "lost", f"no final state in the backend (meta {meta and meta.get('status')})"
+    if publications == 0:  # the listener missed it: the next check could not fail
+        return "unwatched", "ended with no final-state publication seen"
     if publications > 1:
         return "duplicated", f"{publications} different final states published"
     if any(c.got != final for c in callers):

@@ -2,8 +2,9 @@
 
     .venv/bin/python -m tests.chaos.report [--keep DIR] [SCENARIO ...]
 
-Exit status 1 if any scenario lost, duplicated or double-billed a job (or broke another
-of its checks); the problems are listed under the table.
+Exit status 1 if any scenario lost, duplicated or mis-billed a job (a provider call
+the ledger lacks, known gap included, or a row for a call never made), missed its fault,
+or broke another of its checks; the problems are listed under the table.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from pathlib import Path
 from .harness import Tally
 from .scenarios import SCENARIOS
 
+# The billing columns count provider calls from the simulator's own request log, held
+# job by job and model by model against the ledger's rows (harness.audit).
 COLUMNS = (
-    "scenario", "jobs", "answered", "dead-lettered", "lost", "duplicated", "double-billed",
-    "seconds",
+    "scenario", "jobs", "answered", "dead-lettered", "lost", "duplicated", "provider calls",
+    "calls not in ledger", "of them redelivered", "ledger rows not called", "seconds",
 )  # fmt: skip
 
 
 def row(t: Tally) -> tuple[str, ...]:
     return (
         t.scenario, str(t.jobs), str(t.answered), str(t.dead_lettered), str(t.lost),
-        str(t.duplicated), str(t.double_billed), f"{t.seconds:.1f}",
+        str(t.duplicated), str(t.provider_calls), str(t.unbilled_calls),
+        str(t.redelivered_unbilled), str(t.uncalled_rows), f"{t.seconds:.1f}",
     )  # fmt: skip
 
 
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for t in tallies:
         for note in t.notes:
             print(f"  {t.scenario}: {note}")
+        if t.hits:
+            print(f"  {t.scenario}: struck: {', '.join(f'{k} {v}' for k, v in t.hits.items())}")
     problems = [f"{t.scenario}: {p}" for t in tallies for p in t.problems]
     for problem in problems[:50]:
         print(f"PROBLEM {problem}")

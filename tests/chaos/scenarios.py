@@ -5,13 +5,27 @@ breaks something on the way, and returns its audit (harness.Tally). The pytest t
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from router.catalog import Catalog, Model
 from router.results import Result
 
-from .harness import ChaosFleet, JobRecord, Tally, ask, audit, job_id, timed
+from .harness import (
+    ChaosFleet,
+    JobRecord,
+    Strikes,
+    Tally,
+    ask,
+    audit,
+    chaos_rng,
+    job_id,
+    steady,
+    timed,
+)
 
 Expect = Callable[[Result, dict[str, Any] | None], str | None]
 
@@ -54,129 +68,137 @@ def mixed_job(scenario: str, n: int) -> tuple[dict[str, Any], Expect]:
     return job, answered_by(LLAMA, ["subscription", "free"])
 
 
-# --- 1. kill -9 of worker processes mid-run -----------------------------------------------
+# --- 1. kill -9 of worker processes at random moments -------------------------------------
+
+SLOW_MS = 300  # the free model's latency under kills: a strike catches calls mid-way
 
 
-def worker_kill(workdir: Path, jobs: int = 240, slow: int = 16) -> Tally:
-    """kill -9 mid-run. A prefork worker on `subscription` has its pool children killed
-    twice under traffic (reject-on-worker-lost requeues their jobs at once). Both threads
-    workers on `free` are killed, then restarted, while each holds 8 jobs in the middle
-    of a provider call (slow ones): every job they held comes back after the visibility
-    timeout and is answered once, billed once.
+def worker_kill(
+    workdir: Path, jobs: int = 480, rate: float = 40.0, kills: int = 6, seed: int | None = None
+) -> Tally:
+    """kill -9 at random moments under steady traffic (`rate` mixed jobs a second). Each
+    strike picks, at random, a threads worker on `free` (killed with every job it holds,
+    started again 0.2-1 s later: its jobs come back after the visibility timeout) or the
+    pool children of the prefork worker on `subscription` (reject-on-worker-lost
+    requeues their jobs at once). Every job must end once, and the strikes must have
+    killed workers and made the fleet deliver messages again.
 
-    The threads workers are killed while no message is on its way to them. Killed while
-    Redis is handing one over (BRPOP has popped it; kombu has not yet filed it as
-    unacked, a few ms later), that message is lost: the window is kombu's Redis
-    transport's own (celery/celery#7950, celery/kombu#305) and no fleet code sees the
-    message. A RabbitMQ broker (acks by the broker) has no such window."""
+    A provider call in flight when its worker dies is made again on redelivery, and the
+    ledger bills only the delivery that finished: the audit counts those calls from the
+    provider's log (under-billed, redelivered). A threads worker killed while Redis
+    hands it a message (BRPOP has popped it, kombu has not yet filed it as unacked)
+    loses that message: kombu's Redis transport's window (celery/celery#7950,
+    celery/kombu#305); the job shows as lost."""
     tally = Tally("kill -9 worker")
-    with timed(tally), ChaosFleet("kill", workdir, visibility_s=10, latency_ms=80) as fleet:
+    rng, seed = chaos_rng(seed)
+    with timed(tally), ChaosFleet("kill", workdir, visibility_s=10) as fleet:
         assert fleet.sim is not None
+        fleet.sim.configure(models={LLAMA.split("/", 1)[1]: {"latency_ms": SLOW_MS}})
         free = [fleet.start_worker("free", concurrency=8) for _ in range(2)]
         sub = fleet.start_worker("subscription", pool="prefork", concurrency=3)
         fleet.wait_ready()
-        records: list[JobRecord] = []
-        children = 0
-        for n in range(jobs - slow):  # traffic, with pool children killed in its midst
-            if n in (jobs // 4, jobs // 2):
-                children += fleet.kill_children(sub)
-            if n == jobs // 3:  # the free workers busy with slow calls, then killed
-                fleet.collect(records, timeout_s=60)
-                records += kill_busy_workers(fleet, free, slow)
-            job, expect = mixed_job("kill", n)
-            records.append(fleet.submit(job, expect))
-            time.sleep(0.004)
+        killed: Counter[str] = Counter()
+
+        def kill_one() -> str:
+            target = rng.choice([*free, sub])
+            if target is sub:
+                children = fleet.kill_children(sub)
+                killed["prefork pool children"] += children
+                return f"{children} pool children of {sub.name} killed"
+            fleet.kill(target)
+            killed["threads workers"] += 1
+            pause = rng.uniform(0.2, 1.0)
+            time.sleep(pause)
+            fleet.restart(target, wait=False)
+            return f"{target.name} killed, started again {pause:.1f} s later"
+
+        span = jobs / rate
+        with Strikes(rng, [kill_one] * kills, (0.1 * span, 0.9 * span), gap_s=1.2) as strikes:
+            records = steady(fleet, lambda n: mixed_job("kill", n), jobs, rate)
         fleet.collect(records, timeout_s=90)
         audit(fleet, records, tally)
         fleet.check_workers(tally)
+        tally.hit("processes killed", sum(killed.values()))
+        tally.hit("messages redelivered", redelivered(fleet))
         tally.notes.append(
-            f"{slow} jobs in flight on 2 killed threads workers, {children} prefork children"
-            f" killed under traffic; {redelivered(fleet)} messages redelivered"
+            f"seed {seed}: {kills} kills at random moments of {jobs} jobs at {rate:g}/s"
+            f" ({dict(killed)}): {'; '.join(strikes.log)}"
         )
     return tally
 
 
-def kill_busy_workers(fleet: ChaosFleet, workers: list[Any], slow: int) -> list[JobRecord]:
-    """Fill the workers with slow jobs, SIGKILL them mid-call, start them again."""
-    sent = fill_with_slow_jobs(fleet, slow, 0)
-    for worker in workers:
-        fleet.kill(worker)
-    for worker in workers:
-        fleet.restart(worker, wait=False)
-    return sent
+# --- 2. redis-server stopped or killed at random moments -----------------------------------
 
 
-# --- 2. redis-server stopped and restarted mid-run ----------------------------------------
+def redis_restart(
+    workdir: Path,
+    jobs: int = 800,
+    rate: float = 40.0,
+    restarts: int = 4,
+    down_s: tuple[float, float] = (0.5, 2.0),
+    seed: int | None = None,
+) -> Tally:
+    """The fleet's Redis (broker, results, state; append-only file on) goes away at
+    random moments under steady traffic, stopped cleanly (SIGTERM: it flushes its
+    append-only file) and killed -9 (a crash: no shutdown) in turn, and is started again
+    on its port 0.5-2 s later from what its append-only file holds. The dispatcher goes
+    on dispatching through each outage (retrying as an app would); workers reconnect by
+    themselves, results stored during an outage are retried, a job whose ack was lost
+    comes back and is recognised as finished. Every worker must have seen every restart.
 
-
-def redis_restart(workdir: Path, jobs: int = 240, down_s: float = 2.0, slow: int = 16) -> Tally:
-    """The fleet's Redis (broker, results, state; append-only file on) is stopped while
-    16 jobs are in the middle of their provider calls (they end while it is down), and
-    started again on its port 2 s later; the dispatcher goes on dispatching through the
-    outage. Workers reconnect by themselves, results stored during the outage are
-    retried, a job whose ack was lost comes back and is recognised as finished.
-
-    Redis is stopped while no message is on its way to a worker: one that BRPOP has
-    popped but the worker has not yet read is dropped with the broken connection (the
-    consumer discards its socket), kombu's Redis transport's window (celery/celery#4354,
-    #7950), which no fleet code sees."""
-    import threading
-
+    Redis going away while it hands a message to a worker (BRPOP has popped it, the
+    worker has not yet read it) drops that message with the broken connection:
+    kombu's Redis transport's window (celery/celery#4354, #7950); the job shows as lost."""
     tally = Tally("redis restart")
+    rng, seed = chaos_rng(seed)
     with timed(tally), ChaosFleet("redis", workdir, visibility_s=10) as fleet:
-        assert fleet.sim is not None
+        assert fleet.sim is not None and fleet.monitor is not None
         fleet.start_worker("free", concurrency=8)
         fleet.start_worker("subscription", concurrency=8)
         fleet.wait_ready()
-        records: list[JobRecord] = []
-        outage: dict[str, float] = {}
-        for n in range(jobs - slow):
-            if n == jobs // 3:  # busy workers, then Redis goes away for down_s
-                fleet.collect(records, timeout_s=60)
-                records += fill_with_slow_jobs(fleet, slow // 2, slow // 2)
-                outage["down"] = time.monotonic()
-                fleet.stop_redis()
-                threading.Timer(down_s, lambda: (fleet.start_redis(), outage.setdefault(
-                    "up", time.monotonic()))).start()  # fmt: skip
-            job, expect = mixed_job("redis", n)
-            records.append(fleet.submit(job, expect))  # (retried through the outage)
-            time.sleep(0.01)
+        first = rng.randrange(2)
+        kinds = [("stop", "kill -9")[(first + i) % 2] for i in range(restarts)]
+
+        def outage(kind: str) -> Callable[[], str]:
+            def strike() -> str:
+                fleet.stop_redis() if kind == "stop" else fleet.kill_redis()
+                down = rng.uniform(*down_s)
+                time.sleep(down)
+                fleet.start_redis()
+                return f"Redis {kind}, back {down:.1f} s later"
+
+            return strike
+
+        span = jobs / rate  # (longer in fact: dispatching waits through each outage)
+        gap = down_s[1] + 2.5  # back, and every worker reconnected (it retries every 2 s)
+        window = (0.1 * span, 0.9 * span)
+        with Strikes(rng, [outage(k) for k in kinds], window, gap_s=gap) as strikes:
+            records = steady(fleet, lambda n: mixed_job("redis", n), jobs, rate)
         fleet.collect(records, timeout_s=90)
         audit(fleet, records, tally)
         fleet.check_workers(tally)
+        seen = fleet.broker_losses()
+        for worker, losses in seen.items():
+            if losses < restarts:
+                tally.problems.append(f"{worker} saw {losses} of {restarts} Redis restarts")
+        tally.hit("Redis restarts", len(strikes.log))
+        tally.hit("restarts seen by the least-affected worker", min(seen.values()))
+        tally.hit("listener resubscriptions", fleet.monitor.subscriptions - 1)
         tally.notes.append(
-            f"Redis down {outage['up'] - outage['down']:.1f} s with {slow} jobs mid-call;"
-            f" dispatch retried {fleet.dispatch_retries} times, get() {fleet.get_retries}"
-            f" times; {redelivered(fleet)} messages redelivered"
+            f"seed {seed}: {'; '.join(strikes.log)}; dispatch retried {fleet.dispatch_retries}"
+            f" times, get() {fleet.get_retries} times; {redelivered(fleet)} messages"
+            f" redelivered; broker connection lost per worker {seen}"
         )
     return tally
-
-
-def fill_with_slow_jobs(fleet: ChaosFleet, free: int, sub: int) -> list[JobRecord]:
-    """Slow jobs (2 s calls) on `free` and `subscription`, once every one is mid-call."""
-    assert fleet.sim is not None
-    slow = {m: {"latency_ms": 2000} for m in (LLAMA.split("/", 1)[1], "glm-4.7")}
-    fleet.sim.configure(models=slow)
-    sent = []
-    for n in range(free + sub):
-        jid = job_id("slow", n)
-        job = ask(f"{jid} slow", task_class="cost_free" if n < free else "user_facing", id=jid)
-        sent.append(fleet.submit(job))
-    deadline = time.monotonic() + 10
-    while sum(fleet.queue_lengths().values()) and time.monotonic() < deadline:
-        time.sleep(0.05)  # every slow job taken: the workers are mid-call
-    time.sleep(0.3)
-    fleet.sim.configure(models={m: {"latency_ms": fleet.latency_ms} for m in slow})
-    return sent
 
 
 # --- 3. the provider fault matrix ---------------------------------------------------------
 
-# fault -> (error kind, action) of the faulted model's attempt. A user_facing job's chain
-# is glm-4.7, MiniMax-M2.1, kimi, qwen3-next-free: a `[[sim:glm-4.7=FAULT]]` directive
-# makes the primary fail, and the job must then be answered by MiniMax-M2.1 ("retry" and
-# "next"), or fail at once ("fail"). "refused" is a long_context job whose first model's
-# provider listens nowhere: the job moves to the next model, on another queue.
+# fault -> (error kind, action) of the faulted model's attempt. "refused" is a
+# long_context job whose first model's provider listens nowhere: the job moves to the next
+# model, on another queue. Every other fault is scripted into a user_facing job by a
+# `[[sim:MODEL=FAULT]]` directive for the job's explicit first model (see fault_targets):
+# the job must then be answered by glm-4.7 ("retry" and "next"), or fail at once ("fail").
 FAULTS: dict[str, tuple[str, str]] = {
     "429": ("rate_limited", "retry"),
     "429:1": ("rate_limited", "retry"),
@@ -196,16 +218,41 @@ FAULTS: dict[str, tuple[str, str]] = {
     "404": ("not_found", "next"),
 }
 MOONSHOT, QWEN_NEXT = "moonshot/kimi-k2-0905-preview", "litellm/qwen3-next-free"
+USER_FACING = (GLM, MINIMAX, "litellm/kimi", QWEN_NEXT)  # the class's chain
 
 
-def fault_job(fault: str, n: int) -> tuple[dict[str, Any], Expect, str]:
-    """A job meeting `fault` on its first model, its expectation, and that model."""
+def fault_targets(catalog: Catalog, dead: tuple[str, ...]) -> list[Model]:
+    """The models a fault group spreads its jobs over, one job per model at a time. A
+    429, 401 or 404 rests the model that served it (fleet-wide): had every job of a
+    group faulted the same model, only the first few would have met the fault. These
+    are the simulator's models outside the user_facing chain (which the jobs fall back
+    to, so it must stay healthy) and outside the vision chain (the long Retry-After jobs
+    rest it), whose name no directive could confuse with a chain model's."""
+    chain = {catalog.model(m).upstream for m in USER_FACING}
+
+    def confusable(upstream: str) -> bool:  # the simulator's directive matching
+        return any(upstream == c or upstream.endswith("/" + c) for c in chain)
+
+    return [
+        m
+        for m in catalog.models
+        if catalog.providers[m.provider].kind == "openai"
+        and m.provider not in dead
+        and m.id not in USER_FACING
+        and m.queue != "vision"
+        and not confusable(m.upstream)
+    ]
+
+
+def fault_job(fault: str, n: int, target: Model) -> tuple[dict[str, Any], Expect]:
+    """A job meeting `fault` on its first model, `target`, and its expectation."""
     jid = job_id(f"fault-{fault.replace(':', '_')}", n)
     if fault == "refused":
         job = ask(f"{jid} long read", task_class="long_context", id=jid)
-        return job, documented(fault, MOONSHOT, QWEN_NEXT, ["long-context", "free"]), MOONSHOT
-    job = ask(f"[[sim:glm-4.7={fault}]] {jid} answer", task_class="user_facing", id=jid)
-    return job, documented(fault, GLM, MINIMAX, ["subscription", "subscription"]), GLM
+        return job, documented(fault, MOONSHOT, QWEN_NEXT, ["long-context", "free"])
+    directive = f"[[sim:{target.upstream}={fault}]]"
+    job = ask(f"{directive} {jid} answer", task_class="user_facing", model=target.id, id=jid)
+    return job, documented(fault, target.id, GLM, [target.queue, "subscription"])
 
 
 def documented(fault: str, faulty: str, then: str, path: list[str]) -> Expect:
@@ -277,41 +324,98 @@ def long_retry_after(fleet: ChaosFleet, jobs: int = 2) -> list[JobRecord]:
     return sent
 
 
-def fault_matrix(workdir: Path, per_fault: int = 14) -> Tally:
-    """Every provider fault against the simulator, each group from a clean live state
-    (a 429 or a 401 rests the model fleet-wide, which would hide the next group's)."""
+def fault_matrix(workdir: Path, per_fault: int = 24) -> Tally:
+    """Every provider fault against the simulator, `per_fault` jobs each. A group's jobs
+    take turns over fault_targets() (each model faulted by one job of a wave, the live
+    state reset before each wave), so every job meets its fault: checked job by job in
+    the simulator's log, which must show each named model serving the fault. "refused"
+    never reaches the simulator: its log must show no call to that model."""
     tally = Tally("provider faults")
-    with timed(tally), ChaosFleet("faults", workdir, dead_providers=["moonshot"]) as fleet:
+    dead = ("moonshot",)
+    with timed(tally), ChaosFleet("faults", workdir, dead_providers=dead) as fleet:
         fleet.start_worker("subscription", concurrency=16)
-        fleet.start_worker("free", concurrency=8)
+        fleet.start_worker("free", concurrency=16)
         fleet.start_worker("long-context", concurrency=8)
         fleet.start_worker("vision", concurrency=4)
         fleet.wait_ready()
+        targets = fault_targets(fleet.catalog, dead)
         waiting = long_retry_after(fleet)  # they wait while the groups run
-        records: list[JobRecord] = []
-        met = 0
-        for fault in FAULTS:
-            fleet.reset_live_state()
-            group = [fault_job(fault, n) for n in range(per_fault)]
-            sent = [fleet.submit(job, expect) for job, expect, _ in group]
-            fleet.collect(sent, timeout_s=60)
-            faulty = group[0][2]
-            hit = [r for r in sent if r.got and any(a.model == faulty for a in r.got.attempts)]
-            if not hit:
-                tally.problems.append(f"{fault}: no job ever reached {faulty}")
-            met += len(hit)
-            records += sent
+        groups: dict[str, list[tuple[JobRecord, Model]]] = {}
+        for index, fault in enumerate(FAULTS):
+            turn = [targets[(index * per_fault + n) % len(targets)] for n in range(per_fault)]
+            groups[fault] = run_fault_group(fleet, fault, turn, len(targets))
         fleet.collect(waiting, timeout_s=60)
-        records += waiting
         fleet.reset_live_state()
+        records = [r for group in groups.values() for r, _ in group] + waiting
         audit(fleet, records, tally)
         fleet.check_workers(tally)
+        named = check_faults_met(fleet, groups, tally)
         tally.notes.append(
-            f"{len(FAULTS)} faults x {per_fault} jobs + 2 jobs rate-limited everywhere for"
-            f" 12 s (longer than the 10 s visibility timeout); {met} met their fault, the others"
-            " found the model resting (cooldown after 429/401/404) and went on"
+            f"{len(FAULTS)} faults x {per_fault} jobs over {len(targets)} models, each job"
+            f" meeting its fault (provider log); {named}; + 2 jobs rate-limited everywhere"
+            " for 12 s (longer than the 10 s visibility timeout)"
         )
     return tally
+
+
+def run_fault_group(
+    fleet: ChaosFleet, fault: str, turn: list[Model], wave: int
+) -> list[tuple[JobRecord, Model]]:
+    """Dispatch a fault's jobs in waves of distinct models, each from a clean live state
+    (no model resting from an earlier fault), and wait for each wave's answers."""
+    sent = []
+    for start in range(0, len(turn), wave):
+        fleet.reset_live_state()
+        batch = []
+        for n, target in enumerate(turn[start : start + wave], start):
+            job, expect = fault_job(fault, n, target)
+            batch.append((fleet.submit(job, expect), target))
+        fleet.collect([r for r, _ in batch], timeout_s=60)
+        sent += batch
+    return sent
+
+
+def check_faults_met(
+    fleet: ChaosFleet, groups: dict[str, list[tuple[JobRecord, Model]]], tally: Tally
+) -> str:
+    """Each job met its fault on its model, by the provider's log; each fault struck.
+    Returns how many faults every model they name served."""
+    calls: dict[str, list[dict[str, Any]]] = {}
+    for call in fleet.provider_calls():
+        calls.setdefault(call["job"], []).append(call)
+    complete = 0
+    for fault, sent in groups.items():
+        if fault == "refused":  # the simulator never sees a refused connection
+            tally.hit("calls refused", refused_calls(sent, calls, tally))
+            continue
+        served = {t.upstream for r, t in sent if met(fault, t, calls.get(r.id, []))}
+        for record, target in sent:
+            if not met(fault, target, calls.get(record.id, [])):
+                tally.problem(
+                    "wrong", record.id, f"never met {fault} on {target.id} (provider log)"
+                )
+        tally.hit(f"models serving {fault}", len(served))
+        complete += served == {t.upstream for _, t in sent}
+    return f"{complete}/{len(groups) - 1} faults served by every model they name"
+
+
+def met(fault: str, target: Model, calls: list[dict[str, Any]]) -> bool:
+    """The provider's log shows `target` serving `fault` to this job."""
+    return any(c["model"] == target.upstream and c["fault"] == fault for c in calls)
+
+
+def refused_calls(
+    sent: list[tuple[JobRecord, Model]], calls: dict[str, list[dict[str, Any]]], tally: Tally
+) -> int:
+    """Attempts refused at the door of the dead provider; none may reach the simulator."""
+    upstream = MOONSHOT.split("/", 1)[1]
+    refused = 0
+    for record, _ in sent:
+        if any(c["model"] == upstream for c in calls.get(record.id, [])):
+            tally.problem("wrong", record.id, f"{MOONSHOT} was served: it must be refused")
+        attempts = record.got.attempts if record.got else []
+        refused += sum(1 for a in attempts if a.model == MOONSHOT and a.error_kind == "connection")
+    return refused
 
 
 # --- 4. poison jobs and the dead-letter store ---------------------------------------------
@@ -411,7 +515,10 @@ def poison(workdir: Path, jobs: int = 200, failing: int = 24, crashing: int = 3)
         audit(fleet, records, tally)
         fleet.check_workers(tally)
         dead_ids = {r.id for r in records if r.got is not None and not r.got.ok}
+        served = sum(1 for c in fleet.provider_calls() if c["fault"] in ("500", "stall"))
         replays = dead_letter_cli(fleet, dead_ids, tally)
+        tally.hit("pool children killed by crashing jobs", crasher.kills)
+        tally.hit("500s and stalls served", served)
         tally.notes.append(
             f"{plain} plain, {failing} failing everywhere, {crashing} crashing their worker"
             f" ({crasher.kills} kills); {len(replays)} replayed from the dead-letter store"
@@ -692,4 +799,13 @@ SCENARIOS: dict[str, Callable[[Path], Tally]] = {
     "idempotency": idempotency,
     "input": bad_input,
     "secrets": secrets,
+}
+
+# The test suite runs the same scenarios, the longer ones shortened (fewer jobs, strikes
+# and faulted models; the report runs them in full).
+QUICK: dict[str, Callable[[Path], Tally]] = {
+    **SCENARIOS,
+    "kill": partial(worker_kill, jobs=160, kills=3),
+    "redis": partial(redis_restart, jobs=280, restarts=2, down_s=(0.5, 1.5)),
+    "faults": partial(fault_matrix, per_fault=6),
 }

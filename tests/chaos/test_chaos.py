@@ -1,5 +1,6 @@
-"""The chaos scenarios as tests: each must end with every job answered or dead-lettered
-exactly once, billed once, and nothing else broken (see harness.py for the audit)."""
+"""The chaos scenarios as tests (their short forms, scenarios.QUICK): each must end with
+every job answered or dead-lettered exactly once, every provider call billed, and its
+fault proved to have struck (see harness.py for the audit)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,35 @@ from pathlib import Path
 
 import pytest
 
-from .scenarios import SCENARIOS
+from .scenarios import QUICK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+STRIKING = ("kill", "redis", "faults", "poison")  # the scenarios that break something
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+
+@pytest.mark.parametrize("name", list(QUICK))
 def test_scenario(name: str, tmp_path: Path) -> None:
-    tally = SCENARIOS[name](tmp_path)
+    tally = QUICK[name](tmp_path)
     summary = (
         f"{tally.scenario}: {tally.jobs} jobs, {tally.answered} answered,"
         f" {tally.dead_lettered} dead-lettered, {tally.lost} lost, {tally.duplicated}"
-        f" duplicated, {tally.double_billed} double-billed, {tally.wrong} wrong"
+        f" duplicated, {tally.unwatched} unwatched, {tally.provider_calls} provider calls,"
+        f" {tally.unbilled_calls} not billed ({tally.redelivered_unbilled} by redelivered"
+        f" deliveries), {tally.uncalled_rows} billed but never called,"
+        f" {tally.ledger_vs_result} ledger != result, {tally.wrong} wrong; hits {tally.hits}"
     )
     assert tally.jobs > 0, summary
     assert not tally.problems, "\n".join([summary, *tally.problems[:30]])
-    assert (tally.lost, tally.duplicated, tally.double_billed, tally.wrong) == (0, 0, 0, 0)
+    counts = (tally.lost, tally.duplicated, tally.unwatched, tally.over_billed, tally.wrong)
+    assert counts == (0, 0, 0, 0, 0), summary
+    assert tally.ledger_vs_result == 0, summary
+    # The known gap, until the ledger records orphaned calls: a call made by a delivery
+    # that was then delivered again (worker killed mid-call) has no row. Any other
+    # unbilled call is a problem above.
+    assert tally.unbilled_calls == tally.redelivered_unbilled, summary
     if name != "input":  # (its jobs are all refused at the door)
         assert tally.answered + tally.dead_lettered == tally.jobs, summary
+        assert tally.provider_calls > 0, summary
+    if name in STRIKING:
+        assert tally.hits and all(n > 0 for n in tally.hits.values()), summary
