@@ -8,7 +8,10 @@ beat at start with the entry's name, not at 02:00 in a worker log.
 
 Jobs carry no `id`: the worker takes the Celery task id, fresh for every firing. Their
 source is cron or heartbeat, so rule 4 keeps them on the free and local tiers, on
-escalation too.
+escalation too. Each carries its entry's name (`metadata.beat_entry`): an entry that
+cannot run (no key set, no local model) fails at every firing, and is filed as a dead
+letter once per cause, not per firing; `fleet status` shows it failing, with its repeats
+(workers/state/beathealth.py).
 
 `celery -A workers.runtime.celery_app beat -s PATH` runs it (one beat per fleet).
 """
@@ -25,8 +28,8 @@ from router.errors import ConfigError, FleetError
 from router.jobs import parse_job
 from router.policy import route_job
 from workers.runtime.sending import TASK_RUN_JOB, describe
+from workers.state.beathealth import BEAT_SOURCES, ENTRY_FIELD
 
-BEAT_SOURCES = ("cron", "heartbeat")
 CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 
 
@@ -120,7 +123,7 @@ def _build(catalog: Catalog, entry: Entry, every_s: float | None) -> dict[str, A
     source = entry.job.get("source")
     if source not in BEAT_SOURCES:
         raise ValueError(f"a beat job's source must be 'cron' or 'heartbeat' (got {source!r})")
-    metadata = {**entry.job.get("metadata", {}), "beat_entry": entry.name}
+    metadata = {**entry.job.get("metadata", {}), ENTRY_FIELD: entry.name}
     job = parse_job({**entry.job, "metadata": metadata})
     decision = route_job(catalog, job)
     payload = job.model_dump(mode="json", exclude_none=True, exclude={"id"})

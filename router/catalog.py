@@ -13,10 +13,18 @@ from collections.abc import Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from router.errors import ConfigError, choices
 
@@ -154,6 +162,51 @@ class Budget(_Strict):
         return self
 
 
+class Retention(_Strict):
+    """How many dead letters of one task class the fleet keeps, and for how long; past
+    either limit the oldest go first (workers/state/deadletter.py). A field left out
+    falls back to `dead_letters.default`, then to the built-in figure."""
+
+    max_count: int | None = None
+    max_age_days: float | None = None
+
+    # Checked before pydantic's coercion, so that a bad figure gets one message naming
+    # what is valid, whatever its type ('lots', 0, 2.5, -1, true).
+    @field_validator("max_count", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"must be a whole number of 1 or more (got {value!r})")
+        return value
+
+    @field_validator("max_age_days", mode="before")
+    @classmethod
+    def _days(cls, value: Any) -> Any:
+        if value is not None and (type(value) not in (int, float) or not value > 0):
+            raise ValueError(f"must be a number of days above 0, such as 30 or 0.5 (got {value!r})")
+        return value
+
+
+DEAD_LETTER_MAX_COUNT = 1000  # per task class, when the catalog says nothing
+DEAD_LETTER_MAX_AGE_DAYS = 30.0
+
+
+class DeadLetters(_Strict):
+    """Dead-letter retention: `default` for every task class, `classes` overriding it
+    field by field for some (a heartbeat's failures, a long_context job's big payload)."""
+
+    default: Retention = Retention()
+    classes: dict[TaskClass, Retention] = {}
+
+    def for_class(self, task_class: str) -> tuple[int, float]:
+        """(max_count, max_age_days) in force for `task_class` (any string: a class the
+        catalog does not know gets the default)."""
+        own = self.classes.get(task_class)  # type: ignore[call-overload]
+        count = (own and own.max_count) or self.default.max_count or DEAD_LETTER_MAX_COUNT
+        days = (own and own.max_age_days) or self.default.max_age_days or DEAD_LETTER_MAX_AGE_DAYS
+        return count, days
+
+
 class Policy(_Strict):
     long_context_above_tokens: PositiveInt = 200_000
     cost_restricted: CostRestriction = CostRestriction()
@@ -169,6 +222,7 @@ class Policy(_Strict):
     # A job whose every model is limited waits for the earliest slot, at most this long
     # (or until its deadline); beyond it the job fails with every model's reason.
     max_wait_s: Annotated[float, Field(ge=0)] = 600.0
+    dead_letters: DeadLetters = DeadLetters()
 
     @model_validator(mode="after")
     def _every_class_has_a_chain(self) -> Policy:
@@ -272,7 +326,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 def _describe(path: Path, text: str, exc: ValidationError) -> str:
     """One line for the first error: file:line: field: problem (got value)."""
     err = exc.errors(include_url=False)[0]
-    loc = [str(part) for part in err["loc"]]
+    loc = [str(part) for part in err["loc"] if part != "[key]"]  # a bad key: its own path
     msg = err["msg"].removeprefix("Value error, ")
     if not loc and ": " in msg and msg.split(": ", 1)[0].count(".") >= 1:
         # Cross-reference errors carry their own dotted location.
@@ -283,8 +337,41 @@ def _describe(path: Path, text: str, exc: ValidationError) -> str:
     field = ".".join(loc) or "(top level)"
     got = "" if err["type"] in ("missing", "value_error") else f" (got {err['input']!r})"
     if err["type"] == "extra_forbidden":
-        msg = "unknown field"
+        fields = _fields_at(loc[:-1])
+        msg = f"unknown field (valid: {choices(fields)})" if fields else "unknown field"
     return f"{where}: {field}: {msg}{got}"
+
+
+def _fields_at(loc: list[str]) -> list[str] | None:
+    """The fields the schema accepts at `loc` (where an unknown one was met), so that a
+    typo's message names the valid ones; None when `loc` is not a set of fields."""
+    node: Any = Catalog
+    for part in loc:
+        node = _bare(node)
+        if _is_model(node):
+            field = node.model_fields.get(part)
+            if field is None:
+                return None
+            node = field.annotation
+        elif get_origin(node) in (dict, list) and get_args(node):
+            node = get_args(node)[-1]  # `part` was a key or an index
+        else:
+            return None
+    node = _bare(node)
+    return list(node.model_fields) if _is_model(node) else None
+
+
+def _bare(annotation: Any) -> Any:
+    """`X` for `X | None`."""
+    if get_origin(annotation) in (Union, UnionType):
+        kept = [a for a in get_args(annotation) if a is not type(None)]
+        if len(kept) == 1:
+            return kept[0]
+    return annotation
+
+
+def _is_model(node: Any) -> bool:
+    return isinstance(node, type) and issubclass(node, BaseModel)
 
 
 def _line_of(text: str, loc: list[str]) -> int | None:

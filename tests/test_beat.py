@@ -1,5 +1,6 @@
 """The beat schedule: heartbeat and cron jobs stay on the free and local tiers, every entry is
-checked when the schedule is built, and a real `celery beat` feeds the test fleet."""
+checked when the schedule is built, a real `celery beat` feeds the test fleet, and an
+entry that cannot run is filed once and shown failing, not filed at every firing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 from celery.schedules import crontab
 
 from beat_schedule import SCHEDULE, Entry, beat_schedule
@@ -21,8 +23,10 @@ from router.catalog import Catalog, load_catalog
 from router.errors import ConfigError, NoRouteAvailable
 from router.jobs import parse_job
 from router.policy import route_job
+from tests.fixtures import Workers, url_of, wait_until
 from workers.runtime.celery_app import create_app
 from workers.runtime.sending import TASK_RUN_JOB
+from workers.state import beathealth, keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED_TIERS = {"free", "local"}
@@ -235,3 +239,207 @@ def test_beat_feeds_the_fleet(
     # The schedule file went where -s said, and nowhere else.
     assert list(beat_dir.glob("celerybeat-schedule*"))
     assert not list(ROOT.glob("celerybeat-schedule*"))
+
+
+# --- a heartbeat that cannot run: reported once, not filed at every firing ---------------------
+
+FAILING = "beat entry 'heartbeat' failing"
+RECOVERED = "beat entry 'heartbeat' recovered"
+
+
+def _no_model_catalog(fleet_env: dict[str, str], tmp_path: Path) -> Path:
+    """The test fleet's catalog with no local model on disk, and no waiting for a resting
+    model (max_wait_s 0): a firing that finds every model resting fails at once, as the
+    first one did, rather than waiting out the 300 s rest of an unusable model."""
+    data = yaml.safe_load(Path(fleet_env["FLEET_CATALOG"]).read_text())
+    for model in data["models"]:
+        if model["id"].startswith("local/"):
+            model["upstream"] = str(tmp_path / "no-model-here")
+    data["policy"]["max_wait_s"] = 0
+    path = tmp_path / "no-model.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _without_keys(env: dict[str, str], catalog: Path) -> dict[str, str]:
+    names = {p.api_key_env for p in load_catalog(catalog).providers.values() if p.api_key_env}
+    return {k: v for k, v in env.items() if k not in names}
+
+
+def _heartbeat(client: redis.Redis) -> dict[str, Any]:
+    found = {h["entry"]: h for h in beathealth.entries(client)}
+    return found.get("heartbeat", {})
+
+
+def _letters_by_entry(client: redis.Redis) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for raw in client.hvals(keys.DEAD_LETTER):
+        entry = json.loads(raw)["job"].get("metadata", {}).get("beat_entry")
+        counts[entry] = counts.get(entry, 0) + 1
+    return counts
+
+
+def _fleet(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    fleet_cli = str(Path(sys.executable).with_name("fleet"))
+    return subprocess.run([fleet_cli, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_heartbeat_that_cannot_run_is_filed_once_and_shown_until_it_recovers(
+    fleet_env: dict[str, str], fresh_redis: redis.Redis, tmp_path: Path
+) -> None:
+    # Given a fleet with no API key set and no local model on disk (a fresh `fleet up`),
+    # on a Redis database of its own, and a real beat firing every entry every second
+    catalog = _no_model_catalog(fleet_env, tmp_path)
+    env = {**fleet_env, "FLEET_BROKER_URL": url_of(fresh_redis), "FLEET_CATALOG": str(catalog)}
+    broken = Workers(_without_keys(env, catalog), tmp_path / "broken")
+    mended = Workers(env, tmp_path / "mended")  # the same, once the keys are set
+    broken.start("local", name="hb-local")
+    broken.start("free", name="hb-free", concurrency=4)
+    beat_env = {**env, "FLEET_BEAT_EVERY_S": "1"}
+    argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]
+    argv += ["-s", str(tmp_path / "celerybeat-schedule"), "-l", "INFO"]
+
+    def logs() -> str:  # every worker's log: a change of health is logged by one of them
+        keyed = mended.log("hb-free-keyed") if mended.by_label else ""
+        return broken.log("hb-local") + broken.log("hb-free") + keyed
+
+    try:
+        broken.wait_ready()
+        with open(tmp_path / "beat.log", "wb") as log:
+            beat = subprocess.Popen(argv, env=beat_env, cwd=tmp_path, stdout=log, stderr=log)
+        # When the heartbeat has failed at least 4 times
+        failing = wait_until(
+            lambda: (h := _heartbeat(fresh_redis)).get("repeats", 0) >= 3 and h, 60,
+            "four failed heartbeats",
+        )  # fmt: skip
+        # Then one dead letter was filed for it, and the failure logged once
+        assert failing["failing"] is True
+        assert _letters_by_entry(fresh_redis)["heartbeat"] == 1
+        assert failing["dead_letter"] in {k.decode() for k in fresh_redis.hkeys(keys.DEAD_LETTER)}
+        assert logs().count(FAILING) == 1, logs()[-3000:]
+        assert "no_key" in failing["reason"] or "not_found" in failing["reason"]
+        # And `fleet status` shows it failing, since when, why and how often
+        status = json.loads(_fleet(env, "status", "--json").stdout)
+        shown = {b["entry"]: b for b in status["beat"]}["heartbeat"]
+        assert shown["failing"] is True and shown["repeats"] >= 3
+        assert shown["since"] == failing["since"] and shown["reason"]
+        human = _fleet(env, "status").stdout
+        assert "failing since" in human and "repeats" in human, human
+        assert ":free:" in human  # a cron entry's reason names OpenRouter's models as they are
+
+        # When the keys are set and the free queue's worker restarted with them
+        broken.supervisor.stop_child(broken.by_label["hb-free"])
+        mended.start("free", name="hb-free-keyed", concurrency=4)
+        mended.wait_ready()
+        # Then the next heartbeat answers, and the entry is seen recovered
+        recovered = wait_until(
+            lambda: (h := _heartbeat(fresh_redis)).get("recovered_at") and h, 60,
+            "the heartbeat recovered",
+        )  # fmt: skip
+        time.sleep(2)  # two more firings: they change nothing but `last_ok_at`
+    finally:
+        if "beat" in locals():
+            beat.send_signal(signal.SIGTERM)
+            beat.wait(20)
+        mended.stop()
+        broken.stop()
+    assert recovered["failing"] is False and recovered["repeats"] >= 3
+    assert logs().count(RECOVERED) == 1 and logs().count(FAILING) == 1
+    assert _letters_by_entry(fresh_redis)["heartbeat"] == 1  # still the one
+    status = json.loads(_fleet(env, "status", "--json").stdout)
+    shown = {b["entry"]: b for b in status["beat"]}["heartbeat"]
+    assert shown["failing"] is False and shown["recovered_at"] == recovered["recovered_at"]
+    assert "recovered at" in _fleet(env, "status").stdout
+    # The cron entries, which could not run either, were filed once each as well
+    letters = _letters_by_entry(fresh_redis)
+    assert letters.get("inbox-digest", 0) <= 1 and letters.get("nightly-summary", 0) <= 1
+    beat_log = (tmp_path / "beat.log").read_text(errors="replace")
+    assert beat_log.count("Sending due task heartbeat") >= 5
+
+
+def _end(backend: Any, job_id: str, run: beathealth.BeatRun) -> None:
+    """A beat job's final state, written as its worker writes it (store_result.lua)."""
+    from celery import states
+
+    from router.errors import JobFailed
+    from workers.runtime.resultstore import Bookkeeping, attach
+    from workers.state import deadletter
+
+    job = {"id": job_id, "task_class": "heartbeat", "source": "heartbeat"}
+    letter = "" if run.ok else deadletter.entry(job, {"error": run.reason})
+    attach(job_id, Bookkeeping(dead_letter=letter, beat=run))
+    if run.ok:
+        backend.store_result(job_id, {"ok": True}, states.SUCCESS)
+    else:
+        backend.store_result(job_id, JobFailed(run.reason, {"ok": False}), states.FAILURE)
+
+
+def test_an_entry_files_each_new_cause_once_and_counts_the_repeats(
+    fresh_redis: redis.Redis,
+) -> None:
+    backend = create_app({"FLEET_BROKER_URL": url_of(fresh_redis)}).backend
+    no_key = beathealth.BeatRun("heartbeat", False, "m: no_key", "every model failed: no key")
+    no_model = beathealth.BeatRun("heartbeat", False, "m: not_found", "every model failed: gone")
+    answered = beathealth.BeatRun("heartbeat", True)
+
+    def filed() -> list[str]:
+        return sorted(k.decode() for k in fresh_redis.hkeys(keys.DEAD_LETTER))
+
+    _end(backend, "j1", no_key)  # starts failing: filed
+    _end(backend, "j2", no_key)  # the same cause: counted
+    _end(backend, "j2", no_key)  # the same final state written twice: nothing more
+    _end(backend, "j3", no_model)  # a new cause: filed
+    _end(backend, "j4", no_key)  # a cause seen in this spell: counted
+    health = _heartbeat(fresh_redis)
+    assert filed() == ["j1", "j3"]
+    assert (health["failing"], health["repeats"], health["dead_letter"]) == (True, 2, "j3")
+    assert health["reason"] == no_key.reason  # the latest failure's
+    since = health["since"]
+    _end(backend, "j5", answered)
+    health = _heartbeat(fresh_redis)
+    assert (health["failing"], health["since"], health["repeats"]) == (False, since, 2)
+    assert health["recovered_at"] >= since
+    # A new failing spell starts afresh: its first failure is filed, whatever its cause
+    _end(backend, "j6", no_key)
+    health = _heartbeat(fresh_redis)
+    assert filed() == ["j1", "j3", "j6"]
+    assert (health["failing"], health["repeats"]) == (True, 0) and "recovered_at" not in health
+    assert health["since"] > since
+
+
+def test_a_cause_is_the_same_whether_a_model_failed_again_or_is_still_resting() -> None:
+    from router.results import Attempt, Result
+
+    def attempt(model: str, kind: str, outcome: str = "error") -> Attempt:
+        return Attempt(
+            number=1, model=model, queue="local", tier="local", outcome=outcome,
+            error_kind=kind, error="...", action="next", started_at=0.0,
+        )  # fmt: skip
+
+    def failed(error: str, *attempts: Attempt) -> Result:
+        return Result(
+            job_id="j", task_class="heartbeat", source="heartbeat", ok=False, error=error,
+            attempts=list(attempts),
+        )  # fmt: skip
+
+    free = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
+    first = failed(
+        f"every model failed: local/qwen3-mlx: not_found (no MLX model at /m); {free}: no_key"
+        " (OPENROUTER_API_KEY is not set)",
+        attempt("local/qwen3-mlx", "not_found"),
+        attempt(free, "no_key", "skipped"),
+    )
+    later = failed(
+        "no usable model (local/qwen3-mlx: cooldown until 10:05:01 UTC (not_found)); tried:"
+        f" every model failed: {free}: no_key (OPENROUTER_API_KEY is not set)",
+        attempt(free, "no_key", "skipped"),
+    )
+    assert beathealth.cause(first) == beathealth.cause(later)
+    assert beathealth.cause(first) == f"local/qwen3-mlx: not_found; {free}: no_key"
+    limited = failed(
+        f"no usable model ({free}: provider limit requests/day (50) full until 00:00:00 UTC)"
+    )
+    assert beathealth.cause(limited) == f"{free}: provider_limit_requests/day_(#)_full"
+    assert beathealth.cause(failed("delivered 4 times without finishing")) == (
+        "delivered # times without finishing"
+    )

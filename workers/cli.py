@@ -458,12 +458,16 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
         raise ConfigError("the fleet's Redis is not reachable: start it with `fleet up`")
     with client:
         if args.action == "list":
+            policy = load_catalog().policy.dead_letters
+            deadletter.trim(client, policy)  # none past its class's age is shown
             found = deadletter.entries(client)
             if args.json:
                 _print_json([_dead_row(e) for e in found])
             for e in [] if args.json else found:
                 row = _dead_row(e)
                 print(f"{row['job_id']}  {row['task_class']:<18} {row['error']}")
+            if not args.json:
+                _print_trimmed(deadletter.summary(client, policy))
             return 0
         entry = deadletter.take(client, args.job_id)
         if entry is None:
@@ -478,6 +482,14 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
     handle = dispatch(deadletter.replay_job(entry))
     print(json.dumps({"replayed": args.job_id, "job_id": handle.id}) if args.json else handle.id)
     return 0
+
+
+def _print_trimmed(classes: list[dict[str, Any]]) -> None:
+    """The line under `fleet dead-letter list`: what retention took out, per class."""
+    lost = [c for c in classes if c["trimmed"]]
+    if lost:
+        told = ", ".join(f"{c['task_class']} {c['trimmed']}" for c in lost)
+        print(f"trimmed by retention (oldest first; `fleet status` has each limit): {told}")
 
 
 def _dead_row(entry: dict[str, Any]) -> dict[str, Any]:
@@ -538,6 +550,39 @@ def _print_status(status: dict[str, Any]) -> None:
         windows = ", ".join(f"{k} {v['used']}/{v['limit']}" for k, v in m["windows"].items())
         models.add_row(m["model"], state, windows or "-", f"${m['spend_usd']['day']:.4f}")
     console.print(models)
+    _print_beat(console, status["beat"])
+    _print_dead_letters(console, status["dead_letters"])
+
+
+def _print_beat(console: Any, entries: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from workers.state.beathealth import describe
+
+    if not entries:
+        return
+    beat = Table(title="beat entries", title_justify="left")
+    for col in ("entry", "health"):
+        beat.add_column(col)
+    for health in entries:
+        # as Text: a reason is not markup ('[...]'), nor ':free:' an emoji
+        beat.add_row(health["entry"], Text(describe(health)))
+    console.print(beat)
+
+
+def _print_dead_letters(console: Any, classes: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    if not classes:
+        return
+    dead = Table(title="dead letters (`fleet dead-letter list`)", title_justify="left")
+    for col in ("class", "held", "trimmed by retention", "keeps"):
+        dead.add_column(col)
+    for c in classes:
+        keeps = f"{c['max_count']} for {c['max_age_days']:g} days"
+        dead.add_row(c["task_class"], str(c["held"]), str(c["trimmed"]), keeps)
+    console.print(dead)
 
 
 # --- the parser ------------------------------------------------------------------------

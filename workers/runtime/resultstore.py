@@ -17,6 +17,9 @@ The same script pushes the job's ledger rows onto the spool and files its dead l
 which the task attaches (`attach`) just before Celery stores the final state, in the same
 thread. So a worker killed at any moment leaves all of them or none: the caller never has
 an answer whose attempts the ledger will not see, and the task's path writes no database.
+Filing a dead letter trims its class to its retention (workers/state/deadletter.py); a
+job fired by beat updates its entry's health, and is filed only when its cause is new
+(workers/state/beathealth.py), which this process then logs.
 """
 
 from __future__ import annotations
@@ -30,19 +33,24 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
-from workers.state import keys
+from workers.state import beathealth, keys
+from workers.state.beathealth import BeatRun
 from workers.state.connections import script
+from workers.state.deadletter import NOT_FILED, Filing
 
 
 @dataclass(frozen=True)
 class Bookkeeping:
     """What goes with a job's final state: its ledger rows (a spool entry) and, for a
-    failed job, its dead letter (JSON)."""
+    failed job, its dead letter (JSON) and where it is filed; for a job beat fired, how
+    it ended."""
 
     rows: str = ""
     dead_letter: str = ""
     settle_keys: tuple[str, ...] = ()  # an app's reservation: marker, day and month spend
     settle_usd: float | None = None  # the job's real cost minus what was reserved
+    filing: Filing = NOT_FILED  # the dead letter's class and that class's retention
+    beat: BeatRun | None = None
 
 
 _attached: dict[str, Bookkeeping] = {}
@@ -103,11 +111,21 @@ class FleetRedisBackend(RedisBackend):
         ttl = int(expires) if expires else 0
         store = script(self.client, "store_result")
         settle = "" if extra.settle_usd is None else repr(extra.settle_usd)
-        return store(
-            keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER, *extra.settle_keys],
+        filing, beat = extra.filing, extra.beat
+        reply = store(
+            keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER, keys.dead_letter_index(filing.bucket),
+                  keys.DEAD_LETTER_TRIMMED, keys.BEAT_HEALTH, *extra.settle_keys],
             args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter,
-                  settle],
+                  settle, filing.bucket, filing.max_count, filing.max_age_s,
+                  beat.encode() if beat else ""],
         )  # fmt: skip
+        if beat and isinstance(reply, list):  # [event, the entry's health]
+            beathealth.report(beat.entry, _text(reply[0]), _text(reply[1]))
+        return reply
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _job_id(key: Any) -> str:

@@ -41,8 +41,9 @@ from workers.runtime.step import (
     poisoned,
     revoked,
 )
-from workers.state import apps, deadletter, deliveries
+from workers.state import apps, beathealth, deadletter, deliveries
 from workers.state.connections import redis_client
+from workers.state.deadletter import NOT_FILED
 from workers.state.limits import FailOpen, FleetState
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,9 @@ class Reply:
 
 
 def _bookkeeping(job: dict[str, Any], result: Result, summary: dict[str, Any]) -> Bookkeeping:
-    """A finished job's ledger rows, its dead letter if it failed, and the settlement of
-    what its app's budget set aside for it, to go with its final state."""
+    """A finished job's ledger rows, its dead letter if it failed, the settlement of what
+    its app's budget set aside for it, and how a job beat fired ended, to go with its
+    final state."""
     rows = rows_for(result, job, _catalog())
     settle_keys: tuple[str, ...] = ()
     settle_usd = None
@@ -130,11 +132,14 @@ def _bookkeeping(job: dict[str, Any], result: Result, summary: dict[str, Any]) -
         reservation = Reservation.model_validate(reserved)
         settle_keys = tuple(apps.settle_keys(job["app"], job["id"], reservation))
         settle_usd = sum(row["cost_usd"] for row in rows) - reservation.usd
+    failed = not (result.ok or result.error == REVOKED)
     return Bookkeeping(
         rows=encode_rows(rows),
-        dead_letter="" if result.ok or result.error == REVOKED else deadletter.entry(job, summary),
+        dead_letter=deadletter.entry(job, summary) if failed else "",
         settle_keys=settle_keys,
         settle_usd=settle_usd,
+        filing=deadletter.filing(job, _catalog().policy.dead_letters) if failed else NOT_FILED,
+        beat=beathealth.run_of(job, result) if result.ok or failed else None,
     )
 
 

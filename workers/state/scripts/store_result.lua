@@ -1,17 +1,25 @@
 -- A job's state, stored for its caller, and its bookkeeping, in one atomic step.
--- KEYS: the job's result key, the ledger spool, the dead-letter hash[, then, for a job an
---   app's budget reserved for: its settled marker, the app's day and month spend].
+-- KEYS: the job's result key, the ledger spool, the dead-letter hash, the dead-letter index
+--   of the job's class, the dead-letter trimmed counts, the beat-health hash[, then, for a
+--   job an app's budget reserved for: its settled marker, the app's day and month spend].
 -- ARGV: value (Celery's JSON), expiry in s (0: none), final ('1' for SUCCESS or FAILURE),
 --   the job's ledger rows ('' = none), job id, its dead letter ('' = none), the
---   reservation's settlement (real cost minus reserved, USD; '' = none).
+--   reservation's settlement (real cost minus reserved, USD; '' = none), the dead
+--   letter's class, that class's max count and max age in s, the beat run of a job beat
+--   fired (JSON, beat.lua; '' = none).
 -- SUCCESS is never replaced (Celery's own rule, which it checks with a read before the
 -- write), and a non-final state (STARTED, RETRY) never replaces FAILURE either: Celery
 -- writes them from different workers and they can land out of order
 -- (workers/runtime/resultstore.py).
 -- With a final state go the job's attempt rows onto the ledger spool, for a failed job its
 -- dead letter, and for a job an app reserved budget for the settlement of that
--- reservation: a worker killed at any moment leaves all of them or none.
+-- reservation: a worker killed at any moment leaves all of them or none. Filing a dead
+-- letter trims its class to its retention (deadletter.lua); a beat job failing for a
+-- cause its entry already failed with is counted there, not filed (beat.lua).
+-- Returns 0 (not written), 1, or for a beat job {event, its entry's health}.
 --!include settle
+--!include deadletter
+--!include beat
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
@@ -27,9 +35,14 @@ else
   redis.call('SET', KEYS[1], ARGV[1])
 end
 if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[4]) end
-if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], ARGV[5], ARGV[6]) end
-if ARGV[7] ~= nil and ARGV[7] ~= '' and ARGV[3] == '1' then
-  settle(KEYS[4], KEYS[5], KEYS[6], tonumber(ARGV[7]))
+local beat = nil
+if ARGV[11] ~= '' and ARGV[3] == '1' then beat = beat_run(KEYS[6], ARGV[5], ARGV[11], now_s()) end
+if ARGV[6] ~= '' and (not beat or beat[1] == 'failing' or beat[1] == 'another') then
+  file_dead_letter(KEYS[3], KEYS[4], KEYS[5], ARGV[5], ARGV[6], ARGV[8], tonumber(ARGV[9]),
+    tonumber(ARGV[10]))
+end
+if ARGV[7] ~= '' and ARGV[3] == '1' then
+  settle(KEYS[7], KEYS[8], KEYS[9], tonumber(ARGV[7]))
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-return 1
+return beat or 1
