@@ -221,8 +221,12 @@ class ChaosFleet:
         dead_providers: Iterable[str] = (),
         circuit: bool = False,
         max_wait_s: float | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
+        """`host`: the address Redis and the simulator serve on for the fleet (and on
+        loopback): another network namespace reaches them there (tests/chaos/netns.py)."""
         self.name = name
+        self.host = host
         self.max_wait_s = max_wait_s
         self.workdir = Path(workdir)
         self.visibility_s = visibility_s
@@ -259,9 +263,11 @@ class ChaosFleet:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "logs").mkdir(exist_ok=True)
-        self.redis = RedisServer(self.workdir / "redis", port=free_port(), appendonly=True)
+        self.redis = RedisServer(
+            self.workdir / "redis", port=free_port(), appendonly=True, host=self.host
+        )
         self.redis.start()
-        self.sim = Simulator().start()
+        self.sim = Simulator(host=self.host).start()
         self.sim.configure(default={"latency_ms": self.latency_ms, "cost": self.cost_usd})
         catalog = chaos_catalog(
             self.sim.url,

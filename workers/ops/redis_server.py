@@ -19,15 +19,21 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, data_dir: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, appendonly: bool = True,
+        host: str = "127.0.0.1",
+    ) -> None:  # fmt: skip
+        """`host`: the address clients use; it listens there and on loopback (a test
+        stands a worker in another network namespace, tests/chaos/netns.py)."""
         self.data_dir = Path(data_dir)
+        self.host = host
         self.port = port or free_port()
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -40,7 +46,9 @@ class RedisServer:
         argv = [
             binary,
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", *dict.fromkeys(["127.0.0.1", self.host]),
+            # no password: protected mode would refuse every client not on loopback
+            "--protected-mode", "yes" if self.host == "127.0.0.1" else "no",
             "--dir", str(self.data_dir),
             "--appendonly", "yes" if self.appendonly else "no",
             "--save", "",
@@ -59,7 +67,7 @@ class RedisServer:
 
     def ping(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:

@@ -1,0 +1,67 @@
+"""A partitioned host: one worker stands in a network namespace of its own (an island,
+netns.py) and reaches Redis and the provider through a veth pair; a second worker runs
+on the host. Under steady traffic the island's link is cut mid-run, then healed.
+
+The jobs the island held (popped, mid-call, or with their BRPOP reply on the wire) come
+back to the host's worker after the visibility timeout; when the island returns, what it
+writes late must change nothing: no job lost, no caller answered twice, each delivered
+run billed once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.fixtures import WORKER_READY
+from workers.ops.pools import worker_argv
+
+from .harness import ROOT, ChaosFleet, Tally, audit, timed
+from .kills import Traffic, broker_transport, unfinished
+from .netns import Island
+from .scenarios import redelivered
+
+
+def partition(
+    workdir: Path, cut_s: float = 12.0, per_s: float = 25.0, transport: str = "fleet"
+) -> Tally:
+    tally = Tally(f"partition {cut_s:g} s ({transport})")
+    with (
+        broker_transport(transport),
+        timed(tally),
+        Island() as island,
+        ChaosFleet("partition", workdir, visibility_s=5, latency_ms=150, host=island.host_ip)
+        as fleet,
+    ):  # fmt: skip
+        fleet.start_worker("free", concurrency=8)
+        name = "chaos-free-island"
+        argv = [*island.prefix, *worker_argv(["free"], pool="threads", concurrency=8, name=name)]
+        islander = fleet.processes.supervisor.start(name, argv, WORKER_READY, cwd=ROOT)
+        fleet.workers.append(islander)
+        fleet.wait_ready()
+        with Traffic(fleet, "part", per_s) as traffic:
+            time.sleep(4.0)
+            island.cut()
+            time.sleep(cut_s)
+            island.heal()
+            time.sleep(4.0)
+        records = traffic.records
+        lost = unfinished(fleet, records, 4 * fleet.visibility_s + 20)
+        fleet.collect(records, timeout_s=30)
+        audit(fleet, records, tally)
+        fleet.check_workers(tally)
+        by_island = sum(
+            1
+            for r in records
+            if r.got is not None and any(a.worker and name in a.worker for a in r.got.attempts)
+        )
+        again = redelivered(fleet)
+        tally.notes.append(
+            f"{len(records)} jobs, {by_island} answered by the island, {again} redelivered,"
+            f" {len(lost)} unfinished"
+        )
+        if not by_island or not again:  # the cut must have struck jobs the island held
+            tally.problems.append(
+                f"the partition hit nothing: {by_island} answered on the island,"
+                f" {again} redelivered"
+            )
+    return tally
