@@ -409,6 +409,12 @@ def _gateway_bench(quick: bool) -> Result:
     return gateway(quick)
 
 
+def _transport_bench(quick: bool) -> Result:
+    from bench.bench_transport import transport
+
+    return transport(quick)
+
+
 BENCHES: dict[str, Callable[[bool], Result]] = {
     "router": router,
     "enqueue": enqueue,
@@ -417,4 +423,5 @@ BENCHES: dict[str, Callable[[bool], Result]] = {
     "io": concurrency,
     "escalation": escalation,
     "gateway": _gateway_bench,
+    "transport": _transport_bench,
 }
