@@ -86,6 +86,39 @@ def test_requests_per_minute_limit_is_shared_and_exact(client, tmp_path) -> None
     assert block.until == pytest.approx(time.time() + 60, abs=2)
 
 
+def test_a_slot_is_free_again_only_a_window_and_the_margin_after_it_was_taken(
+    client, tmp_path
+) -> None:
+    from workers.state import keys
+
+    catalog = catalog_with(
+        tmp_path, lambda d: model_entry(d, LLAMA).update(limits={"requests_per_min": 1})
+    )
+    window = keys.window("model", LLAMA, "req", "min")
+    seconds, micros = client.time()
+    redis_now_ms = seconds * 1000 + micros // 1000
+    # Given the model's one slot a minute taken 60.5 s ago on Redis' clock
+    client.zadd(window, {"earlier-call": redis_now_ms - 60_500})
+    # Then, counting a margin of 1 s, the slot is still taken, for another half second
+    block = FleetState(client, catalog, margin_ms=1000).admit("cost_free", LLAMA, 10)
+    assert not admitted(block) and "requests/min" in block.reason
+    assert block.until == pytest.approx(time.time() + 0.5, abs=0.25)
+    # While counting the bare minute it would be taken again at once
+    assert admitted(FleetState(client, catalog, margin_ms=0).admit("cost_free", LLAMA, 10))
+
+
+def test_the_margin_comes_from_the_environment_and_bad_values_name_the_valid_ones() -> None:
+    from router.errors import ConfigError
+    from workers.config import DEFAULT_LIMIT_MARGIN_MS, limit_margin_ms
+
+    assert limit_margin_ms({}) == DEFAULT_LIMIT_MARGIN_MS
+    assert limit_margin_ms({"FLEET_LIMIT_MARGIN_MS": "250"}) == 250
+    assert limit_margin_ms({"FLEET_LIMIT_MARGIN_MS": "0"}) == 0
+    for bad in ("-1", "1.5", "soon", "60001"):
+        with pytest.raises(ConfigError, match="whole number of milliseconds from 0 to 60000"):
+            limit_margin_ms({"FLEET_LIMIT_MARGIN_MS": bad})
+
+
 def test_provider_account_limit_spans_its_models(client) -> None:
     # OpenRouter's free models share one account: 20 requests/min across all of them.
     state = FleetState(client, load_catalog())

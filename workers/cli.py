@@ -232,8 +232,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
+    from workers.config import limit_margin_ms
     from workers.ops.pools import worker_argv
 
+    limit_margin_ms()  # a bad FLEET_LIMIT_MARGIN_MS stops here, in one line, not per job
     argv = worker_argv(
         args.queues, pool=args.pool, concurrency=args.concurrency, loglevel=args.loglevel
     )
@@ -250,8 +252,10 @@ def _broker_env() -> dict[str, str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from workers.config import limit_margin_ms
     from workers.ops.up import run_up
 
+    limit_margin_ms()  # checked before any child starts
     return run_up(
         beat=not args.no_beat,
         flower_port=None if args.no_flower else args.flower_port,

@@ -5,6 +5,12 @@ limit (counting per process would allow N times it), and every check-and-take is
 script, so two workers never both take the last slot. Times come from the Redis server's
 clock, so machines with skewed clocks still agree.
 
+The provider counts on its own clock, when each call arrives, and a call arrives some time
+after its slot was taken here, a time that varies from call to call. So every window is
+counted `margin_ms` longer than the limit's (FLEET_LIMIT_MARGIN_MS, workers/config.py): a
+slot is free again only window + margin after it was taken, and calls that arrive up to
+`margin_ms` later or earlier than one another still fit the provider's window.
+
     block(cls, model)        why the model cannot take a job now (and until when): a look
     admit(cls, model, tok)   the same check, and the slot taken in every window the model
                              counts against (and the probe of a half-open circuit), in one
@@ -30,6 +36,7 @@ from typing import Any
 from router.catalog import Catalog, Limits, Model
 from router.results import Attempt
 from router.slots import Block
+from workers.config import limit_margin_ms
 from workers.state import keys
 from workers.state.connections import Pipeline
 
@@ -62,7 +69,7 @@ class Admission:
 class _Window:
     key: str
     limit: int
-    window_ms: int
+    window_ms: int  # the limit's own window (a minute, a day, a quota's hours)
     kind: str  # 'req' or 'tok'
     label: str
 
@@ -77,9 +84,12 @@ class _Cap:
 
 
 class FleetState:
-    def __init__(self, redis: Any, catalog: Catalog) -> None:
+    def __init__(self, redis: Any, catalog: Catalog, margin_ms: int | None = None) -> None:
+        """`margin_ms`: how much longer than its limit's window each window is counted
+        (default: FLEET_LIMIT_MARGIN_MS)."""
         self.redis = redis
         self.catalog = catalog
+        self.margin_ms = limit_margin_ms() if margin_ms is None else margin_ms
         # What a model counts against follows from the catalog alone: worked out once.
         self._windows_of: dict[tuple[str, str], list[_Window]] = {}
 
@@ -125,7 +135,7 @@ class FleetState:
         script_keys = [keys.cooldown(model_id), keys.circuit_open(model_id), keys.probe(model_id)]
         script_keys += [c.key for c in caps] + [w.key for w in windows]
         args: list[Any] = [uuid.uuid4().hex, "0" if take else "1", PROBE_TTL_MS, len(caps)]
-        args += [c.usd for c in caps] + _window_args(windows, prompt_tokens)
+        args += [c.usd for c in caps] + _window_args(windows, prompt_tokens, self.margin_ms)
         return Admission(script_keys, args, lambda reply: _answer(reply, caps, windows, now))
 
     def _caps(self, model: Model, now: datetime) -> list[_Cap]:
@@ -244,7 +254,7 @@ class FleetState:
             amount = prompt + completion if w.label.startswith("quota") else completion
             if amount > 0:
                 pipe.zadd(w.key, {f"{member}|{amount}": now_ms})
-                pipe.pexpire(w.key, w.window_ms)
+                pipe.pexpire(w.key, w.window_ms + self.margin_ms)
 
     def _spend(self, pipe: Any, model: Model, usd: float) -> None:
         now = datetime.now(UTC)
@@ -264,7 +274,8 @@ class FleetState:
         model = self.catalog.model(model_id)
         windows = {}
         for w in self._windows("user_facing", model):
-            entries = self.redis.zrangebyscore(w.key, int(time.time() * 1000) - w.window_ms, "+inf")
+            since = int(time.time() * 1000) - w.window_ms - self.margin_ms  # as admission counts
+            entries = self.redis.zrangebyscore(w.key, since, "+inf")
             used = (
                 len(entries) if w.kind == "req" else sum(int(e.rsplit(b"|", 1)[1]) for e in entries)
             )
@@ -323,14 +334,15 @@ def _cooldown_block(raw: bytes | str | None) -> Block | None:
     return Block(f"cooldown until {_clock(until)} ({why})", until)
 
 
-def _window_args(windows: list[_Window], prompt_tokens: int) -> list[Any]:
-    """admit.lua's ARGV for these windows: limit, window ms, amount, kind, each."""
+def _window_args(windows: list[_Window], prompt_tokens: int, margin_ms: int) -> list[Any]:
+    """admit.lua's ARGV for these windows: limit, window ms counted (the limit's window
+    plus the margin), amount, kind, each."""
     argv: list[Any] = []
     for w in windows:
         amount = 1 if w.kind == "req" else prompt_tokens
         if w.label.startswith("quota") and w.kind == "tok":
             amount = 0  # token quota: check what was used; the call's tokens come later
-        argv += [w.limit, w.window_ms, amount, w.kind]
+        argv += [w.limit, w.window_ms + margin_ms, amount, w.kind]
     return argv
 
 

@@ -3,7 +3,10 @@
 -- K: cooldown, circuit open, probe, then n_caps spend counters, then the limit windows.
 -- A: member, dry ('1' = only look), probe ttl ms, n_caps, one cap (USD) per spend
 --   counter, then per window: limit, window ms, amount, kind ('req' counts members, 'tok'
---   sums the amount after '|' in each member).
+--   sums the amount after '|' in each member). The window ms is the limit's window plus
+--   the fleet's margin (limits.py): an entry leaves the count only that long after its
+--   slot was taken, so calls that reach the provider later than others still fit its
+--   window on its own clock.
 -- Returns {1, now, probe} when admitted (probe 1: this call is the half-open circuit's one
 -- probe), else {0, now, until ms (-1: a budget, whose end the caller knows), why, index}
 -- with why one of 'cooldown' (index: the raw cooldown value), 'half-open', 'budget',
