@@ -4,7 +4,9 @@ and the one place that rule lives: live-state budgets and the ledger both use it
 A provider-returned cost (OpenRouter's usage.cost) wins over the catalog; a paid model is
 billed its catalog price per million tokens (the catalog refuses a paid model without
 one, so spend is never silently $0); subscription models are paid by quota, free and
-local ones cost nothing.
+local ones cost nothing. An orphaned call (its worker died mid-call: workers/runtime/
+orphans.py) is priced the same way on its estimated tokens, and its source says
+`estimated`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ PER_MTOK = 1_000_000
 @dataclass(frozen=True)
 class Cost:
     usd: float
-    source: str  # provider, catalog, subscription or free
+    source: str  # provider, catalog, subscription, free, or estimated (an orphaned call)
     usd_per_mtok_in: float | None  # the prices used (None when the provider gave the cost)
     usd_per_mtok_out: float | None
 
@@ -33,7 +35,9 @@ def attempt_cost(model: Model | None, attempt: Attempt) -> Cost:
     tier = model.tier if model else attempt.tier
     price_in = model.usd_per_mtok_in if model else 0.0
     price_out = model.usd_per_mtok_out if model else 0.0
+    estimated = attempt.outcome == "orphaned"
     if tier == "paid":
         usd = (attempt.prompt_tokens * price_in + attempt.completion_tokens * price_out) / PER_MTOK
-        return Cost(usd, "catalog", price_in, price_out)
-    return Cost(0.0, "subscription" if tier == "subscription" else "free", 0.0, 0.0)
+        return Cost(usd, "estimated" if estimated else "catalog", price_in, price_out)
+    source = "subscription" if tier == "subscription" else "free"
+    return Cost(0.0, "estimated" if estimated else source, 0.0, 0.0)

@@ -6,7 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Outcome = Literal["ok", "error", "skipped"]
+# orphaned: a call whose worker died before recording its outcome, billed by the job's
+# redelivery on estimated tokens (workers/runtime/orphans.py); it is in no Result, only in
+# the ledger.
+Outcome = Literal["ok", "error", "skipped", "orphaned"]
 
 
 class Attempt(BaseModel):

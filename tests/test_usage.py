@@ -13,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from ledger_db import DATABASES, attempt, database, rows
+from ledger_db import DATABASES, attempt, catalog, database, rows
 
+from workers.ledger.rows import attempt_row
 from workers.ledger.store import Ledger
 from workers.ledger.usage import parse_since
 
@@ -23,6 +24,7 @@ KIMI_IN, KIMI_OUT = 0.56, 2.94
 NOW = time.time()
 DAYS_AGO_3 = NOW - 3 * 86_400
 KEYS = {"attempts", "jobs", "prompt_tokens", "completion_tokens", "cost_usd", "saving_usd"}
+JSON_KEYS = KEYS | {"orphaned", "orphaned_cost_usd"}
 
 
 def kimi(tokens_in: int, tokens_out: int) -> float:
@@ -102,7 +104,7 @@ def usage_json(*args: str, env: dict[str, str]) -> dict[str, dict]:
     listed = json.loads(done.stdout)
     assert isinstance(listed, list)
     by = args[args.index("--by") + 1] if "--by" in args else "model"
-    assert all(set(row) == {by} | KEYS for row in listed)
+    assert all(set(row) == {by} | JSON_KEYS for row in listed)
     return {row[by]: row for row in listed}
 
 
@@ -175,6 +177,41 @@ def test_usage_table_has_a_total_row(ledger_env: dict[str, str]) -> None:
     assert "total" in done.stdout and "litellm" in done.stdout and "openrouter" in done.stdout
     total = next(line for line in done.stdout.splitlines() if "total" in line)
     assert "5" in total and "2.040000" in total  # 5 attempts (24h), $2.04
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_orphaned_calls_are_counted_and_shown_apart_as_estimated(kind: str, tmp_path: Path) -> None:
+    from workers.runtime.orphans import ORPHAN_COMPLETION_TOKENS, orphaned_attempt
+    from workers.state.inflight import Orphan
+
+    # Given a job whose first call was in flight when its worker died (billed by the
+    # redelivery as orphaned, estimated), then answered on redelivery
+    lost = Orphan("0:1", 0, 1, 1, "litellm/kimi", "subscription", "paid", 1_000, "w@h", NOW - 60)
+    estimated = orphaned_attempt(lost, None)
+    answered = attempt(1, "litellm/kimi", prompt_tokens=900, completion_tokens=100)
+    job = {"id": "killed", "task_class": "user_facing", "source": "app"}
+    orphan_cost = kimi(1_000, ORPHAN_COMPLETION_TOKENS)
+    with database(kind, tmp_path) as url:
+        ledger = Ledger(url, redis_url=None, spool_dir=tmp_path)
+        ledger.insert([*rows("killed", [answered]), attempt_row(estimated, job, catalog())])
+        ledger.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        env = {**env, "FLEET_LEDGER_URL": url, "FLEET_DATA_DIR": str(tmp_path / "data")}
+        # Then they count like any call, and are shown apart, with their estimated cost
+        got = usage_json(env=env)["litellm/kimi"]
+        assert strip(got) == figures(2, 1, 1_900, 100 + ORPHAN_COMPLETION_TOKENS,
+                                     kimi(900, 100) + orphan_cost)  # fmt: skip
+        assert got["orphaned"] == 1
+        assert got["orphaned_cost_usd"] == pytest.approx(orphan_cost, abs=1e-9)
+        table = usage(env=env)
+    assert table.returncode == 0, table.stderr
+    line = next(x for x in table.stdout.splitlines() if x.startswith("orphaned calls"))
+    assert ": 1," in line and f"${orphan_cost:.6f}" in line and "estimated" in line
+
+
+def test_no_orphaned_line_without_orphaned_calls(ledger_env: dict[str, str]) -> None:
+    done = usage(env=ledger_env)
+    assert done.returncode == 0 and "orphaned" not in done.stdout
 
 
 @pytest.mark.parametrize(

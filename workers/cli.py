@@ -444,8 +444,9 @@ def _add_usage(sub: Any) -> None:
         "--json",
         action="store_true",
         help="a JSON list, one object per group with keys <by>, attempts, jobs, prompt_tokens,"
-        " completion_tokens, cost_usd, saving_usd; no total row (sum the groups; a job met in"
-        " several groups counts in each)",
+        " completion_tokens, cost_usd, saving_usd, orphaned (calls in flight when their worker"
+        " died, counted in the others), orphaned_cost_usd (their estimated cost); no total row"
+        " (sum the groups; a job met in several groups counts in each)",
     )
     p.set_defaults(handler=cmd_usage)
 

@@ -34,13 +34,14 @@ attempts = Table(
     Column("provider", String(200), nullable=False),
     Column("queue", String(64), nullable=False),
     Column("tier", String(32), nullable=False),
-    Column("outcome", String(16), nullable=False),  # ok, error, skipped
+    Column("outcome", String(16), nullable=False),  # ok, error, skipped, orphaned
     Column("error_kind", String(64)),
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     Column("tokens_estimated", Boolean, nullable=False),
     Column("cost_usd", Float, nullable=False),
-    Column("cost_source", String(16), nullable=False),  # provider, catalog, subscription, free
+    # provider, catalog, subscription, free; estimated for an orphaned call
+    Column("cost_source", String(16), nullable=False),
     Column("usd_per_mtok_in", Float),  # the prices used (NULL when the provider gave the cost)
     Column("usd_per_mtok_out", Float),
     Column("latency_ms", Float, nullable=False),

@@ -2,6 +2,10 @@
 
 The saving of a group is what its tokens would have cost on the paid primary
 (`litellm/kimi`, at the catalog's prices) minus what they did cost.
+
+Orphaned calls (in flight when their worker died: workers/runtime/orphans.py) count in
+every figure like any call, on their estimated tokens and cost, and are also shown apart:
+how many, and their estimated cost.
 """
 
 from __future__ import annotations
@@ -78,7 +82,15 @@ def _group_key(ledger: Ledger, by: str) -> ColumnElement[Any]:
 
 
 def _figures(
-    attempts_: Any, jobs: Any, tokens_in: Any, tokens_out: Any, cost: Any, *, prices: Prices
+    attempts_: Any,
+    jobs: Any,
+    tokens_in: Any,
+    tokens_out: Any,
+    cost: Any,
+    orphaned: Any,
+    orphaned_cost: Any,
+    *,
+    prices: Prices,
 ) -> dict[str, Any]:
     tokens_in, tokens_out, cost = int(tokens_in or 0), int(tokens_out or 0), float(cost or 0)
     reference = (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
@@ -89,6 +101,8 @@ def _figures(
         "completion_tokens": tokens_out,
         "cost_usd": round(cost, DIGITS),
         "saving_usd": round(reference - cost, DIGITS),
+        "orphaned": int(orphaned or 0),
+        "orphaned_cost_usd": round(float(orphaned_cost or 0), DIGITS),  # estimated
     }
 
 
@@ -96,19 +110,22 @@ def usage_report(
     ledger: Ledger, since: datetime, by: str = "model", catalog: Catalog | None = None
 ) -> Report:
     """Per-group attempts, jobs, tokens, cost and saving of the attempts started since."""
-    from sqlalchemy import distinct, func, select
+    from sqlalchemy import case, distinct, func, select
 
     from workers.ledger.schema import attempts
 
     if by not in GROUPS:
         raise ConfigError(f"unknown --by {by!r} (valid: {', '.join(GROUPS)})")
     prices = reference_prices(catalog)
+    orphaned = attempts.c.outcome == "orphaned"
     measures = (
         func.count(),
         func.count(distinct(attempts.c.job_id)),
         func.sum(attempts.c.prompt_tokens),
         func.sum(attempts.c.completion_tokens),
         func.sum(attempts.c.cost_usd),
+        func.sum(case((orphaned, 1), else_=0)),
+        func.sum(case((orphaned, attempts.c.cost_usd), else_=0.0)),
     )
     recent = attempts.c.started_at >= since
     key = _group_key(ledger, by).label("key")
@@ -147,6 +164,16 @@ def print_report(report: Report) -> None:
     for row in report.rows:
         table.add_row(str(row[report.by]), *_cells(row))
     Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+    if report.total["orphaned"]:
+        print(orphaned_line(report.total))
+
+
+def orphaned_line(total: dict[str, Any]) -> str:
+    """The orphaned calls among the attempts above, with their cost, labelled estimated."""
+    return (
+        f"orphaned calls (in flight when their worker died; included above): {total['orphaned']:,},"
+        f" estimated cost ${total['orphaned_cost_usd']:.6f} (tokens and cost estimated)"
+    )
 
 
 def _cells(row: dict[str, Any]) -> list[str]:

@@ -17,6 +17,8 @@ The same script pushes the job's ledger rows onto the spool and files its dead l
 which the task attaches (`attach`) just before Celery stores the final state, in the same
 thread. So a worker killed at any moment leaves all of them or none: the caller never has
 an answer whose attempts the ledger will not see, and the task's path writes no database.
+The rows record the job's calls, so their in-flight marks (workers/state/inflight.py) are
+cleared in the same step.
 Filing a dead letter trims its class to its retention (workers/state/deadletter.py); a
 job fired by beat updates its entry's health, and is filed only when its cause is new
 (workers/state/beathealth.py), which this process then logs.
@@ -114,7 +116,8 @@ class FleetRedisBackend(RedisBackend):
         filing, beat = extra.filing, extra.beat
         reply = store(
             keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER, keys.dead_letter_index(filing.bucket),
-                  keys.DEAD_LETTER_TRIMMED, keys.BEAT_HEALTH, *extra.settle_keys],
+                  keys.DEAD_LETTER_TRIMMED, keys.BEAT_HEALTH, keys.inflight(job_id),
+                  *extra.settle_keys],
             args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter,
                   settle, filing.bucket, filing.max_count, filing.max_age_s,
                   beat.encode() if beat else ""],

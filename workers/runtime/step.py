@@ -29,8 +29,9 @@ from router.jobs import Job, parse_job
 from router.policy import route_job
 from router.results import Attempt, Result
 from router.slots import Block, earliest, horizon
-from workers.providers.base import CompletionRequest, ProviderError, Target
+from workers.providers.base import CompletionRequest, ProviderError, Target, current_caller
 from workers.runtime.sending import travelling_state
+from workers.state.inflight import Call
 from workers.state.limits import Slot
 
 TRIES_PER_MODEL = 2
@@ -68,7 +69,9 @@ class Gate(Protocol):
     """The fleet's live state as a delivery sees it (workers/state/limits.py)."""
 
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
-    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block: ...
+    def admit(
+        self, task_class: str, model_id: str, prompt_tokens: int, call: Call | None = None
+    ) -> Slot | Block: ...
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None: ...
 
 
@@ -78,7 +81,9 @@ class OpenGate:
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
         return None
 
-    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
+    def admit(
+        self, task_class: str, model_id: str, prompt_tokens: int, call: Call | None = None
+    ) -> Slot | Block:
         return Slot()
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
@@ -189,9 +194,9 @@ class _Delivery:
                 self.skip(hop, exc, worker)
                 continue
             # Here and now: the check and the slot (and a half-open circuit's probe) are
-            # taken in one round trip.
+            # taken in one round trip, which also marks the call in flight.
             admission = self.admitted.pop(model, None) or self.gate.admit(
-                self.job.task_class, model, self.tokens
+                self.job.task_class, model, self.tokens, self.in_flight(hop, worker)
             )
             if isinstance(admission, Block):
                 self.passed[model] = admission
@@ -200,6 +205,25 @@ class _Delivery:
             if step is not None:
                 return step
             called = True
+
+    def in_flight(self, hop: dict[str, str], worker: str | None) -> Call | None:
+        """The mark the call leaves in Redis until its outcome is recorded (a redelivery
+        that finds it bills the call as orphaned: workers/state/inflight.py), for the
+        delivery the task is running (none outside a task)."""
+        caller = current_caller()
+        if caller is None:
+            return None
+        return Call(
+            job_id=caller.job_id,
+            sends=caller.message,
+            delivery=caller.delivery,
+            attempt=len(self.attempts) + 1,
+            model=hop["model"],
+            queue=hop["queue"],
+            tier=hop["tier"],
+            prompt_tokens=self.tokens,
+            worker=worker,
+        )
 
     def skip(self, hop: dict[str, str], exc: ProviderError, worker: str | None) -> None:
         number = len(self.attempts) + 1

@@ -2,10 +2,12 @@
 message's shape in `sending.py`.
 
 A delivery: count it (a stale or superseded copy runs nothing; a poisoned one fails),
-take one step down the chain (at most one provider call), and turn the step into a
-Celery action: return the Result, forward the job to its next queue, or fail. A finished
-job's ledger rows and dead letter are attached to its final state, which the result
-store writes in one atomic script: nothing on the task's path writes a database.
+bill the calls earlier deliveries of its message left in flight when their workers died
+(`orphans.py`), take one step down the chain (at most one provider call, marked in flight
+by the admission that lets it through), and turn the step into a Celery action: return
+the Result, forward the job to its next queue, or fail. A finished job's ledger rows and
+dead letter are attached to its final state, which the result store writes in one atomic
+script: nothing on the task's path writes a database.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from router.results import Result
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
+from workers.runtime import orphans
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
 from workers.runtime.step import (
@@ -44,6 +47,7 @@ from workers.runtime.step import (
 from workers.state import apps, beathealth, deadletter, deliveries
 from workers.state.connections import redis_client
 from workers.state.deadletter import NOT_FILED
+from workers.state.inflight import Call
 from workers.state.limits import FailOpen, FleetState
 
 log = logging.getLogger(__name__)
@@ -188,18 +192,41 @@ def _end_revoked(task: Task, job: dict[str, Any], state: dict[str, Any] | None) 
     raise Ignore()
 
 
+def _first_call_mark(
+    job: dict[str, Any], state: dict[str, Any], model: str, queue: str | None, worker: str | None
+) -> Call:
+    """The in-flight mark of the call a delivery's first round trip admits (its delivery
+    number is filled in by begin.lua, which counts the delivery)."""
+    return Call(
+        job_id=job["id"],
+        sends=int(state.get("sends", 0)),
+        attempt=len(state.get("attempts", [])) + 1,
+        model=model,
+        queue=str(queue),
+        tier=_catalog().model(model).tier,
+        prompt_tokens=int(state.get("prompt_tokens") or 0),
+        worker=worker,
+    )
+
+
 @shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
     here = (self.request.delivery_info or {}).get("routing_key")
     # The delivery's first round trip counts it and, when it will call a model here and
-    # now, takes that model's slot too.
+    # now, takes that model's slot too (marking the call in flight).
     first = first_call(job, state, here=here, providers=_registry(), now=time.time())
     admission = None
     if first is not None:
-        tokens = int((state or {}).get("prompt_tokens") or 0)
-        admission = _state().admission(str(job.get("task_class")), first, tokens)
+        call = _first_call_mark(job, state or {}, first, here, self.request.hostname)
+        admission = _state().admission(
+            str(job.get("task_class")), first, call.prompt_tokens, call=call
+        )
     delivery = deliveries.begin(redis_client(), job["id"], (state or {}).get("sends", 0), admission)
+    # Calls earlier deliveries of this message left in flight (their workers died) may have
+    # been billed: the ledger gets them as orphaned, whatever this delivery does.
+    if delivery.orphans:
+        orphans.bill(redis_client(), _gate(), _catalog(), job, state, delivery.orphans)
     # A stale copy of a finished job (its caller has the answer, and the ledger its rows,
     # which went with the final state), or a copy of a message already forwarded.
     if delivery.finished or delivery.superseded:

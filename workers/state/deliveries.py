@@ -17,6 +17,7 @@ from typing import Any
 from router.slots import Block
 from workers.state import keys
 from workers.state.connections import Pipeline
+from workers.state.inflight import Orphan, orphans
 from workers.state.limits import Admission, Slot
 
 MAX_DELIVERIES = 3
@@ -30,6 +31,8 @@ class Delivery:
     superseded: bool = False  # the job was forwarded and the next message delivered
     admitted: Slot | Block | None = None  # the answer to the admission asked for, if any
     revoked: bool = False  # its app revoked the job: end it, make no call
+    # calls earlier deliveries of this message left in flight (their workers died): to bill
+    orphans: tuple[Orphan, ...] = ()
 
     @property
     def poisoned(self) -> bool:
@@ -37,22 +40,25 @@ class Delivery:
 
 
 def begin(redis: Any, job_id: str, sends: int, admission: Admission | None = None) -> Delivery:
-    """Count this delivery and look for a final result and for a later message; and, when
-    the delivery is to go on, take `admission` (the first model's slot): one round trip
-    (scripts/begin.lua). A finished job is recognised by the status its stored state
-    names."""
+    """Count this delivery, look for a final result and for a later message, and read the
+    calls earlier deliveries of this message left in flight; and, when the delivery is to
+    go on, take `admission` (the first model's slot): one round trip (scripts/begin.lua).
+    A finished job is recognised by the status its stored state names."""
     script_keys = [
         keys.deliveries(job_id, sends),
         keys.result(job_id),
         keys.deliveries(job_id, sends + 1),
         keys.revoked(job_id),
+        keys.inflight(job_id),
     ]
-    args: list[Any] = [KEEP_S, MAX_DELIVERIES]
+    args: list[Any] = [KEEP_S, MAX_DELIVERIES, sends]
     if admission is not None:
         script_keys += admission.keys
         args += admission.args
     batch = Pipeline(redis)
     batch.script("begin", script_keys, args)
-    count, finished, later, revoked, *rest = batch.execute()[0]
+    count, finished, later, revoked, marks, *rest = batch.execute()[0]
     admitted = admission.read(rest[0]) if admission is not None and rest else None
-    return Delivery(int(count), bool(finished), bool(later), admitted, bool(revoked))
+    return Delivery(
+        int(count), bool(finished), bool(later), admitted, bool(revoked), tuple(orphans(marks))
+    )

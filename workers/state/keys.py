@@ -46,12 +46,21 @@ def spend(scope: str, name: str, period: str, stamp: str) -> str:
     return f"{PREFIX}:spend:{scope}:{name}:{period}:{stamp}"
 
 
-# --- jobs (workers/state/deliveries.py, idempotency.py, deadletter.py, beathealth.py) ----
+# --- jobs (state/deliveries.py, inflight.py, idempotency.py, deadletter.py, beathealth.py) -
 
 
 def deliveries(job_id: str, sends: int) -> str:
     """How many times one message of a job (its `sends`-th) was delivered; kept a day."""
     return f"{PREFIX}:deliveries:{job_id}:{sends}"
+
+
+def inflight(job_id: str) -> str:
+    """A job's provider calls in flight: hash '<message>:<delivery>' -> '<admitted ms>|<JSON
+    call>', one field per call (a delivery makes at most one), written by the admission
+    that takes the call's slot and cleared once the call's outcome is recorded; a field of
+    its own message found by a redelivery is an orphaned call (workers/state/inflight.py).
+    Kept a day after the last call."""
+    return f"{PREFIX}:inflight:{job_id}"
 
 
 def idempotency(key: str) -> str:

@@ -1,0 +1,141 @@
+"""Calls in flight, against a real redis-server: the admission that takes a call's slot
+marks it (same round trip), the job's final state or its next message clears the mark,
+and a redelivery of the same message finds it and bills it once, as an orphaned,
+estimated ledger row (workers/state/inflight.py, workers/runtime/orphans.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from celery import states
+
+from router.catalog import load_catalog
+from workers.ledger.rows import decode_rows, encode_rows
+from workers.runtime import orphans
+from workers.runtime.resultstore import Bookkeeping, attach
+from workers.runtime.step import OpenGate
+from workers.state import deliveries, keys
+from workers.state.inflight import Call
+from workers.state.limits import FleetState, Slot
+
+KIMI = "litellm/kimi"  # paid: $0.56 in, $2.94 out per 1M tokens
+LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
+
+
+def kimi_call(job_id: str, sends: int = 0, delivery: int = 0) -> Call:
+    return Call(
+        job_id=job_id, sends=sends, delivery=delivery, attempt=sends + 1, model=KIMI,
+        queue="subscription", tier="paid", prompt_tokens=1_000, worker="w1@host",
+    )  # fmt: skip
+
+
+@pytest.fixture
+def state(fresh_redis: Any) -> FleetState:
+    return FleetState(fresh_redis, load_catalog())
+
+
+def test_a_slot_taken_marks_its_call_and_a_look_or_a_refusal_marks_nothing(
+    fresh_redis: Any, state: FleetState
+) -> None:
+    mark = keys.inflight("j1")
+    # A look, and an admission refused (the model cooling), leave no mark
+    assert state.block("user_facing", KIMI) is None
+    state.cool(KIMI, 60, "test")
+    assert not isinstance(
+        state.admit("user_facing", KIMI, 1_000, kimi_call("j1", delivery=1)), Slot
+    )
+    assert not fresh_redis.exists(mark)
+    fresh_redis.delete(keys.cooldown(KIMI))
+    # A slot taken marks the call, in the same round trip, on Redis' clock
+    seconds, micros = fresh_redis.time()
+    assert state.admit("user_facing", KIMI, 1_000, kimi_call("j1", delivery=1)) == Slot()
+    marks = fresh_redis.hgetall(mark)
+    assert list(marks) == [b"0:1"]  # message 0, delivery 1
+    admitted_ms, _, call = marks[b"0:1"].decode().partition("|")
+    assert int(admitted_ms) >= seconds * 1000 + micros // 1000
+    assert json.loads(call) == {
+        "model": KIMI, "queue": "subscription", "tier": "paid", "attempt": 1,
+        "prompt_tokens": 1_000, "worker": "w1@host",
+    }  # fmt: skip
+    assert 0 < fresh_redis.pttl(mark) <= 86_400_000
+
+
+def test_a_redelivery_finds_its_messages_calls_and_the_next_message_clears_them(
+    fresh_redis: Any, state: FleetState
+) -> None:
+    mark = keys.inflight("j2")
+    # Given delivery 1 of the job's first message, whose first round trip took the slot
+    # and marked the call (begin.lua names the delivery)
+    first = deliveries.begin(
+        fresh_redis, "j2", 0, state.admission("user_facing", KIMI, 1_000, call=kimi_call("j2"))
+    )
+    assert first.admitted == Slot() and first.orphans == ()
+    assert list(fresh_redis.hgetall(mark)) == [b"0:1"]
+    # When its worker dies and the message is delivered again, that call is found
+    again = deliveries.begin(fresh_redis, "j2", 0)
+    assert [(o.sends, o.delivery, o.attempt, o.model, o.prompt_tokens, o.worker)
+            for o in again.orphans] == [(0, 1, 1, KIMI, 1_000, "w1@host")]  # fmt: skip
+    # But once the job's next message is delivered (the forward that sent it carried the
+    # outcome of message 0's calls), message 0's marks are cleared, not billed
+    state.admit("user_facing", KIMI, 1_000, kimi_call("j2", sends=0, delivery=2))
+    following = deliveries.begin(fresh_redis, "j2", 1)
+    assert following.orphans == () and not fresh_redis.exists(mark)
+
+
+def test_an_orphan_is_billed_once_estimated_and_numbered_apart(
+    fresh_redis: Any, state: FleetState
+) -> None:
+    catalog = load_catalog()
+    job = {"id": "j3", "task_class": "user_facing", "source": "app", "app": "billing"}
+    deliveries.begin(
+        fresh_redis, "j3", 0, state.admission("user_facing", KIMI, 1_000, call=kimi_call("j3"))
+    )
+    found = deliveries.begin(fresh_redis, "j3", 0).orphans
+    # When the redelivery bills what it found
+    billed = orphans.bill(fresh_redis, OpenGate(), catalog, job, {"max_tokens": 100}, found)
+    # Then one orphaned row is spooled: tokens estimated (the request's max_tokens as the
+    # completion), cost at the catalog's prices, flagged as estimated, numbered apart
+    assert [a.number for a in billed] == [orphans.ORPHAN_ATTEMPTS_FROM + 1]
+    (entry,) = fresh_redis.lrange(keys.LEDGER_SPOOL, 0, -1)
+    (row,) = decode_rows(entry)
+    assert {k: row[k] for k in ("job_id", "attempt", "model", "outcome", "error_kind")} == {
+        "job_id": "j3", "attempt": 1001, "model": KIMI, "outcome": "orphaned",
+        "error_kind": "worker_lost",
+    }  # fmt: skip
+    assert (row["prompt_tokens"], row["completion_tokens"], row["tokens_estimated"]) == (
+        1_000, 100, True,
+    )  # fmt: skip
+    assert row["cost_usd"] == pytest.approx((1_000 * 0.56 + 100 * 2.94) / 1e6)
+    assert (row["cost_source"], row["app"], row["worker"]) == ("estimated", "billing", "w1@host")
+    assert not fresh_redis.exists(keys.inflight("j3"))
+    # And billing the same calls again (a second redelivery that read them first) adds none
+    assert orphans.bill(fresh_redis, OpenGate(), catalog, job, {}, found) == []
+    assert fresh_redis.llen(keys.LEDGER_SPOOL) == 1
+
+
+def test_with_no_max_tokens_an_orphan_is_billed_the_default_completion() -> None:
+    from workers.state.inflight import Orphan
+
+    orphan = Orphan("2:3", 2, 3, 3, LLAMA, "free", "free", 50, None, 0.0)
+    attempt = orphans.orphaned_attempt(orphan, None)
+    assert attempt.completion_tokens == orphans.ORPHAN_COMPLETION_TOKENS
+    assert attempt.number == 1023  # message 2, delivery 3
+
+
+def test_the_final_state_clears_the_jobs_marks_with_its_rows(
+    fresh_redis: Any, state: FleetState
+) -> None:
+    from tests.fixtures import url_of
+    from workers.runtime.celery_app import create_app
+
+    backend = create_app({"FLEET_BROKER_URL": url_of(fresh_redis)}).backend
+    state.admit("user_facing", KIMI, 1_000, kimi_call("j4", delivery=1))
+    # A non-final state leaves the mark: the call's outcome is not recorded yet
+    backend.store_result("j4", None, states.STARTED)
+    assert fresh_redis.exists(keys.inflight("j4"))
+    # The final state, carrying the job's rows, clears it in the same step
+    attach("j4", Bookkeeping(rows=encode_rows([])))
+    backend.store_result("j4", {"ok": True}, states.SUCCESS)
+    assert not fresh_redis.exists(keys.inflight("j4"))
