@@ -32,11 +32,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import shapes
-from gateway.errors import APIError
+from gateway.errors import APIError, no_route
 from gateway.keys import AppKey, KeyStore
+from gateway.sender import Sender
 from gateway.waiter import ResultWaiter
 from router.catalog import Catalog
-from router.dispatcher import current_catalog, dispatch
+from router.dispatcher import current_catalog
 from router.errors import InvalidJob, NoRouteAvailable
 from router.jobs import Job
 from router.policy import route_job
@@ -44,7 +45,6 @@ from router.results import Result
 from workers.config import fleet_urls
 from workers.ledger.store import Ledger
 from workers.state import apps, keys
-from workers.state.apps import Refused
 from workers.state.connections import redis_client
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -76,6 +76,7 @@ class Gateway:
         self.redis = redis_client()
         self.waiter = ResultWaiter(fleet_urls()[1])
         self.limiter = anyio.CapacityLimiter(SEND_THREADS)
+        self.sender = Sender(self.redis, self.blocking)
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -123,45 +124,15 @@ class Gateway:
         try:
             decision = route_job(catalog, job)
         except NoRouteAvailable as exc:
-            raise _no_route(exc) from None
+            raise no_route(exc) from None
         worst = shapes.worst_cost(catalog, decision)
         if worst > 0 and decision.max_tokens is None:  # bound what the reservation covers
             job = job.model_copy(update={"max_tokens": shapes.DEFAULT_MAX_TOKENS})
-        sent: Job = await self.blocking(self._reserve_and_dispatch, key, job, worst)
-        return sent
-
-    def _reserve_and_dispatch(self, key: AppKey, job: Job, worst: float) -> Job:
-        reserved = apps.reserve(self.redis, key.app, key.limits, worst, job.id)
-        if isinstance(reserved, Refused):
-            retry = f"{max(1, round(reserved.retry_after_s))}"
-            raise APIError(429, reserved.reason, code="limit_reached",
-                           headers={"Retry-After": retry})  # fmt: skip
-        job = job.model_copy(update={"reservation": reserved})
-        try:
-            handle = dispatch(job)
-        except BaseException as exc:
-            apps.refund(self.redis, key.app, job.id, reserved)
-            self.redis.delete(keys.owner(job.id))
-            if isinstance(exc, NoRouteAvailable):
-                raise _no_route(exc) from None
-            if isinstance(exc, InvalidJob):
-                raise APIError(400, str(exc), code="invalid_job") from None
-            raise APIError(503, f"the fleet's broker is not reachable ({type(exc).__name__})",
-                           code="broker_unavailable") from None  # fmt: skip
-        if handle.id != job.id:  # an idempotency key named an earlier job: follow it
-            apps.refund(self.redis, key.app, job.id, reserved)
-            return job.model_copy(update={"id": handle.id})
-        return job
+        return await self.sender.send(key, job, worst)
 
 
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
-
-
-def _no_route(exc: NoRouteAvailable) -> APIError:
-    reasons = [{"model": m, "reason": why} for m, why in exc.reasons]
-    return APIError(503, str(exc), code="no_usable_model", extra={"models": reasons},
-                    headers={"Retry-After": "5"})  # fmt: skip
 
 
 def _gateway(request: Request) -> Gateway:

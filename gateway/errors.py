@@ -60,3 +60,10 @@ class APIError(Exception):
             **self.extra,
         }
         return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
+
+
+def no_route(exc: Any) -> APIError:
+    """503 for NoRouteAvailable: every model's reason, and when to try again."""
+    reasons = [{"model": m, "reason": why} for m, why in exc.reasons]
+    return APIError(503, str(exc), code="no_usable_model", extra={"models": reasons},
+                    headers={"Retry-After": "5"})  # fmt: skip

@@ -47,9 +47,7 @@ def broker(
     yield url, fresh_redis
 
 
-def start_worker(
-    fleet_env: dict[str, str], url: str, tmp_path: Path, transport: str
-) -> Supervisor:
+def start_worker(fleet_env: dict[str, str], url: str, tmp_path: Path, transport: str) -> Supervisor:
     env = {
         **fleet_env,
         "FLEET_BROKER_URL": url,
@@ -175,6 +173,9 @@ def test_an_unknown_transport_is_refused_with_the_choices() -> None:
     with pytest.raises(ConfigError, match="FLEET_BROKER_TRANSPORT must be one of fleet, kombu"):
         celery_settings({"FLEET_BROKER_TRANSPORT": "rabbit"})
     # an amqp:// broker keeps kombu's own transport whatever the setting
-    assert celery_settings({"FLEET_BROKER_URL": "amqp://x//", "FLEET_STATE_URL": "redis://x"})[
-        "broker_transport"
-    ] is None
+    assert (
+        celery_settings({"FLEET_BROKER_URL": "amqp://x//", "FLEET_STATE_URL": "redis://x"})[
+            "broker_transport"
+        ]
+        is None
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -46,33 +47,46 @@ def reserve(
 ) -> Reservation | Refused:  # fmt: skip
     """Take the request's slot and set its worst-case cost aside; or say which limit is
     full. The job is recorded as the app's (`owner`) in the same step."""
+    return reserve_many(redis, [(app, limits, worst_usd, job_id)], now)[0]
+
+
+def reserve_many(
+    redis: Any, requests: Sequence[tuple[str, AppLimits, float, str]],
+    now: datetime | None = None,
+) -> list[Reservation | Refused]:  # fmt: skip
+    """`reserve` for each (app, limits, worst USD, job id), in order, in one round trip
+    (one script call each: every request is admitted or refused on its own)."""
     now = now or datetime.now(UTC)
     day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
     batch = Pipeline(redis)
-    batch.script(
-        "app_admit",
-        [
-            keys.app_requests(app),
-            keys.app_spend(app, "day", day),
-            keys.app_spend(app, "month", month),
-            keys.owner(job_id),
-        ],
-        [
-            uuid.uuid4().hex,
-            limits.requests_per_min or 0,
-            worst_usd,
-            -1 if limits.usd_per_day is None else limits.usd_per_day,
-            -1 if limits.usd_per_month is None else limits.usd_per_month,
-            DAY_TTL_S,
-            MONTH_TTL_S,
-            json.dumps({"app": app, "usd": worst_usd, "day": day, "month": month}),
-            OWNER_TTL_S,
-        ],
-    )
-    reply = batch.execute()[0]
-    if int(reply[0]) == 1:
-        return Reservation(usd=worst_usd, day=day, month=month)
-    return _refused(reply, limits, worst_usd, now)
+    for app, limits, worst_usd, job_id in requests:
+        batch.script(
+            "app_admit",
+            [
+                keys.app_requests(app),
+                keys.app_spend(app, "day", day),
+                keys.app_spend(app, "month", month),
+                keys.owner(job_id),
+            ],
+            [
+                uuid.uuid4().hex,
+                limits.requests_per_min or 0,
+                worst_usd,
+                -1 if limits.usd_per_day is None else limits.usd_per_day,
+                -1 if limits.usd_per_month is None else limits.usd_per_month,
+                DAY_TTL_S,
+                MONTH_TTL_S,
+                json.dumps({"app": app, "usd": worst_usd, "day": day, "month": month}),
+                OWNER_TTL_S,
+            ],
+        )
+    replies = batch.execute()
+    return [
+        Reservation(usd=worst, day=day, month=month)
+        if int(reply[0]) == 1
+        else _refused(reply, limits, worst, now)
+        for reply, (_, limits, worst, _) in zip(replies, requests, strict=True)
+    ]
 
 
 def _refused(reply: Any, limits: AppLimits, worst_usd: float, now: datetime) -> Refused:
