@@ -15,7 +15,10 @@ killed worker's jobs come back within seconds. The test process is the dispatche
   backend, a stored result other than the one its caller got, an answer that is also
   dead-lettered);
 - unwatched: the job ended, but the final-state listener saw no publication of it (the
-  duplicate check above cannot vouch for it);
+  duplicate check above cannot vouch for it). The listener is subscribed (Redis
+  confirmed it) before any traffic and again after each Redis restart before any worker
+  can reach Redis; one publication can still die with Redis, when it executed in the
+  instant Redis went down: counted apart (`unwatched_at_outage`), any other is a problem;
 - under-billed / over-billed, against the provider's own request log, not the fleet's
   word: every call the simulator received names its job (the workers send
   `X-Fleet-Job`), and for each job and model the calls received must equal the ledger's
@@ -74,9 +77,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_TIMEOUT_S = 2.0  # the simulated providers' timeout: `timeout`/`stall` wait this
 DISPATCHER_VARS = ("FLEET_BROKER_URL", "FLEET_STATE_URL", "FLEET_CATALOG")
 FINAL = ("SUCCESS", "FAILURE")
-# What Celery's consumer logs when it loses its broker (and then reconnects).
+# What Celery's consumer logs when it loses its broker, and when it has it again.
 BROKER_LOST = re.compile(r"consumer: Connection to broker lost")
+BROKER_CONNECTED = re.compile(r"\] Connected to \S+://")  # (any transport's URL)
 BILLED = ("ok", "error", "orphaned")  # ledger outcomes that stand for a call made
+# Where a message taken but not acked is kept: kombu's stock channel files it at delivery,
+# the fleet's transport at publish (workers/runtime/transport.py), until its ack.
+UNACKED_STORES = ("unacked", keys.BROKER_MESSAGES)
 
 # What an attempt looks like in the ledger and in a Result, for comparing the two.
 _ROW_FIELDS = (
@@ -111,8 +118,9 @@ class FinalMonitor:
     """Counts each job's distinct final states published on the result backend (the
     Redis backend PUBLISHes every state it stores): two for one job means it ended twice
     (the same state stored again, a backend retry, is not counted twice), none means the
-    listener cannot vouch for it. Reconnects by itself across a Redis restart;
-    `subscriptions` counts the confirmations Redis sent (1 + each reconnection)."""
+    listener cannot vouch for it. Reconnects by itself across a Redis restart, to `url`
+    as it is then; `subscriptions` counts the confirmations Redis sent (1 + each
+    reconnection)."""
 
     PATTERN = "celery-task-meta-*"
 
@@ -134,12 +142,20 @@ class FinalMonitor:
             raise RuntimeError(f"no psubscribe confirmation for {self.PATTERN} in {timeout_s} s")
         return self
 
+    def wait_subscribed(self, count: int, timeout_s: float = 10) -> None:
+        """Wait until Redis has confirmed `count` subscriptions in all."""
+        deadline = time.monotonic() + timeout_s
+        while self.subscriptions < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the listener did not subscribe again within {timeout_s} s")
+            time.sleep(0.005)
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._listen()
             except (redis.RedisError, OSError):
-                time.sleep(0.02)  # Redis away: try again at once, a restart is short
+                time.sleep(0.01)  # Redis away: try again soon
 
     def _listen(self) -> None:
         # (a read timeout too: a Redis that never answers is a lost connection)
@@ -244,6 +260,7 @@ class ChaosFleet:
         self.env: dict[str, str] = {}
         self.dispatch_retries = 0
         self.get_retries = 0
+        self.redis_down_at: list[float] = []  # epoch s of each stop_redis()/kill_redis()
         self._saved: dict[str, str | None] = {}
         self._client: redis.Redis | None = None
 
@@ -391,12 +408,14 @@ class ChaosFleet:
     def stop_redis(self) -> None:
         """A clean stop (SIGTERM): Redis flushes its append-only file and exits."""
         assert self.redis is not None
+        self.redis_down_at.append(time.time())
         self.redis.stop()
 
     def kill_redis(self) -> None:
         """kill -9 redis-server: no shutdown, no last flush; what a crash leaves."""
         assert self.redis is not None and self.redis.process is not None
         process = self.redis.process
+        self.redis_down_at.append(time.time())
         process.kill()
         process.wait()
         if process.stderr:
@@ -404,12 +423,40 @@ class ChaosFleet:
         self.redis.process = None
 
     def start_redis(self) -> None:
-        assert self.redis is not None
-        self.redis.start()  # same port, same dir: the append-only file brings it all back
+        """Start Redis again on its port, from what its append-only file holds. It comes
+        up first on a side port, where only the final-state listener goes: once that has
+        subscribed again, Redis moves to the fleet's port (CONFIG SET port keeps the
+        listener's connection). So no final state can be published while the listener
+        is away, and the duplicate check has no blind spot after a restart."""
+        assert self.redis is not None and self.monitor is not None
+        side = RedisServer(self.redis.data_dir, port=free_port(), appendonly=True, host=self.host)
+        confirmed = self.monitor.subscriptions
+        self.monitor.url = side.url
+        side.start()
+        self.monitor.wait_subscribed(confirmed + 1)
+        with redis.Redis.from_url(side.url) as admin:
+            admin.config_set("port", self.redis.port)
+        self.redis.process = side.process  # the fleet's Redis now
+        self.monitor.url = self.redis.url
 
     def broker_losses(self) -> dict[str, int]:
         """How many times each worker lost its broker connection, from its own log."""
         return {w.name: len(BROKER_LOST.findall(w.log())) for w in self.workers}
+
+    def broker_connections(self) -> dict[str, int]:
+        """How many times each worker connected to its broker, from its own log."""
+        return {w.name: len(BROKER_CONNECTED.findall(w.log())) for w in self.workers}
+
+    def wait_reconnected(self, before: dict[str, int], timeout_s: float = 20) -> list[str]:
+        """Wait until every worker has connected again since `before` (a
+        broker_connections()); the names of those that did not in time."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = self.broker_connections()
+            late = [name for name, count in before.items() if now.get(name, 0) <= count]
+            if not late or time.monotonic() > deadline:
+                return late
+            time.sleep(0.1)
 
     def wait_quiet(self, timeout_s: float) -> bool:
         """Wait until Redis holds no message: none queued, none unacked. A message left
@@ -418,7 +465,7 @@ class ChaosFleet:
         writes what its worker had not), so the audit waits for it."""
         deadline = time.monotonic() + timeout_s
         while True:
-            unacked = self.client.hlen("unacked")
+            unacked = sum(self.client.hlen(store) for store in UNACKED_STORES)
             if not unacked and not sum(self.queue_lengths().values()):
                 return True
             if time.monotonic() > deadline:
@@ -613,11 +660,16 @@ class JobRecord:
 
 @dataclass
 class Tally:
-    """A scenario's counts. Jobs: answered, dead_lettered, lost, duplicated, unwatched,
-    under_billed, over_billed, ledger_vs_result, wrong. Calls, from the provider's log:
-    provider_calls received for the audited jobs, unbilled_calls with no ledger row
-    (redelivered_unbilled of them made by a delivery that was delivered again: the
-    known gap), uncalled_rows in the ledger with no call. `hits`: what the fault struck."""
+    """A scenario's counts.
+
+    Jobs: answered, dead_lettered, lost, duplicated, unwatched (unwatched_at_outage of
+    them stored as Redis went down), ledger_vs_result, wrong, and the jobs whose billing
+    nothing explains: under_billed (a provider call with no ledger row, its delivery
+    not delivered again) and over_billed (a ledger row with no call, not an orphan).
+    Calls and rows, from the provider's log against the ledger: provider_calls received
+    for the audited jobs; unbilled_calls with no ledger row (redelivered_unbilled of them
+    made by a delivery that was delivered again); uncalled_rows with no call
+    (uncalled_orphans of them orphaned rows). `hits`: what the fault struck."""
 
     scenario: str
     jobs: int = 0
@@ -626,6 +678,7 @@ class Tally:
     lost: int = 0
     duplicated: int = 0
     unwatched: int = 0
+    unwatched_at_outage: int = 0
     under_billed: int = 0
     over_billed: int = 0
     ledger_vs_result: int = 0
@@ -634,6 +687,7 @@ class Tally:
     unbilled_calls: int = 0
     redelivered_unbilled: int = 0
     uncalled_rows: int = 0
+    uncalled_orphans: int = 0
     seconds: float = 0.0
     hits: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -641,17 +695,17 @@ class Tally:
 
     @property
     def double_billed(self) -> int:
-        """Jobs billed for more calls than the provider received (was: the ledger against
-        the fleet's own Result, now `ledger_vs_result`)."""
+        """Jobs billed for calls the provider never received, orphans aside (was: the
+        ledger against the fleet's own Result, now `ledger_vs_result`)."""
         return self.over_billed
 
     @property
     def clean(self) -> bool:
-        """Nothing wrong, the known gap included: a call the ledger misses is reported
-        whatever explains it."""
+        """Nothing wrong, the known gaps included: a call the ledger misses, a row for a
+        call never made, an ending nobody saw published, whatever explains them."""
         counts = (
             self.lost, self.duplicated, self.unwatched, self.under_billed, self.over_billed,
-            self.ledger_vs_result, self.wrong,
+            self.ledger_vs_result, self.wrong, self.unbilled_calls, self.uncalled_rows,
         )  # fmt: skip
         return not self.problems and not any(counts)
 
@@ -703,9 +757,9 @@ def ledger_rows(url: str) -> dict[str, list[dict[str, Any]]]:
 
 
 def _stamp(value: Any) -> float:
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-    return datetime.fromisoformat(str(value)).replace(tzinfo=UTC).timestamp()
+    """Epoch seconds of a datetime or ISO string, naive ones read as UTC."""
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def billing_mismatch(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> str | None:
@@ -786,9 +840,13 @@ class Billing:
     unbilled: Counter[str]  # calls the provider received with no ledger row
     redelivered: int  # of those, calls made by a delivery that was delivered again
     uncalled: Counter[str]  # ledger rows for calls the provider never received
+    orphans: int  # of those, orphaned rows: their worker died before the call left
 
     def unexplained(self) -> int:
         return sum(self.unbilled.values()) - self.redelivered
+
+    def overbilled(self) -> int:
+        return sum(self.uncalled.values()) - self.orphans
 
 
 def billing(
@@ -800,17 +858,20 @@ def billing(
     """Hold a job's calls, from the provider's log, against its ledger rows (outcome ok,
     error or orphaned; rows of models the simulator does not serve have no witness).
     A missing row is explained when the call's delivery was delivered again (at most
-    as many as there are such calls to that model)."""
-    billed = Counter(
-        served[r["model"]] for r in rows if r["outcome"] in BILLED and r["model"] in served
-    )
+    as many as there are such calls to that model); a row with no call, when it is an
+    orphan (its worker died after taking the call's slot, maybe before sending it: the
+    fleet bills such a call on estimate, not knowing)."""
+    mine = [r for r in rows if r["outcome"] in BILLED and r["model"] in served]
+    billed = Counter(served[r["model"]] for r in mine)
+    orphaned = Counter(served[r["model"]] for r in mine if r["outcome"] == "orphaned")
     received = Counter(c["model"] for c in calls)
-    unbilled = received - billed
+    unbilled, uncalled = received - billed, billed - received
     again = sum(
         min(missing, sum(1 for c in calls if c["model"] == model and redelivered(c)))
         for model, missing in unbilled.items()
     )
-    return Billing(unbilled, again, billed - received)
+    orphans = sum(min(extra, orphaned[model]) for model, extra in uncalled.items())
+    return Billing(unbilled, again, uncalled, orphans)
 
 
 def _audit_billing(
@@ -821,22 +882,19 @@ def _audit_billing(
     served: dict[str, str],
     fleet: ChaosFleet,
 ) -> None:
+    """Count the job's calls and rows; a discrepancy nothing explains is a problem."""
     found = billing(calls, rows, served, lambda call: _redelivered(fleet, jid, call))
     tally.provider_calls += len(calls)
-    if found.uncalled:
-        tally.uncalled_rows += sum(found.uncalled.values())
-        tally.problem(
-            "over_billed", jid, f"ledger rows with no provider call: {dict(found.uncalled)}"
-        )
-    if found.unbilled:
-        tally.under_billed += 1
-        tally.unbilled_calls += sum(found.unbilled.values())
-        tally.redelivered_unbilled += found.redelivered
+    tally.unbilled_calls += sum(found.unbilled.values())
+    tally.redelivered_unbilled += found.redelivered
+    tally.uncalled_rows += sum(found.uncalled.values())
+    tally.uncalled_orphans += found.orphans
     if found.unexplained():
-        tally.problems.append(
-            f"under_billed: {jid}: {found.unexplained()} provider calls with no ledger row,"
-            f" not explained by a redelivery (calls missing: {dict(found.unbilled)})"
-        )
+        why = f"{found.unexplained()} provider calls with no ledger row, no redelivery"
+        tally.problem("under_billed", jid, f"{why} (missing: {dict(found.unbilled)})")
+    if found.overbilled():
+        why = f"{found.overbilled()} ledger rows with no provider call, not orphans"
+        tally.problem("over_billed", jid, f"{why} (rows without a call: {dict(found.uncalled)})")
 
 
 def _redelivered(fleet: ChaosFleet, jid: str, call: dict[str, Any]) -> bool:
@@ -866,12 +924,66 @@ def _audit_job(
     if final is not None and not kind:  # as the scenario says it must?
         why = next((w for c in callers if c.expect and (w := c.expect(final, dead))), None)
         kind = "wrong" if why else ""
+    if kind == "lost":  # where its traces end says where it was lost
+        why = f"{why}; {trail(fleet, jid, meta)}"
+    if final is not None and publications == 0:  # the duplicate check could not fail
+        _unwatched(tally, jid, meta, fleet)
     if kind:
         tally.problem(kind, jid, why or "")
     elif final is not None and final.ok:
         tally.answered += len(callers)
     else:
         tally.dead_lettered += len(callers)
+
+
+# A final state stored this close before Redis went down may have been published to
+# nobody: Redis had not yet written the message to the listener when it died (or shut
+# down), and the store's retry, finding the job final, publishes nothing.
+DIED_WITH_REDIS_S = (0.5, 0.05)  # before, after the moment it went down
+
+
+def _unwatched(tally: Tally, jid: str, meta: dict[str, Any] | None, fleet: ChaosFleet) -> None:
+    """A job that ended with no final-state publication seen: the listener cannot vouch
+    that it ended only once. Counted; a problem unless its final state was stored in the
+    instant Redis went down (`unwatched_at_outage`)."""
+    tally.unwatched += 1
+    done = (meta or {}).get("date_done")
+    when = _stamp(done) if done else None
+    before, after = DIED_WITH_REDIS_S
+    if when is not None and any(
+        down - before <= when <= down + after for down in fleet.redis_down_at
+    ):
+        tally.unwatched_at_outage += 1
+        return
+    tally.problems.append(
+        f"unwatched: {jid}: ended (at {done}) with no final-state publication seen"
+    )
+
+
+def trail(fleet: ChaosFleet, jid: str, meta: dict[str, Any] | None) -> str:
+    """A lost job's traces: its state in the backend, each message's deliveries (the
+    fleet's counters), the calls the provider received for it, and whether a message of
+    it still waits in Redis. No delivery and no call: the message vanished between
+    Redis and a worker."""
+    prefix = keys.deliveries(jid, 0).rsplit(":", 1)[0]
+    counts = {
+        key.decode().rsplit(":", 1)[1]: int(fleet.client.get(key) or 0)
+        for key in fleet.client.scan_iter(f"{prefix}:*")
+    }
+    calls = [(c["job_message"], c["job_delivery"], c["fault"]) for c in fleet.provider_calls()
+             if c.get("job") == jid]  # fmt: skip
+    waiting = any(
+        jid.encode() in raw for store in UNACKED_STORES for raw in fleet.client.hvals(store)
+    )
+    result = (meta or {}).get("result")
+    state = meta and (meta.get("status"), isinstance(result, dict) and result.get("exc_type"))
+    found = (
+        f"backend {state}, deliveries per message {counts}, provider calls (message,"
+        f" delivery, fault) {calls}, {'still unacked' if waiting else 'not unacked'}"
+    )
+    if not (meta or counts or calls or waiting):
+        found += ": it vanished between Redis and a worker (popped, never filed as unacked)"
+    return found
 
 
 def _ending(
@@ -887,8 +999,6 @@ def _ending(
             return "lost", caller.error or caller.last_get_error or "no answer"
     if final is None:
         return "lost", f"no final state in the backend (meta {meta and meta.get('status')})"
-    if publications == 0:  # the listener missed it: the next check could not fail
-        return "unwatched", "ended with no final-state publication seen"
     if publications > 1:
         return "duplicated", f"{publications} different final states published"
     if any(c.got != final for c in callers):

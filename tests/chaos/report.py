@@ -21,7 +21,7 @@ from .scenarios import SCENARIOS
 # job by job and model by model against the ledger's rows (harness.audit).
 COLUMNS = (
     "scenario", "jobs", "answered", "dead-lettered", "lost", "duplicated", "provider calls",
-    "calls not in ledger", "of them redelivered", "ledger rows not called", "seconds",
+    "calls not in ledger", "(redelivered)", "ledger rows never called", "(orphans)", "seconds",
 )  # fmt: skip
 
 
@@ -29,8 +29,30 @@ def row(t: Tally) -> tuple[str, ...]:
     return (
         t.scenario, str(t.jobs), str(t.answered), str(t.dead_lettered), str(t.lost),
         str(t.duplicated), str(t.provider_calls), str(t.unbilled_calls),
-        str(t.redelivered_unbilled), str(t.uncalled_rows), f"{t.seconds:.1f}",
+        str(t.redelivered_unbilled), str(t.uncalled_rows), str(t.uncalled_orphans),
+        f"{t.seconds:.1f}",
     )  # fmt: skip
+
+
+def known_gaps(t: Tally) -> list[str]:
+    """What the audit counted but explained: still wrong, and said so."""
+    gaps = []
+    if t.redelivered_unbilled:
+        gaps.append(
+            f"{t.redelivered_unbilled} provider calls not in the ledger were made by deliveries"
+            " delivered again (their ack lost with Redis, or a worker killed mid-call)"
+        )
+    if t.uncalled_orphans:
+        gaps.append(
+            f"{t.uncalled_orphans} orphaned ledger rows bill calls the provider never received"
+            " (the worker died after taking the slot, before the call left)"
+        )
+    if t.unwatched_at_outage:
+        gaps.append(
+            f"{t.unwatched_at_outage} jobs' final state was published as Redis went down:"
+            " no listener saw it, so nothing vouches they ended once"
+        )
+    return gaps
 
 
 def table(tallies: list[Tally]) -> str:
@@ -64,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {t.scenario}: {note}")
         if t.hits:
             print(f"  {t.scenario}: struck: {', '.join(f'{k} {v}' for k, v in t.hits.items())}")
+        for gap in known_gaps(t):
+            print(f"  {t.scenario}: known gap: {gap}")
     problems = [f"{t.scenario}: {p}" for t in tallies for p in t.problems]
     for problem in problems[:50]:
         print(f"PROBLEM {problem}")

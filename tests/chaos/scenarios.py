@@ -161,16 +161,20 @@ def redis_restart(
 
         def outage(kind: str) -> Callable[[], str]:
             def strike() -> str:
+                connected = fleet.broker_connections()
                 fleet.stop_redis() if kind == "stop" else fleet.kill_redis()
                 down = rng.uniform(*down_s)
                 time.sleep(down)
                 fleet.start_redis()
+                # Each outage on its own: the next strikes once every worker is back.
+                for name in fleet.wait_reconnected(connected):
+                    tally.problems.append(f"{name} did not reconnect after Redis {kind}")
                 return f"Redis {kind}, back {down:.1f} s later"
 
             return strike
 
         span = jobs / rate  # (longer in fact: dispatching waits through each outage)
-        gap = down_s[1] + 2.5  # back, and every worker reconnected (it retries every 2 s)
+        gap = down_s[1] + 1.0  # (a strike returns once every worker has reconnected)
         window = (0.1 * span, 0.9 * span)
         with Strikes(rng, [outage(k) for k in kinds], window, gap_s=gap) as strikes:
             records = steady(fleet, lambda n: mixed_job("redis", n), jobs, rate)

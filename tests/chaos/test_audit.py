@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ import redis
 from router.results import Result
 from workers.ops.redis_server import RedisServer
 
-from .harness import FinalMonitor, JobRecord, Strikes, _ending, billing
+from .harness import FinalMonitor, JobRecord, Strikes, Tally, _ending, _unwatched, billing
 
 SERVED = {"zai/glm-4.7": "glm-4.7", "minimax/MiniMax-M2.1": "MiniMax-M2.1"}
 
@@ -70,6 +71,12 @@ def test_a_row_with_no_call_is_over_billed() -> None:
     assert found.uncalled == Counter({"glm-4.7": 1, "MiniMax-M2.1": 1})
 
 
+def test_an_orphan_may_bill_a_call_that_never_left() -> None:
+    # (its worker died after taking the slot, before sending: the fleet cannot know)
+    found = billing([], [row(outcome="orphaned"), row()], SERVED, never)
+    assert (sum(found.uncalled.values()), found.orphans, found.overbilled()) == (2, 1, 1)
+
+
 def test_a_model_the_simulator_does_not_serve_has_no_witness() -> None:
     # (a provider pointed at a closed port: its refused attempts reach no log)
     found = billing([], [row("moonshot/kimi-k2-0905-preview", "error")], SERVED, never)
@@ -77,9 +84,14 @@ def test_a_model_the_simulator_does_not_serve_has_no_witness() -> None:
 
 
 def test_a_job_whose_ending_nobody_saw_published_is_flagged() -> None:
+    fleet: Any = SimpleNamespace(redis_down_at=[1_000.0])
+    for done, explained in (("1970-01-01T00:16:39.8+00:00", True), ("1970-01-01T00:16:30", False)):
+        tally = Tally("t")
+        _unwatched(tally, "j", {"date_done": done}, fleet)
+        assert (tally.unwatched, tally.unwatched_at_outage) == (1, int(explained))
+        assert bool(tally.problems) is not explained
     result = Result(job_id="j", task_class="cost_free", source="app", ok=True, text="hi")
     caller = JobRecord(job={}, handle=None, got=result, gets=1)  # type: ignore[arg-type]
-    assert _ending([caller], {}, result, None, publications=0)[0] == "unwatched"
     assert _ending([caller], {}, result, None, publications=1) == ("", None)
     assert _ending([caller], {}, result, None, publications=2)[0] == "duplicated"
 
