@@ -21,6 +21,8 @@ from typing import Any, NoReturn
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_init, worker_shutdown
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
@@ -222,7 +224,17 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         admission = _state().admission(
             str(job.get("task_class")), first, call.prompt_tokens, call=call
         )
-    delivery = deliveries.begin(redis_client(), job["id"], (state or {}).get("sends", 0), admission)
+    try:
+        delivery = deliveries.begin(
+            redis_client(), job["id"], (state or {}).get("sends", 0), admission
+        )
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Redis went away (or is still loading its data after a restart) at the delivery's
+        # first round trip: nothing ran. Storing a FAILURE here would end the job with no
+        # Result and no dead letter; handing the message back keeps it (and a requeue that
+        # cannot reach Redis leaves it filed, for the visibility sweep).
+        log.warning("job %s: state store unreachable at delivery (%r); requeued", job["id"], exc)
+        raise Reject(f"state store unreachable: {type(exc).__name__}", requeue=True) from None
     # Calls earlier deliveries of this message left in flight (their workers died) may have
     # been billed: the ledger gets them as orphaned, whatever this delivery does.
     if delivery.orphans:
