@@ -690,6 +690,9 @@ class Tally:
     uncalled_orphans: int = 0
     seconds: float = 0.0
     hits: dict[str, int] = field(default_factory=dict)
+    # a baseline run (kombu's stock broker channel): its losses are the measure, reported
+    # beside the fleet's, not a failure of the run
+    reference: bool = False
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
