@@ -75,6 +75,12 @@ def script(client: Any, name: str) -> Script:
     return found
 
 
+def preload(client: Any, names: list[str]) -> None:
+    """Put scripts in Redis' cache ahead of their first call (a worker's warm-up)."""
+    for name in names:
+        client.script_load(_source(name))
+
+
 class Pipeline:
     """One round trip of commands (no transaction) in which script calls survive a Redis
     that lost its script cache (a restart): a NOSCRIPT reply is redone with the text.
