@@ -49,7 +49,7 @@ from workers.state.connections import redis_client
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 TIMEOUT_S = 300.0
-SEND_THREADS = 64  # requests dispatching at once (each a short blocking send)
+SEND_THREADS = 64  # blocking calls at once: key checks, send batches, job reads
 
 
 @dataclass(frozen=True)

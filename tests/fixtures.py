@@ -204,6 +204,21 @@ class Databases:
             self.free.insert(0, db)
 
 
+@contextlib.contextmanager
+def running_workers(
+    env: dict[str, str], log_dir: Path, queue: str, names: list[str], concurrency: int
+) -> Iterator[Workers]:
+    """Worker processes on `queue`, one per name, ready; stopped on the way out."""
+    workers = Workers(env, log_dir)
+    try:
+        for name in names:
+            workers.start(queue, name=name, concurrency=concurrency)
+        workers.wait_ready()
+        yield workers
+    finally:
+        workers.stop()
+
+
 def url_of(client: redis.Redis) -> str:
     """The redis:// URL of the database `client` talks to (for FLEET_* variables)."""
     kwargs = client.connection_pool.connection_kwargs

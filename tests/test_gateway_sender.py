@@ -15,17 +15,13 @@ from gateway.sender import Sender
 from router.dispatcher import current_catalog
 from router.jobs import Job
 from router.policy import route_job
+from tests.fixtures import url_of
 from workers.state import keys
 from workers.state.apps import AppLimits
 from workers.state.limits import FleetState
 from workers.state.live import forget_views
 
 ASK = [{"role": "user", "content": "hello"}]
-
-
-def url_of(client: Any) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    return f"redis://127.0.0.1:{kwargs['port']}/{kwargs['db']}"
 
 
 def app_key(app: str, **limits: Any) -> AppKey:

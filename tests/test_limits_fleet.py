@@ -12,7 +12,7 @@ import yaml
 
 from router import NoRouteAvailable, dispatch, load_catalog
 from router.jobs import parse_job
-from tests.fixtures import Workers, reset_live_state, url_of
+from tests.fixtures import reset_live_state, running_workers, url_of
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.step import Failed, Forward, advance
 from workers.state.limits import FleetState, Slot
@@ -43,16 +43,10 @@ def limited_fleet(fleet_env, fresh_redis, tmp_path, monkeypatch):
     url = url_of(fresh_redis)
     catalog = write_catalog(Path(fleet_env["FLEET_CATALOG"]), tmp_path, limit_llama(5))
     env = {**fleet_env, "FLEET_BROKER_URL": url, "FLEET_CATALOG": str(catalog)}
-    workers = Workers(env, tmp_path / "logs")
-    try:
-        for i in range(2):
-            workers.start("free", name=f"limited{i}", concurrency=4)
-        workers.wait_ready()
+    with running_workers(env, tmp_path / "logs", "free", ["limited0", "limited1"], 4):
         monkeypatch.setenv("FLEET_BROKER_URL", url)
         monkeypatch.setenv("FLEET_CATALOG", str(catalog))
         yield
-    finally:
-        workers.stop()
 
 
 def test_two_workers_never_exceed_a_models_requests_per_minute(limited_fleet, simulator) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from router import dispatch
-from tests.fixtures import Workers, url_of, wait_until
+from tests.fixtures import running_workers, url_of, wait_until
 from tests.test_limits_fleet import LLAMA, write_catalog
 
 UPSTREAM = LLAMA.split("/", 1)[1]  # the name the simulator sees
@@ -42,16 +42,10 @@ def two_workers(fleet_env, fresh_redis, tmp_path, monkeypatch):
     url = url_of(fresh_redis)
     catalog = write_catalog(Path(fleet_env["FLEET_CATALOG"]), tmp_path, only_llama)
     env = {**fleet_env, "FLEET_BROKER_URL": url, "FLEET_CATALOG": str(catalog)}
-    workers = Workers(env, tmp_path / "logs")
-    try:
-        for i in range(2):
-            workers.start("free", name=f"clock{i}", concurrency=8)
-        workers.wait_ready()
+    with running_workers(env, tmp_path / "logs", "free", ["clock0", "clock1"], 8):
         monkeypatch.setenv("FLEET_BROKER_URL", url)
         monkeypatch.setenv("FLEET_CATALOG", str(catalog))
         yield
-    finally:
-        workers.stop()
 
 
 def most_in_any_window(arrivals: list[float], window_s: float) -> int:

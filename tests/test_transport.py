@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from router import dispatch
+from tests.fixtures import url_of
 from workers.ops.pools import worker_argv
 from workers.ops.supervisor import Supervisor
 from workers.runtime.celery_app import create_app
@@ -19,11 +20,6 @@ from workers.state import keys
 
 JOB = {"task_class": "cost_free", "messages": [{"role": "user", "content": "hello"}]}
 VISIBILITY_S = 3
-
-
-def url_of(client: Any) -> str:
-    kwargs = client.connection_pool.connection_kwargs
-    return f"redis://127.0.0.1:{kwargs['port']}/{kwargs['db']}"
 
 
 def job_lists(client: Any) -> list[bytes]:

@@ -1,7 +1,7 @@
 """Apps behind the gateway, as live state: each app's requests per minute and its USD
 per day and per month, counted fleet-wide in Redis.
 
-A request is admitted with its worst-case cost set aside (`reserve`: one script, so
+A request is admitted with its worst-case cost set aside (`reserve_many`: one script per request, so
 concurrent requests never spend past a cap); its job carries the reservation, and the
 worker settles it to the job's real cost together with the job's final state
 (store_result.lua). A job that never runs is refunded (`refund`). Settling happens once
@@ -41,21 +41,14 @@ class Refused:
     retry_after_s: float
 
 
-def reserve(
-    redis: Any, app: str, limits: AppLimits, worst_usd: float, job_id: str,
-    now: datetime | None = None,
-) -> Reservation | Refused:  # fmt: skip
-    """Take the request's slot and set its worst-case cost aside; or say which limit is
-    full. The job is recorded as the app's (`owner`) in the same step."""
-    return reserve_many(redis, [(app, limits, worst_usd, job_id)], now)[0]
-
-
 def reserve_many(
     redis: Any, requests: Sequence[tuple[str, AppLimits, float, str]],
     now: datetime | None = None,
 ) -> list[Reservation | Refused]:  # fmt: skip
-    """`reserve` for each (app, limits, worst USD, job id), in order, in one round trip
-    (one script call each: every request is admitted or refused on its own)."""
+    """For each (app, limits, worst USD, job id), in order, in one round trip: take the
+    request's slot and set its worst-case cost aside, or say which limit is full (one
+    script call each: every request is admitted or refused on its own). The job is
+    recorded as the app's (`owner`) in the same step."""
     now = now or datetime.now(UTC)
     day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
     batch = Pipeline(redis)
