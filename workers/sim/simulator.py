@@ -378,6 +378,8 @@ class _Completer:
                 "temperature": body.get("temperature"),
                 "max_tokens": self.max_tokens,
                 "images": images,
+                # the caller's end of the connection, so a test can tell which process called
+                "client_port": (self.conn.writer.get_extra_info("peername") or ("", 0))[1],
                 **_fleet_job(self.request.headers.get("x-fleet-job")),
             }
         )
