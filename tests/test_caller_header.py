@@ -10,7 +10,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from workers.providers.base import Caller, CompletionRequest, calling_for, current_caller
+from workers.providers.base import (
+    Caller,
+    CompletionRequest,
+    calling_for,
+    current_caller,
+    on_send,
+)
 from workers.providers.openai_compat import OpenAICompatProvider, make_client
 from workers.sim.simulator import Simulator
 
@@ -68,3 +74,44 @@ def test_the_simulator_reads_a_partial_or_odd_header(sim: Simulator) -> None:
             http.post(sim.url + "/chat/completions", json=body, headers={"X-Fleet-Job": header})
     logged = [(r["job"], r["job_message"], r["job_delivery"]) for r in sim.requests()]
     assert logged == [("abc", None, 2), ("abc", None, None), (None, 1, None)]
+
+
+def test_the_send_hook_runs_once_a_request_as_it_leaves(
+    sim: Simulator, provider: OpenAICompatProvider
+) -> None:
+    # The fleet marks a call in flight in this hook: once for each request, before the
+    # provider has it (how many requests the provider had logged when the hook ran)
+    seen: list[int] = []
+    with on_send(lambda: seen.append(len(sim.requests()))):
+        provider.complete(CompletionRequest("m", HELLO))
+        provider.complete(CompletionRequest("m", HELLO))  # on the kept-alive connection
+    provider.complete(CompletionRequest("m", HELLO))  # the block is over
+    assert seen == [0, 1] and len(sim.requests()) == 3
+
+
+def test_a_request_that_never_connects_runs_no_send_hook() -> None:
+    import socket
+
+    from workers.providers.base import Retryable
+
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    client = make_client(1)
+    provider = OpenAICompatProvider(f"http://127.0.0.1:{port}/v1", "sk-test", client)
+    seen: list[str] = []
+    with on_send(lambda: seen.append("sent")), pytest.raises(Retryable, match="Connect"):
+        provider.complete(CompletionRequest("m", HELLO))
+    client.close()
+    assert seen == []  # never left: nothing to bill
+
+
+def test_a_send_hook_that_fails_stops_the_call(
+    sim: Simulator, provider: OpenAICompatProvider
+) -> None:
+    def refuse() -> None:
+        raise RuntimeError("cannot mark the call")
+
+    with on_send(refuse), pytest.raises(RuntimeError, match="cannot mark"):
+        provider.complete(CompletionRequest("m", HELLO))
+    assert sim.requests() == []

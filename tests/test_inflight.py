@@ -1,5 +1,6 @@
-"""Calls in flight, against a real redis-server: the admission that takes a call's slot
-marks it (same round trip), the job's final state or its next message clears the mark,
+"""Calls in flight, against a real redis-server: a call is marked as it leaves (the
+adapter's send hook, tests/test_caller_header.py), the job's final state or its next
+message clears the mark,
 and a redelivery of the same message finds it and bills it once, as an orphaned,
 estimated ledger row (workers/state/inflight.py, workers/runtime/orphans.py)."""
 
@@ -16,7 +17,7 @@ from workers.ledger.rows import decode_rows, encode_rows
 from workers.runtime import orphans
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.step import OpenGate
-from workers.state import deliveries, keys
+from workers.state import deliveries, inflight, keys
 from workers.state.inflight import Call
 from workers.state.limits import FleetState, Slot
 
@@ -24,7 +25,7 @@ KIMI = "litellm/kimi"  # paid: $0.56 in, $2.94 out per 1M tokens
 LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
 
 
-def kimi_call(job_id: str, sends: int = 0, delivery: int = 0) -> Call:
+def kimi_call(job_id: str, sends: int = 0, delivery: int = 1) -> Call:
     return Call(
         job_id=job_id, sends=sends, delivery=delivery, attempt=sends + 1, model=KIMI,
         queue="subscription", tier="paid", prompt_tokens=1_000, worker="w1@host",
@@ -36,25 +37,20 @@ def state(fresh_redis: Any) -> FleetState:
     return FleetState(fresh_redis, load_catalog())
 
 
-def test_a_slot_taken_marks_its_call_and_a_look_or_a_refusal_marks_nothing(
+def test_a_call_is_marked_on_redis_clock_and_an_admission_marks_nothing(
     fresh_redis: Any, state: FleetState
 ) -> None:
     mark = keys.inflight("j1")
-    # A look, and an admission refused (the model cooling), leave no mark
-    assert state.block("user_facing", KIMI) is None
-    state.cool(KIMI, 60, "test")
-    assert not isinstance(
-        state.admit("user_facing", KIMI, 1_000, kimi_call("j1", delivery=1)), Slot
-    )
+    # A slot taken marks nothing: the call has not left yet
+    assert state.admit("user_facing", KIMI, 1_000) == Slot()
     assert not fresh_redis.exists(mark)
-    fresh_redis.delete(keys.cooldown(KIMI))
-    # A slot taken marks the call, in the same round trip, on Redis' clock
+    # The mark, as the call leaves, on Redis' clock
     seconds, micros = fresh_redis.time()
-    assert state.admit("user_facing", KIMI, 1_000, kimi_call("j1", delivery=1)) == Slot()
+    state.mark(kimi_call("j1", delivery=1))
     marks = fresh_redis.hgetall(mark)
     assert list(marks) == [b"0:1"]  # message 0, delivery 1
-    admitted_ms, _, call = marks[b"0:1"].decode().partition("|")
-    assert int(admitted_ms) >= seconds * 1000 + micros // 1000
+    marked_ms, _, call = marks[b"0:1"].decode().partition("|")
+    assert int(marked_ms) >= seconds * 1000 + micros // 1000
     assert json.loads(call) == {
         "model": KIMI, "queue": "subscription", "tier": "paid", "attempt": 1,
         "prompt_tokens": 1_000, "worker": "w1@host",
@@ -66,12 +62,11 @@ def test_a_redelivery_finds_its_messages_calls_and_the_next_message_clears_them(
     fresh_redis: Any, state: FleetState
 ) -> None:
     mark = keys.inflight("j2")
-    # Given delivery 1 of the job's first message, whose first round trip took the slot
-    # and marked the call (begin.lua names the delivery)
-    first = deliveries.begin(
-        fresh_redis, "j2", 0, state.admission("user_facing", KIMI, 1_000, call=kimi_call("j2"))
-    )
-    assert first.admitted == Slot() and first.orphans == ()
+    # Given delivery 1 of the job's first message, whose first round trip took the slot,
+    # and whose call was marked as it left
+    first = deliveries.begin(fresh_redis, "j2", 0, state.admission("user_facing", KIMI, 1_000))
+    assert first.admitted == Slot() and first.orphans == () and first.count == 1
+    inflight.mark(fresh_redis, kimi_call("j2", delivery=first.count))
     assert list(fresh_redis.hgetall(mark)) == [b"0:1"]
     # When its worker dies and the message is delivered again, that call is found
     again = deliveries.begin(fresh_redis, "j2", 0)
@@ -79,7 +74,7 @@ def test_a_redelivery_finds_its_messages_calls_and_the_next_message_clears_them(
             for o in again.orphans] == [(0, 1, 1, KIMI, 1_000, "w1@host")]  # fmt: skip
     # But once the job's next message is delivered (the forward that sent it carried the
     # outcome of message 0's calls), message 0's marks are cleared, not billed
-    state.admit("user_facing", KIMI, 1_000, kimi_call("j2", sends=0, delivery=2))
+    state.mark(kimi_call("j2", sends=0, delivery=2))
     following = deliveries.begin(fresh_redis, "j2", 1)
     assert following.orphans == () and not fresh_redis.exists(mark)
 
@@ -89,9 +84,8 @@ def test_an_orphan_is_billed_once_estimated_and_numbered_apart(
 ) -> None:
     catalog = load_catalog()
     job = {"id": "j3", "task_class": "user_facing", "source": "app", "app": "billing"}
-    deliveries.begin(
-        fresh_redis, "j3", 0, state.admission("user_facing", KIMI, 1_000, call=kimi_call("j3"))
-    )
+    deliveries.begin(fresh_redis, "j3", 0, state.admission("user_facing", KIMI, 1_000))
+    inflight.mark(fresh_redis, kimi_call("j3"))
     found = deliveries.begin(fresh_redis, "j3", 0).orphans
     # When the redelivery bills what it found
     billed = orphans.bill(fresh_redis, OpenGate(), catalog, job, {"max_tokens": 100}, found)
@@ -131,7 +125,7 @@ def test_the_final_state_clears_the_jobs_marks_with_its_rows(
     from workers.runtime.celery_app import create_app
 
     backend = create_app({"FLEET_BROKER_URL": url_of(fresh_redis)}).backend
-    state.admit("user_facing", KIMI, 1_000, kimi_call("j4", delivery=1))
+    state.mark(kimi_call("j4", delivery=1))
     # A non-final state leaves the mark: the call's outcome is not recorded yet
     backend.store_result("j4", None, states.STARTED)
     assert fresh_redis.exists(keys.inflight("j4"))

@@ -862,8 +862,8 @@ def billing(
     error or orphaned; rows of models the simulator does not serve have no witness).
     A missing row is explained when the call's delivery was delivered again (at most
     as many as there are such calls to that model); a row with no call, when it is an
-    orphan (its worker died after taking the call's slot, maybe before sending it: the
-    fleet bills such a call on estimate, not knowing)."""
+    orphan (its worker died after marking the call, in the instant before its first
+    byte left: the fleet bills such a call on estimate, not knowing)."""
     mine = [r for r in rows if r["outcome"] in BILLED and r["model"] in served]
     billed = Counter(served[r["model"]] for r in mine)
     orphaned = Counter(served[r["model"]] for r in mine if r["outcome"] == "orphaned")

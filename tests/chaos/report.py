@@ -68,7 +68,7 @@ def known_gaps(t: Tally) -> list[str]:
     if t.uncalled_orphans:
         gaps.append(
             f"{t.uncalled_orphans} orphaned ledger rows bill calls the provider never received"
-            " (the worker died after taking the slot, before the call left)"
+            " (the worker died after marking the call, in the instant before it left)"
         )
     if t.unwatched_at_outage:
         gaps.append(

@@ -35,7 +35,8 @@ def test_scenario(name: str, tmp_path: Path) -> None:
     assert tally.ledger_vs_result == 0, summary
     # The known gaps: a call made by a delivery that was then delivered again (its ack
     # lost with Redis; a killed worker's call is billed as orphaned) has no row; an
-    # orphan whose worker died before the call left has no call. Anything else is above.
+    # orphan whose worker died between marking the call and its first byte has no call.
+    # Anything else is above.
     assert tally.unbilled_calls == tally.redelivered_unbilled, summary
     assert tally.uncalled_rows == tally.uncalled_orphans, summary
     # A final state published in the instant Redis died reached no listener; any other

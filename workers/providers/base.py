@@ -16,7 +16,7 @@ Errors cross Celery as JSON, so they carry primitives only (`kind`, `message`,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -89,6 +89,30 @@ def calling_for(caller: Caller) -> Iterator[None]:
 
 def current_caller() -> Caller | None:
     return _caller.get()
+
+
+_on_send: ContextVar[Callable[[], None] | None] = ContextVar("fleet_on_send", default=None)
+
+
+@contextmanager
+def on_send(hook: Callable[[], None]) -> Iterator[None]:
+    """Run `hook` when a call made inside this block (in this thread) is about to leave:
+    the fleet marks it in flight there (workers/state/inflight.py), as late as it can, so
+    that a worker killed before the request left is not billed for it."""
+    token = _on_send.set(hook)
+    try:
+        yield
+    finally:
+        _on_send.reset(token)
+
+
+def about_to_send() -> None:
+    """Adapters call this once the connection is made and right before the request's first
+    byte is written (or an in-process model starts generating). An error the hook raises
+    stops the call before it leaves."""
+    hook = _on_send.get()
+    if hook is not None:
+        hook()
 
 
 @dataclass(frozen=True)

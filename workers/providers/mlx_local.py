@@ -40,6 +40,7 @@ from workers.providers.base import (
     Permanent,
     ProviderError,
     Retryable,
+    about_to_send,
 )
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class MLXProvider:
         if temperature < 0:
             raise Permanent("bad_request", f"temperature must be >= 0, got {temperature}")
         self.load()
+        about_to_send()
         return self._run(
             lambda cancel: self._generate_on_thread(messages, max_tokens, temperature, cancel),
             request.timeout_s,

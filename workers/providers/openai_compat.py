@@ -40,6 +40,7 @@ from workers.providers.base import (
     Permanent,
     ProviderError,
     Retryable,
+    about_to_send,
     current_caller,
 )
 
@@ -157,7 +158,11 @@ class OpenAICompatProvider:
             headers = {**headers, FLEET_JOB_HEADER: caller.header()}
         try:
             response = self._client.post(
-                self.url, json=payload, headers=headers, timeout=request.timeout_s
+                self.url,
+                json=payload,
+                headers=headers,
+                timeout=request.timeout_s,
+                extensions={"trace": _trace},
             )
         except httpx.TimeoutException as exc:
             raise Retryable("timeout", self._describe(exc)) from exc
@@ -240,6 +245,13 @@ class OpenAICompatProvider:
             f"HTTP {response.status_code} from {self.url}, unexpected body ({why}): "
             f"{_truncate(response.text)}"
         )
+
+
+def _trace(event: str, info: dict[str, Any]) -> None:
+    """httpcore's trace hook (the `trace` request extension): the request's headers are
+    about to be written on a connection already made."""
+    if event.endswith("send_request_headers.started"):
+        about_to_send()
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:

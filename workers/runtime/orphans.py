@@ -61,7 +61,7 @@ def orphaned_attempt(orphan: Orphan, max_tokens: int | None) -> Attempt:
         completion_tokens=max_tokens or ORPHAN_COMPLETION_TOKENS,
         tokens_estimated=True,
         worker=orphan.worker,
-        started_at=orphan.admitted_at,
+        started_at=orphan.marked_at,
     )
 
 

@@ -29,7 +29,13 @@ from router.jobs import Job, parse_job
 from router.policy import route_job
 from router.results import Attempt, Result
 from router.slots import Block, earliest, horizon
-from workers.providers.base import CompletionRequest, ProviderError, Target, current_caller
+from workers.providers.base import (
+    CompletionRequest,
+    ProviderError,
+    Target,
+    current_caller,
+    on_send,
+)
 from workers.runtime.sending import travelling_state
 from workers.state.inflight import Call
 from workers.state.limits import Slot
@@ -69,9 +75,8 @@ class Gate(Protocol):
     """The fleet's live state as a delivery sees it (workers/state/limits.py)."""
 
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
-    def admit(
-        self, task_class: str, model_id: str, prompt_tokens: int, call: Call | None = None
-    ) -> Slot | Block: ...
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block: ...
+    def mark(self, call: Call) -> None: ...
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None: ...
 
 
@@ -81,10 +86,11 @@ class OpenGate:
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
         return None
 
-    def admit(
-        self, task_class: str, model_id: str, prompt_tokens: int, call: Call | None = None
-    ) -> Slot | Block:
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
         return Slot()
+
+    def mark(self, call: Call) -> None:
+        return None
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
         return None
@@ -194,9 +200,9 @@ class _Delivery:
                 self.skip(hop, exc, worker)
                 continue
             # Here and now: the check and the slot (and a half-open circuit's probe) are
-            # taken in one round trip, which also marks the call in flight.
+            # taken in one round trip.
             admission = self.admitted.pop(model, None) or self.gate.admit(
-                self.job.task_class, model, self.tokens, self.in_flight(hop, worker)
+                self.job.task_class, model, self.tokens
             )
             if isinstance(admission, Block):
                 self.passed[model] = admission
@@ -207,9 +213,9 @@ class _Delivery:
             called = True
 
     def in_flight(self, hop: dict[str, str], worker: str | None) -> Call | None:
-        """The mark the call leaves in Redis until its outcome is recorded (a redelivery
-        that finds it bills the call as orphaned: workers/state/inflight.py), for the
-        delivery the task is running (none outside a task)."""
+        """The mark the call leaves in Redis, as it leaves, until its outcome is recorded
+        (a redelivery that finds it bills the call as orphaned: workers/state/inflight.py),
+        for the delivery the task is running (none outside a task)."""
         caller = current_caller()
         if caller is None:
             return None
@@ -233,9 +239,11 @@ class _Delivery:
     def call(
         self, hop: dict[str, str], target: Target, worker: str | None, slot: Slot
     ) -> Step | None:
-        attempt, text = _try(
-            self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now
-        )
+        call = self.in_flight(hop, worker)
+        with on_send(lambda: self.gate.mark(call) if call else None):
+            attempt, text = _try(
+                self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now
+            )
         self.attempts.append(attempt)
         cost = attempt_cost(self.catalog.model(hop["model"]), attempt)
         self.gate.settle(hop["model"], attempt, cost.usd, slot.probe)

@@ -49,7 +49,6 @@ from workers.runtime.step import (
 from workers.state import apps, beathealth, deadletter, deliveries
 from workers.state.connections import preload, redis_client
 from workers.state.deadletter import NOT_FILED
-from workers.state.inflight import Call
 from workers.state.limits import FailOpen, FleetState
 
 log = logging.getLogger(__name__)
@@ -212,36 +211,17 @@ def _end_revoked(task: Task, job: dict[str, Any], state: dict[str, Any] | None) 
     raise Ignore()
 
 
-def _first_call_mark(
-    job: dict[str, Any], state: dict[str, Any], model: str, queue: str | None, worker: str | None
-) -> Call:
-    """The in-flight mark of the call a delivery's first round trip admits (its delivery
-    number is filled in by begin.lua, which counts the delivery)."""
-    return Call(
-        job_id=job["id"],
-        sends=int(state.get("sends", 0)),
-        attempt=len(state.get("attempts", [])) + 1,
-        model=model,
-        queue=str(queue),
-        tier=_catalog().model(model).tier,
-        prompt_tokens=int(state.get("prompt_tokens") or 0),
-        worker=worker,
-    )
-
-
 @shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
     here = (self.request.delivery_info or {}).get("routing_key")
     # The delivery's first round trip counts it and, when it will call a model here and
-    # now, takes that model's slot too (marking the call in flight).
+    # now, takes that model's slot too.
     first = first_call(job, state, here=here, providers=_registry(), now=time.time())
     admission = None
     if first is not None:
-        call = _first_call_mark(job, state or {}, first, here, self.request.hostname)
-        admission = _state().admission(
-            str(job.get("task_class")), first, call.prompt_tokens, call=call
-        )
+        tokens = int((state or {}).get("prompt_tokens") or 0)
+        admission = _state().admission(str(job.get("task_class")), first, tokens)
     try:
         delivery = deliveries.begin(
             redis_client(), job["id"], (state or {}).get("sends", 0), admission

@@ -12,13 +12,12 @@ slot is free again only window + margin after it was taken, and calls that arriv
 `margin_ms` later or earlier than one another still fit the provider's window.
 
     block(cls, model)        why the model cannot take a job now (and until when): a look
-    admit(cls, model, tok, call)
-                             the same check, and the slot taken in every window the model
+    admit(cls, model, tok)   the same check, and the slot taken in every window the model
                              counts against (and the probe of a half-open circuit), in one
-                             round trip (scripts/admission.lua): a Slot, or the Block; with
-                             the slot, `call` is marked in flight (inflight.py)
+                             round trip (scripts/admission.lua): a Slot, or the Block
     admission(...)           that call's keys and args, for a script that admits as part of
                              something else (a delivery's begin.lua)
+    mark(call)               a call about to leave, marked in flight (inflight.py)
     settle(model, attempt, cost, probe)
                              after a call, write-only: tokens, spend, and the model's
                              health (a 429 cools it for Retry-After; repeated failures open
@@ -39,9 +38,8 @@ from router.catalog import Catalog, Limits, Model
 from router.results import Attempt
 from router.slots import Block
 from workers.config import limit_margin_ms
-from workers.state import keys
+from workers.state import inflight, keys
 from workers.state.connections import Pipeline
-from workers.state.inflight import NO_MARK, Call
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +118,9 @@ class FleetState:
                 found[model_id] = answer
         return found
 
-    def admit(
-        self, task_class: str, model_id: str, prompt_tokens: int, call: Call | None = None
-    ) -> Slot | Block:
-        """Take a slot for one call, fleet-wide, and mark `call` in flight with it; or the
-        Block saying until when to wait."""
-        admission = self.admission(task_class, model_id, prompt_tokens, call=call)
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
+        """Take a slot for one call, fleet-wide; or the Block saying until when to wait."""
+        admission = self.admission(task_class, model_id, prompt_tokens)
         batch = Pipeline(self.redis)
         batch.script("admit", admission.keys, admission.args)
         return admission.read(batch.execute()[0])
@@ -137,21 +132,15 @@ class FleetState:
         prompt_tokens: int,
         *,
         take: bool = True,
-        call: Call | None = None,
     ) -> Admission:
-        """The admission.lua call for one model (a look only, unless `take`); a slot taken
-        marks `call` in flight, when one is given."""
+        """The admission.lua call for one model (a look only, unless `take`)."""
         model = self.catalog.model(model_id)
         now = datetime.now(UTC)
         caps = self._caps(model, now)
         windows = self._windows(task_class, model)
-        mark = call if take else None
         script_keys = [keys.cooldown(model_id), keys.circuit_open(model_id), keys.probe(model_id)]
-        if mark:  # the job's in-flight hash, written with the slot (inflight.py)
-            script_keys.append(mark.key)
         script_keys += [c.key for c in caps] + [w.key for w in windows]
         args: list[Any] = [uuid.uuid4().hex, "0" if take else "1", PROBE_TTL_MS, len(caps)]
-        args += mark.args() if mark else NO_MARK
         args += [c.usd for c in caps] + _window_args(windows, prompt_tokens, self.margin_ms)
         return Admission(script_keys, args, lambda reply: _answer(reply, caps, windows, now))
 
@@ -203,6 +192,9 @@ class FleetState:
         return windows
 
     # --- after a call -----------------------------------------------------------------
+
+    def mark(self, call: inflight.Call) -> None:
+        inflight.mark(self.redis, call)
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool = False) -> None:
         """Count the call's tokens and spend, and rest the model if it failed: one
@@ -420,14 +412,18 @@ class FailOpen:
             _unreachable(exc)
             return None
 
-    def admit(
-        self, task_class: str, model_id: str, prompt_tokens: int, call: Call | None = None
-    ) -> Slot | Block:
+    def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
         try:
-            return self.state.admit(task_class, model_id, prompt_tokens, call)
+            return self.state.admit(task_class, model_id, prompt_tokens)
         except Exception as exc:
             _unreachable(exc)
             return Slot()
+
+    def mark(self, call: inflight.Call) -> None:
+        try:
+            self.state.mark(call)
+        except Exception as exc:  # the call goes unmarked: a kill during it bills nothing
+            _unreachable(exc)
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
         try:

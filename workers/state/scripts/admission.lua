@@ -1,16 +1,12 @@
 -- admission(K, A, now): whether a model may take one call now, and (unless a dry run)
 -- its slot. A fragment, included by admit.lua and begin.lua (connections.py).
--- K: cooldown, circuit open, probe, the job's in-flight hash (only when the call is to be
---   marked), then n_caps spend counters, then the limit windows.
--- A: member, dry ('1' = only look), probe ttl ms, n_caps, the call's mark (its message,
---   '' = no mark; its delivery; the call, JSON; ms to keep the hash: inflight.py), one
---   cap (USD) per spend counter, then per window: limit, window ms, amount, kind ('req'
+-- K: cooldown, circuit open, probe, then n_caps spend counters, then the limit windows.
+-- A: member, dry ('1' = only look), probe ttl ms, n_caps, one cap (USD) per spend
+--   counter, then per window: limit, window ms, amount, kind ('req'
 --   counts members, 'tok' sums the amount after '|' in each member). The window ms is
 --   the limit's window plus the fleet's margin (limits.py): an entry leaves the count
 --   only that long after its slot was taken, so calls that reach the provider later than
 --   others still fit its window on its own clock.
--- When admitted (and not a dry run) the call is marked in flight, in the job's hash: field
--- '<message>:<delivery>', value '<now>|<call>', until its outcome is recorded.
 -- Returns {1, now, probe} when admitted (probe 1: this call is the half-open circuit's one
 -- probe), else {0, now, until ms (-1: a budget, whose end the caller knows), why, index}
 -- with why one of 'cooldown' (index: the raw cooldown value), 'half-open', 'budget',
@@ -19,8 +15,7 @@
 local function admission(K, A, now)
   local member, dry, probe_ttl = A[1], A[2] == '1', tonumber(A[3])
   local n_caps = tonumber(A[4])
-  local marking = A[5] ~= ''
-  local first_cap = marking and 5 or 4  -- K's index of the first spend counter
+  local first_cap = 4  -- K's index of the first spend counter
 
   local cooling = redis.call('GET', K[1])
   if cooling then
@@ -32,10 +27,10 @@ local function admission(K, A, now)
   end
   for i = 1, n_caps do
     local spent = tonumber(redis.call('GET', K[first_cap - 1 + i]) or '0')
-    if spent >= tonumber(A[8 + i]) then return {0, now, -1, 'budget', i, tostring(spent)} end
+    if spent >= tonumber(A[4 + i]) then return {0, now, -1, 'budget', i, tostring(spent)} end
   end
 
-  local first_window, first_arg = first_cap + n_caps, 9 + n_caps
+  local first_window, first_arg = first_cap + n_caps, 5 + n_caps
 
   -- When a full window frees enough room for this call: the arrival (ms) of the oldest
   -- entry that must leave first, plus the window. Request windows count their entries
@@ -100,10 +95,6 @@ local function admission(K, A, now)
       redis.call('ZADD', key, now, m)
       redis.call('PEXPIRE', key, tonumber(A[base + 1]))
     end
-  end
-  if marking then
-    redis.call('HSET', K[4], A[5] .. ':' .. A[6], now .. '|' .. A[7])
-    redis.call('PEXPIRE', K[4], tonumber(A[8]))
   end
   if half_open then
     redis.call('SET', K[3], member, 'PX', probe_ttl)

@@ -43,7 +43,6 @@ end
 local K, A = {}, {}
 for i = 6, #KEYS do K[#K + 1] = KEYS[i] end
 for i = 4, #ARGV do A[#A + 1] = ARGV[i] end
-if A[5] ~= '' then A[6] = tostring(count) end  -- the call's mark names this delivery
 local t = redis.call('TIME')
 return {count, finished, later, revoked, orphans,
   admission(K, A, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
