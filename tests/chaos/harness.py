@@ -509,7 +509,7 @@ class ChaosFleet:
 
     def deliveries(self, job: str, message: int) -> int:
         """How many times the fleet delivered message `message` of `job` (its counter)."""
-        return int(self.client.get(keys.deliveries(job, message)) or 0)
+        return int(self.client.hget(keys.deliveries(job, message), "n") or 0)
 
     # --- dispatching and collecting ---------------------------------------------------
 
@@ -970,7 +970,7 @@ def trail(fleet: ChaosFleet, jid: str, meta: dict[str, Any] | None) -> str:
     Redis and a worker."""
     prefix = keys.deliveries(jid, 0).rsplit(":", 1)[0]
     counts = {
-        key.decode().rsplit(":", 1)[1]: int(fleet.client.get(key) or 0)
+        key.decode().rsplit(":", 1)[1]: int(fleet.client.hget(key, "n") or 0)
         for key in fleet.client.scan_iter(f"{prefix}:*")
     }
     calls = [(c["job_message"], c["job_delivery"], c["fault"]) for c in fleet.provider_calls()

@@ -16,7 +16,7 @@ from typing import Any
 
 from router.catalog import Catalog, Model
 from router.results import Result
-from workers.state.deliveries import MAX_DELIVERIES
+from workers.state.deliveries import MAX_DEATHS
 
 from .harness import (
     ChaosFleet,
@@ -56,7 +56,7 @@ def redelivered(fleet: ChaosFleet) -> int:
     return sum(
         1
         for key in fleet.client.scan_iter("fleet:deliveries:*")
-        if int(fleet.client.get(key) or 0) > 1
+        if int(fleet.client.hget(key, "n") or 0) > 1
     )
 
 
@@ -130,6 +130,52 @@ def worker_kill(
             f" ({dict(killed)}): {'; '.join(strikes.log)}"
         )
     return tally
+
+
+def witnesses(workdir: Path, jobs: int = 8, kills: int = 3) -> Tally:
+    """A threads worker killed -9 three times, each time with the same slow jobs in their
+    calls (a deploy that keeps failing, a host's OOM killer): none of them brought it
+    down, so none may be poisoned, and each must be answered on its fourth delivery. Each
+    killed call is billed as an orphan (the provider log against the ledger)."""
+    tally = Tally("kill -9 witnesses x3")
+    with timed(tally), ChaosFleet("witnesses", workdir, visibility_s=3) as fleet:
+        assert fleet.sim is not None
+        slow = LLAMA.split("/", 1)[1]
+        fleet.sim.configure(models={slow: {"latency_ms": 120_000}})  # held until the kill
+        worker = fleet.start_worker("free", concurrency=jobs)
+        fleet.wait_ready()
+        records = [
+            fleet.submit(ask(f"{job_id('witness', n)} slow", task_class="cost_free",
+                             id=job_id("witness", n)), answered_by(LLAMA, ["free"]))
+            for n in range(jobs)
+        ]  # fmt: skip
+        killed = 0
+        for round_ in range(kills):
+            # every job in its call (the round's deliveries all reached the provider)
+            if not wait_for(lambda r=round_: len(fleet.provider_calls()) >= jobs * (r + 1), 60):
+                tally.problems.append(f"round {round_}: {len(fleet.provider_calls())} calls")
+                break
+            if round_ == kills - 1:  # the last deliveries are killed, the next answer
+                fleet.sim.configure(models={slow: {"latency_ms": 50}})
+            fleet.kill(worker)
+            killed += 1
+            fleet.restart(worker)
+        fleet.collect(records, timeout_s=60)
+        audit(fleet, records, tally)
+        fleet.check_workers(tally)
+        tally.hit("worker killed with every job in its call", killed)
+        tally.hit("messages redelivered", redelivered(fleet))
+        tally.notes.append(f"{jobs} slow jobs in one threads worker, killed {killed} times")
+    return tally
+
+
+def wait_for(check: Callable[[], bool], within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 # --- 2. redis-server stopped or killed at random moments -----------------------------------
@@ -551,11 +597,12 @@ def poison(workdir: Path, jobs: int = 200, failing: int = 24, crashing: int = 3)
         fleet.check_workers(tally)
         dead_ids = {r.id for r in records if r.got is not None and not r.got.ok}
         served = sum(1 for c in fleet.provider_calls() if c["fault"] in ("500", "stall"))
-        # each crashing job's worker died on exactly three deliveries; the fourth made no call
+        # each crashing job's pool process died on it alone, three times; the fourth
+        # delivery made no call
         stalls = Counter(c["job"] for c in fleet.provider_calls() if c["fault"] == "stall")
         for jid in sorted(crashers):
-            if stalls[jid] != MAX_DELIVERIES:
-                tally.problems.append(f"{jid}: {stalls[jid]} crashing calls, not {MAX_DELIVERIES}")
+            if stalls[jid] != MAX_DEATHS:
+                tally.problems.append(f"{jid}: {stalls[jid]} crashing calls, not {MAX_DEATHS}")
         tally.problems.extend(crasher.missed)
         replays = dead_letter_cli(fleet, dead_ids, tally)
         tally.hit("pool children killed by crashing jobs", crasher.kills)
@@ -834,6 +881,7 @@ def redis_dump(fleet: ChaosFleet) -> str:
 
 SCENARIOS: dict[str, Callable[[Path], Tally]] = {
     "kill": worker_kill,
+    "witnesses": witnesses,
     "redis": redis_restart,
     "faults": fault_matrix,
     "poison": poison,

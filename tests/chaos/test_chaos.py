@@ -12,7 +12,7 @@ from .scenarios import QUICK
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-STRIKING = ("kill", "redis", "faults", "poison")  # the scenarios that break something
+STRIKING = ("kill", "witnesses", "redis", "faults", "poison")  # the scenarios that break something
 
 
 @pytest.mark.parametrize("name", list(QUICK))

@@ -12,7 +12,8 @@ row with outcome `orphaned`:
   cost_source `estimated`; it is also added to the model's live spend and token windows,
   so budgets count it;
 - numbered ORPHAN_ATTEMPTS_FROM + 10 x message + delivery (the job's message, `sends`,
-  and which delivery of it made the call: 1 to 3, a 4th is poisoned and calls nothing).
+  and which delivery of it made the call: 1 to MAX_DELIVERIES = 10, the next is always
+  poisoned and calls nothing, so message m's numbers end below message m + 1's).
   A job's own attempts are numbered 1, 2, ... in the order tried, far below 1000, so the
   ledger's key (job_id, attempt) keeps the orphan beside the redelivered run's rows, and
   no two orphans of a job share a number.

@@ -39,6 +39,7 @@ from workers.state import beathealth, keys
 from workers.state.beathealth import BeatRun
 from workers.state.connections import script
 from workers.state.deadletter import NOT_FILED, Filing
+from workers.state.deliveries import this_process
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class FleetRedisBackend(RedisBackend):
         reply = store(
             keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER, keys.dead_letter_index(filing.bucket),
                   keys.DEAD_LETTER_TRIMMED, keys.BEAT_HEALTH, keys.inflight(job_id),
-                  *extra.settle_keys],
+                  keys.running(this_process()), *extra.settle_keys],
             args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter,
                   settle, filing.bucket, filing.max_count, filing.max_age_s,
                   beat.encode() if beat else ""],

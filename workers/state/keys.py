@@ -50,14 +50,26 @@ def spend(scope: str, name: str, period: str, stamp: str) -> str:
 
 
 def deliveries(job_id: str, sends: int) -> str:
-    """How many times one message of a job (its `sends`-th) was delivered; kept a day."""
+    """One message of a job (its `sends`-th), as its deliveries went: hash `n` (how many
+    times delivered), `on` (the process its latest delivery ran in), `deaths` (the share
+    of its deliveries' deaths laid on it: workers/state/deliveries.py); kept a day."""
     return f"{PREFIX}:deliveries:{job_id}:{sends}"
 
 
+RUNNING_PREFIX = f"{PREFIX}:running:"
+
+
+def running(process: str) -> str:
+    """The jobs whose deliveries one worker process holds, or held when it died (a set of
+    job ids): added by a delivery's first round trip, removed with the job's final state
+    or by its next message's first round trip; kept a day after the last addition."""
+    return f"{RUNNING_PREFIX}{process}"
+
+
 def inflight(job_id: str) -> str:
-    """A job's provider calls in flight: hash '<message>:<delivery>' -> '<admitted ms>|<JSON
-    call>', one field per call (a delivery makes at most one), written by the admission
-    that takes the call's slot and cleared once the call's outcome is recorded; a field of
+    """A job's provider calls in flight: hash '<message>:<delivery>' -> '<marked ms>|<JSON
+    call>', one field per call (a delivery makes at most one), written as the call leaves
+    and cleared once the call's outcome is recorded; a field of
     its own message found by a redelivery is an orphaned call (workers/state/inflight.py).
     Kept a day after the last call."""
     return f"{PREFIX}:inflight:{job_id}"

@@ -1,8 +1,8 @@
 -- A job's state, stored for its caller, and its bookkeeping, in one atomic step.
 -- KEYS: the job's result key, the ledger spool, the dead-letter hash, the dead-letter index
 --   of the job's class, the dead-letter trimmed counts, the beat-health hash, the job's
---   in-flight hash[, then, for a job an app's budget reserved for: its settled marker, the
---   app's day and month spend].
+--   in-flight hash, the running set of the process storing it[, then, for a job an app's
+--   budget reserved for: its settled marker, the app's day and month spend].
 -- ARGV: value (Celery's JSON), expiry in s (0: none), final ('1' for SUCCESS or FAILURE),
 --   the job's ledger rows ('' = none), job id, its dead letter ('' = none), the
 --   reservation's settlement (real cost minus reserved, USD; '' = none), the dead
@@ -15,7 +15,8 @@
 -- With a final state go the job's attempt rows onto the ledger spool (and its calls' in-flight
 -- marks are cleared: the rows record them; workers/state/inflight.py), for a failed job its
 -- dead letter, and for a job an app reserved budget for the settlement of that
--- reservation: a worker killed at any moment leaves all of them or none. Filing a dead
+-- reservation: a worker killed at any moment leaves all of them or none. A final state
+-- also takes the job out of its process's running set (deliveries.py). Filing a dead
 -- letter trims its class to its retention (deadletter.lua); a beat job failing for a
 -- cause its entry already failed with is counted there, not filed (beat.lua).
 -- Returns 0 (not written), 1, or for a beat job {event, its entry's health}.
@@ -40,6 +41,7 @@ if ARGV[4] ~= '' then
   redis.call('RPUSH', KEYS[2], ARGV[4])
   if ARGV[3] == '1' then redis.call('DEL', KEYS[7]) end
 end
+if ARGV[3] == '1' then redis.call('SREM', KEYS[8], ARGV[5]) end
 local beat = nil
 if ARGV[11] ~= '' and ARGV[3] == '1' then beat = beat_run(KEYS[6], ARGV[5], ARGV[11], now_s()) end
 if ARGV[6] ~= '' and (not beat or beat[1] == 'failing' or beat[1] == 'another') then
@@ -47,7 +49,7 @@ if ARGV[6] ~= '' and (not beat or beat[1] == 'failing' or beat[1] == 'another') 
     tonumber(ARGV[10]))
 end
 if ARGV[7] ~= '' and ARGV[3] == '1' then
-  settle(KEYS[8], KEYS[9], KEYS[10], tonumber(ARGV[7]))
+  settle(KEYS[9], KEYS[10], KEYS[11], tonumber(ARGV[7]))
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return beat or 1
