@@ -22,6 +22,12 @@ local message, process, prefix, job = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[
 -- with Redis). Of the jobs that process held then, any one may have brought it down: this
 -- one bears an equal share of that death. A pool process running one job at a time gives
 -- it the whole death; a threads worker killed with 8 jobs in flight, an eighth to each.
+-- (a counter an older fleet left as a plain string, its count only, becomes the hash)
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+  local old = redis.call('GET', KEYS[1])
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'n', old)
+end
 local count = redis.call('HINCRBY', KEYS[1], 'n', 1)
 local deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
 if count > 1 then
