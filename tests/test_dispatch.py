@@ -93,7 +93,14 @@ def test_dispatch_many_sends_a_batch_in_order_with_one_key_owner(broker) -> None
     assert len(handles) == 102
     assert handles[101].id == handles[100].id  # the second follows the first
     sent = [json.loads(m)["headers"]["id"] for m in queued(broker, "free")]
-    assert len(sent) == 101 and sorted(sent) == sorted({h.id for h in handles})
+    # in order: a worker pops the list's tail first, so it takes them as they were given
+    # (one LPUSH of the whole batch, as many LPUSHes one after the other would)
+    assert list(reversed(sent)) == [h.id for h in handles[:101]]
+    # and each message filed, as the fleet's transport files it (transport.py)
+    filed = {
+        json.loads(json.loads(e)[0])["headers"]["id"] for e in broker.hvals(keys.BROKER_MESSAGES)
+    }
+    assert filed == set(sent) and broker.zcard(keys.BROKER_INDEX) == 101
 
 
 def test_dispatch_many_refuses_the_whole_batch_naming_each_bad_job(broker) -> None:

@@ -140,6 +140,7 @@ class _RedisBatch:
             writes += put(m.queue, _envelope(body, headers, properties, priority, "", m.queue))
             if sent:
                 writes.append(("publish", (topic, self._event(sent, m.queue))))
+        writes = _coalesce(writes)
         policy = self.app.conf.task_publish_retry_policy or {}
         for wait in [*_backoff(policy), None]:
             try:
@@ -173,6 +174,32 @@ class _RedisBatch:
         headers = {"hostname": self.hostname}
         envelope = _envelope(event, headers, {"delivery_mode": 1}, 0, EVENTS_EXCHANGE, "task.sent")
         return json.dumps(envelope)
+
+
+def _coalesce(writes: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """The same writes in fewer commands: one LPUSH per list (LPUSH k a b is LPUSH k a then
+    LPUSH k b: the order on each list is kept), one HSET and one ZADD per key; the rest
+    as they come. Inside one MULTI/EXEC the order across keys does not matter; each
+    command costs the client a pack and a reply to parse, about as much as its payload."""
+    pushes: dict[Any, list[Any]] = {}
+    fields: dict[Any, dict[Any, Any]] = {}
+    scores: dict[Any, dict[Any, Any]] = {}
+    rest: list[tuple[str, tuple[Any, ...]]] = []
+    for command, args in writes:
+        if command == "lpush" and len(args) == 2:
+            pushes.setdefault(args[0], []).append(args[1])
+        elif command == "hset" and len(args) == 3:
+            fields.setdefault(args[0], {})[args[1]] = args[2]
+        elif command == "zadd" and len(args) == 2:
+            scores.setdefault(args[0], {}).update(args[1])
+        else:
+            rest.append((command, args))
+    return [
+        *(("lpush", (key, *values)) for key, values in pushes.items()),
+        *(("hset", (key, None, None, mapping)) for key, mapping in fields.items()),
+        *(("zadd", (key, mapping)) for key, mapping in scores.items()),
+        *rest,
+    ]
 
 
 def _backoff(policy: dict[str, Any]) -> list[float]:
