@@ -463,10 +463,6 @@ async def serve(
         ready(server.sockets[0].getsockname()[1])
         await stop.wait()
         server.close()
-        # A client that connected and hung up just before the stop (a caller that gave up
-        # before sending) still has its connection accepted and its task starting: let
-        # them, so that cancelling them closes their sockets (else they leak, unclosed).
-        await asyncio.sleep(0.05)
         for task in list(tasks):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
