@@ -91,60 +91,28 @@ def current_caller() -> Caller | None:
     return _caller.get()
 
 
-# A hook may hand back a function to run once the request is out: it sends what it must
-# without waiting for the answer, which is read after the request left.
-SendHook = Callable[[], Callable[[], None] | None]
-
-
-class _Sending:
-    """One block's hook, and what it left to finish."""
-
-    def __init__(self, hook: SendHook) -> None:
-        self.hook = hook
-        self.pending: Callable[[], None] | None = None
-
-    def before(self) -> None:
-        self.after()  # a request sent again (a new connection): finish the first
-        self.pending = self.hook()
-
-    def after(self) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            pending()
-
-
-_sending: ContextVar[_Sending | None] = ContextVar("fleet_sending", default=None)
+_on_send: ContextVar[Callable[[], None] | None] = ContextVar("fleet_on_send", default=None)
 
 
 @contextmanager
-def on_send(hook: SendHook) -> Iterator[None]:
-    """Run `hook` when a call made inside this block (in this thread) is about to leave,
-    and what it hands back once the request is out (or when the block ends): the fleet
-    marks the call in flight there (workers/state/inflight.py), as late as it can, so
+def on_send(hook: Callable[[], None]) -> Iterator[None]:
+    """Run `hook` when a call made inside this block (in this thread) is about to leave:
+    the fleet marks it in flight there (workers/state/inflight.py), as late as it can, so
     that a worker killed before the request left is not billed for it."""
-    sending = _Sending(hook)
-    token = _sending.set(sending)
+    token = _on_send.set(hook)
     try:
         yield
     finally:
-        _sending.reset(token)
-        sending.after()
+        _on_send.reset(token)
 
 
 def about_to_send() -> None:
     """Adapters call this once the connection is made and right before the request's first
     byte is written (or an in-process model starts generating). An error the hook raises
     stops the call before it leaves."""
-    sending = _sending.get()
-    if sending is not None:
-        sending.before()
-
-
-def request_sent() -> None:
-    """Adapters call this once the whole request is written."""
-    sending = _sending.get()
-    if sending is not None:
-        sending.after()
+    hook = _on_send.get()
+    if hook is not None:
+        hook()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,6 @@ from workers.providers.base import (
     ProviderError,
     Retryable,
     about_to_send,
-    request_sent,
 )
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,6 @@ class MLXProvider:
             raise Permanent("bad_request", f"temperature must be >= 0, got {temperature}")
         self.load()
         about_to_send()
-        request_sent()
         return self._run(
             lambda cancel: self._generate_on_thread(messages, max_tokens, temperature, cancel),
             request.timeout_s,

@@ -42,7 +42,6 @@ from workers.providers.base import (
     Retryable,
     about_to_send,
     current_caller,
-    request_sent,
 )
 
 MAX_DETAIL = 200  # characters of the provider's error message kept in ours
@@ -250,11 +249,9 @@ class OpenAICompatProvider:
 
 def _trace(event: str, info: dict[str, Any]) -> None:
     """httpcore's trace hook (the `trace` request extension): the request's headers are
-    about to be written on a connection already made; its body is written."""
+    about to be written on a connection already made."""
     if event.endswith("send_request_headers.started"):
         about_to_send()
-    elif event.endswith("send_request_body.complete"):
-        request_sent()
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:

@@ -76,7 +76,7 @@ class Gate(Protocol):
 
     def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block: ...
-    def mark(self, call: Call) -> Callable[[], None] | None: ...
+    def mark(self, call: Call) -> None: ...
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None: ...
 
 
@@ -89,7 +89,7 @@ class OpenGate:
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
         return Slot()
 
-    def mark(self, call: Call) -> Callable[[], None] | None:
+    def mark(self, call: Call) -> None:
         return None
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:

@@ -82,7 +82,7 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
     try:
         _registry()
         _gate()
-        preload(redis_client(), ["begin", "admit", "store_result", "broker_delivered"])
+        preload(redis_client(), ["begin", "admit", "mark", "store_result", "broker_delivered"])
     except Exception as exc:  # Redis away: the first delivery will do it
         log.info("warm-up skipped: %r", exc)
 

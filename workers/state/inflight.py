@@ -6,19 +6,15 @@ worker is killed is delivered again and calls again: the ledger must hold both c
 
     mark     Right before the request's first byte is written (after the connection is
              made: the adapter calls `about_to_send`, workers/providers/base.py), the call
-             is marked in the job's hash `fleet:inflight:<job>`: field
+             is marked in the job's hash `fleet:inflight:<job>` (scripts/mark.lua): field
              '<message>:<delivery>' (the job's message, `sends`, and which delivery of it:
              each delivery makes at most one call), value '<marked ms>|<JSON>' with the
-             model, queue, tier, attempt number, estimated prompt tokens and worker (the
-             time on the worker's clock). The mark's commands are written to Redis and
-             the request goes out at once; their replies are read once the request is
-             written (`send_mark`), so the mark costs the call no round trip's wait, and a
-             worker killed between the two writes is the only way to mark a call that
-             never left. Marked there, not with the call's slot: a worker killed between
-             its admission and the send, while it builds the request or connects, would
-             leave a mark for a call the provider never received (9 calls in 6,269 over
-             the chaos suite's 150 kills, marked with the slot; 1 in about 5,900, marked
-             before the send and waiting for Redis' reply).
+             model, queue, tier, attempt number, estimated prompt tokens and worker.
+             Marked there, not with the call's slot (which would save this round trip): a
+             worker killed between its admission and the send, while it builds the request
+             or connects, would leave a mark for a call the provider never received. In
+             the chaos suite's 150-kill run that was 9 calls in 6,269; marked here, 1 or 2
+             in about 6,000 (killed between the mark and the request's last byte).
     clear    Once the call's outcome is recorded: with the job's final state and its ledger
              rows (store_result.lua), or, when the job moved on to its next message, by
              that message's first round trip (begin.lua), since its state carries the
@@ -35,8 +31,7 @@ worker is killed is delivered again and calls again: the ledger must hold both c
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +59,8 @@ class Call:
     def key(self) -> str:
         return keys.inflight(self.job_id)
 
-    def field(self) -> str:
-        return f"{self.sends}:{self.delivery}"
-
-    def value(self) -> str:
+    def args(self) -> list[Any]:
+        """mark.lua's arguments: the field, the call (JSON), keep ms."""
         call = {
             "model": self.model,
             "queue": self.queue,
@@ -76,40 +69,15 @@ class Call:
             "prompt_tokens": self.prompt_tokens,
             "worker": self.worker,
         }
-        return f"{int(time.time() * 1000)}|{json.dumps(call, separators=(',', ':'))}"
-
-
-def send_mark(redis: Any, call: Call) -> Callable[[], None]:
-    """Write the commands that mark `call` in flight, without waiting for their replies;
-    the function returned reads them (once the request is out). Until then it holds one
-    connection of `redis`' pool."""
-    pool = redis.connection_pool
-    connection = pool.get_connection()
-    try:
-        connection.send_packed_command(
-            connection.pack_commands(
-                [("HSET", call.key, call.field(), call.value()), ("PEXPIRE", call.key, KEEP_MS)]
-            )
-        )
-    except BaseException:
-        pool.release(connection)
-        raise
-
-    def confirm() -> None:
-        try:
-            for _ in range(2):
-                reply = connection.read_response()
-                if isinstance(reply, Exception):  # a command's error comes back as its reply
-                    raise reply
-        finally:
-            pool.release(connection)
-
-    return confirm
+        field = f"{self.sends}:{self.delivery}"
+        return [field, json.dumps(call, separators=(",", ":")), KEEP_MS]
 
 
 def mark(redis: Any, call: Call) -> None:
-    """Mark `call` in flight and wait for Redis to say so."""
-    send_mark(redis, call)()
+    """Mark `call` in flight: it is about to leave (see the module's docstring)."""
+    batch = Pipeline(redis)
+    batch.script("mark", [call.key], call.args())
+    batch.execute()
 
 
 @dataclass(frozen=True)
@@ -125,7 +93,7 @@ class Orphan:
     tier: str
     prompt_tokens: int
     worker: str | None
-    marked_at: float  # when it was marked, unix s, on its worker's clock
+    marked_at: float  # when it was marked, unix s, on Redis' clock
 
 
 def orphans(reply: Sequence[Any]) -> list[Orphan]:

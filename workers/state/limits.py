@@ -17,8 +17,7 @@ slot is free again only window + margin after it was taken, and calls that arriv
                              round trip (scripts/admission.lua): a Slot, or the Block
     admission(...)           that call's keys and args, for a script that admits as part of
                              something else (a delivery's begin.lua)
-    mark(call)               a call about to leave, marked in flight (inflight.py); the
-                             function returned reads Redis' replies, once the call is out
+    mark(call)               a call about to leave, marked in flight (inflight.py)
     settle(model, attempt, cost, probe)
                              after a call, write-only: tokens, spend, and the model's
                              health (a 429 cools it for Retry-After; repeated failures open
@@ -194,9 +193,8 @@ class FleetState:
 
     # --- after a call -----------------------------------------------------------------
 
-    def mark(self, call: inflight.Call) -> Callable[[], None]:
-        """Mark `call` in flight; the function returned reads Redis' replies (send_mark)."""
-        return inflight.send_mark(self.redis, call)
+    def mark(self, call: inflight.Call) -> None:
+        inflight.mark(self.redis, call)
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool = False) -> None:
         """Count the call's tokens and spend, and rest the model if it failed: one
@@ -421,21 +419,11 @@ class FailOpen:
             _unreachable(exc)
             return Slot()
 
-    def mark(self, call: inflight.Call) -> Callable[[], None] | None:
-        # Unreachable, the call goes unmarked: a kill during it would bill nothing.
+    def mark(self, call: inflight.Call) -> None:
         try:
-            confirm = self.state.mark(call)
-        except Exception as exc:
+            self.state.mark(call)
+        except Exception as exc:  # the call goes unmarked: a kill during it bills nothing
             _unreachable(exc)
-            return None
-
-        def confirmed() -> None:
-            try:
-                confirm()
-            except Exception as exc:
-                _unreachable(exc)
-
-        return confirmed
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
         try:
