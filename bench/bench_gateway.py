@@ -19,8 +19,14 @@ LITELLM_PROXY_MS = 21.0  # its median overhead per call on this kind of machine 
 def _gateway(stack: Stack) -> tuple[str, str]:
     """Start `fleet serve` in the stack; its URL and an app key."""
     fleet = [sys.executable, "-m", "workers.cli"]
-    made = subprocess.run([*fleet, "keys", "create", "bench"], env=stack.env, cwd=ROOT,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    made = subprocess.run(
+        [*fleet, "keys", "create", "bench"],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert stack.supervisor is not None
     child = stack.supervisor.start(
         "gateway", [*fleet, "serve", "--port", "0"], "gateway: serving on", cwd=ROOT
@@ -73,23 +79,60 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
     over_direct, over_dispatch = med["gateway"] - med["direct"], med["gateway"] - med["dispatch"]
     rows = [
         Row("gateway", "one request through the gateway, median", med["gateway"], None, "ms"),
-        Row("gateway", "  overhead over a direct provider call, median", over_direct, None,
-            "ms", "", None, f"< LiteLLM proxy's {LITELLM_PROXY_MS:g} ms",
-            over_direct < LITELLM_PROXY_MS),
+        Row(
+            "gateway",
+            "  overhead over a direct provider call, median",
+            over_direct,
+            None,
+            "ms",
+            "",
+            None,
+            f"< LiteLLM proxy's {LITELLM_PROXY_MS:g} ms",
+            over_direct < LITELLM_PROXY_MS,
+        ),
         Row("gateway", "  ... p99", p99["gateway"] - p99["direct"], None, "ms"),
         Row("gateway", "  overhead over dispatch()+get(), median", over_dispatch, None, "ms"),
         Row("gateway", "  ... p99", p99["gateway"] - p99["dispatch"], None, "ms"),
-        Row("gateway", f"{burst} requests at once × 1 s provider (fleet 2 × -c 50): seconds",
-            seconds, None, "s", "", None, "≤ 1.25× Little's law", seconds <= 1.25 * bound),
-        Row("gateway", f"  ... × Little's-law bound ({bound:g} s); failed requests",
-            seconds / bound, float(failed), "×"),
-        Row("gateway", f"  the same {burst} jobs by dispatch() from one process: seconds",
-            direct_s, None, "s", "", None, f"{direct_s / bound:.2f}× the bound"),
-    ]  # fmt: skip
-    details = {"sequential": n, "burst": burst, "medians_ms": med, "p99_ms": p99,
-               "burst_s": seconds, "burst_failed": failed, "bound_s": bound,
-               "burst_by_dispatch_s": direct_s,
-               "litellm_proxy_ms_quoted": LITELLM_PROXY_MS}  # fmt: skip
+        Row(
+            "gateway",
+            f"{burst} requests at once × 1 s provider (fleet 2 × -c 50): seconds",
+            seconds,
+            None,
+            "s",
+            "",
+            None,
+            "≤ 1.25× Little's law",
+            seconds <= 1.25 * bound,
+        ),
+        Row(
+            "gateway",
+            f"  ... × Little's-law bound ({bound:g} s); failed requests",
+            seconds / bound,
+            float(failed),
+            "×",
+        ),
+        Row(
+            "gateway",
+            f"  the same {burst} jobs by dispatch() from one process: seconds",
+            direct_s,
+            None,
+            "s",
+            "",
+            None,
+            f"{direct_s / bound:.2f}× the bound",
+        ),
+    ]
+    details = {
+        "sequential": n,
+        "burst": burst,
+        "medians_ms": med,
+        "p99_ms": p99,
+        "burst_s": seconds,
+        "burst_failed": failed,
+        "bound_s": bound,
+        "burst_by_dispatch_s": direct_s,
+        "litellm_proxy_ms_quoted": LITELLM_PROXY_MS,
+    }
     return rows, details
 
 

@@ -71,14 +71,42 @@ def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
     pub_us = {side: median(v) for side, v in publish.items()}
     cpu_ms = {side: median(v) for side, v in worker_cpu.items()}
     rows = [
-        Row("transport", "one job: submit→result, median (fleet's vs kombu's stock)",
-            one_ms["fleet"], one_ms["kombu"], "ms", "overhead",
-            one_ms["fleet"] - one_ms["kombu"], "info"),
-        Row("transport", f"dispatch_many({batch}) publish, µs/job", pub_us["fleet"],
-            pub_us["kombu"], "µs", "ratio", pub_us["fleet"] / pub_us["kombu"], "info"),
-        Row("transport", "worker CPU per job, ms", cpu_ms["fleet"], cpu_ms["kombu"], "ms",
-            "ratio", cpu_ms["fleet"] / cpu_ms["kombu"], "info"),
-    ]  # fmt: skip
-    details = {"jobs": n, "one_job_ms": one_ms, "publish_us_per_job": pub_us,
-               "worker_cpu_ms_per_job": cpu_ms, "samples_ms": samples}  # fmt: skip
+        Row(
+            "transport",
+            "one job: submit→result, median (fleet's vs kombu's stock)",
+            one_ms["fleet"],
+            one_ms["kombu"],
+            "ms",
+            "overhead",
+            one_ms["fleet"] - one_ms["kombu"],
+            "info",
+        ),
+        Row(
+            "transport",
+            f"dispatch_many({batch}) publish, µs/job",
+            pub_us["fleet"],
+            pub_us["kombu"],
+            "µs",
+            "ratio",
+            pub_us["fleet"] / pub_us["kombu"],
+            "info",
+        ),
+        Row(
+            "transport",
+            "worker CPU per job, ms",
+            cpu_ms["fleet"],
+            cpu_ms["kombu"],
+            "ms",
+            "ratio",
+            cpu_ms["fleet"] / cpu_ms["kombu"],
+            "info",
+        ),
+    ]
+    details = {
+        "jobs": n,
+        "one_job_ms": one_ms,
+        "publish_us_per_job": pub_us,
+        "worker_cpu_ms_per_job": cpu_ms,
+        "samples_ms": samples,
+    }
     return rows, details

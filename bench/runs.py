@@ -164,14 +164,41 @@ def enqueue(quick: bool) -> Result:
     ratio = median([r / f for f, r in zip(per_job["fleet"], per_job["raw"], strict=True)])
     batch_ratio = median([r / b for b, r in zip(per_job["batch"], per_job["raw"], strict=True)])
     rows = [
-        Row("enqueue", "enqueue rate, jobs/s (1 process, no consumer)", 1e6 / fleet_us,
-            1e6 / raw_us, "/s", "ratio", ratio, "≥ 0.9× raw", ratio >= 0.9),
-        Row("enqueue", "dispatch() µs/job (validate+route+enqueue)", fleet_us, raw_us, "µs",
-            "overhead", fleet_us - raw_us, "< 500 µs", fleet_us < 500),
+        Row(
+            "enqueue",
+            "enqueue rate, jobs/s (1 process, no consumer)",
+            1e6 / fleet_us,
+            1e6 / raw_us,
+            "/s",
+            "ratio",
+            ratio,
+            "≥ 0.9× raw",
+            ratio >= 0.9,
+        ),
+        Row(
+            "enqueue",
+            "dispatch() µs/job (validate+route+enqueue)",
+            fleet_us,
+            raw_us,
+            "µs",
+            "overhead",
+            fleet_us - raw_us,
+            "< 500 µs",
+            fleet_us < 500,
+        ),
         Row("enqueue", "  of which validate+route+live check, µs/job", decide_us, unit="µs"),
-        Row("enqueue", f"dispatch_many({n}) rate, jobs/s, vs raw apply_async", 1e6 / batch_us,
-            1e6 / raw_us, "/s", "ratio", batch_ratio, "≥ 5× raw", batch_ratio >= 5),
-    ]  # fmt: skip
+        Row(
+            "enqueue",
+            f"dispatch_many({n}) rate, jobs/s, vs raw apply_async",
+            1e6 / batch_us,
+            1e6 / raw_us,
+            "/s",
+            "ratio",
+            batch_ratio,
+            "≥ 5× raw",
+            batch_ratio >= 5,
+        ),
+    ]
     details = {
         "jobs_per_round": n,
         "rounds": rounds,
@@ -235,16 +262,45 @@ def throughput(quick: bool) -> Result:
     cpu_pairs = zip(figures["fleet"][cpu], figures["raw"][cpu], strict=True)
     cpu_ratio = median([fleet / raw for fleet, raw in cpu_pairs])
     rows = [
-        Row("e2e", f"throughput, jobs/s (threads -c {concurrency}, 0 ms provider)",
-            f["jobs_per_s"], r["jobs_per_s"], "/s", "ratio", ratio, "≥ 0.9× raw",
-            ratio >= 0.9),
-        Row("e2e", "  worker CPU per job", f[cpu], r[cpu], "ms", "ratio", cpu_ratio,
-            "≤ 1.2× raw", cpu_ratio <= 1.2),
-        Row("e2e", "  redis-server CPU per job", f[rcpu], r[rcpu], "ms", "ratio",
-            f[rcpu] / max(r[rcpu], 1e-9)),
-        Row("e2e", "  ledger writer process CPU per job (spool → database)",
-            f["ledger_writer_cpu_ms_per_job"], None, "ms"),
-    ]  # fmt: skip
+        Row(
+            "e2e",
+            f"throughput, jobs/s (threads -c {concurrency}, 0 ms provider)",
+            f["jobs_per_s"],
+            r["jobs_per_s"],
+            "/s",
+            "ratio",
+            ratio,
+            "≥ 0.9× raw",
+            ratio >= 0.9,
+        ),
+        Row(
+            "e2e",
+            "  worker CPU per job",
+            f[cpu],
+            r[cpu],
+            "ms",
+            "ratio",
+            cpu_ratio,
+            "≤ 1.2× raw",
+            cpu_ratio <= 1.2,
+        ),
+        Row(
+            "e2e",
+            "  redis-server CPU per job",
+            f[rcpu],
+            r[rcpu],
+            "ms",
+            "ratio",
+            f[rcpu] / max(r[rcpu], 1e-9),
+        ),
+        Row(
+            "e2e",
+            "  ledger writer process CPU per job (spool → database)",
+            f["ledger_writer_cpu_ms_per_job"],
+            None,
+            "ms",
+        ),
+    ]
     details = {"jobs_per_round": n, "rounds": rounds, "concurrency": concurrency, **figures}
     return rows, details
 
@@ -277,11 +333,19 @@ def latency(quick: bool) -> Result:
     overhead, raw_overhead = fleet - direct_ms, raw - direct_ms
     rows = [
         Row("latency", "one job: submit→result, median", fleet, raw, "ms"),
-        Row("latency", "  direct httpx call to the simulator, median", direct_ms, direct_ms,
-            "ms"),
-        Row("latency", "  overhead over the direct call, median", overhead, raw_overhead, "ms",
-            "overhead", overhead - raw_overhead, "≤ raw + 1 ms", overhead - raw_overhead <= 1),
-    ]  # fmt: skip
+        Row("latency", "  direct httpx call to the simulator, median", direct_ms, direct_ms, "ms"),
+        Row(
+            "latency",
+            "  overhead over the direct call, median",
+            overhead,
+            raw_overhead,
+            "ms",
+            "overhead",
+            overhead - raw_overhead,
+            "≤ raw + 1 ms",
+            overhead - raw_overhead <= 1,
+        ),
+    ]
     details: dict[str, Any] = {"jobs": n}
     for side, values in samples.items():
         details[side] = {
@@ -343,24 +407,51 @@ def concurrency(quick: bool) -> Result:
     for c in levels:
         f, r = runs["fleet"][c], runs["raw"][c]
         rows += [
-            Row("io", f"1,000 jobs × 1 s, threads -c {c}: seconds", f["seconds"],
-                r["seconds"], "s", "ratio", f["seconds"] / r["seconds"],
+            Row(
+                "io",
+                f"1,000 jobs × 1 s, threads -c {c}: seconds",
+                f["seconds"],
+                r["seconds"],
+                "s",
+                "ratio",
+                f["seconds"] / r["seconds"],
                 "≤ 1.25× bound" if c == 100 else "info",
-                f["x_bound"] <= 1.25 if c == 100 else None),
-            Row("io", f"  ... × Little's-law bound ({f['bound_s']:g} s)", f["x_bound"],
-                r["x_bound"], "×"),
-            Row("io", "  ... peak RSS per worker (VmHWM)", f["peak_rss_mb"], r["peak_rss_mb"],
-                "MiB", "ratio", f["peak_rss_mb"] / r["peak_rss_mb"]),
-        ]  # fmt: skip
+                f["x_bound"] <= 1.25 if c == 100 else None,
+            ),
+            Row(
+                "io",
+                f"  ... × Little's-law bound ({f['bound_s']:g} s)",
+                f["x_bound"],
+                r["x_bound"],
+                "×",
+            ),
+            Row(
+                "io",
+                "  ... peak RSS per worker (VmHWM)",
+                f["peak_rss_mb"],
+                r["peak_rss_mb"],
+                "MiB",
+                "ratio",
+                f["peak_rss_mb"] / r["peak_rss_mb"],
+            ),
+        ]
     top = max(levels)
     raw_best = min(v["seconds"] for v in runs["raw"].values())
     fleet_top = runs["fleet"][top]["seconds"]
     full = top == 1000
     rows += [
-        Row("io", f"fleet at -c {top} vs raw's best at any -c", fleet_top, raw_best, "s",
-            "ratio", fleet_top / raw_best, "≤ raw best" if full else "info (no c=1000)",
-            fleet_top <= raw_best if full else None),
-    ]  # fmt: skip
+        Row(
+            "io",
+            f"fleet at -c {top} vs raw's best at any -c",
+            fleet_top,
+            raw_best,
+            "s",
+            "ratio",
+            fleet_top / raw_best,
+            "≤ raw best" if full else "info (no c=1000)",
+            fleet_top <= raw_best if full else None,
+        ),
+    ]
     details: dict[str, Any] = {"jobs": n, "latency_s": 1.0, "pool": "threads", **runs}
     details["gevent"] = "not measured: gevent is not installed in the project's venv"
     return rows, details
@@ -395,10 +486,16 @@ def escalation(quick: bool) -> Result:
     gaps = [(b - a) * 1000 for a, b in zip(firsts, seconds, strict=True)]
     med, p99 = median(gaps), percentile(gaps, 99)
     rows = [
-        Row("escalation", "503 → next model's request (other queue), median", med, unit="ms",
-            target="< 20 ms", met=med < 20),
+        Row(
+            "escalation",
+            "503 → next model's request (other queue), median",
+            med,
+            unit="ms",
+            target="< 20 ms",
+            met=med < 20,
+        ),
         Row("escalation", "  ... p99", p99, unit="ms"),
-    ]  # fmt: skip
+    ]
     details = {"jobs": n, "median_ms": med, "p99_ms": p99, "max_ms": max(gaps), "gaps_ms": gaps}
     return rows, details
 

@@ -143,8 +143,9 @@ def _gateway(request: Request) -> Gateway:
 def _idempotency(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is not None and not 0 < len(key) <= 200:
-        raise APIError(400, "header 'Idempotency-Key' must be 1 to 200 characters",
-                       code="invalid_header")  # fmt: skip
+        raise APIError(
+            400, "header 'Idempotency-Key' must be 1 to 200 characters", code="invalid_header"
+        )
     return key
 
 
@@ -195,19 +196,25 @@ def _result(meta: dict[str, Any], job: Job) -> Result:
     error = f"job {meta.get('status', 'ended').lower()}"
     if isinstance(args, list) and args:
         error = f"{error}: {args[0]}"
-    return Result(job_id=job.id, task_class=job.task_class, source=job.source, ok=False,
-                  error=error)  # fmt: skip
+    return Result(
+        job_id=job.id, task_class=job.task_class, source=job.source, ok=False, error=error
+    )
 
 
 def _failed(result: Result) -> APIError:
     last = next((a for a in reversed(result.attempts) if a.outcome == "error"), None)
-    extra = {"job_id": result.job_id,
-             "attempts": [{"model": a.model, "outcome": a.outcome, "error_kind": a.error_kind,
-                           "error": a.error} for a in result.attempts]}  # fmt: skip
+    extra = {
+        "job_id": result.job_id,
+        "attempts": [
+            {"model": a.model, "outcome": a.outcome, "error_kind": a.error_kind, "error": a.error}
+            for a in result.attempts
+        ],
+    }
     if last is not None and last.action == "fail":  # the provider refused the request itself
         return APIError(400, result.error or "bad request", code=last.error_kind, extra=extra)
-    return APIError(502, result.error or "the job ended without an answer",
-                    code="upstream_failed", extra=extra)  # fmt: skip
+    return APIError(
+        502, result.error or "the job ended without an answer", code="upstream_failed", extra=extra
+    )
 
 
 async def models(request: Request) -> Response:
@@ -226,8 +233,11 @@ async def create_job(request: Request) -> Response:
     if (idem := _idempotency(request)) is not None:
         job = job.model_copy(update={"idempotency_key": idem})
     job = await gw.send(key, job, current_catalog())
-    return JSONResponse({"id": job.id, "object": "fleet.job", "status": "queued"},
-                        status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})  # fmt: skip
+    return JSONResponse(
+        {"id": job.id, "object": "fleet.job", "status": "queued"},
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
 
 
 async def _owned(request: Request) -> tuple[Gateway, str, Any]:
@@ -247,30 +257,41 @@ async def get_job(request: Request) -> Response:
     status = (meta or {}).get("status") or "PENDING"
     body: dict[str, Any] = {"id": job_id, "object": "fleet.job", "status": status.lower()}
     if status in ("SUCCESS", "FAILURE", "REVOKED"):
-        stub = Job(id=job_id, task_class="fast_general",
-                   messages=[{"role": "user", "content": "-"}])  # fmt: skip
+        stub = Job(
+            id=job_id, task_class="fast_general", messages=[{"role": "user", "content": "-"}]
+        )
         body["result"] = _result(meta or {}, stub).summary()
     return JSONResponse(body)
 
 
 async def delete_job(request: Request) -> Response:
     gw, job_id, (app, reservation) = await _owned(request)
-    state = json.dumps({
-        "status": "REVOKED", "traceback": None, "children": [], "task_id": job_id,
-        "result": {"exc_type": "TaskRevokedError", "exc_message": ["revoked by its app"],
-                   "exc_module": "celery.exceptions"},
-        "date_done": datetime.now(UTC).isoformat(),
-    })  # fmt: skip
+    state = json.dumps(
+        {
+            "status": "REVOKED",
+            "traceback": None,
+            "children": [],
+            "task_id": job_id,
+            "result": {
+                "exc_type": "TaskRevokedError",
+                "exc_message": ["revoked by its app"],
+                "exc_module": "celery.exceptions",
+            },
+            "date_done": datetime.now(UTC).isoformat(),
+        }
+    )
     answer = await gw.blocking(
         apps.revoke, gw.redis, job_id, state, gw.settings.result_expires_s, app, reservation
     )
     if answer == "REVOKING":  # a worker holds it: its next step ends it, a call finishes
-        return JSONResponse({"id": job_id, "object": "fleet.job", "status": "revoking"},
-                            status_code=202)  # fmt: skip
+        return JSONResponse(
+            {"id": job_id, "object": "fleet.job", "status": "revoking"}, status_code=202
+        )
     if answer != "REVOKED":
         ended = answer.removeprefix("ENDED ").lower()
-        raise APIError(409, f"job {job_id} cannot be revoked: it has ended ({ended})",
-                       code="job_ended")  # fmt: skip
+        raise APIError(
+            409, f"job {job_id} cannot be revoked: it has ended ({ended})", code="job_ended"
+        )
     return JSONResponse({"id": job_id, "object": "fleet.job", "status": "revoked"})
 
 
@@ -281,8 +302,12 @@ async def _api_error(_request: Request, exc: Exception) -> Response:
 
 async def _unavailable(_request: Request, exc: Exception) -> Response:
     """The fleet's Redis or broker cannot be reached: 503, the request may be retried."""
-    return APIError(503, f"the fleet's state is not reachable ({type(exc).__name__})",
-                    code="state_unavailable", headers={"Retry-After": "2"}).response()  # fmt: skip
+    return APIError(
+        503,
+        f"the fleet's state is not reachable ({type(exc).__name__})",
+        code="state_unavailable",
+        headers={"Retry-After": "2"},
+    ).response()
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:

@@ -65,5 +65,10 @@ class APIError(Exception):
 def no_route(exc: Any) -> APIError:
     """503 for NoRouteAvailable: every model's reason, and when to try again."""
     reasons = [{"model": m, "reason": why} for m, why in exc.reasons]
-    return APIError(503, str(exc), code="no_usable_model", extra={"models": reasons},
-                    headers={"Retry-After": "5"})  # fmt: skip
+    return APIError(
+        503,
+        str(exc),
+        code="no_usable_model",
+        extra={"models": reasons},
+        headers={"Retry-After": "5"},
+    )

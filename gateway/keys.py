@@ -71,8 +71,9 @@ def check_classes(classes: list[str] | None) -> frozenset[str] | None:
         return None
     unknown = [c for c in classes if c not in TASK_CLASSES]
     if unknown or not classes:
-        raise InvalidJob(f"unknown task class {unknown[0] if unknown else ''!r}"
-                         f" (valid: {choices(TASK_CLASSES)})")  # fmt: skip
+        raise InvalidJob(
+            f"unknown task class {unknown[0] if unknown else ''!r} (valid: {choices(TASK_CLASSES)})"
+        )
     return frozenset(classes)
 
 
@@ -90,8 +91,10 @@ class KeyStore:
         """A new key for `app`: (the key, shown this once; what is stored of it)."""
         check_app(app)
         allowed = check_classes(classes)
-        for value, name in ((limits.usd_per_day, "usd per day"),
-                            (limits.usd_per_month, "usd per month")):  # fmt: skip
+        for value, name in (
+            (limits.usd_per_day, "usd per day"),
+            (limits.usd_per_month, "usd per month"),
+        ):
             if value is not None and not value >= 0:
                 raise InvalidJob(f"{name} must be 0 or more (got {value})")
         if limits.requests_per_min is not None and limits.requests_per_min < 1:
@@ -103,13 +106,18 @@ class KeyStore:
         with self.ledger.engine.connect() as conn:
             conn.execution_options(ledger_write=True)
             with conn.begin():
-                conn.execute(app_keys.insert().values(
-                    key_id=key_id, key_sha256=_digest(key), app=app,
-                    usd_per_day=limits.usd_per_day, usd_per_month=limits.usd_per_month,
-                    requests_per_min=limits.requests_per_min,
-                    classes=",".join(sorted(allowed)) if allowed is not None else None,
-                    created_at=row.created_at,
-                ))  # fmt: skip
+                conn.execute(
+                    app_keys.insert().values(
+                        key_id=key_id,
+                        key_sha256=_digest(key),
+                        app=app,
+                        usd_per_day=limits.usd_per_day,
+                        usd_per_month=limits.usd_per_month,
+                        requests_per_min=limits.requests_per_min,
+                        classes=",".join(sorted(allowed)) if allowed is not None else None,
+                        created_at=row.created_at,
+                    )
+                )
         return key, row
 
     def list(self) -> list[AppKey]:

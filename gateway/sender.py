@@ -88,8 +88,9 @@ class Sender:
         for index, (pending, got) in enumerate(zip(batch, reserved, strict=True)):
             if isinstance(got, Refused):
                 retry = f"{max(1, round(got.retry_after_s))}"
-                outcomes[index] = APIError(429, got.reason, code="limit_reached",
-                                           headers={"Retry-After": retry})  # fmt: skip
+                outcomes[index] = APIError(
+                    429, got.reason, code="limit_reached", headers={"Retry-After": retry}
+                )
             else:
                 going.append((index, pending.job.model_copy(update={"reservation": got}), got))
         for index, outcome in self._dispatch(batch, going):
@@ -144,5 +145,8 @@ def _refusal(exc: Exception) -> APIError:
         return no_route(exc)
     if isinstance(exc, InvalidJob):
         return APIError(400, str(exc), code="invalid_job")
-    return APIError(503, f"the fleet's broker is not reachable ({type(exc).__name__})",
-                    code="broker_unavailable")  # fmt: skip
+    return APIError(
+        503,
+        f"the fleet's broker is not reachable ({type(exc).__name__})",
+        code="broker_unavailable",
+    )

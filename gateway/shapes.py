@@ -195,16 +195,30 @@ def model_list(catalog: Catalog) -> dict[str, Any]:
     for name in sorted(catalog.policy.focus):
         rows.append(_virtual(f"focus/{name}", "focus", catalog.policy.focus[name]))
     for m in catalog.models:
-        rows.append({
-            "id": m.id, "object": "model", "created": 0, "owned_by": m.provider,
-            "queue": m.queue, "tier": m.tier, "context_window": m.context_window,
-            "capabilities": sorted(m.capabilities),
-            "usd_per_mtok_in": m.usd_per_mtok_in, "usd_per_mtok_out": m.usd_per_mtok_out,
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.provider,
+                "queue": m.queue,
+                "tier": m.tier,
+                "context_window": m.context_window,
+                "capabilities": sorted(m.capabilities),
+                "usd_per_mtok_in": m.usd_per_mtok_in,
+                "usd_per_mtok_out": m.usd_per_mtok_out,
+            }
+        )
     return {"object": "list", "data": rows}
 
 
 def _virtual(name: str, kind: str, target: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "modelfleet",
-            "route": kind, "primary": target if kind != "task class" else None,
-            "task_class": target if kind == "task class" else None}  # fmt: skip
+    return {
+        "id": name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "modelfleet",
+        "route": kind,
+        "primary": target if kind != "task class" else None,
+        "task_class": target if kind == "task class" else None,
+    }

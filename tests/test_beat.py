@@ -309,9 +309,10 @@ def test_a_heartbeat_that_cannot_run_is_filed_once_and_shown_until_it_recovers(
             beat = subprocess.Popen(argv, env=beat_env, cwd=tmp_path, stdout=log, stderr=log)
         # When the heartbeat has failed at least 4 times
         failing = wait_until(
-            lambda: (h := _heartbeat(fresh_redis)).get("repeats", 0) >= 3 and h, 60,
+            lambda: (h := _heartbeat(fresh_redis)).get("repeats", 0) >= 3 and h,
+            60,
             "four failed heartbeats",
-        )  # fmt: skip
+        )
         # Then one dead letter was filed for it, and the failure logged once
         assert failing["failing"] is True
         assert _letters_by_entry(fresh_redis)["heartbeat"] == 1
@@ -333,9 +334,10 @@ def test_a_heartbeat_that_cannot_run_is_filed_once_and_shown_until_it_recovers(
         mended.wait_ready()
         # Then the next heartbeat answers, and the entry is seen recovered
         recovered = wait_until(
-            lambda: (h := _heartbeat(fresh_redis)).get("recovered_at") and h, 60,
+            lambda: (h := _heartbeat(fresh_redis)).get("recovered_at") and h,
+            60,
             "the heartbeat recovered",
-        )  # fmt: skip
+        )
         time.sleep(2)  # two more firings: they change nothing but `last_ok_at`
     finally:
         if "beat" in locals():
@@ -412,15 +414,26 @@ def test_a_cause_is_the_same_whether_a_model_failed_again_or_is_still_resting() 
 
     def attempt(model: str, kind: str, outcome: str = "error") -> Attempt:
         return Attempt(
-            number=1, model=model, queue="local", tier="local", outcome=outcome,
-            error_kind=kind, error="...", action="next", started_at=0.0,
-        )  # fmt: skip
+            number=1,
+            model=model,
+            queue="local",
+            tier="local",
+            outcome=outcome,
+            error_kind=kind,
+            error="...",
+            action="next",
+            started_at=0.0,
+        )
 
     def failed(error: str, *attempts: Attempt) -> Result:
         return Result(
-            job_id="j", task_class="heartbeat", source="heartbeat", ok=False, error=error,
+            job_id="j",
+            task_class="heartbeat",
+            source="heartbeat",
+            ok=False,
+            error=error,
             attempts=list(attempts),
-        )  # fmt: skip
+        )
 
     free = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
     first = failed(

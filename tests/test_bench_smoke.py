@@ -13,10 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_quick_subset_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "router,enqueue",
-         "--results-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "router,enqueue",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "[router] route() decisions/s" in proc.stdout
     assert "[enqueue] enqueue rate" in proc.stdout

@@ -12,18 +12,31 @@ from router.errors import ConfigError
 
 SEED_MODELS = {
     # model-allocation strategy
-    "zai/glm-4.7", "minimax/MiniMax-M2.1", "minimax/MiniMax-Vision-Video-01",
+    "zai/glm-4.7",
+    "minimax/MiniMax-M2.1",
+    "minimax/MiniMax-Vision-Video-01",
     "openrouter/meta-llama/llama-3.1-405b-instruct:free",
     "openrouter/nousresearch/hermes-3-llama-3.1-405b:free",
-    "openrouter/nvidia/nemotron-nano-12b-v2-vl:free", "openrouter/deepseek/deepseek-chat",
+    "openrouter/nvidia/nemotron-nano-12b-v2-vl:free",
+    "openrouter/deepseek/deepseek-chat",
     "moonshot/kimi-k2-0905-preview",
     # cost audit
-    "local/qwen3-mlx", "local/qwen-cpu-fallback", "local/phi4-mini-local", "local/qwen3-local",
-    "litellm/trinity-free", "litellm/qwen3-coder-free", "litellm/chimera-free",
-    "litellm/qwen3-next-free", "litellm/glm-free", "litellm/deepseek-free",
-    "litellm/nemotron-free", "litellm/gpt-oss-free", "litellm/gpt-oss-small-free",
-    "litellm/kimi", "litellm/kimi-k2-thinking",
-}  # fmt: skip
+    "local/qwen3-mlx",
+    "local/qwen-cpu-fallback",
+    "local/phi4-mini-local",
+    "local/qwen3-local",
+    "litellm/trinity-free",
+    "litellm/qwen3-coder-free",
+    "litellm/chimera-free",
+    "litellm/qwen3-next-free",
+    "litellm/glm-free",
+    "litellm/deepseek-free",
+    "litellm/nemotron-free",
+    "litellm/gpt-oss-free",
+    "litellm/gpt-oss-small-free",
+    "litellm/kimi",
+    "litellm/kimi-k2-thinking",
+}
 
 
 def test_default_catalog_holds_every_seed_model_and_provider() -> None:

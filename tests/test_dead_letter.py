@@ -116,9 +116,11 @@ def test_a_stale_copy_of_a_finished_job_is_not_run_again(
     assert state_redis.hget(counter, "n") == b"1"
     # When the same message arrives again (a redelivery after the job was answered)
     fleet_app.send_task(
-        TASK_RUN_JOB, kwargs={"job": handle.job.model_dump(mode="json")}, task_id=handle.id,
+        TASK_RUN_JOB,
+        kwargs={"job": handle.job.model_dump(mode="json")},
+        task_id=handle.id,
         queue="free",
-    )  # fmt: skip
+    )
     # Then a worker takes it (its second delivery is counted) and drops it
     deadline = time.monotonic() + 30
     dropped = f"fleet.run_job[{handle.id}] ignored"

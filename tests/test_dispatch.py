@@ -128,8 +128,14 @@ def test_a_result_stored_without_a_wake_up_is_still_found(broker) -> None:
     # it (as when it lands between the caller's subscription and its first read)
     handle = dispatch(ask("quiet"))
     result = {"job_id": handle.id, "task_class": "cost_free", "source": "app", "ok": True}
-    meta = {"status": "SUCCESS", "result": {**result, "text": "hi"}, "traceback": None,
-            "children": [], "date_done": None, "task_id": handle.id}  # fmt: skip
+    meta = {
+        "status": "SUCCESS",
+        "result": {**result, "text": "hi"},
+        "traceback": None,
+        "children": [],
+        "date_done": None,
+        "task_id": handle.id,
+    }
     import threading
 
     threading.Timer(0.3, lambda: broker.set(keys.result(handle.id), json.dumps(meta))).start()
@@ -150,8 +156,20 @@ def _shape(envelope: dict[str, Any]) -> dict[str, Any]:
     """An envelope without what differs from message to message."""
     import base64
 
-    varying = {"id", "root_id", "correlation_id", "delivery_tag", "kwargsrepr", "uuid",
-               "kwargs", "timestamp", "clock", "pid", "hostname", "origin"}  # fmt: skip
+    varying = {
+        "id",
+        "root_id",
+        "correlation_id",
+        "delivery_tag",
+        "kwargsrepr",
+        "uuid",
+        "kwargs",
+        "timestamp",
+        "clock",
+        "pid",
+        "hostname",
+        "origin",
+    }
 
     def strip(d: dict[str, Any]) -> dict[str, Any]:
         return {

@@ -22,8 +22,11 @@ def test_a_delivery_that_cannot_reach_redis_hands_its_message_back(
     monkeypatch.delenv("FLEET_STATE_URL", raising=False)
     from workers.runtime.tasks import run_job
 
-    job = {"id": "first-trip-1", "task_class": "cost_free",
-           "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+    job = {
+        "id": "first-trip-1",
+        "task_class": "cost_free",
+        "messages": [{"role": "user", "content": "hello"}],
+    }
     with pytest.raises(Reject) as refused:
         run_job.run(job, None)
     assert refused.value.requeue, "the message must go back, not be dropped"

@@ -39,9 +39,13 @@ class Gateway:
         self.log_path = log
         self.log_file = open(log, "w+")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [FLEET, "serve", "--port", "0"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=self.log_file, text=True,
-        )  # fmt: skip
+            [FLEET, "serve", "--port", "0"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=self.log_file,
+            text=True,
+        )
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         found = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
@@ -164,17 +168,22 @@ def test_no_usable_model_is_503_with_every_reason(gateway, app_key, fleet_env) -
 
     client_ = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
     until = int((time.time() + 3600) * 1000)
-    chain = ["local/qwen3-mlx", "local/phi4-mini-local", "local/qwen-cpu-fallback",
-             "litellm/gpt-oss-small-free"]  # fmt: skip
+    chain = [
+        "local/qwen3-mlx",
+        "local/phi4-mini-local",
+        "local/qwen-cpu-fallback",
+        "litellm/gpt-oss-small-free",
+    ]
     try:
         for model in chain:
             client_.set(f"fleet:cooldown:{model}", f"{until}|test", px=3_600_000)
         time.sleep(1.1)  # the dispatcher's view of live state is a second old at most
         with pytest.raises(openai.InternalServerError) as caught:
             client(gateway, app_key).chat.completions.create(
-                model="fleet/heartbeat", messages=ask("ping"),
+                model="fleet/heartbeat",
+                messages=ask("ping"),
                 extra_body={"source": "heartbeat"},
-            )  # fmt: skip
+            )
         assert caught.value.status_code == 503
         body = caught.value.body
         assert isinstance(body, dict) and [m["model"] for m in body["models"]] == chain
@@ -234,9 +243,13 @@ def test_a_revoked_job_never_runs(gateway, fleet_env, simulator) -> None:
     headers = {"Authorization": f"Bearer {key}"}
     state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
     until = int((time.time() + 4) * 1000)
-    chain = ["openrouter/meta-llama/llama-3.1-405b-instruct:free",
-             "openrouter/nousresearch/hermes-3-llama-3.1-405b:free", "litellm/deepseek-free",
-             "litellm/gpt-oss-free", "local/qwen3-mlx"]  # fmt: skip
+    chain = [
+        "openrouter/meta-llama/llama-3.1-405b-instruct:free",
+        "openrouter/nousresearch/hermes-3-llama-3.1-405b:free",
+        "litellm/deepseek-free",
+        "litellm/gpt-oss-free",
+        "local/qwen3-mlx",
+    ]
     try:
         # Given a job whose every model rests for a few seconds: a worker holds it,
         # waiting for the first to be free again
@@ -356,25 +369,48 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
         ),
         max_leaves=8,
     )
-    fields = st.sampled_from(["model", "messages", "temperature", "max_tokens", "stream", "n",
-                              "task_class", "source", "priority", "deadline", "metadata",
-                              "timeout_s", "app", "reservation", "id", "tools"])  # fmt: skip
-    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "tool", 3]),
-                                     "content": values})  # fmt: skip
+    fields = st.sampled_from(
+        [
+            "model",
+            "messages",
+            "temperature",
+            "max_tokens",
+            "stream",
+            "n",
+            "task_class",
+            "source",
+            "priority",
+            "deadline",
+            "metadata",
+            "timeout_s",
+            "app",
+            "reservation",
+            "id",
+            "tools",
+        ]
+    )
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "tool", 3]), "content": values}
+    )
     body = st.one_of(
         values,
         st.dictionaries(fields, values, max_size=6),
         st.fixed_dictionaries(
-            {"model": st.sampled_from(["fleet/cost_free", "fleet/x", "profile/code", "zz"]),
-             "messages": st.lists(message, max_size=2)},
+            {
+                "model": st.sampled_from(["fleet/cost_free", "fleet/x", "profile/code", "zz"]),
+                "messages": st.lists(message, max_size=2),
+            },
             optional={"max_tokens": values, "temperature": values, "priority": values},
         ),
-    )  # fmt: skip
+    )
     printable = st.characters(min_codepoint=33, max_codepoint=126)
-    headers = st.fixed_dictionaries({}, optional={
-        "Idempotency-Key": st.text(printable, max_size=250),
-        "Content-Type": st.sampled_from(["application/json", "text/plain", "x/y"]),
-    })  # fmt: skip
+    headers = st.fixed_dictionaries(
+        {},
+        optional={
+            "Idempotency-Key": st.text(printable, max_size=250),
+            "Content-Type": st.sampled_from(["application/json", "text/plain", "x/y"]),
+        },
+    )
     accepted: list[str] = []
 
     slow_ok = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -383,8 +419,9 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
     @given(path=st.sampled_from(["/chat/completions", "/jobs"]), body=body, extra=headers)
     def door(path: str, body: Any, extra: dict[str, str]) -> None:
         sent = {"Authorization": f"Bearer {key}", **extra}
-        reply = httpx.post(f"{gateway.url}{path}", content=json.dumps(body), headers=sent,
-                           timeout=60)  # fmt: skip
+        reply = httpx.post(
+            f"{gateway.url}{path}", content=json.dumps(body), headers=sent, timeout=60
+        )
         assert reply.status_code < 500 or reply.status_code in (502, 503, 504), reply.text
         answer = reply.json()
         if reply.status_code < 400:
@@ -396,8 +433,11 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
 
     try:
         door()
-        owned = [k for k in state.scan_iter("fleet:gateway:owner:*")
-                 if json.loads(state.get(k) or "{}").get("app") == "fuzzer"]  # fmt: skip
+        owned = [
+            k
+            for k in state.scan_iter("fleet:gateway:owner:*")
+            if json.loads(state.get(k) or "{}").get("app") == "fuzzer"
+        ]
         # Every job the fuzzer's key queued was one it was told was accepted
         assert sorted(k.decode().rsplit(":", 1)[1] for k in owned) == sorted(set(accepted))
     finally:

@@ -27,9 +27,16 @@ LLAMA = "openrouter/meta-llama/llama-3.1-405b-instruct:free"
 
 def kimi_call(job_id: str, sends: int = 0, delivery: int = 1) -> Call:
     return Call(
-        job_id=job_id, sends=sends, delivery=delivery, attempt=sends + 1, model=KIMI,
-        queue="subscription", tier="paid", prompt_tokens=1_000, worker="w1@host",
-    )  # fmt: skip
+        job_id=job_id,
+        sends=sends,
+        delivery=delivery,
+        attempt=sends + 1,
+        model=KIMI,
+        queue="subscription",
+        tier="paid",
+        prompt_tokens=1_000,
+        worker="w1@host",
+    )
 
 
 @pytest.fixture
@@ -52,9 +59,13 @@ def test_a_call_is_marked_on_redis_clock_and_an_admission_marks_nothing(
     marked_ms, _, call = marks[b"0:1"].decode().partition("|")
     assert int(marked_ms) >= seconds * 1000 + micros // 1000
     assert json.loads(call) == {
-        "model": KIMI, "queue": "subscription", "tier": "paid", "attempt": 1,
-        "prompt_tokens": 1_000, "worker": "w1@host",
-    }  # fmt: skip
+        "model": KIMI,
+        "queue": "subscription",
+        "tier": "paid",
+        "attempt": 1,
+        "prompt_tokens": 1_000,
+        "worker": "w1@host",
+    }
     assert 0 < fresh_redis.pttl(mark) <= 86_400_000
 
 
@@ -70,8 +81,9 @@ def test_a_redelivery_finds_its_messages_calls_and_the_next_message_clears_them(
     assert list(fresh_redis.hgetall(mark)) == [b"0:1"]
     # When its worker dies and the message is delivered again, that call is found
     again = deliveries.begin(fresh_redis, "j2", 0)
-    assert [(o.sends, o.delivery, o.attempt, o.model, o.prompt_tokens, o.worker)
-            for o in again.orphans] == [(0, 1, 1, KIMI, 1_000, "w1@host")]  # fmt: skip
+    assert [
+        (o.sends, o.delivery, o.attempt, o.model, o.prompt_tokens, o.worker) for o in again.orphans
+    ] == [(0, 1, 1, KIMI, 1_000, "w1@host")]
     # But once the job's next message is delivered (the forward that sent it carried the
     # outcome of message 0's calls), message 0's marks are cleared, not billed
     state.mark(kimi_call("j2", sends=0, delivery=2))
@@ -95,12 +107,17 @@ def test_an_orphan_is_billed_once_estimated_and_numbered_apart(
     (entry,) = fresh_redis.lrange(keys.LEDGER_SPOOL, 0, -1)
     (row,) = decode_rows(entry)
     assert {k: row[k] for k in ("job_id", "attempt", "model", "outcome", "error_kind")} == {
-        "job_id": "j3", "attempt": 1001, "model": KIMI, "outcome": "orphaned",
+        "job_id": "j3",
+        "attempt": 1001,
+        "model": KIMI,
+        "outcome": "orphaned",
         "error_kind": "worker_lost",
-    }  # fmt: skip
+    }
     assert (row["prompt_tokens"], row["completion_tokens"], row["tokens_estimated"]) == (
-        1_000, 100, True,
-    )  # fmt: skip
+        1_000,
+        100,
+        True,
+    )
     assert row["cost_usd"] == pytest.approx((1_000 * 0.56 + 100 * 2.94) / 1e6)
     assert (row["cost_source"], row["app"], row["worker"]) == ("estimated", "billing", "w1@host")
     assert not fresh_redis.exists(keys.inflight("j3"))

@@ -43,10 +43,22 @@ def test_fleet_route_starts_without_celery() -> None:
 # and its database drivers, the provider adapters. (billiard's package itself is loaded by
 # kombu, for its fork hook: kombu/utils/compat.py; its pool is not.)
 WORKER_SIDE = (
-    "sqlalchemy", "psycopg", "httpx", "mlx", "mlx_lm", "billiard.pool", "celery.worker",
-    "celery.concurrency", "celery.apps.worker", "workers.runtime.tasks", "workers.runtime.step",
-    "workers.ledger", "workers.providers", "workers.ops", "workers.sim",
-)  # fmt: skip
+    "sqlalchemy",
+    "psycopg",
+    "httpx",
+    "mlx",
+    "mlx_lm",
+    "billiard.pool",
+    "celery.worker",
+    "celery.concurrency",
+    "celery.apps.worker",
+    "workers.runtime.tasks",
+    "workers.runtime.step",
+    "workers.ledger",
+    "workers.providers",
+    "workers.ops",
+    "workers.sim",
+)
 
 
 def test_the_client_sends_and_waits_without_loading_the_worker(redis_server) -> None:

@@ -68,10 +68,21 @@ def test_a_worker_killed_after_answering_loses_no_row(
     try:
         sup.wait_ready()
         # When it answers a job that escalated once, and is killed -9 at once
-        job = {"task_class": "vision", "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "[[sim:MiniMax-Vision-Video-01=503]] look"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-        ]}]}  # fmt: skip
+        job = {
+            "task_class": "vision",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "[[sim:MiniMax-Vision-Video-01=503]] look"},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="},
+                        },
+                    ],
+                }
+            ],
+        }
         result = dispatch(job).get(timeout=60)
         assert result.ok and len(result.attempts) == 2
         assert child.process is not None

@@ -61,9 +61,10 @@ def test_two_workers_never_exceed_a_models_requests_per_minute(limited_fleet, si
     # Then the simulator saw at most 5 llama requests in the minute, and every job was
     # answered, the others by the next model of the chain
     llama_calls = [
-        r for r in simulator.requests()
+        r
+        for r in simulator.requests()
         if r["t"] >= started and r["model"] == "meta-llama/llama-3.1-405b-instruct:free"
-    ]  # fmt: skip
+    ]
     assert len(llama_calls) == 5
     assert all(r.ok for r in results)
     assert sum(r.model == LLAMA for r in results) == 5
@@ -97,9 +98,13 @@ def test_a_fully_limited_chain_waits_for_the_earliest_slot_or_fails(
         assert isinstance(state.admit("cost_free", LLAMA, 5), Slot)  # another worker took it
         registry = ProviderRegistry(catalog, 2, environ=fleet_env)
         step = advance(
-            catalog, parse_job(job).model_dump(mode="json"), None,
-            here="free", providers=registry, gate=state,
-        )  # fmt: skip
+            catalog,
+            parse_job(job).model_dump(mode="json"),
+            None,
+            here="free",
+            providers=registry,
+            gate=state,
+        )
         registry.close()
         assert isinstance(step, expect)
         if isinstance(step, Forward):

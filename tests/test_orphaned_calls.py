@@ -91,10 +91,14 @@ def test_calls_in_flight_when_their_worker_is_killed_are_billed_as_orphaned(
     worker = workers.by_label["orphans"]
     # Given a provider that is slow to answer, and a job on the paid model
     sim.configure(models={UPSTREAM: {"latency_ms": 60_000}})
-    handle = dispatch({
-        "task_class": "user_facing", "model": KIMI, "max_tokens": MAX_TOKENS,
-        "messages": [{"role": "user", "content": "Summarise the quarter"}],
-    })  # fmt: skip
+    handle = dispatch(
+        {
+            "task_class": "user_facing",
+            "model": KIMI,
+            "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": "Summarise the quarter"}],
+        }
+    )
     # When its worker is killed -9 in the middle of the call, twice (the first redelivery
     # is killed mid-call too), and the next redelivery's call answers at once
     for delivery in (1, 2):
@@ -120,8 +124,10 @@ def test_calls_in_flight_when_their_worker_is_killed_are_billed_as_orphaned(
     for number in (ORPHAN_ATTEMPTS_FROM + 1, ORPHAN_ATTEMPTS_FROM + 2):
         orphan = rows[number]
         assert (orphan["outcome"], orphan["model"], orphan["error_kind"]) == (
-            "orphaned", KIMI, "worker_lost",
-        )  # fmt: skip
+            "orphaned",
+            KIMI,
+            "worker_lost",
+        )
         assert orphan["tokens_estimated"] and orphan["cost_source"] == "estimated"
         assert orphan["completion_tokens"] == MAX_TOKENS and orphan["prompt_tokens"] > 0
         expected = (orphan["prompt_tokens"] * 0.56 + MAX_TOKENS * 2.94) / 1e6
@@ -134,9 +140,13 @@ def test_calls_in_flight_when_their_worker_is_killed_are_billed_as_orphaned(
         "FLEET_BROKER_URL": env["FLEET_BROKER_URL"],
     }
     done = subprocess.run(
-        [FLEET, "usage"], capture_output=True, text=True, timeout=60, check=False,
+        [FLEET, "usage"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**{k: v for k, v in env.items() if not k.startswith("FLEET_")}, **usage_env},
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if x.startswith("orphaned calls"))
     orphan_cost = sum(rows[n]["cost_usd"] for n in rows if n > ORPHAN_ATTEMPTS_FROM)

@@ -39,8 +39,16 @@ def trips(client: Any) -> list[int]:
 
 
 def ok(model: str) -> Attempt:
-    return Attempt(number=1, model=model, queue="free", tier="free", outcome="ok",
-                   started_at=time.time(), prompt_tokens=10, completion_tokens=5)  # fmt: skip
+    return Attempt(
+        number=1,
+        model=model,
+        queue="free",
+        tier="free",
+        outcome="ok",
+        started_at=time.time(),
+        prompt_tokens=10,
+        completion_tokens=5,
+    )
 
 
 def test_a_delivery_costs_one_round_trip_to_check_and_take_and_one_to_count(client) -> None:
@@ -67,13 +75,24 @@ def test_a_redis_that_lost_its_scripts_is_sent_them_again(client) -> None:
 def test_a_plain_success_leaves_a_circuit_opened_meanwhile_to_its_probe(client, tmp_path) -> None:
     data = yaml.safe_load(default_catalog_path().read_text())
     data["policy"]["cooldowns"] = {
-        "rate_limited_s": 5, "circuit_failures": 2, "circuit_window_s": 60, "circuit_open_s": 1,
-    }  # fmt: skip
+        "rate_limited_s": 5,
+        "circuit_failures": 2,
+        "circuit_window_s": 60,
+        "circuit_open_s": 1,
+    }
     path = tmp_path / "catalog.yaml"
     path.write_text(yaml.safe_dump(data))
     state, other = FleetState(client, load_catalog(path)), FleetState(client, load_catalog(path))
-    failed = Attempt(number=1, model=LLAMA, queue="free", tier="free", outcome="error",
-                     error_kind="server_error", action="retry", started_at=time.time())  # fmt: skip
+    failed = Attempt(
+        number=1,
+        model=LLAMA,
+        queue="free",
+        tier="free",
+        outcome="error",
+        error_kind="server_error",
+        action="retry",
+        started_at=time.time(),
+    )
     # Given a call let through while the circuit was closed
     assert state.admit("cost_free", LLAMA, 10) == Slot(probe=False)
     # When other workers' failures open the circuit during that call

@@ -52,8 +52,11 @@ def start_worker(fleet_env: dict[str, str], url: str, tmp_path: Path, transport:
     }
     env.pop("FLEET_STATE_URL", None)
     sup = Supervisor(tmp_path / f"logs-{transport}", env)
-    sup.start("free", worker_argv(["free"], concurrency=2, name=f"transport-{transport}"),
-              ready_marker=" ready.")  # fmt: skip
+    sup.start(
+        "free",
+        worker_argv(["free"], concurrency=2, name=f"transport-{transport}"),
+        ready_marker=" ready.",
+    )
     sup.wait_ready(60)
     return sup
 
@@ -70,9 +73,12 @@ def forgotten(client: Any, timeout_s: float = 5) -> bool:
 
 @pytest.mark.parametrize("transport", ["fleet", "kombu"])
 def test_a_message_popped_by_a_worker_that_died_at_once(
-    transport: str, broker: tuple[str, Any], fleet_env: dict[str, str], tmp_path: Path,
+    transport: str,
+    broker: tuple[str, Any],
+    fleet_env: dict[str, str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     url, client = broker
     monkeypatch.setenv("FLEET_BROKER_TRANSPORT", transport)
     # Given a job sent while no worker runs
@@ -145,9 +151,11 @@ def test_a_purged_queue_does_not_come_back(broker: tuple[str, Any]) -> None:
 
 
 def test_a_message_pushed_without_filing_is_filed_on_delivery_and_answered(
-    broker: tuple[str, Any], fleet_env: dict[str, str], tmp_path: Path,
+    broker: tuple[str, Any],
+    fleet_env: dict[str, str],
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+) -> None:
     url, client = broker
     # Given a job pushed by a producer that only LPUSHes (kombu's stock channel here)
     monkeypatch.setenv("FLEET_BROKER_TRANSPORT", "kombu")

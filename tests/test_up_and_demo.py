@@ -19,9 +19,16 @@ from workers.ops.redis_server import free_port
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 CLASSES = {
-    "complex_reasoning", "creative", "user_facing", "vision", "long_context",
-    "fast_general", "cost_free", "reasoning_free", "heartbeat",
-}  # fmt: skip
+    "complex_reasoning",
+    "creative",
+    "user_facing",
+    "vision",
+    "long_context",
+    "fast_general",
+    "cost_free",
+    "reasoning_free",
+    "heartbeat",
+}
 
 
 def test_demo_json_runs_the_whole_fleet_and_exits_0(tmp_path: Path) -> None:

@@ -199,8 +199,9 @@ def test_orphaned_calls_are_counted_and_shown_apart_as_estimated(kind: str, tmp_
         env = {**env, "FLEET_LEDGER_URL": url, "FLEET_DATA_DIR": str(tmp_path / "data")}
         # Then they count like any call, and are shown apart, with their estimated cost
         got = usage_json(env=env)["litellm/kimi"]
-        assert strip(got) == figures(2, 1, 1_900, 100 + ORPHAN_COMPLETION_TOKENS,
-                                     kimi(900, 100) + orphan_cost)  # fmt: skip
+        assert strip(got) == figures(
+            2, 1, 1_900, 100 + ORPHAN_COMPLETION_TOKENS, kimi(900, 100) + orphan_cost
+        )
         assert got["orphaned"] == 1
         assert got["orphaned_cost_usd"] == pytest.approx(orphan_cost, abs=1e-9)
         table = usage(env=env)

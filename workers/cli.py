@@ -300,8 +300,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 _print_json({**row.as_dict(), "key": key})
             else:
                 print(key)
-                print(f"fleet: key {row.key_id} for app {row.app!r}: shown once, keep it"
-                      " (the ledger holds only its hash)", file=sys.stderr)  # fmt: skip
+                print(
+                    f"fleet: key {row.key_id} for app {row.app!r}: shown once, keep it"
+                    " (the ledger holds only its hash)",
+                    file=sys.stderr,
+                )
             return 0
         if args.action == "revoke":
             row = store.revoke(args.key_id)

@@ -87,9 +87,14 @@ UNACKED_STORES = ("unacked", keys.BROKER_MESSAGES)
 
 # What an attempt looks like in the ledger and in a Result, for comparing the two.
 _ROW_FIELDS = (
-    "model", "queue", "outcome", "error_kind", "prompt_tokens", "completion_tokens",
+    "model",
+    "queue",
+    "outcome",
+    "error_kind",
+    "prompt_tokens",
+    "completion_tokens",
     "worker",
-)  # fmt: skip
+)
 
 
 def ask(text: str, **fields: Any) -> dict[str, Any]:
@@ -707,9 +712,16 @@ class Tally:
         """Nothing wrong, the known gaps included: a call the ledger misses, a row for a
         call never made, an ending nobody saw published, whatever explains them."""
         counts = (
-            self.lost, self.duplicated, self.unwatched, self.under_billed, self.over_billed,
-            self.ledger_vs_result, self.wrong, self.unbilled_calls, self.uncalled_rows,
-        )  # fmt: skip
+            self.lost,
+            self.duplicated,
+            self.unwatched,
+            self.under_billed,
+            self.over_billed,
+            self.ledger_vs_result,
+            self.wrong,
+            self.unbilled_calls,
+            self.uncalled_rows,
+        )
         return not self.problems and not any(counts)
 
     def problem(self, kind: str, job: str, why: str) -> None:
@@ -794,8 +806,11 @@ def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
     if not fleet.wait_quiet(3 * fleet.visibility_s):
         tally.problems.append("messages still queued or unacked long after the run")
     time.sleep(0.5)  # let late duplicates (if any) publish before counting
-    ledger = Ledger(fleet.ledger_url, redis_url=fleet.redis.url if fleet.redis else None,
-                    spool_dir=fleet.workdir / "data")  # fmt: skip
+    ledger = Ledger(
+        fleet.ledger_url,
+        redis_url=fleet.redis.url if fleet.redis else None,
+        spool_dir=fleet.workdir / "data",
+    )
     try:
         drained = ledger.drain()  # what the fleet's ledger writer would write: every row
     finally:
@@ -973,8 +988,11 @@ def trail(fleet: ChaosFleet, jid: str, meta: dict[str, Any] | None) -> str:
         key.decode().rsplit(":", 1)[1]: int(fleet.client.hget(key, "n") or 0)
         for key in fleet.client.scan_iter(f"{prefix}:*")
     }
-    calls = [(c["job_message"], c["job_delivery"], c["fault"]) for c in fleet.provider_calls()
-             if c.get("job") == jid]  # fmt: skip
+    calls = [
+        (c["job_message"], c["job_delivery"], c["fault"])
+        for c in fleet.provider_calls()
+        if c.get("job") == jid
+    ]
     waiting = any(
         jid.encode() in raw for store in UNACKED_STORES for raw in fleet.client.hvals(store)
     )

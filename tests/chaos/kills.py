@@ -93,9 +93,13 @@ def stranded(fleet: ChaosFleet, jobs: list[str]) -> set[str]:
 
 
 def random_kills(
-    workdir: Path, *, transport: str = "fleet", kills: int = SHORT_KILLS, per_s: float = 40.0,
+    workdir: Path,
+    *,
+    transport: str = "fleet",
+    kills: int = SHORT_KILLS,
+    per_s: float = 40.0,
     seed: int | None = None,
-) -> Tally:  # fmt: skip
+) -> Tally:
     """kill -9 two `free` workers in turn, each 0.3-1.2 s after it is up, restarting it
     at once."""
     tally = Tally(f"random kill -9 x{kills} ({transport})")

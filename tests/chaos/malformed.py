@@ -43,12 +43,20 @@ def _bad_values() -> dict[str, st.SearchStrategy[Any]]:
     non_integral = st.floats(min_value=0.01, max_value=1e6).filter(lambda f: not f.is_integer())
     return {
         "task_class": st.one_of(
-            WORD.filter(lambda s: s not in TASK_CLASSES), st.integers(), st.none(),
-            st.booleans(), JUNK, LONG,
+            WORD.filter(lambda s: s not in TASK_CLASSES),
+            st.integers(),
+            st.none(),
+            st.booleans(),
+            JUNK,
+            LONG,
         ),
         "messages": st.one_of(
-            st.just([]), WORD, st.integers(), st.none(),
-            st.lists(st.integers(), min_size=1, max_size=3), st.just({"role": "user"}),
+            st.just([]),
+            WORD,
+            st.integers(),
+            st.none(),
+            st.lists(st.integers(), min_size=1, max_size=3),
+            st.just({"role": "user"}),
         ),
         "focus": st.one_of(
             WORD.filter(lambda s: s not in FOCUS), st.integers(), st.booleans(), JUNK
@@ -58,50 +66,67 @@ def _bad_values() -> dict[str, st.SearchStrategy[Any]]:
         ),
         "model": st.one_of(
             WORD.map(lambda s: f"nope/{s}").filter(lambda s: s not in MODELS),
-            st.integers(), st.booleans(), JUNK,
+            st.integers(),
+            st.booleans(),
+            JUNK,
         ),
         "temperature": st.one_of(
             st.floats(max_value=-1e-6, allow_nan=False),
             st.floats(min_value=2.000001, allow_nan=False),
-            st.just(float("nan")), WORD, st.booleans(), JUNK,
+            st.just(float("nan")),
+            WORD,
+            st.booleans(),
+            JUNK,
         ),
         "max_tokens": st.one_of(
-            st.integers(max_value=0), non_integral, WORD, st.booleans(), JUNK,
+            st.integers(max_value=0),
+            non_integral,
+            WORD,
+            st.booleans(),
+            JUNK,
             st.just(1e30),
         ),
         "priority": st.one_of(
-            st.integers(max_value=-1), st.integers(min_value=10), non_integral, WORD,
-            st.booleans(), JUNK,
+            st.integers(max_value=-1),
+            st.integers(min_value=10),
+            non_integral,
+            WORD,
+            st.booleans(),
+            JUNK,
         ),
         "source": st.one_of(WORD.filter(lambda s: s not in SOURCES), st.integers(), JUNK),
         "id": st.one_of(
-            st.just(""), LONG, st.integers(), JUNK,
-            st.tuples(WORD, st.text(alphabet=BAD_ID_CHARS, min_size=1, max_size=5)).map(
-                "".join
-            ),
+            st.just(""),
+            LONG,
+            st.integers(),
+            JUNK,
+            st.tuples(WORD, st.text(alphabet=BAD_ID_CHARS, min_size=1, max_size=5)).map("".join),
         ),
         "idempotency_key": st.one_of(st.just(""), LONG, st.integers(), JUNK),
         "deadline": st.one_of(WORD, st.booleans(), JUNK, st.just("2024-13-45T99:00:00")),
         "metadata": st.one_of(
-            WORD, st.integers(), st.lists(st.integers(), max_size=3),
+            WORD,
+            st.integers(),
+            st.lists(st.integers(), max_size=3),
             st.dictionaries(WORD, st.lists(st.integers(), max_size=2), min_size=1, max_size=2),
         ),
-    }  # fmt: skip
+    }
 
 
 def _bad_message() -> st.SearchStrategy[Any]:
     ok = {"role": "user", "content": "hi"}
     return st.one_of(
-        WORD, st.integers(), st.none(),
+        WORD,
+        st.integers(),
+        st.none(),
         WORD.filter(lambda s: s not in ("system", "user", "assistant")).map(
             lambda r: {**ok, "role": r}
         ),
         st.sampled_from([[], None, 5, {"text": "hi"}]).map(lambda c: {**ok, "content": c}),
-        st.just({"role": "user"}), st.just({"content": "hi"}),
-        NAME.filter(lambda n: n not in ("role", "content", "name")).map(
-            lambda n: {**ok, n: 1}
-        ),
-    )  # fmt: skip
+        st.just({"role": "user"}),
+        st.just({"content": "hi"}),
+        NAME.filter(lambda n: n not in ("role", "content", "name")).map(lambda n: {**ok, n: 1}),
+    )
 
 
 def _bad_part() -> st.SearchStrategy[Any]:

@@ -29,9 +29,10 @@ def partition(
         broker_transport(transport),
         timed(tally),
         Island() as island,
-        ChaosFleet("partition", workdir, visibility_s=5, latency_ms=150, host=island.host_ip)
-        as fleet,
-    ):  # fmt: skip
+        ChaosFleet(
+            "partition", workdir, visibility_s=5, latency_ms=150, host=island.host_ip
+        ) as fleet,
+    ):
         fleet.start_worker("free", concurrency=8)
         name = "chaos-free-island"
         argv = [*island.prefix, *worker_argv(["free"], pool="threads", concurrency=8, name=name)]

@@ -43,18 +43,36 @@ def transport_scenarios(long: bool) -> dict[str, Scenario]:
 # The billing columns count provider calls from the simulator's own request log, held
 # job by job and model by model against the ledger's rows (harness.audit).
 COLUMNS = (
-    "scenario", "jobs", "answered", "dead-lettered", "lost", "duplicated", "provider calls",
-    "calls not in ledger", "(redelivered)", "ledger rows never called", "(orphans)", "seconds",
-)  # fmt: skip
+    "scenario",
+    "jobs",
+    "answered",
+    "dead-lettered",
+    "lost",
+    "duplicated",
+    "provider calls",
+    "calls not in ledger",
+    "(redelivered)",
+    "ledger rows never called",
+    "(orphans)",
+    "seconds",
+)
 
 
 def row(t: Tally) -> tuple[str, ...]:
     return (
-        t.scenario, str(t.jobs), str(t.answered), str(t.dead_lettered), str(t.lost),
-        str(t.duplicated), str(t.provider_calls), str(t.unbilled_calls),
-        str(t.redelivered_unbilled), str(t.uncalled_rows), str(t.uncalled_orphans),
+        t.scenario,
+        str(t.jobs),
+        str(t.answered),
+        str(t.dead_lettered),
+        str(t.lost),
+        str(t.duplicated),
+        str(t.provider_calls),
+        str(t.unbilled_calls),
+        str(t.redelivered_unbilled),
+        str(t.uncalled_rows),
+        str(t.uncalled_orphans),
         f"{t.seconds:.1f}",
-    )  # fmt: skip
+    )
 
 
 def known_gaps(t: Tally) -> list[str]:
@@ -112,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.chaos.report")
     names_all = [*SCENARIOS, *transport_scenarios(False)]
     parser.add_argument("scenarios", nargs="*", choices=[[], *names_all], default=[])
-    parser.add_argument("--long", action="store_true",
-                        help="150 kills per transport and a 30 s partition")  # fmt: skip
+    parser.add_argument(
+        "--long", action="store_true", help="150 kills per transport and a 30 s partition"
+    )
     parser.add_argument("--keep", help="keep each fleet's files (logs, ledger) under DIR")
     args = parser.parse_args(argv)
     every: dict[str, Scenario] = {**SCENARIOS, **transport_scenarios(args.long)}

@@ -145,10 +145,14 @@ def witnesses(workdir: Path, jobs: int = 8, kills: int = 3) -> Tally:
         worker = fleet.start_worker("free", concurrency=jobs)
         fleet.wait_ready()
         records = [
-            fleet.submit(ask(f"{job_id('witness', n)} slow", task_class="cost_free",
-                             id=job_id("witness", n)), answered_by(LLAMA, ["free"]))
+            fleet.submit(
+                ask(
+                    f"{job_id('witness', n)} slow", task_class="cost_free", id=job_id("witness", n)
+                ),
+                answered_by(LLAMA, ["free"]),
+            )
             for n in range(jobs)
-        ]  # fmt: skip
+        ]
         killed = 0
         for round_ in range(kills):
             # every job in its call (the round's deliveries all reached the provider)
@@ -633,9 +637,13 @@ def dead_letter_cli(fleet: ChaosFleet, dead_ids: set[str], tally: Tally) -> list
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [fleet_cli, "dead-letter", *args], env=fleet.env, cwd=ROOT,
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            [fleet_cli, "dead-letter", *args],
+            env=fleet.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     listed = cli("list", "--json")
     rows = json.loads(listed.stdout) if listed.returncode == 0 else []
@@ -647,9 +655,12 @@ def dead_letter_cli(fleet: ChaosFleet, dead_ids: set[str], tally: Tally) -> list
     fleet.sim.configure(models={m: {"fault": None} for m in VISION_UPSTREAMS})
     fleet.reset_live_state()
     replays: list[JobRecord] = []
-    vision = sorted(i for i in dead_ids if fleet.client.hget("fleet:dead-letter", i) and
-                    json.loads(fleet.client.hget("fleet:dead-letter", i))["job"]["task_class"]
-                    == "vision")[:3]  # fmt: skip
+    vision = sorted(
+        i
+        for i in dead_ids
+        if fleet.client.hget("fleet:dead-letter", i)
+        and json.loads(fleet.client.hget("fleet:dead-letter", i))["job"]["task_class"] == "vision"
+    )[:3]
     for old in vision:
         entry = json.loads(fleet.client.hget("fleet:dead-letter", old) or "{}")
         done = cli("replay", old, "--json")
@@ -739,9 +750,11 @@ def bad_input(workdir: Path, examples: int = 200) -> Tally:
         seen: list[str] = []
 
         @settings(
-            max_examples=examples, deadline=None, database=None,
+            max_examples=examples,
+            deadline=None,
+            database=None,
             suppress_health_check=list(HealthCheck),
-        )  # fmt: skip
+        )
         @given(malformed_jobs())
         def refused(case: tuple[Any, str]) -> None:
             job, field = case

@@ -61,8 +61,9 @@ def test_a_missing_row_is_explained_only_by_a_redelivered_delivery() -> None:
 
 
 def test_an_orphaned_row_bills_the_call_of_a_killed_delivery() -> None:
-    found = billing([call(delivery=1), call(delivery=2)], [row("zai/glm-4.7", "orphaned"), row()],
-                    SERVED, never)  # fmt: skip
+    found = billing(
+        [call(delivery=1), call(delivery=2)], [row("zai/glm-4.7", "orphaned"), row()], SERVED, never
+    )
     assert not found.unbilled and not found.uncalled
 
 
@@ -109,8 +110,12 @@ def test_strikes_come_at_random_moments_of_their_window_and_apart() -> None:
 
 def test_strikes_run_in_order_and_a_failing_one_is_raised() -> None:
     done: list[int] = []
-    with Strikes(random.Random(0), [lambda: str(done.append(1)), lambda: str(done.append(2))],
-                 (0.0, 0.1), gap_s=0.01) as strikes:  # fmt: skip
+    with Strikes(
+        random.Random(0),
+        [lambda: str(done.append(1)), lambda: str(done.append(2))],
+        (0.0, 0.1),
+        gap_s=0.01,
+    ) as strikes:
         pass
     assert done == [1, 2] and len(strikes.log) == 2
 

@@ -25,8 +25,15 @@ if TYPE_CHECKING:
     from workers.ledger.store import Ledger
 
 GROUPS: tuple[str, ...] = (
-    "model", "provider", "tier", "queue", "task_class", "source", "app", "day",
-)  # fmt: skip
+    "model",
+    "provider",
+    "tier",
+    "queue",
+    "task_class",
+    "source",
+    "app",
+    "day",
+)
 REFERENCE_MODEL = "litellm/kimi"
 REFERENCE_PRICES: tuple[float, float] = (
     0.56,

@@ -25,9 +25,12 @@ READY = "ledger writer: ready"  # the line `fleet up` waits for
 
 
 def run(
-    ledger: Ledger, *, every_s: float = EVERY_S, stop: threading.Event | None = None,
+    ledger: Ledger,
+    *,
+    every_s: float = EVERY_S,
+    stop: threading.Event | None = None,
     out: TextIO = sys.stdout,
-) -> int:  # fmt: skip
+) -> int:
     """Drain the spool every `every_s` until `stop` is set (or SIGTERM/SIGINT), then drain
     once more and return 0."""
     stop = stop or _stop_on_signals()

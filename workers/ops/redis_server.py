@@ -20,9 +20,12 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(
-        self, data_dir: Path, port: int | None = None, appendonly: bool = True,
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        appendonly: bool = True,
         host: str = "127.0.0.1",
-    ) -> None:  # fmt: skip
+    ) -> None:
         """`host`: the address clients use; it listens there and on loopback (a test
         stands a worker in another network namespace, tests/chaos/netns.py)."""
         self.data_dir = Path(data_dir)
@@ -43,6 +46,7 @@ class RedisServer:
                 " or point FLEET_BROKER_URL at a running Redis"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # fmt: skip below: flag and value on one line read as a table of settings.
         argv = [
             binary,
             "--port", str(self.port),

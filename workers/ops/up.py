@@ -70,9 +70,13 @@ def gateway_argv(port: int) -> list[str]:
 
 
 def start_fleet(
-    sup: Supervisor, directory: Path, *, beat: bool, flower_port: int | None,
+    sup: Supervisor,
+    directory: Path,
+    *,
+    beat: bool,
+    flower_port: int | None,
     gateway_port: int | None = None,
-) -> None:  # fmt: skip
+) -> None:
     for queue in QUEUES:
         sup.start(f"worker-{queue}", worker_argv([queue]), ready_marker=" ready.")
     sup.start("ledger-writer", ledger_writer_argv(), ready_marker=LEDGER_WRITER_READY)
@@ -154,6 +158,8 @@ def _print_banner(out: TextIO, directory: Path, sup: Supervisor, info: dict[str,
     if "flower" in info:
         print(f"  flower  {info['flower']}", file=out)
     if "gateway" in info:
-        print(f"  gateway {info['gateway']}  (OpenAI-compatible; keys: fleet keys create APP)",
-              file=out)  # fmt: skip
+        print(
+            f"  gateway {info['gateway']}  (OpenAI-compatible; keys: fleet keys create APP)",
+            file=out,
+        )
     print("Ctrl-C stops the fleet.", file=out, flush=True)

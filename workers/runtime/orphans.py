@@ -91,6 +91,10 @@ def bill(
         log.warning(
             "job %s: a call to %s (delivery %d of message %d) was in flight when its worker"
             " died: billed as orphaned, estimated $%.6f",
-            job["id"], attempt.model, orphan.delivery, orphan.sends, cost.usd,
-        )  # fmt: skip
+            job["id"],
+            attempt.model,
+            orphan.delivery,
+            orphan.sends,
+            cost.usd,
+        )
     return [attempts[o.field] for o in billed]

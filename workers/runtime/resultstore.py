@@ -116,13 +116,31 @@ class FleetRedisBackend(RedisBackend):
         settle = "" if extra.settle_usd is None else repr(extra.settle_usd)
         filing, beat = extra.filing, extra.beat
         reply = store(
-            keys=[key, keys.LEDGER_SPOOL, keys.DEAD_LETTER, keys.dead_letter_index(filing.bucket),
-                  keys.DEAD_LETTER_TRIMMED, keys.BEAT_HEALTH, keys.inflight(job_id),
-                  keys.running(this_process()), *extra.settle_keys],
-            args=[value, ttl, "1" if final else "0", extra.rows, job_id, extra.dead_letter,
-                  settle, filing.bucket, filing.max_count, filing.max_age_s,
-                  beat.encode() if beat else ""],
-        )  # fmt: skip
+            keys=[
+                key,
+                keys.LEDGER_SPOOL,
+                keys.DEAD_LETTER,
+                keys.dead_letter_index(filing.bucket),
+                keys.DEAD_LETTER_TRIMMED,
+                keys.BEAT_HEALTH,
+                keys.inflight(job_id),
+                keys.running(this_process()),
+                *extra.settle_keys,
+            ],
+            args=[
+                value,
+                ttl,
+                "1" if final else "0",
+                extra.rows,
+                job_id,
+                extra.dead_letter,
+                settle,
+                filing.bucket,
+                filing.max_count,
+                filing.max_age_s,
+                beat.encode() if beat else "",
+            ],
+        )
         if beat and isinstance(reply, list):  # [event, the entry's health]
             beathealth.report(beat.entry, _text(reply[0]), _text(reply[1]))
         return reply

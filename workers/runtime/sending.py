@@ -90,9 +90,13 @@ def send_many(app: Any, messages: Sequence[Outgoing]) -> list[Any]:
         else:
             for m in messages:
                 app.amqp.send_task_message(
-                    producer, TASK_RUN_JOB, _task_message(app, m), queue=m.queue,
-                    priority=m.priority, declare=[],  # workers declare their queues
-                )  # fmt: skip
+                    producer,
+                    TASK_RUN_JOB,
+                    _task_message(app, m),
+                    queue=m.queue,
+                    priority=m.priority,
+                    declare=[],  # workers declare their queues
+                )
     return [AsyncResult(m.job["id"], app=app) for m in messages]
 
 
@@ -210,9 +214,13 @@ def _backoff(policy: dict[str, Any]) -> list[float]:
 
 
 def _envelope(
-    body: Any, headers: dict[str, Any], properties: dict[str, Any], priority: int,
-    exchange: str, routing_key: str,
-) -> dict[str, Any]:  # fmt: skip
+    body: Any,
+    headers: dict[str, Any],
+    properties: dict[str, Any],
+    priority: int,
+    exchange: str,
+    routing_key: str,
+) -> dict[str, Any]:
     """What kombu's Redis channel writes (as JSON) for one published message."""
     encoded = base64.b64encode(json.dumps(body).encode()).decode()
     properties = {

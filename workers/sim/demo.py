@@ -48,27 +48,44 @@ def demo_jobs() -> list[tuple[str, dict[str, Any]]]:
         {"type": "image_url", "image_url": {"url": PIXEL}},
     ]
     return [
-        ("complex reasoning, primary 429 Retry-After", _ask(
-            "[[sim:glm-4.7=429:1]] Plan the migration in three steps.",
-            task_class="complex_reasoning")),
+        (
+            "complex reasoning, primary 429 Retry-After",
+            _ask(
+                "[[sim:glm-4.7=429:1]] Plan the migration in three steps.",
+                task_class="complex_reasoning",
+            ),
+        ),
         ("creative", _ask("Write a two-line poem about queues.", task_class="creative")),
-        ("user facing, primary 503", _ask(
-            "[[sim:glm-4.7=503]] Greet the user warmly.", task_class="user_facing")),
-        ("vision (image part)", {"task_class": "vision",
-                                 "messages": [{"role": "user", "content": image}]}),
-        ("long context, 250K tokens", _ask(
-            f"Summarise this document: {long_doc}", task_class="long_context")),
-        ("fast general, primary timeout", _ask(
-            "[[sim:MiniMax-M2.1=timeout]] List three colours.", task_class="fast_general")),
-        ("cost free, from cron", _ask(
-            "Digest the inbox.", task_class="cost_free", source="cron")),
-        ("reasoning free, sub-agent", _ask(
-            "Check this arithmetic: 2+2=4.", task_class="reasoning_free", source="sub-agent")),
-        ("heartbeat on local MLX", _ask(
-            "ping", task_class="heartbeat", source="heartbeat", max_tokens=12)),
-        ("profile code", _ask("Write hello world in C.", task_class="fast_general",
-                              profile="code")),
-    ]  # fmt: skip
+        (
+            "user facing, primary 503",
+            _ask("[[sim:glm-4.7=503]] Greet the user warmly.", task_class="user_facing"),
+        ),
+        (
+            "vision (image part)",
+            {"task_class": "vision", "messages": [{"role": "user", "content": image}]},
+        ),
+        (
+            "long context, 250K tokens",
+            _ask(f"Summarise this document: {long_doc}", task_class="long_context"),
+        ),
+        (
+            "fast general, primary timeout",
+            _ask("[[sim:MiniMax-M2.1=timeout]] List three colours.", task_class="fast_general"),
+        ),
+        ("cost free, from cron", _ask("Digest the inbox.", task_class="cost_free", source="cron")),
+        (
+            "reasoning free, sub-agent",
+            _ask("Check this arithmetic: 2+2=4.", task_class="reasoning_free", source="sub-agent"),
+        ),
+        (
+            "heartbeat on local MLX",
+            _ask("ping", task_class="heartbeat", source="heartbeat", max_tokens=12),
+        ),
+        (
+            "profile code",
+            _ask("Write hello world in C.", task_class="fast_general", profile="code"),
+        ),
+    ]
 
 
 @contextmanager

@@ -42,9 +42,10 @@ class Refused:
 
 
 def reserve_many(
-    redis: Any, requests: Sequence[tuple[str, AppLimits, float, str]],
+    redis: Any,
+    requests: Sequence[tuple[str, AppLimits, float, str]],
     now: datetime | None = None,
-) -> list[Reservation | Refused]:  # fmt: skip
+) -> list[Reservation | Refused]:
     """For each (app, limits, worst USD, job id), in order, in one round trip: take the
     request's slot and set its worst-case cost aside, or say which limit is full (one
     script call each: every request is admitted or refused on its own). The job is
@@ -124,9 +125,13 @@ def refund(redis: Any, app: str, job_id: str, reservation: Reservation) -> bool:
 
 
 def revoke(
-    redis: Any, job_id: str, state_json: str, expires_s: int, app: str,
+    redis: Any,
+    job_id: str,
+    state_json: str,
+    expires_s: int,
+    app: str,
     reservation: Reservation | None,
-) -> str:  # fmt: skip
+) -> str:
     """Revoke a job (scripts/revoke.lua): 'REVOKED' (ended now: it was not delivered yet),
     'REVOKING' (a worker holds it: its next delivery ends it), or 'ENDED <status>' for a
     job that has its final status already."""

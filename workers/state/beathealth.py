@@ -101,18 +101,24 @@ def report(entry: str, event: str, health_json: str) -> None:
         log.warning(
             "beat entry %r failing: %s (dead letter %s; further failures for this cause"
             " are counted in `fleet status`, not filed)",
-            entry, health.get("reason"), health.get("dead_letter"),
-        )  # fmt: skip
+            entry,
+            health.get("reason"),
+            health.get("dead_letter"),
+        )
     elif event == "another":
         log.warning(
             "beat entry %r still failing, for another cause: %s (dead letter %s)",
-            entry, health.get("reason"), health.get("dead_letter"),
-        )  # fmt: skip
+            entry,
+            health.get("reason"),
+            health.get("dead_letter"),
+        )
     elif event == "recovered":
         log.warning(
             "beat entry %r recovered: answered again after failing since %s (%d repeats)",
-            entry, _clock(health.get("since")), health.get("repeats", 0),
-        )  # fmt: skip
+            entry,
+            _clock(health.get("since")),
+            health.get("repeats", 0),
+        )
 
 
 def entries(redis: Any) -> list[dict[str, Any]]:

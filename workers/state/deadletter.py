@@ -113,14 +113,16 @@ def summary(redis: Any, policy: DeadLetters) -> list[dict[str, Any]]:
             continue
         max_count, max_age_days = policy.for_class(name)
         last = trimmed.get(f"{name}:at")
-        rows.append({
-            "task_class": name,
-            "held": int(count),
-            "trimmed": lost,
-            "last_trimmed_at": float(last) if last else None,
-            "max_count": max_count,
-            "max_age_days": max_age_days,
-        })  # fmt: skip
+        rows.append(
+            {
+                "task_class": name,
+                "held": int(count),
+                "trimmed": lost,
+                "last_trimmed_at": float(last) if last else None,
+                "max_count": max_count,
+                "max_age_days": max_age_days,
+            }
+        )
     return rows
 
 

@@ -87,8 +87,14 @@ def begin(
         keys.running(process),
     ]
     args: list[Any] = [
-        KEEP_S, MAX_DEATHS, MAX_DELIVERIES, sends, process, keys.RUNNING_PREFIX, job_id,
-    ]  # fmt: skip
+        KEEP_S,
+        MAX_DEATHS,
+        MAX_DELIVERIES,
+        sends,
+        process,
+        keys.RUNNING_PREFIX,
+        job_id,
+    ]
     if admission is not None:
         script_keys += admission.keys
         args += admission.args

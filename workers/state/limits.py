@@ -148,13 +148,18 @@ class FleetState:
         """Every budget capping `model`, with the spend counter of its current period."""
         names = {"model": model.id, "provider": model.provider, "tier": model.tier}
         return [
-            _Cap(keys.spend(b.scope, b.name, period, _stamp(now, period)), cap, period,
-                 b.scope, b.name)
+            _Cap(
+                keys.spend(b.scope, b.name, period, _stamp(now, period)),
+                cap,
+                period,
+                b.scope,
+                b.name,
+            )
             for b in self.catalog.policy.budgets
             if names[b.scope] == b.name
             for period, cap in (("day", b.usd_per_day), ("month", b.usd_per_month))
             if cap is not None
-        ]  # fmt: skip
+        ]
 
     def _windows(self, task_class: str, model: Model) -> list[_Window]:
         key = (task_class, model.id)
