@@ -2,12 +2,12 @@
 previous batch is on its way goes in the next one (a group commit).
 
 A request's send is two round trips to Redis (its key's reservation, then the job's
-message), made from a thread because redis-py blocks. One thread hop and two round trips
-per request made a burst of 500 requests queue behind 64 threads fighting over the GIL
-with the event loop: the last job was queued 1.2 s after the burst began, while the
-workers waited. Batched, a burst costs a few hops: every reservation of a batch in one
-pipeline (`apps.reserve_many`, each admitted or refused on its own) and every admitted
-job in one `dispatch_many` MULTI/EXEC. One request alone is sent at once, as before.
+message), made from a thread because redis-py blocks. Sent one by one, a burst's requests
+would queue behind each other's thread hops and round trips, their threads fighting the
+event loop for the GIL, while the workers wait for the jobs. Batched, a burst costs a few
+hops: every reservation of a batch in one pipeline (`apps.reserve_many`, each admitted or
+refused on its own) and every admitted job in one `dispatch_many` MULTI/EXEC. One request
+alone is sent at once.
 
 `dispatch_many` refuses a whole batch if any job cannot go (a model went down since the
 request was routed): the batch is then sent job by job, so that each request gets its

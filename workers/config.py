@@ -20,8 +20,8 @@ DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 # first calls open connections; a busy one's threads wait for the GIL). Two calls a
 # window apart on Redis' clock can arrive less than a window apart. Every window is
 # counted this much longer, so a slot is free again only window + margin after it was
-# taken (limits.py). 1 s covers the spread measured on a loaded 2-core machine
-# (README: Limits) with room; 1 s on a minute costs 1.6% of the limit.
+# taken (limits.py). 1 s covers that spread with room, also on a loaded machine
+# (docs/architecture.md, "Provider's clock"); 1 s on a minute costs 1/61 of the limit.
 DEFAULT_LIMIT_MARGIN_MS = 1000
 MAX_LIMIT_MARGIN_MS = 60_000
 

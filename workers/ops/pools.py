@@ -1,9 +1,10 @@
 """How each queue's worker runs: pool type and concurrency, and the command that starts it.
 
 The HTTP queues wait on providers, not on the CPU: a threads pool holds many calls in
-flight in one process (a trial here: threads -c 100 held 1,000 calls of 1 s in 10.5 s;
-gevent cost about 3x the CPU per task). The local queue runs one MLX generation at a time:
-a model's weights and compute are per process, so more would only contend.
+flight in one process, without a process per call (prefork) or gevent's patching of every
+socket and its CPU per task. The local queue runs one MLX generation at a time: a model's
+weights and compute are per process, so more would only contend. docs/architecture.md,
+"Processes", has the table and its reasons.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ open (its close raised on the dead socket), the transport is already detached on
 second, and restoring that channel's unacked messages fails in `Channel._connparams`
 with AttributeError ('NoneType' object has no attribute 'hostname'): not a connection
 error, so it escapes the consumer's `ignore_errors` and the worker dies ("Unrecoverable
-error"). Found by the chaos suite (tests/chaos: Redis restarted mid-run).
+error"). The chaos suite's Redis restarts (tests/chaos) exercise it.
 
 Here a detached channel raises a connection error instead: the close goes on, the worker
 reconnects, and the jobs it held stay in Redis' unacked set, which the visibility sweep

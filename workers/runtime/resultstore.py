@@ -5,8 +5,8 @@ Celery writes a job's state several times: STARTED when a delivery starts, RETRY
 delivery forwards the job to its next model, SUCCESS or FAILURE at the end. Those writes
 come from different workers and can land out of order: the RETRY of the delivery that
 forwarded a job is written after the forward is sent, so the next delivery can finish
-first and its SUCCESS be overwritten by a late RETRY (seen by the chaos suite while
-Redis restarted), and a stale copy of a failed job, delivered again after its worker
+first and its SUCCESS be overwritten by a late RETRY (a Redis restart makes that
+likely), and a stale copy of a failed job, delivered again after its worker
 died before acking, writes STARTED over the FAILURE. Either way the final word is lost:
 callers wait forever and the stale-copy check no longer sees the job finished. Celery
 guards SUCCESS only, with a read before every write (a round trip). Here SUCCESS is never

@@ -4,7 +4,7 @@ message's shape in `sending.py`.
 A delivery: count it (a stale or superseded copy runs nothing; a poisoned one fails),
 bill the calls earlier deliveries of its message left in flight when their workers died
 (`orphans.py`), take one step down the chain (at most one provider call, marked in flight
-by the admission that lets it through), and turn the step into a Celery action: return
+as it leaves: workers/state/inflight.py), and turn the step into a Celery action: return
 the Result, forward the job to its next queue, or fail. A finished job's ledger rows and
 dead letter are attached to its final state, which the result store writes in one atomic
 script: nothing on the task's path writes a database.

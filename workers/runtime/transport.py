@@ -18,10 +18,10 @@ with the stock channel; the fleet's delivery counters and stored final states ke
 job from being answered or billed twice (docs/architecture.md, "No job lost").
 
 The design is celery-redis-plus's (a requeue index written at publish time), kept on
-kombu's lists instead of its sorted sets: the wire format, Flower's queue lengths and
-`fleet status` stay as they are, and a producer in another language that only LPUSHes
-(docs/enqueue-from-any-language.md) still works; its message is filed at delivery, as
-kombu does.
+kombu's lists instead of its sorted sets, so the wire format is kombu's: `fleet status`
+and Flower's queue lengths read the same lists, and a producer in another language that
+only LPUSHes (docs/enqueue-from-any-language.md) works too; its message is filed at
+delivery, as kombu does.
 
 Only the job queues (the `tracked_queues` transport option) are filed; Celery's own
 reply and control queues are consumed without acks and keep the stock behaviour.

@@ -12,9 +12,12 @@ worker is killed is delivered again and calls again: the ledger must hold both c
              model, queue, tier, attempt number, estimated prompt tokens and worker.
              Marked there, not with the call's slot (which would save this round trip): a
              worker killed between its admission and the send, while it builds the request
-             or connects, would leave a mark for a call the provider never received. In
-             the chaos suite's 150-kill run that was 9 calls in 6,269; marked here, 1 or 2
-             in about 6,000 (killed between the mark and the request's last byte).
+             or connects, would leave a mark for a call the provider never received, and
+             the ledger would bill it. What remains is a worker killed between the mark
+             and the request's last byte (the headers and the body are two writes): that
+             window is the request's own, not Redis' round trip, so a mark sent without
+             waiting for Redis' reply would not shrink it: the mark waits, the simpler
+             code. The chaos audit counts such rows apart.
     clear    Once the call's outcome is recorded: with the job's final state and its ledger
              rows (store_result.lua), or, when the job moved on to its next message, by
              that message's first round trip (begin.lua), since its state carries the
