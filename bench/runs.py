@@ -50,20 +50,21 @@ GET_TIMEOUT_S = 120
 class Row:
     """One figure. `fleet` and `ref` are each side's own figure (usually a median);
     `value` compares them as `basis` says: "paired" is the median (or the percentile the
-    measure names) of the per-round differences or ratios of samples taken in turns,
-    "medians" and "bests" compare the two sides' medians or best tries. `load` is the
-    1-minute load average as the figure's measurement started and as it ended."""
+    measure names) of the per-round differences or ratios of samples taken in turns;
+    anything else ("of best tries", "of peaks") names the two figures it compares, and the
+    table prints it beside the value. `load` is the 1-minute load average as the figure's
+    measurement started and as it ended."""
 
     bench: str
     measure: str
     fleet: float | None
     ref: float | None = None
-    unit: str = ""
+    unit: str = ""  # "ms", "µs", "/s", "×", "count" (an integer, printed bare), ...
     compare: str = ""  # "ratio" (fleet / ref), "overhead" (fleet - ref), or ""
     value: float | None = None  # the ratio or overhead
     target: str = "info"
     met: bool | None = None
-    basis: str = ""  # "paired", "medians", "bests" (how `value` was taken), or ""
+    basis: str = ""  # "paired", "of best tries", "of peaks" (how `value` is taken), or ""
     load: list[float] | None = None
 
 
