@@ -1,6 +1,7 @@
 """The gateway's cost: one request at a time through `fleet serve`, against `dispatch()`
-and against a direct call to the provider (median, p99); then 500 requests at once
-against a 1 s provider, against Little's law for the fleet's concurrency."""
+and against a direct call to the provider, taking turns (median and p99 of each round's
+difference); then 500 requests at once against a 1 s provider, against Little's law for
+the fleet's concurrency."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import sys
 import time
 from typing import Any
 
-from bench.common import ROOT, Stack, interleaved, median, percentile
+from bench.common import ROOT, Load, Stack, interleaved, median, paired_differences, percentile
 
-LITELLM_PROXY_MS = 21.0  # its median overhead per call on this kind of machine (issue 9)
+# The LiteLLM proxy's median overhead per call over a direct call, measured elsewhere on
+# this kind of machine: quoted, not run beside the fleet.
+LITELLM_PROXY_MS = 21.0
 
 
 def _gateway(stack: Stack) -> tuple[str, str]:
@@ -65,34 +68,56 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
                 reply.raise_for_status()
 
             one = {"direct": direct, "dispatch": _fleet_batch(1), "gateway": through_gateway}
-            samples = interleaved(one, n, warm)
+            with Load() as one_load:
+                samples = interleaved(one, n, warm)
         # 500 at once against a 1 s provider: the fleet holds 100 calls at a time (two
         # workers, -c 50 each), so Little's law bounds the burst at 500 x 1 s / 100 = 5 s
         stack.sim.configure({"default": {"latency_ms": 1000}})
-        seconds, failed = asyncio.run(_burst(url, headers, body, burst))
-        start = time.perf_counter()  # the same jobs without the gateway, for its share
-        _fleet_batch(burst)()
-        direct_s = time.perf_counter() - start
+        with Load() as burst_load:
+            seconds, failed = asyncio.run(_burst(url, headers, body, burst))
+        with Load() as dispatch_load:  # the same jobs without the gateway, for its share
+            start = time.perf_counter()
+            _fleet_batch(burst)()
+            direct_s = time.perf_counter() - start
     bound = burst * 1.0 / 100
     med = {k: median(v) for k, v in samples.items()}
     p99 = {k: percentile(v, 99) for k, v in samples.items()}
-    over_direct, over_dispatch = med["gateway"] - med["direct"], med["gateway"] - med["dispatch"]
-    rows = [
-        Row("gateway", "one request through the gateway, median", med["gateway"], None, "ms"),
-        Row(
+    over = {
+        ref: paired_differences(samples["gateway"], samples[ref]) for ref in ("direct", "dispatch")
+    }
+    over_direct = median(over["direct"])
+
+    def overhead(ref: str, what: str, q: float) -> Row:
+        """The gateway's q-th percentile, the reference's, and that of their per-round
+        differences (q = 50: the medians)."""
+        if q == 50:
+            figures = med["gateway"], med[ref], median(over[ref])
+            measure = f"one request through the gateway, ref: {what}, median"
+        else:
+            figures = (
+                percentile(samples["gateway"], q),
+                percentile(samples[ref], q),
+                percentile(over[ref], q),
+            )
+            measure = f"  ... p{q:g}"
+        fleet, reference, value = figures
+        return Row(
             "gateway",
-            "  overhead over a direct provider call, median",
-            over_direct,
-            None,
+            measure,
+            fleet,
+            reference,
             "ms",
-            "",
-            None,
-            f"< LiteLLM proxy's {LITELLM_PROXY_MS:g} ms",
-            over_direct < LITELLM_PROXY_MS,
-        ),
-        Row("gateway", "  ... p99", p99["gateway"] - p99["direct"], None, "ms"),
-        Row("gateway", "  overhead over dispatch()+get(), median", over_dispatch, None, "ms"),
-        Row("gateway", "  ... p99", p99["gateway"] - p99["dispatch"], None, "ms"),
+            "overhead",
+            value,
+            basis="paired",
+            load=one_load.span,
+        )
+
+    rows = [
+        overhead("direct", "a direct provider call", 50),
+        overhead("direct", "a direct provider call", 99),
+        overhead("dispatch", "dispatch()+get()", 50),
+        overhead("dispatch", "dispatch()+get()", 99),
         Row(
             "gateway",
             f"{burst} requests at once × 1 s provider (fleet 2 × -c 50): seconds",
@@ -103,14 +128,17 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
             None,
             "≤ 1.25× Little's law",
             seconds <= 1.25 * bound,
+            load=burst_load.span,
         ),
         Row(
             "gateway",
-            f"  ... × Little's-law bound ({bound:g} s); failed requests",
+            f"  ... × Little's-law bound ({bound:g} s)",
             seconds / bound,
-            float(failed),
+            None,
             "×",
+            load=burst_load.span,
         ),
+        Row("gateway", "  ... failed requests", failed, None, "count", load=burst_load.span),
         Row(
             "gateway",
             f"  the same {burst} jobs by dispatch() from one process: seconds",
@@ -120,13 +148,26 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
             "",
             None,
             f"{direct_s / bound:.2f}× the bound",
+            load=dispatch_load.span,
         ),
     ]
+    rows[0].target = f"< LiteLLM proxy's {LITELLM_PROXY_MS:g} ms"
+    rows[0].met = over_direct < LITELLM_PROXY_MS
     details = {
         "sequential": n,
         "burst": burst,
         "medians_ms": med,
         "p99_ms": p99,
+        "gateway_minus_ms": {
+            ref: {"median": median(v), "p90": percentile(v, 90), "p99": percentile(v, 99)}
+            for ref, v in over.items()
+        },
+        "samples_ms": samples,
+        "load_1min": {
+            "one_at_a_time": one_load.span,
+            "burst": burst_load.span,
+            "burst_by_dispatch": dispatch_load.span,
+        },
         "burst_s": seconds,
         "burst_failed": failed,
         "bound_s": bound,
@@ -140,8 +181,8 @@ async def _burst(
     url: str, headers: dict[str, str], body: dict[str, Any], n: int
 ) -> tuple[float, int]:
     """`n` requests at once, each on a connection of its own, with a bare HTTP/1.1 client:
-    httpx's async pool spends about 14 ms of CPU per request with 500 in flight (it was
-    the bottleneck of this measure, on the same two cores as the fleet)."""
+    httpx's async pool, with 500 requests in flight, spends enough CPU per request to be
+    the bottleneck of this measure on the same cores as the fleet."""
     import json
     from urllib.parse import urlsplit
 

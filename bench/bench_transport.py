@@ -1,6 +1,7 @@
 """The broker transport's cost: the fleet's (workers/runtime/transport.py, which files each
 job message at publish) against kombu's stock Redis channel, side by side on one
-redis-server (a database each), one threads worker each, the same jobs, interleaved.
+redis-server (a database each), one threads worker each, the same jobs, taking turns
+round by round; each comparison is of the two sides' samples of the same round.
 
 What it costs is a bigger publish (the message's text goes to Redis twice, in one
 MULTI/EXEC) and a smaller delivery record (a tag, not the message again); what it buys,
@@ -11,7 +12,18 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.common import ROOT, WORKER_READY, Stack, cpu_s, interleaved, median
+from bench.common import (
+    ROOT,
+    WORKER_READY,
+    Load,
+    Stack,
+    cpu_s,
+    interleaved,
+    median,
+    paired_differences,
+    paired_ratios,
+    percentile,
+)
 
 
 def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
@@ -48,38 +60,57 @@ def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
 
                 return run
 
-            samples = interleaved({side: one(app) for side, app in apps.items()}, n, warm)
+            with Load() as one_load:
+                samples = interleaved({side: one(app) for side, app in apps.items()}, n, warm)
             publish: dict[str, list[float]] = {side: [] for side in apps}
             worker_cpu: dict[str, list[float]] = {side: [] for side in apps}
-            for _ in range(3 if quick else 6):
-                for side, app in apps.items():
+            order = list(apps)
+            with Load() as batch_load:
+                for i in range(3 if quick else 6):
+                    for side in order if i % 2 == 0 else order[::-1]:
+                        app = apps[side]
+                        before = cpu_s(pids[side])
+                        start = time.perf_counter()
+                        handles = dispatch_many([JOB] * batch, app=app)
+                        publish[side].append((time.perf_counter() - start) / batch * 1e6)
+                        for handle in handles:
+                            handle.get(timeout=60)
+                        worker_cpu[side].append((cpu_s(pids[side]) - before) / batch * 1000)
+                for side, app in apps.items():  # and a longer run, for the workers' CPU
                     before = cpu_s(pids[side])
-                    start = time.perf_counter()
-                    handles = dispatch_many([JOB] * batch, app=app)
-                    publish[side].append((time.perf_counter() - start) / batch * 1e6)
-                    for handle in handles:
-                        handle.get(timeout=60)
-                    worker_cpu[side].append((cpu_s(pids[side]) - before) / batch * 1000)
-            for side, app in apps.items():  # and a longer run, for the workers' CPU
-                before = cpu_s(pids[side])
-                for _ in range(cpu_jobs // batch):
-                    send_many(app)()
-                worker_cpu[side].append((cpu_s(pids[side]) - before) / cpu_jobs * 1000)
+                    for _ in range(cpu_jobs // batch):
+                        send_many(app)()
+                    worker_cpu[side].append((cpu_s(pids[side]) - before) / cpu_jobs * 1000)
         finally:
             stock.stop(20)
     one_ms = {side: median(v) for side, v in samples.items()}
     pub_us = {side: median(v) for side, v in publish.items()}
     cpu_ms = {side: median(v) for side, v in worker_cpu.items()}
+    one_extra = paired_differences(samples["fleet"], samples["kombu"])
+    pub_ratio = median(paired_ratios(publish["fleet"], publish["kombu"]))
+    cpu_ratio = median(paired_ratios(worker_cpu["fleet"], worker_cpu["kombu"]))
     rows = [
         Row(
             "transport",
-            "one job: submit→result, median (fleet's vs kombu's stock)",
+            "one job: submit→result, median (ref: kombu's stock channel)",
             one_ms["fleet"],
             one_ms["kombu"],
             "ms",
             "overhead",
-            one_ms["fleet"] - one_ms["kombu"],
-            "info",
+            median(one_extra),
+            basis="paired",
+            load=one_load.span,
+        ),
+        Row(
+            "transport",
+            "  ... p99",
+            percentile(samples["fleet"], 99),
+            percentile(samples["kombu"], 99),
+            "ms",
+            "overhead",
+            percentile(one_extra, 99),
+            basis="paired",
+            load=one_load.span,
         ),
         Row(
             "transport",
@@ -88,8 +119,9 @@ def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
             pub_us["kombu"],
             "µs",
             "ratio",
-            pub_us["fleet"] / pub_us["kombu"],
-            "info",
+            pub_ratio,
+            basis="paired",
+            load=batch_load.span,
         ),
         Row(
             "transport",
@@ -98,8 +130,9 @@ def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
             cpu_ms["kombu"],
             "ms",
             "ratio",
-            cpu_ms["fleet"] / cpu_ms["kombu"],
-            "info",
+            cpu_ratio,
+            basis="paired",
+            load=batch_load.span,
         ),
     ]
     details = {
@@ -107,6 +140,16 @@ def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
         "one_job_ms": one_ms,
         "publish_us_per_job": pub_us,
         "worker_cpu_ms_per_job": cpu_ms,
+        "fleet_minus_kombu_one_job_ms": {
+            "median": median(one_extra),
+            "p90": percentile(one_extra, 90),
+            "p99": percentile(one_extra, 99),
+        },
+        "publish_ratio_paired_median": pub_ratio,
+        "worker_cpu_ratio_paired_median": cpu_ratio,
         "samples_ms": samples,
+        "publish_us_rounds": publish,
+        "worker_cpu_ms_rounds": worker_cpu,
+        "load_1min": {"one_job": one_load.span, "batches": batch_load.span},
     }
     return rows, details

@@ -36,22 +36,64 @@ def median(values: list[float]) -> float:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q`th percentile of `values`."""
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return float(ordered[index])
 
 
+def paired_differences(fleet: list[float], reference: list[float]) -> list[float]:
+    """`fleet[i] - reference[i]` for each pair taken in the same round.
+
+    An overhead's percentile is a percentile of these differences: the difference of two
+    percentiles (p99 of one side minus p99 of the other) compares two different rounds'
+    samples and can even put a p99 below the median."""
+    if len(fleet) != len(reference):
+        raise ValueError(f"unpaired samples: {len(fleet)} against {len(reference)}")
+    return [f - r for f, r in zip(fleet, reference, strict=True)]
+
+
+def paired_ratios(fleet: list[float], reference: list[float]) -> list[float]:
+    """`fleet[i] / reference[i]` for each pair taken in the same round."""
+    if len(fleet) != len(reference):
+        raise ValueError(f"unpaired samples: {len(fleet)} against {len(reference)}")
+    return [f / r for f, r in zip(fleet, reference, strict=True)]
+
+
 def interleaved(runs: dict[str, Callable[[], Any]], n: int, warm: int) -> dict[str, list[float]]:
     """Milliseconds of each run, `n` times, taking turns (after `warm` untimed rounds):
-    every side meets the same moments of a noisy machine."""
+    every side meets the same moments of a noisy machine, and the i-th sample of each
+    side comes from the same round, so they pair (`paired_differences`). The order
+    within a round flips every round, so no side always goes first."""
     samples: dict[str, list[float]] = {side: [] for side in runs}
+    order = list(runs)
     for i in range(n + warm):
-        for side, run in runs.items():
+        for side in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            run()
+            runs[side]()
             if i >= warm:
                 samples[side].append((time.perf_counter() - start) * 1000)
     return samples
+
+
+def loadavg_1min() -> float:
+    """The machine's 1-minute load average (all its processes, this benchmark's too)."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+class Load:
+    """The 1-minute load average read as a measurement starts and as it ends:
+    `with Load() as load: ...`, then `load.span` is [start, end]."""
+
+    def __init__(self) -> None:
+        self.span: list[float] = []
+
+    def __enter__(self) -> Load:
+        self.span = [loadavg_1min()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.span.append(loadavg_1min())
 
 
 # --- /proc ----------------------------------------------------------------------------

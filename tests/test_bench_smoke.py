@@ -1,5 +1,7 @@
 """The benchmark harness runs: a tiny subset of `python -m bench`, in a subprocess, with
-its own Redis; no timing is asserted (the figures come from full runs, see bench/)."""
+its own Redis; no timing is asserted (the figures come from full runs, see bench/). And
+the overheads it prints are percentiles of paired differences, not differences of
+percentiles."""
 
 from __future__ import annotations
 
@@ -7,6 +9,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from bench.common import interleaved, paired_differences, paired_ratios, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +41,40 @@ def test_bench_quick_subset_prints_a_table_and_writes_json(tmp_path: Path) -> No
     assert report["benchmarks"] == ["router", "enqueue"] and not report["failed"]
     assert {row["bench"] for row in report["rows"]} == {"router", "enqueue"}
     assert report["machine"]["nproc"] >= 1
+    assert report["machine"]["cpu"] and report["machine"]["kombu"]
+    for row in report["rows"]:  # each figure carries the load around its measurement
+        assert len(row["load"]) == 2 and all(x >= 0 for x in row["load"]), row
+    enqueue = {row["measure"].split(",")[0]: row for row in report["rows"]}
+    assert enqueue["dispatch() µs/job (validate+route+enqueue)"]["basis"] == "paired"
+    assert "load 1m" in proc.stdout
+
+
+def test_an_overheads_percentiles_are_those_of_paired_differences() -> None:
+    # Rounds where the fleet and the reference were slow at different moments: each
+    # side's p99 is 98, so the difference of the p99s says 0, while the fleet took up to
+    # 97 ms longer than the reference of its own round.
+    fleet = [float(i) for i in range(100)]
+    reference = fleet[::-1]
+    assert percentile(fleet, 99) - percentile(reference, 99) == 0
+    overhead = paired_differences(fleet, reference)
+    assert overhead == [2.0 * i - 99 for i in range(100)]
+    assert percentile(overhead, 99) == 97
+    assert percentile(overhead, 50) <= percentile(overhead, 99)
+    # the issue's symptom, a p99 below the median, from a difference of percentiles
+    fleet, reference = [1.0] * 60 + [5.0] * 40, [0.0] * 60 + [5.0] * 38 + [9.0] * 2
+    median_gap = percentile(fleet, 50) - percentile(reference, 50)
+    assert percentile(fleet, 99) - percentile(reference, 99) < median_gap
+    paired = paired_differences(fleet, reference)
+    assert percentile(paired, 99) >= percentile(paired, 50)
+    assert paired_ratios([2.0, 9.0], [1.0, 3.0]) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="unpaired"):
+        paired_differences([1.0, 2.0], [1.0])
+
+
+def test_interleaved_samples_take_turns_and_pair_by_round() -> None:
+    calls: list[str] = []
+    runs = {side: (lambda side=side: calls.append(side)) for side in ("fleet", "ref")}
+    samples = interleaved(runs, n=3, warm=1)
+    assert {side: len(v) for side, v in samples.items()} == {"fleet": 3, "ref": 3}
+    # the order flips every round, so neither side always goes first
+    assert calls == ["fleet", "ref", "ref", "fleet", "fleet", "ref", "ref", "fleet"]
