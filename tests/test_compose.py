@@ -51,7 +51,7 @@ def environment(service: dict[str, Any]) -> dict[str, Any]:
 
 def celery_subcommand(service: dict[str, Any]) -> str | None:
     cmd = command(service)
-    if cmd[:3] == ["celery", "-A", "workers.runtime.celery_app"] and len(cmd) > 3:
+    if cmd[:3] == ["celery", "-A", "workers"] and len(cmd) > 3:
         return cmd[3]
     return None
 

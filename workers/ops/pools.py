@@ -54,7 +54,7 @@ def worker_argv(
         "-m",
         "celery",
         "-A",
-        "workers.runtime.celery_app",
+        "workers",
         "worker",
         "-Q",
         ",".join(queues),

@@ -15,7 +15,8 @@ Settings come from the environment when the app is built (never at import):
     FLEET_BEAT_EVERY_S           a test/demo knob: fire every beat entry this many seconds
                        apart instead of on its schedule (unset in production)
 
-`celery -A workers.runtime.celery_app worker -Q free` finds `app` here (built on first access).
+`celery -A workers worker -Q free` finds the app through workers/celery.py; this module
+answers `app` too (built on first access), for `celery -A workers.runtime.celery_app`.
 """
 
 from __future__ import annotations
