@@ -22,11 +22,11 @@ answers `app` too (built on first access), for `celery -A workers.runtime.celery
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
@@ -98,6 +98,13 @@ def _broker_transport(broker: str, environ: Mapping[str, str]) -> str | None:
     return BROKER_TRANSPORTS[name] if broker.startswith(("redis://", "rediss://")) else None
 
 
+def _queue(name: str) -> Queue:
+    """A job queue on a direct exchange of its own (kombu's entities are not annotated)."""
+    queue: Callable[..., Queue] = Queue
+    exchange: Callable[..., Exchange] = Exchange
+    return queue(name, exchange(name, type="direct"), routing_key=name)
+
+
 def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     broker, state = fleet_urls(environ)
     visibility = int(environ.get("FLEET_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S))
@@ -148,9 +155,7 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "task_track_started": True,
         # One direct exchange per queue: a bare Queue(name) would bind every queue to the
         # default exchange and routing key, and a job sent to one would reach all five.
-        "task_queues": [
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
-        ],
+        "task_queues": [_queue(name) for name in QUEUES],
         "task_default_queue": "free",
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
