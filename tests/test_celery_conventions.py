@@ -91,7 +91,8 @@ def test_celery_dash_a_workers_starts_a_worker_that_answers_jobs(
     finally:
         sup.stop(30)
 
-    # Then that worker answered it
+    # Then that worker answered it, and its banner names the broker by its redis:// URL
     assert result.ok and result.queue_path == ["free"], result
     log = worker.log()
     assert "conventions@" in log and "[tasks]" in log and "fleet.run_job" in log, log[-3000:]
+    assert f"transport:   {broker['FLEET_BROKER_URL'].replace('//', '//:**@', 1)}" in log

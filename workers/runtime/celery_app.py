@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from celery import Celery
+from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 
 from router.catalog import QUEUES, catalog_path, load_catalog
@@ -85,7 +86,8 @@ def _beat_every_s(environ: Mapping[str, str]) -> float | None:
     return every
 
 
-BROKER_TRANSPORTS = {"fleet": "workers.runtime.transport:Transport", "kombu": None}
+FLEET_TRANSPORT = "workers.runtime.transport:Transport"
+BROKER_TRANSPORTS = {"fleet": FLEET_TRANSPORT, "kombu": None}
 
 
 def _broker_transport(broker: str, environ: Mapping[str, str]) -> str | None:
@@ -165,10 +167,28 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     }
 
 
+class FleetConnection(Connection):
+    """The app's broker connection: on the fleet's transport its URL reads `redis://`.
+
+    kombu writes a connection's URL with the transport's name as its scheme, and the
+    fleet's transport is named by its class path. Flower picks its queue-length reader
+    by that scheme (flower/utils/broker.py): only `redis://` gets the reader that sums a
+    queue's priority lists, which the fleet's transport fills as kombu's channel does. The
+    worker's and beat's banners show the same URL.
+    """
+
+    def as_uri(self, include_password: bool = False, mask: str = "**", *args: Any) -> str:
+        uri = super().as_uri(include_password, mask, *args)
+        if self.transport_cls != FLEET_TRANSPORT:
+            return uri
+        return f"{'rediss' if self.ssl else 'redis'}://{uri.partition('://')[2]}"
+
+
 def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
     # No fixups: the only built-in one (Django's) loads celery.worker into every client.
     app = Celery("modelfleet", set_as_current=False, fixups=[])
     app.conf.update(celery_settings(environ))
+    app.amqp.Connection = FleetConnection  # every broker connection the app opens
     harden_redis_transport()  # workers/runtime/kombu_fixes.py: survive a Redis restart
     # redis:// results through workers/runtime/resultstore.py: a final state is never
     # replaced by a non-final one, and carries the job's ledger rows and dead letter.
