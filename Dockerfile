@@ -1,5 +1,7 @@
-# One image for every service of compose.yaml: workers (the local queue's MLX models
-# included, hence [local]), beat and Flower.
+# One image for every service of compose.yaml, which gives each its command: the workers
+# (`celery -A workers worker -Q <queue> ...`, the local queue's MLX models included, hence
+# [local]), `celery -A workers beat`, `celery -A workers flower`, the ledger writer and
+# the gateway (`fleet ledger-writer`, `fleet serve`).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -13,7 +13,7 @@ cannot run (no key set, no local model) fails at every firing, and is filed as a
 letter once per cause, not per firing; `fleet status` shows it failing, with its repeats
 (workers/state/beathealth.py).
 
-`celery -A workers.runtime.celery_app beat -s PATH` runs it (one beat per fleet).
+`celery -A workers beat -s PATH` runs it (one beat per fleet).
 """
 
 from __future__ import annotations

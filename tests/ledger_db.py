@@ -20,7 +20,7 @@ from router.results import Attempt, Result
 from workers.ledger.rows import rows_for
 from workers.ledger.store import Ledger
 
-# The machine's PostgreSQL (CI runs here too); override with FLEET_TEST_PG_URL.
+# The machine's PostgreSQL, which the suite requires; override with FLEET_TEST_PG_URL.
 PG_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DATABASES = ("sqlite", "postgresql")
 
@@ -34,7 +34,7 @@ def catalog() -> Catalog:
 
 
 def pg_admin() -> Any:
-    """A SQLAlchemy engine on the test database, or skip (fail under CI) when unreachable."""
+    """A SQLAlchemy engine on the test database; the test fails when it is unreachable."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -46,10 +46,12 @@ def pg_admin() -> Any:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         engine.dispose()
-        reason = f"PostgreSQL not reachable at {PG_URL}: {str(exc.orig or exc).splitlines()[0]}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        why = str(exc.orig or exc).splitlines()[0]
+        pytest.fail(
+            f"PostgreSQL not reachable at {PG_URL} ({why}): the ledger tests need it; start"
+            " it, or point FLEET_TEST_PG_URL at a database this user may create schemas in",
+            pytrace=False,
+        )
     return engine
 
 

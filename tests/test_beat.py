@@ -191,7 +191,7 @@ def test_beat_feeds_the_fleet(
     beat_dir.mkdir()
     schedule_file = beat_dir / "celerybeat-schedule"
     env = {**fleet_env, "FLEET_BEAT_EVERY_S": str(BEAT_EVERY_S)}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "beat"]
     argv += ["-s", str(schedule_file), "-l", "INFO"]
     client = redis.Redis.from_url(redis_server.url)
     since = datetime.now(UTC)
@@ -296,7 +296,7 @@ def test_a_heartbeat_that_cannot_run_is_filed_once_and_shown_until_it_recovers(
     broken.start("local", name="hb-local")
     broken.start("free", name="hb-free", concurrency=4)
     beat_env = {**env, "FLEET_BEAT_EVERY_S": "1"}
-    argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "beat"]
     argv += ["-s", str(tmp_path / "celerybeat-schedule"), "-l", "INFO"]
 
     def logs() -> str:  # every worker's log: a change of health is logged by one of them

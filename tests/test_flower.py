@@ -1,19 +1,23 @@
 """Flower, started for real against the test fleet: it sees every queue's worker and the
 jobs dispatched, and shows no prompt and no API key. Its API refuses callers without
-credentials when basic auth is on."""
+credentials when basic auth is on. Its broker page and queue-length API count the jobs
+waiting in a queue at every priority, on the fleet's transport as on kombu's."""
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from router import dispatch
 from router.catalog import QUEUES
-from tests.fixtures import Flower, reset_live_state
+from tests.fixtures import Flower, reset_live_state, url_of
 from workers.sim.simulated import PLACEHOLDER_KEY
 
 TIMEOUT_S = 30
@@ -117,3 +121,99 @@ def test_basic_auth_refuses_the_api_without_credentials(fleet_env, tmp_path) -> 
         assert server.get("/api/workers", auth=("fleet", "s3cret-pass")).status_code == 200
     finally:
         server.stop()
+
+
+# --- queue lengths: every priority list of a queue, on both transports -------------------
+
+# Priorities of the jobs left waiting, by queue. kombu's Redis channel (and the fleet's, on
+# the same lists) keeps a queue's jobs in four lists by priority step: 0-2 in `<queue>`,
+# 3-5 in `<queue>\x06\x163` (the default priority, 5, lands there), 6-8 in `...6`, 9 in `...9`.
+WAITING = {"free": [0, 0, 2, 3, 5, 5, 5, 6, 8, 9, 9], "subscription": [1, 4, 4, 7, 9]}
+CLASS_OF_QUEUE = {"free": "cost_free", "subscription": "user_facing"}
+SEP = "\x06\x16"
+
+
+def priority_lists(priorities: list[int], queue: str) -> dict[str, int]:
+    lists: dict[str, int] = {}
+    for priority in priorities:
+        step = max(s for s in (0, 3, 6, 9) if s <= priority)
+        name = f"{queue}{SEP}{step}" if step else queue
+        lists[name] = lists.get(name, 0) + 1
+    return lists
+
+
+def broker_page_counts(html: str) -> dict[str, int]:
+    """Queue -> Messages, from the rows of Flower's /broker page."""
+    rows = re.findall(r'<tr id="([^"]+)">\s*<td>[^<]*</td>\s*<td[^>]*>\s*(\d+)\s*<', html)
+    return {name: int(count) for name, count in rows}
+
+
+@pytest.mark.parametrize("transport", ["fleet", "kombu"])
+def test_queue_lengths_count_the_jobs_waiting_at_every_priority(
+    transport: str,
+    fleet_env: dict[str, str],
+    fresh_redis: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # Given jobs waiting at several priorities in free and subscription, on a Redis
+    # database no worker consumes
+    env = {
+        **fleet_env,
+        "FLEET_BROKER_URL": url_of(fresh_redis),
+        "FLEET_BROKER_TRANSPORT": transport,
+        "FLOWER_UNAUTHENTICATED_API": "true",
+    }
+    for key in ("FLEET_BROKER_URL", "FLEET_BROKER_TRANSPORT", "FLEET_CATALOG"):
+        monkeypatch.setenv(key, env[key])
+    monkeypatch.delenv("FLEET_STATE_URL", raising=False)
+    for queue, priorities in WAITING.items():
+        for priority in priorities:
+            dispatch(ask("wait", task_class=CLASS_OF_QUEUE[queue], priority=priority))
+    lists = {
+        key.decode(): int(fresh_redis.llen(key))
+        for key in fresh_redis.scan_iter()
+        if fresh_redis.type(key) == b"list"
+    }
+    expected_lists = {k: v for q, p in WAITING.items() for k, v in priority_lists(p, q).items()}
+    assert lists == expected_lists  # four lists for free, three for subscription
+    expected = {queue: len(WAITING.get(queue, [])) for queue in QUEUES}
+
+    # When Flower (as `fleet up` starts it) is asked for the queues' lengths
+    server = Flower(env, tmp_path)
+    try:
+        server.wait_answering()
+        lengths = server.get("/api/queues/length")
+        page = server.get("/broker")
+    finally:
+        server.stop()
+
+    # Then every queue's count is every job waiting in it, whatever its priority
+    assert lengths.status_code == 200, lengths.text
+    assert {q["name"]: q["messages"] for q in lengths.json()["active_queues"]} == expected
+    assert page.status_code == 200, page.text
+    assert broker_page_counts(page.text) == expected, page.text
+    # and the page names the broker by a redis:// URL, not by the transport's class path
+    shown = re.search(r'class="[^"]*broker-url[^"]*">([^<]+)<', page.text)
+    assert shown, page.text
+    broker, url = urlsplit(url_of(fresh_redis)), urlsplit(shown[1])
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "redis",
+        broker.hostname,
+        broker.port,
+        broker.path,
+    ), shown[1]
+
+
+@pytest.mark.parametrize("transport", ["fleet", "kombu"])
+def test_the_broker_url_reads_redis_on_either_transport(transport: str) -> None:
+    # What Flower reads to pick its broker reader, and what it shows (password masked)
+    from workers.runtime.celery_app import create_app
+
+    env = {"FLEET_BROKER_URL": "redis://:s3cret@redis.example:6380/2"}
+    app = create_app({**env, "FLEET_BROKER_TRANSPORT": transport})
+    with app.connection() as connection:
+        assert connection.as_uri() == "redis://:**@redis.example:6380/2"
+        assert connection.as_uri(include_password=True) == env["FLEET_BROKER_URL"]
+        expected = "workers.runtime.transport:Transport" if transport == "fleet" else "redis"
+        assert connection.transport_cls == expected  # the transport is still the chosen one

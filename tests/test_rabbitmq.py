@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -14,8 +15,9 @@ AMQP = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/
 
 
 def rabbitmq_up() -> bool:
+    url = urlsplit(AMQP)
     try:
-        with socket.create_connection(("127.0.0.1", 5672), timeout=1):
+        with socket.create_connection((url.hostname or "127.0.0.1", url.port or 5672), timeout=1):
             return True
     except OSError:
         return False
@@ -24,9 +26,11 @@ def rabbitmq_up() -> bool:
 @pytest.fixture
 def amqp_fleet(fleet_env, fresh_redis, tmp_path, monkeypatch):
     if not rabbitmq_up():
-        if os.environ.get("CI"):
-            pytest.fail("RabbitMQ is not running on 127.0.0.1:5672 (rabbitmq-server -detached)")
-        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+        pytest.fail(
+            f"RabbitMQ is not running at {urlsplit(AMQP).netloc.rpartition('@')[2]}: these tests"
+            " need it (start it with `rabbitmq-server -detached`, or set FLEET_TEST_AMQP_URL)",
+            pytrace=False,
+        )
     state = url_of(fresh_redis)
     env = {**fleet_env, "FLEET_BROKER_URL": AMQP, "FLEET_STATE_URL": state}
     workers = Workers(env, tmp_path)

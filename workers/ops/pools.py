@@ -55,7 +55,7 @@ def worker_argv(
         "-m",
         "celery",
         "-A",
-        "workers.runtime.celery_app",
+        "workers",
         "worker",
         "-Q",
         ",".join(queues),

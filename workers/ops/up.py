@@ -53,7 +53,7 @@ def exclusive(directory: Path) -> Iterator[None]:
 
 
 def flower_argv(port: int, environ: Mapping[str, str]) -> list[str]:
-    argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "flower"]
+    argv = [sys.executable, "-m", "celery", "-A", "workers", "flower"]
     argv += ["--address=127.0.0.1", f"--port={port}"]
     auth = environ.get("FLEET_FLOWER_BASIC_AUTH") or environ.get("FLOWER_BASIC_AUTH")
     if auth:
@@ -82,7 +82,7 @@ def start_fleet(
     sup.start("ledger-writer", ledger_writer_argv(), ready_marker=LEDGER_WRITER_READY)
     if beat:
         schedule = str(directory / "beat-schedule")
-        argv = [sys.executable, "-m", "celery", "-A", "workers.runtime.celery_app", "beat"]
+        argv = [sys.executable, "-m", "celery", "-A", "workers", "beat"]
         sup.start("beat", [*argv, "-s", schedule, "-l", "INFO"], ready_marker="beat: Starting")
     if flower_port:
         sup.start("flower", flower_argv(flower_port, sup.env), ready_marker="Visit me at")

@@ -15,17 +15,19 @@ Settings come from the environment when the app is built (never at import):
     FLEET_BEAT_EVERY_S           a test/demo knob: fire every beat entry this many seconds
                        apart instead of on its schedule (unset in production)
 
-`celery -A workers.runtime.celery_app worker -Q free` finds `app` here (built on first access).
+`celery -A workers worker -Q free` finds the app through workers/celery.py; this module
+answers `app` too (built on first access), for `celery -A workers.runtime.celery_app`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 
 from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
@@ -84,7 +86,8 @@ def _beat_every_s(environ: Mapping[str, str]) -> float | None:
     return every
 
 
-BROKER_TRANSPORTS = {"fleet": "workers.runtime.transport:Transport", "kombu": None}
+FLEET_TRANSPORT = "workers.runtime.transport:Transport"
+BROKER_TRANSPORTS = {"fleet": FLEET_TRANSPORT, "kombu": None}
 
 
 def _broker_transport(broker: str, environ: Mapping[str, str]) -> str | None:
@@ -95,6 +98,13 @@ def _broker_transport(broker: str, environ: Mapping[str, str]) -> str | None:
             f"FLEET_BROKER_TRANSPORT must be one of {', '.join(BROKER_TRANSPORTS)} (got {name!r})"
         )
     return BROKER_TRANSPORTS[name] if broker.startswith(("redis://", "rediss://")) else None
+
+
+def _queue(name: str) -> Queue:
+    """A job queue on a direct exchange of its own (kombu's entities are not annotated)."""
+    queue: Callable[..., Queue] = Queue
+    exchange: Callable[..., Exchange] = Exchange
+    return queue(name, exchange(name, type="direct"), routing_key=name)
 
 
 def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
@@ -147,9 +157,7 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
         "task_track_started": True,
         # One direct exchange per queue: a bare Queue(name) would bind every queue to the
         # default exchange and routing key, and a job sent to one would reach all five.
-        "task_queues": [
-            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
-        ],
+        "task_queues": [_queue(name) for name in QUEUES],
         "task_default_queue": "free",
         "task_create_missing_queues": False,
         "worker_hijack_root_logger": False,
@@ -159,10 +167,28 @@ def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     }
 
 
+class FleetConnection(Connection):
+    """The app's broker connection: on the fleet's transport its URL reads `redis://`.
+
+    kombu writes a connection's URL with the transport's name as its scheme, and the
+    fleet's transport is named by its class path. Flower picks its queue-length reader
+    by that scheme (flower/utils/broker.py): only `redis://` gets the reader that sums a
+    queue's priority lists, which the fleet's transport fills as kombu's channel does. The
+    worker's and beat's banners show the same URL.
+    """
+
+    def as_uri(self, include_password: bool = False, mask: str = "**", *args: Any) -> str:
+        uri = super().as_uri(include_password, mask, *args)
+        if self.transport_cls != FLEET_TRANSPORT:
+            return uri
+        return f"{'rediss' if self.ssl else 'redis'}://{uri.partition('://')[2]}"
+
+
 def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
     # No fixups: the only built-in one (Django's) loads celery.worker into every client.
     app = Celery("modelfleet", set_as_current=False, fixups=[])
     app.conf.update(celery_settings(environ))
+    app.amqp.Connection = FleetConnection  # every broker connection the app opens
     harden_redis_transport()  # workers/runtime/kombu_fixes.py: survive a Redis restart
     # redis:// results through workers/runtime/resultstore.py: a final state is never
     # replaced by a non-final one, and carries the job's ledger rows and dead letter.

@@ -16,6 +16,7 @@ requeues (a job that finished meanwhile is recognised as such when it comes back
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 _applied: list[bool] = []
@@ -28,7 +29,7 @@ def harden_redis_transport() -> None:
     from kombu.transport import redis as transport
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    original = transport.Channel._connparams
+    original: Callable[[Any, bool], Any] = transport.Channel._connparams  # unannotated in kombu
 
     def _connparams(self: Any, asynchronous: bool = False) -> Any:
         if self.connection.client is None:  # the transport was closed under this channel

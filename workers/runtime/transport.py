@@ -32,16 +32,20 @@ for comparison (tests/chaos/kills.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from time import time
-from typing import Any
+from typing import Any, cast
 
 from kombu.transport import redis as stock
-from kombu.utils.json import dumps
+from kombu.utils import json as kombu_json
 
 from workers.state import keys
 from workers.state.connections import script
 
 Command = tuple[str, tuple[Any, ...]]  # a redis-py pipeline method and its arguments
+# kombu's Redis transport is not annotated. What this module calls of it goes through typed
+# names (below and in Channel), or through `cast(Any, super())` where it extends a method.
+dumps: Callable[[Any], str] = kombu_json.dumps  # JSON as kombu writes messages
 DEFAULT_SWEEP_BATCH = 1000  # tags looked at per sweep: bounds the script's run time
 
 
@@ -60,7 +64,7 @@ class QoS(stock.QoS):
                 pipe.zadd(keys.BROKER_INDEX, {delivery_tag: time()})
                 pipe.execute()
         # virtual.QoS's own bookkeeping (skipping kombu's Redis writes, done above)
-        super(stock.QoS, self).append(message, delivery_tag)
+        cast(Any, super(stock.QoS, self)).append(message, delivery_tag)
 
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
         # kombu's `leftmost` means LPUSH: the back of the line (BRPOP pops the right end)
@@ -94,9 +98,14 @@ class Channel(stock.Channel):
     unacked_index_key = keys.BROKER_INDEX
     tracked_queues: frozenset[str] | tuple[str, ...] = ()
     from_transport_options = (*stock.Channel.from_transport_options, "tracked_queues")  # type: ignore[assignment]
+    # kombu's helpers used here, typed: the queue names a message's exchange and routing
+    # key lead to, its priority (0-9), and the list holding a queue's messages of a priority
+    _lookup: Callable[..., list[str]]
+    _get_message_priority: Callable[..., int]
+    _q_for_pri: Callable[[str, int], str]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        cast(Any, super()).__init__(*args, **kwargs)
         self.tracked_queues = frozenset(self.tracked_queues)
         self._scripts: dict[str, Any] = {}
 
@@ -138,7 +147,7 @@ class Channel(stock.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         if queue not in self.tracked_queues or self._expires.get(queue):
-            super()._put(queue, message, **kwargs)
+            cast(Any, super())._put(queue, message, **kwargs)
             return
         commands = self.put_commands(queue, message)
         batch = kwargs.pop("_publish_batch", None)
@@ -167,7 +176,7 @@ class Channel(stock.Channel):
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
         self._purge(queue)
-        super()._delete(queue, *args, **kwargs)
+        cast(Any, super())._delete(queue, *args, **kwargs)
 
 
 class Transport(stock.Transport):
