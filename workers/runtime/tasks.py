@@ -28,6 +28,7 @@ from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
 from router.jobs import Reservation
 from router.results import Result
+from router.travel import TravellingState
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
@@ -199,7 +200,7 @@ def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
         raise Reject(f"forward not sent: {type(exc).__name__}", requeue=True) from None
 
 
-def _end_revoked(task: Task, job: dict[str, Any], state: dict[str, Any] | None) -> NoReturn:
+def _end_revoked(task: Task, job: dict[str, Any], state: TravellingState | None) -> NoReturn:
     """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made
     before, and the settlement of its reservation), and end this delivery."""
     from celery import states
@@ -214,18 +215,19 @@ def _end_revoked(task: Task, job: dict[str, Any], state: dict[str, Any] | None) 
 @shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
+    # The message's state, parsed once here (none: the job is routed on arrival).
+    travel = TravellingState.model_validate(state) if state else None
+    sends = travel.sends if travel is not None else 0
     here = (self.request.delivery_info or {}).get("routing_key")
     # The delivery's first round trip counts it and, when it will call a model here and
     # now, takes that model's slot too.
-    first = first_call(job, state, here=here, providers=_registry(), now=time.time())
+    first = first_call(job, travel, here=here, providers=_registry(), now=time.time())
     admission = None
     if first is not None:
-        tokens = int((state or {}).get("prompt_tokens") or 0)
+        tokens = travel.prompt_tokens if travel is not None else 0
         admission = _state().admission(str(job.get("task_class")), first, tokens)
     try:
-        delivery = deliveries.begin(
-            redis_client(), job["id"], (state or {}).get("sends", 0), admission
-        )
+        delivery = deliveries.begin(redis_client(), job["id"], sends, admission)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # Redis went away (or is still loading its data after a restart) at the delivery's
         # first round trip: nothing ran. Storing a FAILURE here would end the job with no
@@ -236,23 +238,23 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     # Calls earlier deliveries of this message left in flight (their workers died) may have
     # been billed: the ledger gets them as orphaned, whatever this delivery does.
     if delivery.orphans:
-        orphans.bill(redis_client(), _gate(), _catalog(), job, state, delivery.orphans)
+        orphans.bill(redis_client(), _gate(), _catalog(), job, travel, delivery.orphans)
     # A stale copy of a finished job (its caller has the answer, and the ledger its rows,
     # which went with the final state), or a copy of a message already forwarded.
     if delivery.finished or delivery.superseded:
         raise Ignore()
     if delivery.revoked:  # its app revoked it: end it here, with what it spent so far
-        _end_revoked(self, job, state)
+        _end_revoked(self, job, travel)
     if delivery.poisoned:
-        step: Step = poisoned(job, state, delivery.count)
+        step: Step = poisoned(job, travel, delivery.count)
     else:
         # Its provider call says which job and delivery it is for (X-Fleet-Job).
-        caller = Caller(job["id"], int((state or {}).get("sends", 0)), delivery.count)
+        caller = Caller(job["id"], sends, delivery.count)
         with calling_for(caller):
             step = advance(
                 _catalog(),
                 job,
-                state,
+                travel,
                 here=here,
                 providers=_registry(),
                 gate=_gate(),
