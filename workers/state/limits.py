@@ -72,7 +72,10 @@ class _Window:
     limit: int
     window_ms: int  # the limit's own window (a minute, a day, a quota's hours)
     kind: str  # 'req' or 'tok'
-    label: str
+    label: str  # for people: a Block's reason
+    # A subscription's quota: a token quota counts prompt and completion alike, and its
+    # admission checks what was used (the call's tokens are counted when it returns).
+    quota: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ class FleetState:
                     int(quota.window_h * 3_600_000),
                     measure,
                     label,
+                    quota=True,
                 )
             )
         return windows
@@ -265,7 +269,7 @@ class FleetState:
         for w in self._windows("", model):
             if w.kind != "tok":
                 continue
-            amount = prompt + completion if w.label.startswith("quota") else completion
+            amount = prompt + completion if w.quota else completion
             if amount > 0:
                 pipe.zadd(w.key, {f"{member}|{amount}": now_ms})
                 pipe.pexpire(w.key, w.window_ms + self.margin_ms)
@@ -354,7 +358,7 @@ def _window_args(windows: list[_Window], prompt_tokens: int, margin_ms: int) -> 
     argv: list[Any] = []
     for w in windows:
         amount = 1 if w.kind == "req" else prompt_tokens
-        if w.label.startswith("quota") and w.kind == "tok":
+        if w.quota and w.kind == "tok":
             amount = 0  # token quota: check what was used; the call's tokens come later
         argv += [w.limit, w.window_ms + margin_ms, amount, w.kind]
     return argv
