@@ -6,7 +6,7 @@ message), made from a thread because redis-py blocks. One thread hop and two rou
 per request made a burst of 500 requests queue behind 64 threads fighting over the GIL
 with the event loop: the last job was queued 1.2 s after the burst began, while the
 workers waited. Batched, a burst costs a few hops: every reservation of a batch in one
-pipeline (`apps.reserve_many`, each admitted or refused on its own) and every admitted
+pipeline (`apps.app_admit`, each admitted or refused on its own) and every admitted
 job in one `dispatch_many` MULTI/EXEC. One request alone is sent at once, as before.
 
 `dispatch_many` refuses a whole batch if any job cannot go (a model went down since the
@@ -80,7 +80,7 @@ class Sender:
 
     def send_batch(self, batch: list[_Pending]) -> list[Outcome]:
         """Reserve every request's worst case, then dispatch the admitted jobs together."""
-        reserved = apps.reserve_many(
+        reserved = apps.app_admit(
             self.redis, [(p.key.app, p.key.limits, p.worst, p.job.id) for p in batch]
         )
         outcomes: list[Outcome | None] = [None] * len(batch)

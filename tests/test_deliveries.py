@@ -92,10 +92,3 @@ def test_this_process_is_named_anew_in_a_forked_child() -> None:
     child = os.read(read, 200).decode()
     assert child != here and child.split(":")[1] == str(pid)
     assert deliveries.this_process() == here
-
-
-def test_a_counter_left_by_an_older_fleet_keeps_its_count(fresh_redis: Any) -> None:
-    # A message in flight across the upgrade: its counter was a plain string
-    fresh_redis.set(keys.deliveries("old", 0), 2)
-    delivery = deliveries.begin(fresh_redis, "old", 0, process="p1")
-    assert delivery.count == 3 and not delivery.poisoned

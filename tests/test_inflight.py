@@ -76,7 +76,7 @@ def test_a_redelivery_finds_its_messages_calls_and_the_next_message_clears_them(
     mark = keys.inflight("j2")
     # Given delivery 1 of the job's first message, whose first round trip took the slot,
     # and whose call was marked as it left
-    first = deliveries.begin(fresh_redis, "j2", 0, state.admission("user_facing", KIMI, 1_000))
+    first = deliveries.begin(fresh_redis, "j2", 0, state.admit_call("user_facing", KIMI, 1_000))
     assert first.admitted == Slot() and first.orphans == () and first.count == 1
     inflight.mark(fresh_redis, kimi_call("j2", delivery=first.count))
     assert list(fresh_redis.hgetall(mark)) == [b"0:1"]
@@ -97,7 +97,7 @@ def test_an_orphan_is_billed_once_estimated_and_numbered_apart(
 ) -> None:
     catalog = load_catalog()
     job = {"id": "j3", "task_class": "user_facing", "source": "app", "app": "billing"}
-    deliveries.begin(fresh_redis, "j3", 0, state.admission("user_facing", KIMI, 1_000))
+    deliveries.begin(fresh_redis, "j3", 0, state.admit_call("user_facing", KIMI, 1_000))
     inflight.mark(fresh_redis, kimi_call("j3"))
     found = deliveries.begin(fresh_redis, "j3", 0).orphans
     # When the redelivery bills what it found

@@ -80,7 +80,7 @@ def bill(
     attempts = {o.field: orphaned_attempt(o, max_tokens) for o in found}
     entries = [(o, encode_rows([attempt_row(attempts[o.field], job, catalog)])) for o in found]
     try:
-        billed = inflight.bill(redis, str(job["id"]), entries)
+        billed = inflight.bill_orphans(redis, str(job["id"]), entries)
     except Exception as exc:  # Redis away: the marks stay for the next delivery to bill
         log.warning("job %s: orphaned calls not billed yet (%r)", job["id"], exc)
         return []

@@ -222,12 +222,12 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     # The delivery's first round trip counts it and, when it will call a model here and
     # now, takes that model's slot too.
     first = first_call(job, travel, here=here, providers=_registry(), now=time.time())
-    admission = None
+    admit = None
     if first is not None:
         tokens = travel.prompt_tokens if travel is not None else 0
-        admission = _state().admission(str(job.get("task_class")), first, tokens)
+        admit = _state().admit_call(str(job.get("task_class")), first, tokens)
     try:
-        delivery = deliveries.begin(redis_client(), job["id"], sends, admission)
+        delivery = deliveries.begin(redis_client(), job["id"], sends, admit)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # Redis went away (or is still loading its data after a restart) at the delivery's
         # first round trip: nothing ran. Storing a FAILURE here would end the job with no

@@ -1,8 +1,8 @@
 """Apps behind the gateway, as live state: each app's requests per minute and its USD
 per day and per month, counted fleet-wide in Redis.
 
-A request is admitted with its worst-case cost set aside (`reserve_many`: one script per request, so
-concurrent requests never spend past a cap); its job carries the reservation, and the
+A request is admitted with its worst-case cost set aside (`app_admit`: one script per
+request, so concurrent requests never spend past a cap); its job carries the reservation, and the
 worker settles it to the job's real cost together with the job's final state
 (store_result.lua). A job that never runs is refunded (`refund`). Settling happens once
 per job, whoever does it first.
@@ -41,7 +41,7 @@ class Refused:
     retry_after_s: float
 
 
-def reserve_many(
+def app_admit(
     redis: Any,
     requests: Sequence[tuple[str, AppLimits, float, str]],
     now: datetime | None = None,

@@ -34,7 +34,7 @@ from router.slots import Block
 from workers.state import keys
 from workers.state.connections import Pipeline
 from workers.state.inflight import Orphan, orphans
-from workers.state.limits import Admission, Slot
+from workers.state.limits import AdmitCall, Slot
 
 MAX_DEATHS = 3  # deaths laid on a message (see above) that poison it
 MAX_DELIVERIES = 10  # deliveries of one message that poison it, whatever its share
@@ -67,13 +67,13 @@ def begin(
     redis: Any,
     job_id: str,
     sends: int,
-    admission: Admission | None = None,
+    admit: AdmitCall | None = None,
     process: str | None = None,
 ) -> Delivery:
     """Count this delivery and lay on it its share of its last delivery's death, look for
     a final result and for a later message, read the calls earlier deliveries of this
     message left in flight, and record that this process holds the job; and, when the
-    delivery is to go on, take `admission` (the first model's slot): one round trip
+    delivery is to go on, take `admit` (the first model's slot): one round trip
     (scripts/begin.lua). A finished job is recognised by the status its stored state
     names. `process`: the worker process (this one unless a test plays several)."""
     process = process or this_process()
@@ -95,13 +95,13 @@ def begin(
         keys.RUNNING_PREFIX,
         job_id,
     ]
-    if admission is not None:
-        script_keys += admission.keys
-        args += admission.args
+    if admit is not None:
+        script_keys += admit.keys
+        args += admit.args
     batch = Pipeline(redis)
     batch.script("begin", script_keys, args)
     count, finished, later, revoked, poisoned, marks, *rest = batch.execute()[0]
-    admitted = admission.read(rest[0]) if admission is not None and rest else None
+    admitted = admit.read(rest[0]) if admit is not None and rest else None
     return Delivery(
         count=int(count),
         finished=bool(finished),
