@@ -81,7 +81,7 @@ class Sender:
     def send_batch(self, batch: list[_Pending]) -> list[Outcome]:
         """Reserve every request's worst case, then dispatch the admitted jobs together."""
         reserved = apps.app_admit(
-            self.redis, [(p.key.app, p.key.limits, p.worst, p.job.id) for p in batch]
+            self.redis, [(p.key.app, p.key.limits, p.worst, p.job) for p in batch]
         )
         outcomes: list[Outcome | None] = [None] * len(batch)
         going: list[tuple[int, Job, Reservation]] = []

@@ -35,6 +35,8 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from router.errors import JobRevoked
+from router.results import Result
 from workers.state import beathealth, keys
 from workers.state.beathealth import BeatRun
 from workers.state.connections import script
@@ -93,6 +95,23 @@ class FleetRedisBackend(RedisBackend):
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
 
+    def revoked_state(self, result: Result) -> str:
+        """A revoked job's final state, encoded as `store_revoked` stores it, for the
+        gateway to store for a job no worker took yet (revoke.lua, which also refunds its
+        reservation)."""
+        encoded_error = self.encode_result(_revoked(result), states.REVOKED)
+        meta = self._get_result_meta(
+            result=encoded_error, state=states.REVOKED, traceback=None, request=None
+        )
+        meta["task_id"] = result.job_id
+        encoded: str = self.encode(meta)
+        return encoded
+
+    def store_revoked(self, result: Result) -> None:
+        """Store a revoked job's final state (with what is attached to it: `attach`), as
+        the worker whose delivery meets the revoke does."""
+        self.store_result(result.job_id, _revoked(result), states.REVOKED)
+
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery's Redis backend subscribes to a task's result channel as the task is
         sent: one round trip per job, outside any pipeline. Not here: a caller that waits
@@ -144,6 +163,13 @@ class FleetRedisBackend(RedisBackend):
         if beat and isinstance(reply, list):  # [event, the entry's health]
             beathealth.report(beat.entry, _text(reply[0]), _text(reply[1]))
         return reply
+
+
+def _revoked(result: Result) -> JobRevoked:
+    """What a revoked job's final state holds: REVOKED, as Celery stores it, with the job's
+    Result (class, source, the attempts made before) in the exception, as a failed job's
+    final state carries it."""
+    return JobRevoked(result.error or JobRevoked.MESSAGE, result.summary())
 
 
 def _text(value: Any) -> str:

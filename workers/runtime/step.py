@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from router.catalog import Catalog
 from router.costs import attempt_cost
-from router.errors import InvalidJob, NoRouteAvailable
+from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
 from router.jobs import Job, parse_job
 from router.policy import route_job
 from router.results import Result
@@ -339,7 +339,7 @@ def poisoned(job_data: dict[str, Any], state: TravellingState | None, deliveries
     return Failed(_result(job_data, state, _attempts(state), time.time(), error=error))
 
 
-REVOKED = "revoked by its app"
+REVOKED = JobRevoked.MESSAGE
 
 
 def revoked(job_data: dict[str, Any], state: TravellingState | None) -> Result:

@@ -33,7 +33,7 @@ from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
 from workers.runtime import orphans
-from workers.runtime.resultstore import Bookkeeping, attach
+from workers.runtime.resultstore import Bookkeeping, FleetRedisBackend, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
 from workers.runtime.step import (
     REVOKED,
@@ -203,12 +203,11 @@ def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
 def _end_revoked(task: Task, job: dict[str, Any], state: TravellingState | None) -> NoReturn:
     """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made
     before, and the settlement of its reservation), and end this delivery."""
-    from celery import states
-    from celery.exceptions import TaskRevokedError
-
     result = revoked(job, state)
     attach(job["id"], _bookkeeping(job, result, result.summary()))
-    task.backend.store_result(job["id"], TaskRevokedError(result.error), states.REVOKED)
+    backend = task.backend
+    assert isinstance(backend, FleetRedisBackend)
+    backend.store_revoked(result)
     raise Ignore()
 
 
