@@ -28,12 +28,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import states
-from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
-from kombu.utils.encoding import bytes_to_str
 
 from router.errors import JobRevoked
 from router.results import Result
@@ -73,6 +71,19 @@ def _take(job_id: str) -> Bookkeeping:
         return _attached.pop(job_id, None) or Bookkeeping()
 
 
+if TYPE_CHECKING:
+
+    class RedisBackend:
+        """Celery's Redis result backend as the type checker sees it: Celery has no type
+        hints, so its attributes are Any (and the subclass below is checked)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    from celery.backends.redis import RedisBackend
+
+
 class FleetRedisBackend(RedisBackend):
     def _store_result(
         self,
@@ -88,7 +99,7 @@ class FleetRedisBackend(RedisBackend):
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
-        meta["task_id"] = bytes_to_str(task_id)
+        meta["task_id"] = _text(task_id)
         try:
             self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
         except BackendStoreError as ex:

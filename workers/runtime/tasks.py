@@ -16,7 +16,9 @@ import logging
 import os
 import threading
 import time
-from typing import Any, NoReturn
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar, cast
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
@@ -54,23 +56,52 @@ from workers.state.limits import FailOpen, FleetState
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_process: dict[str, Any] = {}
+
+
+@dataclass
+class _Process:
+    """What this process builds once and shares between its deliveries."""
+
+    catalog: Catalog | None = None
+    registry: ProviderRegistry | None = None
+    state: FleetState | None = None
+    gate: Gate | None = None
+    concurrency: int | None = None  # the -c the worker was started with
+
+
+_process = _Process()
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _on(signal: Any) -> Callable[[_Fn], _Fn]:
+    """`@signal.connect` with its type kept (Celery has no type hints)."""
+
+    def connect(fn: _Fn) -> _Fn:
+        signal.connect(fn)
+        return fn
+
+    return connect
+
+
+def _task(**options: Any) -> Callable[[Callable[..., Any]], Task]:
+    """`@shared_task(**options)`, typed (Celery has no type hints)."""
+    return cast(Callable[[Callable[..., Any]], Task], shared_task(**options))
 
 
 def _catalog() -> Catalog:
     with _lock:
-        if "catalog" not in _process:
-            _process["catalog"] = load_catalog()
-        return _process["catalog"]
+        if _process.catalog is None:
+            _process.catalog = load_catalog()
+        return _process.catalog
 
 
-@worker_init.connect
+@_on(worker_init)
 def _remember_concurrency(sender: Any = None, **_: Any) -> None:
     # The -c the worker was started with: the HTTP connection pool is sized to it.
-    _process["concurrency"] = getattr(sender, "concurrency", None)
+    _process.concurrency = getattr(sender, "concurrency", None)
 
 
-@worker_ready.connect
+@_on(worker_ready)
 def _warm_up(sender: Any = None, **_: Any) -> None:
     """Build what the first delivery would build (catalog, provider clients, live state,
     the Lua scripts in Redis' cache) before the first message: done lazily, a fresh
@@ -88,9 +119,10 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
         log.info("warm-up skipped: %r", exc)
 
 
-@worker_shutdown.connect
+@_on(worker_shutdown)
 def _stop(**_: Any) -> None:
-    registry = _process.pop("registry", None)
+    with _lock:
+        registry, _process.registry = _process.registry, None
     if registry is not None:
         registry.close()
 
@@ -98,30 +130,30 @@ def _stop(**_: Any) -> None:
 def _registry() -> ProviderRegistry:
     catalog = _catalog()
     with _lock:
-        if "registry" not in _process:
+        if _process.registry is None:
             concurrency = int(
-                os.environ.get("FLEET_WORKER_CONCURRENCY") or _process.get("concurrency") or 10
+                os.environ.get("FLEET_WORKER_CONCURRENCY") or _process.concurrency or 10
             )
-            _process["registry"] = ProviderRegistry(catalog, concurrency)
-        return _process["registry"]
+            _process.registry = ProviderRegistry(catalog, concurrency)
+        return _process.registry
 
 
 def _state() -> FleetState:
     """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
     catalog = _catalog()
     with _lock:
-        if "state" not in _process:
-            _process["state"] = FleetState(redis_client(), catalog)
-        return _process["state"]
+        if _process.state is None:
+            _process.state = FleetState(redis_client(), catalog)
+        return _process.state
 
 
 def _gate() -> Gate:
     """The live state as a delivery uses it: open when the state Redis is unreachable."""
     state = _state()
     with _lock:
-        if "gate" not in _process:
-            _process["gate"] = FailOpen(state)
-        return _process["gate"]
+        if _process.gate is None:
+            _process.gate = FailOpen(state)
+        return _process.gate
 
 
 class Reply:
@@ -211,7 +243,7 @@ def _end_revoked(task: Task, job: dict[str, Any], state: TravellingState | None)
     raise Ignore()
 
 
-@shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
+@_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
     # The message's state, parsed once here (none: the job is routed on arrival).
