@@ -15,7 +15,7 @@ from workers.state.deliveries import MAX_DEATHS, MAX_DELIVERIES
 
 
 def deaths(redis: Any, job: str, sends: int = 0) -> float:
-    return float(redis.hget(keys.deliveries(job, sends), "deaths") or 0)
+    return deliveries.record(redis, job, sends).deaths
 
 
 def test_a_job_that_dies_alone_in_its_process_is_poisoned_at_its_fourth_delivery(
@@ -26,6 +26,7 @@ def test_a_job_that_dies_alone_in_its_process_is_poisoned_at_its_fourth_delivery
     assert [d.count for d in seen] == [1, 2, 3, 4]
     assert [d.poisoned for d in seen] == [False, False, False, True]
     assert deaths(fresh_redis, "j") == MAX_DEATHS
+    assert deliveries.record(fresh_redis, "j", 0) == deliveries.DeliveryRecord(4, "pool-3", 3.0)
 
 
 def test_jobs_that_die_together_share_each_death(fresh_redis: Any) -> None:

@@ -52,8 +52,35 @@ def this_process() -> str:
 
 
 @dataclass(frozen=True)
+class DeliveryRecord:
+    """One message's record of its deliveries: the hash begin.lua keeps at
+    keys.deliveries(job, sends), whose fields these are."""
+
+    n: int = 0  # its deliveries so far
+    on: str | None = None  # the process of its latest delivery that went on
+    deaths: float = 0.0  # the share of its deliveries' deaths laid on it (see above)
+
+    def fields(self) -> dict[str, str | int | float]:
+        """The hash's fields (`on` left out when unset)."""
+        written: dict[str, str | int | float] = {"n": self.n, "deaths": self.deaths}
+        return written if self.on is None else {**written, "on": self.on}
+
+
+def record(redis: Any, job_id: str, sends: int) -> DeliveryRecord:
+    """The record of message `sends` of `job_id` (all zero before its first delivery)."""
+    raw = {_text(k): _text(v) for k, v in redis.hgetall(keys.deliveries(job_id, sends)).items()}
+    return DeliveryRecord(
+        n=int(raw.get("n", 0)), on=raw.get("on"), deaths=float(raw.get("deaths", 0))
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
 class Delivery:
-    count: int  # 1 on first delivery
+    count: int  # 1 on first delivery (its record's n)
     finished: bool  # the job already has its final result: this is a stale copy
     superseded: bool = False  # the job was forwarded and the next message delivered
     poisoned: bool = False  # its deliveries died too often (see above): end it, no call
