@@ -19,9 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -38,13 +38,15 @@ from gateway.sender import Sender
 from gateway.waiter import ResultWaiter
 from router.catalog import Catalog
 from router.dispatcher import current_catalog
-from router.errors import InvalidJob, NoRouteAvailable
+from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
 from router.jobs import Job
 from router.policy import route_job
 from router.results import Result
 from workers.config import fleet_urls
 from workers.ledger.store import Ledger
+from workers.runtime.resultstore import FleetRedisBackend
 from workers.state import apps, keys
+from workers.state.apps import Owner
 from workers.state.connections import redis_client
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -77,6 +79,7 @@ class Gateway:
         self.waiter = ResultWaiter(fleet_urls()[1])
         self.limiter = anyio.CapacityLimiter(SEND_THREADS)
         self.sender = Sender(self.redis, self.blocking)
+        self.results = _results_backend()
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -131,6 +134,16 @@ class Gateway:
         return await self.sender.send(key, job, worst)
 
 
+def _results_backend() -> FleetRedisBackend:
+    """The fleet's result backend (workers/runtime/resultstore.py): what a final state the
+    gateway stores itself (a revoked job's) is encoded by."""
+    from workers.runtime.celery_app import get_app
+
+    backend = get_app().backend
+    assert isinstance(backend, FleetRedisBackend)
+    return backend
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(413, f"the body is larger than {limit} bytes", code="body_too_large")
 
@@ -178,15 +191,16 @@ async def chat_completions(request: Request) -> Response:
             f"job {job.id} not finished after {timeout:g} s; it goes on: GET /v1/jobs/{job.id}"
         )
         raise APIError(504, message, code="timeout", extra={"job_id": job.id})
-    result = _result(meta, job)
+    result = _result(meta, job.id, job.task_class, job.source)
     if not result.ok:
         raise _failed(result)
     headers = shapes.fleet_headers(result)
     return JSONResponse(shapes.completion(result, catalog), headers=headers)
 
 
-def _result(meta: dict[str, Any], job: Job) -> Result:
-    """The Result a job's final stored state holds."""
+def _result(meta: dict[str, Any], job_id: str, task_class: str, source: str) -> Result:
+    """The Result a job's final stored state holds (one with none, a bare Result of the
+    job's id, class and source saying how it ended)."""
     value = meta.get("result")
     if meta.get("status") == "SUCCESS" and isinstance(value, dict):
         return Result.model_validate(value)
@@ -196,9 +210,7 @@ def _result(meta: dict[str, Any], job: Job) -> Result:
     error = f"job {meta.get('status', 'ended').lower()}"
     if isinstance(args, list) and args:
         error = f"{error}: {args[0]}"
-    return Result(
-        job_id=job.id, task_class=job.task_class, source=job.source, ok=False, error=error
-    )
+    return Result(job_id=job_id, task_class=task_class, source=source, ok=False, error=error)
 
 
 def _failed(result: Result) -> APIError:
@@ -240,48 +252,43 @@ async def create_job(request: Request) -> Response:
     )
 
 
-async def _owned(request: Request) -> tuple[Gateway, str, Any]:
+async def _owned(request: Request) -> tuple[Gateway, str, Owner]:
     """The job the path names, if the key's app sent it (else 404, as if there were none)."""
     gw = _gateway(request)
     key = await gw.key_of(request)
     job_id = request.path_params["job_id"]
     owner = apps.owner_of(await gw.waiter.client.get(keys.owner(job_id)))
-    if owner is None or owner[0] != key.app:
+    if owner is None or owner.app != key.app:
         raise APIError(404, f"no job {job_id!r} sent with this app's keys", code="job_not_found")
     return gw, job_id, owner
 
 
 async def get_job(request: Request) -> Response:
-    gw, job_id, _ = await _owned(request)
+    gw, job_id, owner = await _owned(request)
     meta = await gw.waiter.stored(job_id)
     status = (meta or {}).get("status") or "PENDING"
     body: dict[str, Any] = {"id": job_id, "object": "fleet.job", "status": status.lower()}
     if status in ("SUCCESS", "FAILURE", "REVOKED"):
-        stub = Job(
-            id=job_id, task_class="fast_general", messages=[{"role": "user", "content": "-"}]
-        )
-        body["result"] = _result(meta or {}, stub).summary()
+        result = _result(meta or {}, job_id, owner.task_class, owner.source)
+        body["result"] = result.summary()
     return JSONResponse(body)
 
 
 async def delete_job(request: Request) -> Response:
-    gw, job_id, (app, reservation) = await _owned(request)
-    state = json.dumps(
-        {
-            "status": "REVOKED",
-            "traceback": None,
-            "children": [],
-            "task_id": job_id,
-            "result": {
-                "exc_type": "TaskRevokedError",
-                "exc_message": ["revoked by its app"],
-                "exc_module": "celery.exceptions",
-            },
-            "date_done": datetime.now(UTC).isoformat(),
-        }
+    gw, job_id, owner = await _owned(request)
+    # Its final state if no worker has taken it yet (else a worker's next step writes it)
+    revoked = Result(
+        job_id=job_id,
+        task_class=owner.task_class,
+        source=owner.source,
+        ok=False,
+        error=JobRevoked.MESSAGE,
+        finished_at=time.time(),
     )
+    state = gw.results.revoked_state(revoked)
+    expires_s = gw.settings.result_expires_s
     answer = await gw.blocking(
-        apps.revoke, gw.redis, job_id, state, gw.settings.result_expires_s, app, reservation
+        apps.revoke, gw.redis, job_id, state, expires_s, owner.app, owner.reservation
     )
     if answer == "REVOKING":  # a worker holds it: its next step ends it, a call finishes
         return JSONResponse(

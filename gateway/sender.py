@@ -5,7 +5,7 @@ A request's send is two round trips to Redis (its key's reservation, then the jo
 message), made from a thread because redis-py blocks. Sent one by one, a burst's requests
 would queue behind each other's thread hops and round trips, their threads fighting the
 event loop for the GIL, while the workers wait for the jobs. Batched, a burst costs a few
-hops: every reservation of a batch in one pipeline (`apps.reserve_many`, each admitted or
+hops: every reservation of a batch in one pipeline (`apps.app_admit`, each admitted or
 refused on its own) and every admitted job in one `dispatch_many` MULTI/EXEC. One request
 alone is sent at once.
 
@@ -80,8 +80,8 @@ class Sender:
 
     def send_batch(self, batch: list[_Pending]) -> list[Outcome]:
         """Reserve every request's worst case, then dispatch the admitted jobs together."""
-        reserved = apps.reserve_many(
-            self.redis, [(p.key.app, p.key.limits, p.worst, p.job.id) for p in batch]
+        reserved = apps.app_admit(
+            self.redis, [(p.key.app, p.key.limits, p.worst, p.job) for p in batch]
         )
         outcomes: list[Outcome | None] = [None] * len(batch)
         going: list[tuple[int, Job, Reservation]] = []

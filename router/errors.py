@@ -13,6 +13,7 @@ Each renders as one line naming the problem and, where there are any, the valid 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class FleetError(Exception):
@@ -62,10 +63,18 @@ class JobFailed(FleetError):
     Crosses Celery's JSON result backend: its args are a string and a plain dict.
     """
 
-    def __init__(self, message: str, result: dict | None = None) -> None:
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(message, result or {})
         self.message = message
         self.result = result or {}
 
     def __str__(self) -> str:
         return self.message
+
+
+class JobRevoked(JobFailed):
+    """The job's app revoked it: no answer. `result` holds the attempts made before, as a
+    failed job's does, and the job's class and source. The exception a revoked job's
+    final state (REVOKED) carries."""
+
+    MESSAGE = "revoked by its app"

@@ -22,7 +22,7 @@ from router.errors import ConfigError
 from tests.fixtures import Workers, url_of, wait_until
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.sending import TASK_RUN_JOB
-from workers.state import deadletter, keys
+from workers.state import deadletter, deliveries, keys
 from workers.state.deadletter import Filing
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
@@ -90,7 +90,8 @@ def test_a_message_redelivered_too_often_stops_and_is_dead_lettered(
     # Given a job whose message was already delivered 3 times, and whose worker died on it
     # alone twice (the third death is laid on it as the 4th delivery begins)
     job_id = uuid.uuid4().hex
-    state_redis.hset(f"fleet:deliveries:{job_id}:0", mapping={"n": 3, "deaths": 2})
+    record = deliveries.DeliveryRecord(n=3, deaths=2)
+    state_redis.hset(keys.deliveries(job_id, 0), mapping=record.fields())
     started = time.time()
     handle = dispatch(ask("crashy", task_class="cost_free", id=job_id))
     # Then the 4th delivery does not run it again: it fails and is dead-lettered
@@ -112,8 +113,7 @@ def test_a_stale_copy_of_a_finished_job_is_not_run_again(
     handle = dispatch(ask("once only", task_class="cost_free"))
     first = handle.get(timeout=30)
     finished = time.time()
-    counter = f"fleet:deliveries:{handle.id}:0"
-    assert state_redis.hget(counter, "n") == b"1"
+    assert deliveries.record(state_redis, handle.id, 0).n == 1
     # When the same message arrives again (a redelivery after the job was answered)
     fleet_app.send_task(
         TASK_RUN_JOB,
@@ -127,7 +127,7 @@ def test_a_stale_copy_of_a_finished_job_is_not_run_again(
     while dropped not in fleet_workers.log("free") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert dropped in fleet_workers.log("free")
-    assert state_redis.hget(counter, "n") == b"2"
+    assert deliveries.record(state_redis, handle.id, 0).n == 2
     # And no provider is called and the caller's result is unchanged
     assert not [r for r in simulator.requests() if r["t"] >= finished]
     assert handle.get(timeout=5) == first

@@ -15,7 +15,7 @@ from workers.state.deliveries import MAX_DEATHS, MAX_DELIVERIES
 
 
 def deaths(redis: Any, job: str, sends: int = 0) -> float:
-    return float(redis.hget(keys.deliveries(job, sends), "deaths") or 0)
+    return deliveries.record(redis, job, sends).deaths
 
 
 def test_a_job_that_dies_alone_in_its_process_is_poisoned_at_its_fourth_delivery(
@@ -26,6 +26,7 @@ def test_a_job_that_dies_alone_in_its_process_is_poisoned_at_its_fourth_delivery
     assert [d.count for d in seen] == [1, 2, 3, 4]
     assert [d.poisoned for d in seen] == [False, False, False, True]
     assert deaths(fresh_redis, "j") == MAX_DEATHS
+    assert deliveries.record(fresh_redis, "j", 0) == deliveries.DeliveryRecord(4, "pool-3", 3.0)
 
 
 def test_jobs_that_die_together_share_each_death(fresh_redis: Any) -> None:
@@ -92,10 +93,3 @@ def test_this_process_is_named_anew_in_a_forked_child() -> None:
     child = os.read(read, 200).decode()
     assert child != here and child.split(":")[1] == str(pid)
     assert deliveries.this_process() == here
-
-
-def test_a_counter_left_by_an_older_fleet_keeps_its_count(fresh_redis: Any) -> None:
-    # A message in flight across the upgrade: its counter was a plain string
-    fresh_redis.set(keys.deliveries("old", 0), 2)
-    delivery = deliveries.begin(fresh_redis, "old", 0, process="p1")
-    assert delivery.count == 3 and not delivery.poisoned

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures import reset_live_state
+from tests.fixtures import reset_live_state, url_of
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,12 +270,48 @@ def test_a_revoked_job_never_runs(gateway, fleet_env, simulator) -> None:
                 break
             time.sleep(0.2)
         assert status["status"] == "revoked", status
+        assert status["result"]["task_class"] == "cost_free", status
+        assert status["result"]["error"] == "revoked by its app", status
         assert not [r for r in simulator.requests() if "revoke me" in json.dumps(r)]
         again = httpx.delete(f"{gateway.url}/jobs/{created['id']}", headers=headers)
         assert again.status_code == 409
     finally:
         reset_live_state(fleet_env)
         state.close()
+
+
+def test_a_job_revoked_before_any_worker_takes_it_keeps_its_class_and_source(
+    fleet_env, fresh_redis, tmp_path
+) -> None:
+    # Given a gateway of a fleet no worker serves: the jobs it sends wait in their queues
+    env = {
+        **fleet_env,
+        "FLEET_BROKER_URL": url_of(fresh_redis),
+        "FLEET_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }
+    lonely = Gateway(env, tmp_path / "gateway.log")
+    try:
+        headers = {"Authorization": f"Bearer {new_key(env, 'early-revoker')}"}
+        job = {"task_class": "creative", "source": "sub-agent", "messages": ask("never run")}
+        created = httpx.post(f"{lonely.url}/jobs", json=job, headers=headers)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        # When its app revokes it before any worker has taken it
+        gone = httpx.delete(f"{lonely.url}/jobs/{job_id}", headers=headers)
+        assert gone.status_code == 200 and gone.json()["status"] == "revoked", gone.text
+        # Then the job API reports it revoked as the job it was: its class, its source
+        state = httpx.get(f"{lonely.url}/jobs/{job_id}", headers=headers).json()
+        assert state["status"] == "revoked", state
+        result = state["result"]
+        assert (result["job_id"], result["task_class"], result["source"]) == (
+            job_id,
+            "creative",
+            "sub-agent",
+        ), result
+        assert not result["ok"] and result["error"] == "revoked by its app", result
+        assert result["attempts"] == []
+    finally:
+        lonely.stop()
 
 
 def test_keys_are_hashed_listed_without_the_key_and_revocable(gateway, fleet_env) -> None:

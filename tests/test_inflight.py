@@ -13,6 +13,7 @@ import pytest
 from celery import states
 
 from router.catalog import load_catalog
+from router.travel import TravellingState
 from workers.ledger.rows import decode_rows, encode_rows
 from workers.runtime import orphans
 from workers.runtime.resultstore import Bookkeeping, attach
@@ -75,7 +76,7 @@ def test_a_redelivery_finds_its_messages_calls_and_the_next_message_clears_them(
     mark = keys.inflight("j2")
     # Given delivery 1 of the job's first message, whose first round trip took the slot,
     # and whose call was marked as it left
-    first = deliveries.begin(fresh_redis, "j2", 0, state.admission("user_facing", KIMI, 1_000))
+    first = deliveries.begin(fresh_redis, "j2", 0, state.admit_call("user_facing", KIMI, 1_000))
     assert first.admitted == Slot() and first.orphans == () and first.count == 1
     inflight.mark(fresh_redis, kimi_call("j2", delivery=first.count))
     assert list(fresh_redis.hgetall(mark)) == [b"0:1"]
@@ -96,11 +97,13 @@ def test_an_orphan_is_billed_once_estimated_and_numbered_apart(
 ) -> None:
     catalog = load_catalog()
     job = {"id": "j3", "task_class": "user_facing", "source": "app", "app": "billing"}
-    deliveries.begin(fresh_redis, "j3", 0, state.admission("user_facing", KIMI, 1_000))
+    deliveries.begin(fresh_redis, "j3", 0, state.admit_call("user_facing", KIMI, 1_000))
     inflight.mark(fresh_redis, kimi_call("j3"))
     found = deliveries.begin(fresh_redis, "j3", 0).orphans
     # When the redelivery bills what it found
-    billed = orphans.bill(fresh_redis, OpenGate(), catalog, job, {"max_tokens": 100}, found)
+    billed = orphans.bill(
+        fresh_redis, OpenGate(), catalog, job, TravellingState(max_tokens=100), found
+    )
     # Then one orphaned row is spooled: tokens estimated (the request's max_tokens as the
     # completion), cost at the catalog's prices, flagged as estimated, numbered apart
     assert [a.number for a in billed] == [orphans.ORPHAN_ATTEMPTS_FROM + 1]
@@ -122,7 +125,7 @@ def test_an_orphan_is_billed_once_estimated_and_numbered_apart(
     assert (row["cost_source"], row["app"], row["worker"]) == ("estimated", "billing", "w1@host")
     assert not fresh_redis.exists(keys.inflight("j3"))
     # And billing the same calls again (a second redelivery that read them first) adds none
-    assert orphans.bill(fresh_redis, OpenGate(), catalog, job, {}, found) == []
+    assert orphans.bill(fresh_redis, OpenGate(), catalog, job, None, found) == []
     assert fresh_redis.llen(keys.LEDGER_SPOOL) == 1
 
 

@@ -112,7 +112,7 @@ def test_a_fully_limited_chain_waits_for_the_earliest_slot_or_fails(
             assert step.queue == "free"
             margin_s = state.margin_ms / 1000  # a slot frees a window + margin after it
             assert 55 + margin_s < step.countdown_s < 61 + margin_s
-            assert step.state["attempts"] == []
+            assert step.state.attempts == ()
         else:
             assert "no usable model" in (step.result.error or "")
             assert "requests/min" in (step.result.error or "")

@@ -115,16 +115,16 @@ def test_a_delivery_starts_with_one_round_trip_that_counts_it_and_takes_its_slot
     from workers.state import deliveries, keys
 
     state = FleetState(client, load_catalog())
-    deliveries.begin(client, "warm", 0, state.admission("cost_free", LLAMA, 10))  # loaded
+    deliveries.begin(client, "warm", 0, state.admit_call("cost_free", LLAMA, 10))  # loaded
     window = keys.window("provider", "openrouter", "req", "min")  # OpenRouter's account
     taken = client.zcard(window)
     count = trips(client)
-    delivery = deliveries.begin(client, "job-1", 0, state.admission("cost_free", LLAMA, 10))
+    delivery = deliveries.begin(client, "job-1", 0, state.admit_call("cost_free", LLAMA, 10))
     assert count[0] == 1
     assert (delivery.count, delivery.finished, delivery.admitted) == (1, False, Slot())
     assert client.zcard(window) == taken + 1
     # A stale copy of a finished job takes no slot
     client.set(keys.result("job-2"), '{"status": "SUCCESS", "result": {}}')
-    stale = deliveries.begin(client, "job-2", 0, state.admission("cost_free", LLAMA, 10))
+    stale = deliveries.begin(client, "job-2", 0, state.admit_call("cost_free", LLAMA, 10))
     assert stale.finished and stale.admitted is None
     assert client.zcard(window) == taken + 1

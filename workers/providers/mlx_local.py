@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from workers.providers.base import (
     Completion,
@@ -44,6 +44,7 @@ from workers.providers.base import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_LOAD_TIMEOUT_S = 600.0
@@ -277,11 +278,12 @@ class MLXProvider:
             except Exception:  # best effort on the way out
                 log.debug("mx.clear_streams() failed", exc_info=True)
 
-    def _run(self, fn: Callable[[threading.Event], Any], timeout_s: float) -> Any:
+    def _run(self, fn: Callable[[threading.Event], _T], timeout_s: float) -> _T:
         job = _Job(fn)
         self._submit(job)
         try:
-            return job.future.result(timeout=timeout_s)
+            answer: _T = job.future.result(timeout=timeout_s)
+            return answer
         except concurrent.futures.TimeoutError:
             job.cancel.set()
             job.future.cancel()

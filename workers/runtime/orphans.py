@@ -30,7 +30,7 @@ from typing import Any
 
 from router.catalog import Catalog
 from router.costs import attempt_cost
-from router.results import Attempt
+from router.travel import Attempt, TravellingState
 from workers.ledger.rows import attempt_row, encode_rows
 from workers.runtime.step import Gate
 from workers.state import inflight
@@ -71,16 +71,16 @@ def bill(
     gate: Gate,
     catalog: Catalog,
     job: Mapping[str, Any],
-    state: Mapping[str, Any] | None,
+    state: TravellingState | None,
     found: Sequence[Orphan],
 ) -> list[Attempt]:
     """Write `found` to the ledger (through its spool) and clear their marks, atomically;
     then count their estimated spend. The attempts billed here."""
-    max_tokens = (state or {}).get("max_tokens") or job.get("max_tokens")
+    max_tokens = (state.max_tokens if state is not None else None) or job.get("max_tokens")
     attempts = {o.field: orphaned_attempt(o, max_tokens) for o in found}
     entries = [(o, encode_rows([attempt_row(attempts[o.field], job, catalog)])) for o in found]
     try:
-        billed = inflight.bill(redis, str(job["id"]), entries)
+        billed = inflight.bill_orphans(redis, str(job["id"]), entries)
     except Exception as exc:  # Redis away: the marks stay for the next delivery to bill
         log.warning("job %s: orphaned calls not billed yet (%r)", job["id"], exc)
         return []

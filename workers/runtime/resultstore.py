@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import states
-from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
-from kombu.utils.encoding import bytes_to_str
 
+from router.errors import JobRevoked
+from router.results import Result
 from workers.state import beathealth, keys
 from workers.state.beathealth import BeatRun
 from workers.state.connections import script
@@ -71,6 +71,19 @@ def _take(job_id: str) -> Bookkeeping:
         return _attached.pop(job_id, None) or Bookkeeping()
 
 
+if TYPE_CHECKING:
+
+    class RedisBackend:
+        """Celery's Redis result backend as the type checker sees it: Celery has no type
+        hints, so its attributes are Any (and the subclass below is checked)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    from celery.backends.redis import RedisBackend
+
+
 class FleetRedisBackend(RedisBackend):
     def _store_result(
         self,
@@ -86,12 +99,29 @@ class FleetRedisBackend(RedisBackend):
         meta = self._get_result_meta(
             result=result, state=state, traceback=traceback, request=request
         )
-        meta["task_id"] = bytes_to_str(task_id)
+        meta["task_id"] = _text(task_id)
         try:
             self._set_with_state(self.get_key_for_task(task_id), self.encode(meta), state)
         except BackendStoreError as ex:
             raise BackendStoreError(str(ex), state=state, task_id=task_id) from ex
         return result
+
+    def revoked_state(self, result: Result) -> str:
+        """A revoked job's final state, encoded as `store_revoked` stores it, for the
+        gateway to store for a job no worker took yet (revoke.lua, which also refunds its
+        reservation)."""
+        encoded_error = self.encode_result(_revoked(result), states.REVOKED)
+        meta = self._get_result_meta(
+            result=encoded_error, state=states.REVOKED, traceback=None, request=None
+        )
+        meta["task_id"] = result.job_id
+        encoded: str = self.encode(meta)
+        return encoded
+
+    def store_revoked(self, result: Result) -> None:
+        """Store a revoked job's final state (with what is attached to it: `attach`), as
+        the worker whose delivery meets the revoke does."""
+        self.store_result(result.job_id, _revoked(result), states.REVOKED)
 
     def on_task_call(self, producer: Any, task_id: str) -> None:
         """Celery's Redis backend subscribes to a task's result channel as the task is
@@ -144,6 +174,13 @@ class FleetRedisBackend(RedisBackend):
         if beat and isinstance(reply, list):  # [event, the entry's health]
             beathealth.report(beat.entry, _text(reply[0]), _text(reply[1]))
         return reply
+
+
+def _revoked(result: Result) -> JobRevoked:
+    """What a revoked job's final state holds: REVOKED, as Celery stores it, with the job's
+    Result (class, source, the attempts made before) in the exception, as a failed job's
+    final state carries it."""
+    return JobRevoked(result.error or JobRevoked.MESSAGE, result.summary())
 
 
 def _text(value: Any) -> str:

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.policy import Route
+from router.travel import TravellingState
+from router.travel import travelling_state as travelling_state  # what senders start with
 
 TASK_RUN_JOB = "fleet.run_job"
 EVENTS_EXCHANGE = "celeryev"  # Celery's event exchange (Flower listens there)
@@ -38,25 +39,12 @@ def describe(job: dict[str, Any], hop: str | None = None) -> str:
     )
 
 
-def travelling_state(decision: Route, now: float | None = None) -> dict[str, Any]:
-    """The state a freshly routed job travels with: its chain (rules 1-4 applied once),
-    sampling parameters, attempts so far, and when it was dispatched."""
-    return {
-        "chain": [hop.as_dict() for hop in decision.chain],
-        "temperature": decision.temperature,
-        "max_tokens": decision.max_tokens,
-        "attempts": [],
-        "prompt_tokens": decision.prompt_tokens,
-        "dispatched_at": time.time() if now is None else now,
-    }
-
-
 @dataclass(frozen=True)
 class Outgoing:
     """One job's message, ready to send to `queue`."""
 
     job: dict[str, Any]  # the Job as JSON
-    state: dict[str, Any]
+    state: TravellingState
     queue: str  # the first usable model's
     model: str  # what Flower and the logs name as where the job goes next
     priority: int | None = None
@@ -106,7 +94,7 @@ def _task_message(app: Any, m: Outgoing) -> Any:
         m.job["id"],
         TASK_RUN_JOB,
         (),
-        {"job": m.job, "state": m.state},
+        {"job": m.job, "state": m.state.wire()},
         argsrepr="()",
         kwargsrepr=describe(m.job, m.model),
         create_sent_event=app.conf.task_send_sent_event,

@@ -17,18 +17,19 @@ is not tried again; a bad request ends the job at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from router.catalog import Catalog
 from router.costs import attempt_cost
-from router.errors import InvalidJob, NoRouteAvailable
+from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
 from router.jobs import Job, parse_job
 from router.policy import route_job
-from router.results import Attempt, Result
+from router.results import Result
 from router.slots import Block, earliest, horizon
+from router.travel import Attempt, Hop, TravellingState, travelling_state
 from workers.providers.base import (
     CompletionRequest,
     ProviderError,
@@ -36,7 +37,6 @@ from workers.providers.base import (
     current_caller,
     on_send,
 )
-from workers.runtime.sending import travelling_state
 from workers.state.inflight import Call
 from workers.state.limits import Slot
 
@@ -60,7 +60,7 @@ class Forward:
 
     queue: str
     countdown_s: float
-    state: dict[str, Any]
+    state: TravellingState
 
 
 Step = Done | Failed | Forward
@@ -99,7 +99,7 @@ class OpenGate:
 def advance(
     catalog: Catalog,
     job_data: dict[str, Any],
-    state: dict[str, Any] | None,
+    state: TravellingState | None,
     *,
     here: str | None,
     providers: ProviderLookup,
@@ -122,7 +122,7 @@ def advance(
 
 def first_call(
     job_data: dict[str, Any],
-    state: dict[str, Any] | None,
+    state: TravellingState | None,
     *,
     here: str | None,
     providers: ProviderLookup,
@@ -133,17 +133,16 @@ def first_call(
     its deadline): its slot can then be taken in the delivery's first round trip. None
     otherwise (the delivery looks and forwards, or routes a job that came without
     state)."""
-    if not state or not state.get("chain") or _past(job_data.get("deadline"), now):
+    if state is None or not state.chain or _past(job_data.get("deadline"), now):
         return None
-    attempts = [Attempt.model_validate(a) for a in state.get("attempts", [])]
-    pick = _next_model(state["chain"], attempts, {}, now)
-    if pick is None or pick[0]["queue"] != here or pick[1] > 0:
+    pick = _next_model(state.chain, state.attempts, {}, now)
+    if pick is None or pick[0].queue != here or pick[1] > 0:
         return None
     try:
-        providers(pick[0]["model"])
+        providers(pick[0].model)
     except ProviderError:
         return None
-    return pick[0]["model"]
+    return pick[0].model
 
 
 def _past(deadline: Any, now: float) -> bool:
@@ -163,14 +162,14 @@ class _Delivery:
         catalog: Catalog,
         job_data: dict[str, Any],
         job: Job,
-        state: dict[str, Any],
+        state: TravellingState,
         gate: Gate,
         now: Callable[[], float],
     ) -> None:
         self.catalog, self.job_data, self.job, self.state = catalog, job_data, job, state
         self.gate, self.now = gate, now
-        self.attempts = [Attempt.model_validate(a) for a in state["attempts"]]
-        self.tokens = int(state.get("prompt_tokens") or 0)
+        self.attempts = list(state.attempts)
+        self.tokens = state.prompt_tokens
         self.passed: dict[str, Block] = {}  # models found blocked in this delivery, and why
         self.admitted: dict[str, Slot | Block] = {}  # admissions asked for before the walk
 
@@ -179,19 +178,19 @@ class _Delivery:
         while True:
             if self.job.deadline is not None and self.now() > self.job.deadline.timestamp():
                 return Failed(self.end(error="deadline passed"))
-            pick = _next_model(self.state["chain"], self.attempts, self.passed, self.now())
+            pick = _next_model(self.state.chain, self.attempts, self.passed, self.now())
             if pick is None:
                 return self.wait_or_fail()
             hop, countdown = pick
-            model = hop["model"]
+            model = hop.model
             # One provider call per delivery: a further try travels as a new message. It
             # is sent where it can be served: a look (no slot taken) skips a blocked model.
-            if called or hop["queue"] != here or countdown > 0:
+            if called or hop.queue != here or countdown > 0:
                 block = self.gate.block(self.job.task_class, model, self.tokens)
                 if block is not None:
                     self.passed[model] = block
                     continue
-                return self.forward(hop["queue"], countdown)
+                return self.forward(hop.queue, countdown)
             # A model this worker cannot call (its key is unset here) is skipped before it
             # takes a slot or a probe.
             try:
@@ -212,7 +211,7 @@ class _Delivery:
                 return step
             called = True
 
-    def in_flight(self, hop: dict[str, str], worker: str | None) -> Call | None:
+    def in_flight(self, hop: Hop, worker: str | None) -> Call | None:
         """The mark the call leaves in Redis, as it leaves, until its outcome is recorded
         (a redelivery that finds it bills the call as orphaned: workers/state/inflight.py),
         for the delivery the task is running (none outside a task)."""
@@ -224,42 +223,49 @@ class _Delivery:
             sends=caller.message,
             delivery=caller.delivery,
             attempt=len(self.attempts) + 1,
-            model=hop["model"],
-            queue=hop["queue"],
-            tier=hop["tier"],
+            model=hop.model,
+            queue=hop.queue,
+            tier=hop.tier,
             prompt_tokens=self.tokens,
             worker=worker,
         )
 
-    def skip(self, hop: dict[str, str], exc: ProviderError, worker: str | None) -> None:
-        number = len(self.attempts) + 1
-        base = {"number": number, "worker": worker, "started_at": self.now(), **hop}
-        self.attempts.append(Attempt(outcome="skipped", **_error_fields(exc), **base))
+    def skip(self, hop: Hop, exc: ProviderError, worker: str | None) -> None:
+        self.attempts.append(
+            Attempt(
+                number=len(self.attempts) + 1,
+                model=hop.model,
+                queue=hop.queue,
+                tier=hop.tier,
+                outcome="skipped",
+                worker=worker,
+                started_at=self.now(),
+                **_error_fields(exc),
+            )
+        )
 
-    def call(
-        self, hop: dict[str, str], target: Target, worker: str | None, slot: Slot
-    ) -> Step | None:
+    def call(self, hop: Hop, target: Target, worker: str | None, slot: Slot) -> Step | None:
         call = self.in_flight(hop, worker)
         with on_send(lambda: self.gate.mark(call) if call else None):
             attempt, text = _try(
                 self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now
             )
         self.attempts.append(attempt)
-        cost = attempt_cost(self.catalog.model(hop["model"]), attempt)
-        self.gate.settle(hop["model"], attempt, cost.usd, slot.probe)
+        cost = attempt_cost(self.catalog.model(hop.model), attempt)
+        self.gate.settle(hop.model, attempt, cost.usd, slot.probe)
         if attempt.outcome == "ok":
-            return Done(self.end(text=text, model=hop["model"]))
+            return Done(self.end(text=text, model=hop.model))
         if attempt.action == "fail":
-            return Failed(self.end(error=f"{hop['model']}: {attempt.error}"))
+            return Failed(self.end(error=f"{hop.model}: {attempt.error}"))
         return None
 
     def end(self, **fields: Any) -> Result:
         return _result(self.job_data, self.state, self.attempts, self.now(), **fields)
 
     def forward(self, queue: str, countdown: float) -> Forward:
-        sends = int(self.state.get("sends", 0)) + 1  # names the next message (deliveries.py)
-        state = {**self.state, "attempts": _dump(self.attempts), "sends": sends}
-        return Forward(queue, countdown, state)
+        # `sends` names the next message (workers/state/deliveries.py)
+        update = {"attempts": tuple(self.attempts), "sends": self.state.sends + 1}
+        return Forward(queue, countdown, self.state.model_copy(update=update))
 
     def wait_or_fail(self) -> Step:
         """No model can be called now: wait for the earliest slot if it comes soon enough."""
@@ -274,26 +280,25 @@ class _Delivery:
             tried = f"; tried: {_exhausted(self.attempts)}" if self.attempts else ""
             return Failed(self.end(error=f"no usable model ({reasons}){tried}"))
         until, model = found
-        queue = next(h["queue"] for h in self.state["chain"] if h["model"] == model)
-        return self.forward(queue, max(0.0, until - now) + 0.01)
+        return self.forward(self.state.hop_of(model).queue, max(0.0, until - now) + 0.01)
 
 
 def _try(
     job: Job,
-    state: dict[str, Any],
-    hop: dict[str, str],
+    state: TravellingState,
+    hop: Hop,
     number: int,
     target: Target,
     worker: str | None,
     now: Callable[[], float],
 ) -> tuple[Attempt, str | None]:
-    base = {"number": number, "worker": worker, **hop}
+    base: dict[str, Any] = {"number": number, "worker": worker, **hop.as_dict()}
     started = now()
     request = CompletionRequest(
         model=target.upstream,
         messages=job.model_dump(mode="json")["messages"],
-        temperature=state.get("temperature"),
-        max_tokens=state.get("max_tokens"),
+        temperature=state.temperature,
+        max_tokens=state.max_tokens,
         timeout_s=target.timeout_s,
     )
     clock = time.perf_counter()
@@ -328,62 +333,60 @@ def _error_fields(exc: ProviderError) -> dict[str, Any]:
     }
 
 
-def poisoned(job_data: dict[str, Any], state: dict[str, Any] | None, deliveries: int) -> Failed:
+def poisoned(job_data: dict[str, Any], state: TravellingState | None, deliveries: int) -> Failed:
     """A message delivered again and again without finishing (its worker died each time)."""
-    state = state or {}
-    attempts = [Attempt.model_validate(a) for a in state.get("attempts", [])]
     error = f"delivered {deliveries} times without finishing: a worker died on it each time"
-    return Failed(_result(job_data, state, attempts, time.time(), error=error))
+    return Failed(_result(job_data, state, _attempts(state), time.time(), error=error))
 
 
-REVOKED = "revoked by its app"
+REVOKED = JobRevoked.MESSAGE
 
 
-def revoked(job_data: dict[str, Any], state: dict[str, Any] | None) -> Result:
+def revoked(job_data: dict[str, Any], state: TravellingState | None) -> Result:
     """The Result of a job its app revoked: no answer, the attempts made before."""
-    state = state or {}
-    attempts = [Attempt.model_validate(a) for a in state.get("attempts", [])]
-    return _result(job_data, state, attempts, time.time(), error=REVOKED)
+    return _result(job_data, state, _attempts(state), time.time(), error=REVOKED)
+
+
+def _attempts(state: TravellingState | None) -> list[Attempt]:
+    return list(state.attempts) if state is not None else []
 
 
 def _start(
-    catalog: Catalog, job_data: dict[str, Any], state: dict[str, Any] | None, now: float
-) -> tuple[Job, dict[str, Any]] | Failed:
+    catalog: Catalog, job_data: dict[str, Any], state: TravellingState | None, now: float
+) -> tuple[Job, TravellingState] | Failed:
     """The job and its travelling state (routed now if it arrived without one)."""
     try:
         job = parse_job(job_data)
         return job, state or travelling_state(route_job(catalog, job), now)
     except (InvalidJob, NoRouteAvailable) as exc:
-        return Failed(_result(job_data, {}, [], now, error=str(exc)))
+        return Failed(_result(job_data, None, [], now, error=str(exc)))
 
 
 def _next_model(
-    chain: list[dict[str, str]],
-    attempts: list[Attempt],
-    passed: dict[str, Block],
+    chain: Sequence[Hop],
+    attempts: Sequence[Attempt],
+    passed: Mapping[str, Block],
     now: float,
-) -> tuple[dict[str, str], float] | None:
+) -> tuple[Hop, float] | None:
     """The first model the chain still offers that this delivery has not found blocked,
     and how long until it may be tried."""
     for hop, ready_at in _candidates(chain, attempts):
-        if hop["model"] not in passed:
+        if hop.model not in passed:
             return hop, max(0.0, ready_at - now)
     return None
 
 
-def _candidates(
-    chain: list[dict[str, str]], attempts: list[Attempt]
-) -> Iterator[tuple[dict[str, str], float]]:
+def _candidates(chain: Sequence[Hop], attempts: Sequence[Attempt]) -> Iterator[tuple[Hop, float]]:
     """The models still to try, in order, each with when it may be tried (unix seconds):
     every model once, then those whose failure was transient, after their Retry-After."""
     tried: dict[str, list[Attempt]] = {}
     for attempt in attempts:
         tried.setdefault(attempt.model, []).append(attempt)
     for hop in chain:
-        if hop["model"] not in tried:
+        if hop.model not in tried:
             yield hop, 0.0
     for hop in chain:
-        history = tried.get(hop["model"], [])
+        history = tried.get(hop.model, [])
         last = history[-1] if history else None
         if last and last.action == "retry" and len(history) < TRIES_PER_MODEL:
             wait = last.retry_after_s if last.retry_after_s is not None else RETRY_BACKOFF_S
@@ -395,13 +398,9 @@ def _exhausted(attempts: list[Attempt]) -> str:
     return f"every model failed: {reasons}" if attempts else "no model left to try"
 
 
-def _dump(attempts: list[Attempt]) -> list[dict[str, Any]]:
-    return [a.model_dump(mode="json") for a in attempts]
-
-
 def _result(
     job_data: dict[str, Any],
-    state: dict[str, Any],
+    state: TravellingState | None,
     attempts: list[Attempt],
     finished_at: float,
     *,
@@ -419,6 +418,6 @@ def _result(
         error=error,
         attempts=attempts,
         metadata=job_data.get("metadata") or {},
-        dispatched_at=state.get("dispatched_at"),
+        dispatched_at=state.dispatched_at if state is not None else None,
         finished_at=finished_at,
     )

@@ -16,7 +16,9 @@ import logging
 import os
 import threading
 import time
-from typing import Any, NoReturn
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar, cast
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
@@ -28,11 +30,12 @@ from router.catalog import Catalog, load_catalog
 from router.errors import JobFailed
 from router.jobs import Reservation
 from router.results import Result
+from router.travel import TravellingState
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
 from workers.runtime import orphans
-from workers.runtime.resultstore import Bookkeeping, attach
+from workers.runtime.resultstore import Bookkeeping, FleetRedisBackend, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
 from workers.runtime.step import (
     REVOKED,
@@ -53,23 +56,52 @@ from workers.state.limits import FailOpen, FleetState
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_process: dict[str, Any] = {}
+
+
+@dataclass
+class _Process:
+    """What this process builds once and shares between its deliveries."""
+
+    catalog: Catalog | None = None
+    registry: ProviderRegistry | None = None
+    state: FleetState | None = None
+    gate: Gate | None = None
+    concurrency: int | None = None  # the -c the worker was started with
+
+
+_process = _Process()
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _on(signal: Any) -> Callable[[_Fn], _Fn]:
+    """`@signal.connect` with its type kept (Celery has no type hints)."""
+
+    def connect(fn: _Fn) -> _Fn:
+        signal.connect(fn)
+        return fn
+
+    return connect
+
+
+def _task(**options: Any) -> Callable[[Callable[..., Any]], Task]:
+    """`@shared_task(**options)`, typed (Celery has no type hints)."""
+    return cast(Callable[[Callable[..., Any]], Task], shared_task(**options))
 
 
 def _catalog() -> Catalog:
     with _lock:
-        if "catalog" not in _process:
-            _process["catalog"] = load_catalog()
-        return _process["catalog"]
+        if _process.catalog is None:
+            _process.catalog = load_catalog()
+        return _process.catalog
 
 
-@worker_init.connect
+@_on(worker_init)
 def _remember_concurrency(sender: Any = None, **_: Any) -> None:
     # The -c the worker was started with: the HTTP connection pool is sized to it.
-    _process["concurrency"] = getattr(sender, "concurrency", None)
+    _process.concurrency = getattr(sender, "concurrency", None)
 
 
-@worker_ready.connect
+@_on(worker_ready)
 def _warm_up(sender: Any = None, **_: Any) -> None:
     """Build what the first delivery would build (catalog, provider clients, live state,
     the Lua scripts in Redis' cache) before the first message: done lazily, a fresh
@@ -87,9 +119,10 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
         log.info("warm-up skipped: %r", exc)
 
 
-@worker_shutdown.connect
+@_on(worker_shutdown)
 def _stop(**_: Any) -> None:
-    registry = _process.pop("registry", None)
+    with _lock:
+        registry, _process.registry = _process.registry, None
     if registry is not None:
         registry.close()
 
@@ -97,30 +130,30 @@ def _stop(**_: Any) -> None:
 def _registry() -> ProviderRegistry:
     catalog = _catalog()
     with _lock:
-        if "registry" not in _process:
+        if _process.registry is None:
             concurrency = int(
-                os.environ.get("FLEET_WORKER_CONCURRENCY") or _process.get("concurrency") or 10
+                os.environ.get("FLEET_WORKER_CONCURRENCY") or _process.concurrency or 10
             )
-            _process["registry"] = ProviderRegistry(catalog, concurrency)
-        return _process["registry"]
+            _process.registry = ProviderRegistry(catalog, concurrency)
+        return _process.registry
 
 
 def _state() -> FleetState:
     """The fleet's live state (limits, cooldowns, budgets) on the state Redis."""
     catalog = _catalog()
     with _lock:
-        if "state" not in _process:
-            _process["state"] = FleetState(redis_client(), catalog)
-        return _process["state"]
+        if _process.state is None:
+            _process.state = FleetState(redis_client(), catalog)
+        return _process.state
 
 
 def _gate() -> Gate:
     """The live state as a delivery uses it: open when the state Redis is unreachable."""
     state = _state()
     with _lock:
-        if "gate" not in _process:
-            _process["gate"] = FailOpen(state)
-        return _process["gate"]
+        if _process.gate is None:
+            _process.gate = FailOpen(state)
+        return _process.gate
 
 
 class Reply:
@@ -199,33 +232,33 @@ def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
         raise Reject(f"forward not sent: {type(exc).__name__}", requeue=True) from None
 
 
-def _end_revoked(task: Task, job: dict[str, Any], state: dict[str, Any] | None) -> NoReturn:
+def _end_revoked(task: Task, job: dict[str, Any], state: TravellingState | None) -> NoReturn:
     """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made
     before, and the settlement of its reservation), and end this delivery."""
-    from celery import states
-    from celery.exceptions import TaskRevokedError
-
     result = revoked(job, state)
     attach(job["id"], _bookkeeping(job, result, result.summary()))
-    task.backend.store_result(job["id"], TaskRevokedError(result.error), states.REVOKED)
+    backend = task.backend
+    assert isinstance(backend, FleetRedisBackend)
+    backend.store_revoked(result)
     raise Ignore()
 
 
-@shared_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
+@_task(bind=True, name=TASK_RUN_JOB, throws=(JobFailed,))
 def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None) -> Any:
     job = {**job, "id": job.get("id") or self.request.id}
+    # The message's state, parsed once here (none: the job is routed on arrival).
+    travel = TravellingState.model_validate(state) if state else None
+    sends = travel.sends if travel is not None else 0
     here = (self.request.delivery_info or {}).get("routing_key")
     # The delivery's first round trip counts it and, when it will call a model here and
     # now, takes that model's slot too.
-    first = first_call(job, state, here=here, providers=_registry(), now=time.time())
-    admission = None
+    first = first_call(job, travel, here=here, providers=_registry(), now=time.time())
+    admit = None
     if first is not None:
-        tokens = int((state or {}).get("prompt_tokens") or 0)
-        admission = _state().admission(str(job.get("task_class")), first, tokens)
+        tokens = travel.prompt_tokens if travel is not None else 0
+        admit = _state().admit_call(str(job.get("task_class")), first, tokens)
     try:
-        delivery = deliveries.begin(
-            redis_client(), job["id"], (state or {}).get("sends", 0), admission
-        )
+        delivery = deliveries.begin(redis_client(), job["id"], sends, admit)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         # Redis went away (or is still loading its data after a restart) at the delivery's
         # first round trip: nothing ran. Storing a FAILURE here would end the job with no
@@ -236,23 +269,23 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     # Calls earlier deliveries of this message left in flight (their workers died) may have
     # been billed: the ledger gets them as orphaned, whatever this delivery does.
     if delivery.orphans:
-        orphans.bill(redis_client(), _gate(), _catalog(), job, state, delivery.orphans)
+        orphans.bill(redis_client(), _gate(), _catalog(), job, travel, delivery.orphans)
     # A stale copy of a finished job (its caller has the answer, and the ledger its rows,
     # which went with the final state), or a copy of a message already forwarded.
     if delivery.finished or delivery.superseded:
         raise Ignore()
     if delivery.revoked:  # its app revoked it: end it here, with what it spent so far
-        _end_revoked(self, job, state)
+        _end_revoked(self, job, travel)
     if delivery.poisoned:
-        step: Step = poisoned(job, state, delivery.count)
+        step: Step = poisoned(job, travel, delivery.count)
     else:
         # Its provider call says which job and delivery it is for (X-Fleet-Job).
-        caller = Caller(job["id"], int((state or {}).get("sends", 0)), delivery.count)
+        caller = Caller(job["id"], sends, delivery.count)
         with calling_for(caller):
             step = advance(
                 _catalog(),
                 job,
-                state,
+                travel,
                 here=here,
                 providers=_registry(),
                 gate=_gate(),

@@ -21,10 +21,11 @@ from typing import Any, TextIO
 
 from router.catalog import QUEUES
 from router.results import Result
+from workers.ledger.writer import READY as LEDGER_WRITER_READY
 from workers.ops.pools import worker_argv
 from workers.ops.redis_server import RedisServer
 from workers.ops.supervisor import Supervisor
-from workers.ops.up import LEDGER_WRITER_READY, ledger_writer_argv
+from workers.ops.up import ledger_writer_argv
 
 DEMO_PROVIDER_TIMEOUT_S = 3.0
 # A 1x1 PNG: the vision job's image.

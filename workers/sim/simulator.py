@@ -119,7 +119,10 @@ class _State:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            return json.loads(json.dumps({"models": self.models, "default": self.default}))
+            copied: dict[str, Any] = json.loads(
+                json.dumps({"models": self.models, "default": self.default})
+            )
+            return copied
 
     def reset(self) -> None:
         with self.lock:
@@ -168,7 +171,7 @@ def _directive_fault(model: str, texts: list[tuple[str, str]]) -> str | None:
     for _, text in texts:
         for target, fault in _DIRECTIVE.findall(text):
             if target == "*" or target == model or target.endswith("/" + model):
-                return fault.strip()
+                return str(fault).strip()
     return None
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # Bump when the generated files change, so an old directory is rebuilt.
 FORMAT_VERSION = 1
@@ -168,7 +168,7 @@ def _build_weights(config: dict[str, Any], quiet_ids: list[int], seed: int) -> d
     from mlx.utils import tree_flatten
     from mlx_lm.models.llama import Model, ModelArgs
 
-    model = Model(ModelArgs.from_dict(config))
+    model = Model(cast(Any, ModelArgs).from_dict(config))  # (mlx_lm is untyped)
     key = mx.random.key(seed)
     weights: dict[str, Any] = {}
     params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]

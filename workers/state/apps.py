@@ -1,8 +1,8 @@
 """Apps behind the gateway, as live state: each app's requests per minute and its USD
 per day and per month, counted fleet-wide in Redis.
 
-A request is admitted with its worst-case cost set aside (`reserve_many`: one script per request, so
-concurrent requests never spend past a cap); its job carries the reservation, and the
+A request is admitted with its worst-case cost set aside (`app_admit`: one script per
+request, so concurrent requests never spend past a cap); its job carries the reservation, and the
 worker settles it to the job's real cost together with the job's final state
 (store_result.lua). A job that never runs is refunded (`refund`). Settling happens once
 per job, whoever does it first.
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from router.jobs import Reservation
+from router.jobs import Job, Reservation
 from workers.state import keys
 from workers.state.connections import Pipeline
 
@@ -34,6 +34,29 @@ class AppLimits:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """Who sent a job through the gateway (its owner key, keys.owner), what its app set
+    aside for it, and what the job is: enough to answer for it, and end it, before any
+    worker has seen it."""
+
+    app: str
+    reservation: Reservation
+    task_class: str
+    source: str
+
+    def encode(self) -> str:
+        r = self.reservation
+        fields = {"app": self.app, "usd": r.usd, "day": r.day, "month": r.month}
+        return json.dumps({**fields, "task_class": self.task_class, "source": self.source})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> Owner:
+        entry = json.loads(raw)
+        reservation = Reservation(usd=entry["usd"], day=entry["day"], month=entry["month"])
+        return cls(str(entry["app"]), reservation, str(entry["task_class"]), str(entry["source"]))
+
+
+@dataclass(frozen=True)
 class Refused:
     """Why an app's request is refused now, and in how many seconds to try again."""
 
@@ -41,26 +64,30 @@ class Refused:
     retry_after_s: float
 
 
-def reserve_many(
+def app_admit(
     redis: Any,
-    requests: Sequence[tuple[str, AppLimits, float, str]],
+    requests: Sequence[tuple[str, AppLimits, float, Job]],
     now: datetime | None = None,
 ) -> list[Reservation | Refused]:
-    """For each (app, limits, worst USD, job id), in order, in one round trip: take the
+    """For each (app, limits, worst USD, job), in order, in one round trip: take the
     request's slot and set its worst-case cost aside, or say which limit is full (one
     script call each: every request is admitted or refused on its own). The job is
-    recorded as the app's (`owner`) in the same step."""
+    recorded as the app's (`Owner`) in the same step."""
     now = now or datetime.now(UTC)
     day, month = now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
     batch = Pipeline(redis)
-    for app, limits, worst_usd, job_id in requests:
+    owners = []
+    for app, limits, worst_usd, job in requests:
+        reservation = Reservation(usd=worst_usd, day=day, month=month)
+        owner = Owner(app, reservation, job.task_class, job.source)
+        owners.append(owner)
         batch.script(
             "app_admit",
             [
                 keys.app_requests(app),
                 keys.app_spend(app, "day", day),
                 keys.app_spend(app, "month", month),
-                keys.owner(job_id),
+                keys.owner(job.id),
             ],
             [
                 uuid.uuid4().hex,
@@ -70,16 +97,14 @@ def reserve_many(
                 -1 if limits.usd_per_month is None else limits.usd_per_month,
                 DAY_TTL_S,
                 MONTH_TTL_S,
-                json.dumps({"app": app, "usd": worst_usd, "day": day, "month": month}),
+                owner.encode(),
                 OWNER_TTL_S,
             ],
         )
     replies = batch.execute()
     return [
-        Reservation(usd=worst, day=day, month=month)
-        if int(reply[0]) == 1
-        else _refused(reply, limits, worst, now)
-        for reply, (_, limits, worst, _) in zip(replies, requests, strict=True)
+        owner.reservation if int(reply[0]) == 1 else _refused(reply, limits, worst, now)
+        for reply, owner, (_, limits, worst, _) in zip(replies, owners, requests, strict=True)
     ]
 
 
@@ -146,11 +171,6 @@ def revoke(
     return answer.decode() if isinstance(answer, bytes) else str(answer)
 
 
-def owner_of(raw: bytes | str | None) -> tuple[str, Reservation] | None:
-    """The app that sent a job through the gateway and what it reserved for it, from the
-    job's owner key (keys.owner), if any."""
-    if not raw:
-        return None
-    entry = json.loads(raw)
-    reservation = Reservation(usd=entry["usd"], day=entry["day"], month=entry["month"])
-    return str(entry["app"]), reservation
+def owner_of(raw: bytes | str | None) -> Owner | None:
+    """Who sent a job through the gateway, from the job's owner key (keys.owner), if any."""
+    return Owner.decode(raw) if raw else None

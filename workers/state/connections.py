@@ -54,12 +54,16 @@ def redis_client(url: str | None = None, environ: Mapping[str, str] = os.environ
 
 
 @cache
-def _source(name: str) -> str:
-    """A script's text, with each `--!include NAME` line replaced by NAME.lua (Lua has no
-    imports inside Redis: shared functions are pasted in before the script is sent)."""
-    lines = (SCRIPTS / f"{name}.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+def _source(name: str, included: bool = False) -> str:
+    """A script's text, with each `--!include NAME` line replaced by NAME.lua up to its
+    `--!main` line, if it has one (Lua has no imports inside Redis: shared functions are
+    pasted in before the script is sent; what follows `--!main` runs the script alone)."""
+    text = (SCRIPTS / f"{name}.lua").read_text(encoding="utf-8")
+    if included:
+        text = text.split("--!main\n", 1)[0]
     return "".join(
-        _source(line.split()[1]) if line.startswith("--!include ") else line for line in lines
+        _source(line.split()[1], included=True) if line.startswith("--!include ") else line
+        for line in text.splitlines(keepends=True)
     )
 
 

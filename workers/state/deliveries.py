@@ -34,7 +34,7 @@ from router.slots import Block
 from workers.state import keys
 from workers.state.connections import Pipeline
 from workers.state.inflight import Orphan, orphans
-from workers.state.limits import Admission, Slot
+from workers.state.limits import AdmitCall, Slot
 
 MAX_DEATHS = 3  # deaths laid on a message (see above) that poison it
 MAX_DELIVERIES = 10  # deliveries of one message that poison it, whatever its share
@@ -52,8 +52,35 @@ def this_process() -> str:
 
 
 @dataclass(frozen=True)
+class DeliveryRecord:
+    """One message's record of its deliveries: the hash begin.lua keeps at
+    keys.deliveries(job, sends), whose fields these are."""
+
+    n: int = 0  # its deliveries so far
+    on: str | None = None  # the process of its latest delivery that went on
+    deaths: float = 0.0  # the share of its deliveries' deaths laid on it (see above)
+
+    def fields(self) -> dict[str, str | int | float]:
+        """The hash's fields (`on` left out when unset)."""
+        written: dict[str, str | int | float] = {"n": self.n, "deaths": self.deaths}
+        return written if self.on is None else {**written, "on": self.on}
+
+
+def record(redis: Any, job_id: str, sends: int) -> DeliveryRecord:
+    """The record of message `sends` of `job_id` (all zero before its first delivery)."""
+    raw = {_text(k): _text(v) for k, v in redis.hgetall(keys.deliveries(job_id, sends)).items()}
+    return DeliveryRecord(
+        n=int(raw.get("n", 0)), on=raw.get("on"), deaths=float(raw.get("deaths", 0))
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True)
 class Delivery:
-    count: int  # 1 on first delivery
+    count: int  # 1 on first delivery (its record's n)
     finished: bool  # the job already has its final result: this is a stale copy
     superseded: bool = False  # the job was forwarded and the next message delivered
     poisoned: bool = False  # its deliveries died too often (see above): end it, no call
@@ -67,13 +94,13 @@ def begin(
     redis: Any,
     job_id: str,
     sends: int,
-    admission: Admission | None = None,
+    admit: AdmitCall | None = None,
     process: str | None = None,
 ) -> Delivery:
     """Count this delivery and lay on it its share of its last delivery's death, look for
     a final result and for a later message, read the calls earlier deliveries of this
     message left in flight, and record that this process holds the job; and, when the
-    delivery is to go on, take `admission` (the first model's slot): one round trip
+    delivery is to go on, take `admit` (the first model's slot): one round trip
     (scripts/begin.lua). A finished job is recognised by the status its stored state
     names. `process`: the worker process (this one unless a test plays several)."""
     process = process or this_process()
@@ -95,13 +122,13 @@ def begin(
         keys.RUNNING_PREFIX,
         job_id,
     ]
-    if admission is not None:
-        script_keys += admission.keys
-        args += admission.args
+    if admit is not None:
+        script_keys += admit.keys
+        args += admit.args
     batch = Pipeline(redis)
     batch.script("begin", script_keys, args)
     count, finished, later, revoked, poisoned, marks, *rest = batch.execute()[0]
-    admitted = admission.read(rest[0]) if admission is not None and rest else None
+    admitted = admit.read(rest[0]) if admit is not None and rest else None
     return Delivery(
         count=int(count),
         finished=bool(finished),

@@ -26,9 +26,9 @@ worker is killed is delivered again and calls again: the ledger must hold both c
              returns them) was left by an earlier delivery of that message that never
              recorded its call: its worker died, or its forward could not be sent. The
              redelivery bills each as an `orphaned` attempt with estimated tokens and cost
-             (workers/runtime/orphans.py): `bill()` pushes its row onto the ledger spool
-             and clears its mark in one atomic step (scripts/orphans.lua), so a second kill
-             loses no row and bills none twice.
+             (workers/runtime/orphans.py): `bill_orphans()` pushes its row onto the ledger
+             spool and clears its mark in one atomic step (scripts/bill_orphans.lua), so a
+             second kill loses no row and bills none twice.
 """
 
 from __future__ import annotations
@@ -125,12 +125,12 @@ def orphans(reply: Sequence[Any]) -> list[Orphan]:
     return sorted(found, key=lambda o: o.marked_at)
 
 
-def bill(redis: Any, job_id: str, entries: Sequence[tuple[Orphan, str]]) -> list[Orphan]:
+def bill_orphans(redis: Any, job_id: str, entries: Sequence[tuple[Orphan, str]]) -> list[Orphan]:
     """Push each orphan's ledger spool entry and clear its mark, atomically; the orphans
     billed here (one another delivery billed first is left out)."""
     args = [item for orphan, entry in entries for item in (orphan.field, entry)]
     batch = Pipeline(redis)
-    batch.script("orphans", [keys.inflight(job_id), keys.LEDGER_SPOOL], args)
+    batch.script("bill_orphans", [keys.inflight(job_id), keys.LEDGER_SPOOL], args)
     billed = {_text(f) for f in batch.execute()[0]}
     return [orphan for orphan, _ in entries if orphan.field in billed]
 

@@ -14,8 +14,8 @@ slot is free again only window + margin after it was taken, and calls that arriv
     block(cls, model)        why the model cannot take a job now (and until when): a look
     admit(cls, model, tok)   the same check, and the slot taken in every window the model
                              counts against (and the probe of a half-open circuit), in one
-                             round trip (scripts/admission.lua): a Slot, or the Block
-    admission(...)           that call's keys and args, for a script that admits as part of
+                             round trip (scripts/admit.lua): a Slot, or the Block
+    admit_call(...)          that call's keys and args, for a script that admits as part of
                              something else (a delivery's begin.lua)
     mark(call)               a call about to leave, marked in flight (inflight.py)
     settle(model, attempt, cost, probe)
@@ -58,8 +58,8 @@ class Slot:
 
 
 @dataclass(frozen=True)
-class Admission:
-    """One model's admission.lua call: its keys and args, and how to read its reply."""
+class AdmitCall:
+    """One model's admit.lua call: its keys and args, and how to read its reply."""
 
     keys: list[str]
     args: list[Any]
@@ -72,7 +72,10 @@ class _Window:
     limit: int
     window_ms: int  # the limit's own window (a minute, a day, a quota's hours)
     kind: str  # 'req' or 'tok'
-    label: str
+    label: str  # for people: a Block's reason
+    # A subscription's quota: a token quota counts prompt and completion alike, and its
+    # admission checks what was used (the call's tokens are counted when it returns).
+    quota: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class FleetState:
         """Why each of `models` cannot take a job of `task_class` now (absent: it can), all
         looked at in one round trip."""
         batch = Pipeline(self.redis)
-        looks = [self.admission(task_class, m, prompt_tokens, take=False) for m in models]
+        looks = [self.admit_call(task_class, m, prompt_tokens, take=False) for m in models]
         for look in looks:
             batch.script("admit", look.keys, look.args)
         found = {}
@@ -120,20 +123,20 @@ class FleetState:
 
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
         """Take a slot for one call, fleet-wide; or the Block saying until when to wait."""
-        admission = self.admission(task_class, model_id, prompt_tokens)
+        call = self.admit_call(task_class, model_id, prompt_tokens)
         batch = Pipeline(self.redis)
-        batch.script("admit", admission.keys, admission.args)
-        return admission.read(batch.execute()[0])
+        batch.script("admit", call.keys, call.args)
+        return call.read(batch.execute()[0])
 
-    def admission(
+    def admit_call(
         self,
         task_class: str,
         model_id: str,
         prompt_tokens: int,
         *,
         take: bool = True,
-    ) -> Admission:
-        """The admission.lua call for one model (a look only, unless `take`)."""
+    ) -> AdmitCall:
+        """The admit.lua call for one model (a look only, unless `take`)."""
         model = self.catalog.model(model_id)
         now = datetime.now(UTC)
         caps = self._caps(model, now)
@@ -142,7 +145,7 @@ class FleetState:
         script_keys += [c.key for c in caps] + [w.key for w in windows]
         args: list[Any] = [uuid.uuid4().hex, "0" if take else "1", PROBE_TTL_MS, len(caps)]
         args += [c.usd for c in caps] + _window_args(windows, prompt_tokens, self.margin_ms)
-        return Admission(script_keys, args, lambda reply: _answer(reply, caps, windows, now))
+        return AdmitCall(script_keys, args, lambda reply: _answer(reply, caps, windows, now))
 
     def _caps(self, model: Model, now: datetime) -> list[_Cap]:
         """Every budget capping `model`, with the spend counter of its current period."""
@@ -192,6 +195,7 @@ class FleetState:
                     int(quota.window_h * 3_600_000),
                     measure,
                     label,
+                    quota=True,
                 )
             )
         return windows
@@ -265,7 +269,7 @@ class FleetState:
         for w in self._windows("", model):
             if w.kind != "tok":
                 continue
-            amount = prompt + completion if w.label.startswith("quota") else completion
+            amount = prompt + completion if w.quota else completion
             if amount > 0:
                 pipe.zadd(w.key, {f"{member}|{amount}": now_ms})
                 pipe.pexpire(w.key, w.window_ms + self.margin_ms)
@@ -354,7 +358,7 @@ def _window_args(windows: list[_Window], prompt_tokens: int, margin_ms: int) -> 
     argv: list[Any] = []
     for w in windows:
         amount = 1 if w.kind == "req" else prompt_tokens
-        if w.label.startswith("quota") and w.kind == "tok":
+        if w.quota and w.kind == "tok":
             amount = 0  # token quota: check what was used; the call's tokens come later
         argv += [w.limit, w.window_ms + margin_ms, amount, w.kind]
     return argv

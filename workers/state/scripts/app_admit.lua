@@ -4,7 +4,8 @@
 -- and the job is recorded as the app's, atomically: concurrent requests never spend past
 -- a cap.
 -- KEYS: requests window, day spend, month spend, job owner.
--- (The owner value, ARGV[8], is JSON: the app and its reservation, for a later revoke.)
+-- (The owner value, ARGV[8], is JSON: the app, its reservation, the job's class and
+-- source, for the job API and a later revoke: apps.Owner.)
 -- ARGV: member, requests per minute (0: no limit), worst-case USD, USD per day (-1: no
 --   cap), USD per month (-1: no cap), day ttl s, month ttl s, owner value, owner ttl s.
 -- Returns {1} admitted, or {0, which ('requests', 'day', 'month'), retry after ms (-1:

@@ -2,7 +2,7 @@
 -- delivery at its door, look for a final state and for a later message of the job
 -- (workers/state/deliveries.py), read the calls earlier deliveries of this message left
 -- in flight (workers/state/inflight.py), and, when the delivery is to go on, the
--- admission of the model it will call first (admission.lua).
+-- admission of the model it will call first (admit.lua).
 -- KEYS: this message's deliveries hash, the job's result key, the next message's hash,
 --   the job's revoked marker, the job's in-flight hash, the previous message's hash, the
 --   running set of this delivery's process, then the admission's keys (none: count and
@@ -14,7 +14,7 @@
 -- script reaches keys it is not given (KEYS): fine on one Redis, not on a cluster.
 -- Returns {count, finished (0/1), superseded (0/1), revoked (0/1), poisoned (0/1), this
 -- message's calls in flight (field, value, ...)[, admission's reply]}.
---!include admission
+--!include admit
 local keep, max_deaths, max_count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local message, process, prefix, job = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
 
@@ -22,12 +22,6 @@ local message, process, prefix, job = tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[
 -- with Redis). Of the jobs that process held then, any one may have brought it down: this
 -- one bears an equal share of that death. A pool process running one job at a time gives
 -- it the whole death; a threads worker killed with 8 jobs in flight, an eighth to each.
--- (a counter an older fleet left as a plain string, its count only, becomes the hash)
-if redis.call('TYPE', KEYS[1]).ok == 'string' then
-  local old = redis.call('GET', KEYS[1])
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'n', old)
-end
 local count = redis.call('HINCRBY', KEYS[1], 'n', 1)
 local deaths = tonumber(redis.call('HGET', KEYS[1], 'deaths') or '0')
 if count > 1 then
@@ -82,4 +76,4 @@ for i = 8, #KEYS do K[#K + 1] = KEYS[i] end
 for i = 8, #ARGV do A[#A + 1] = ARGV[i] end
 local t = redis.call('TIME')
 return {count, finished, later, revoked, poisoned, orphans,
-  admission(K, A, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+  admit(K, A, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
