@@ -58,7 +58,7 @@ def _payload() -> dict[str, Any]:
 
 def _fleet_batch(n: int) -> Callable[[], None]:
     """Dispatch `n` jobs, then wait for every result."""
-    from router import dispatch
+    from client import dispatch
 
     def run() -> None:
         handles = [dispatch(JOB) for _ in range(n)]
@@ -106,8 +106,8 @@ def router(quick: bool) -> Result:
 
 def _senders() -> dict[str, Callable[[int], None]]:
     from bench.raw_app import NOOP, get_raw_app
-    from router import dispatch, dispatch_many
-    from router.dispatcher import current_catalog, first_usable
+    from client import dispatch, dispatch_many
+    from client.dispatch import current_catalog, first_usable
     from router.jobs import parse_job
     from router.policy import route_job
 
@@ -464,7 +464,7 @@ def escalation(quick: bool) -> Result:
     """A primary's scripted 503 on the subscription queue; the next model is on the free
     queue with an idle worker. From the simulator's log: the 503'd request's arrival to
     the next model's request's arrival (the 503 itself takes no time to answer)."""
-    from router import dispatch
+    from client import dispatch
 
     n = 30 if quick else 100
     with Stack("escalation", latency_ms=0) as stack:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from router import dispatch
+from client import dispatch
 from router.catalog import QUEUES
 from tests.fixtures import Flower, reset_live_state
 from workers.sim.simulated import PLACEHOLDER_KEY

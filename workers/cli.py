@@ -344,7 +344,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import os
 
-    from router.dispatcher import dispatch
+    from client import dispatch
 
     os.environ.update(_broker_env())
     content: Any = args.prompt
@@ -484,7 +484,7 @@ def cmd_dead_letter(args: argparse.Namespace) -> int:
             raise InvalidJob(f"no dead letter {args.job_id!r} (see `fleet dead-letter list`)")
     import os
 
-    from router.dispatcher import dispatch
+    from client import dispatch
 
     os.environ.update(_broker_env())
     handle = dispatch(deadletter.replay_job(entry))
