@@ -28,7 +28,7 @@ from bench.common import (
 
 def transport(quick: bool) -> tuple[list[Any], dict[str, Any]]:
     from bench.runs import JOB, Row
-    from router import dispatch, dispatch_many
+    from client import dispatch, dispatch_many
     from workers.ops.pools import worker_argv
     from workers.ops.supervisor import Supervisor
     from workers.runtime.celery_app import get_app

@@ -79,7 +79,7 @@ def _payload() -> dict[str, Any]:
 
 def _fleet_batch(n: int) -> Callable[[], None]:
     """Dispatch `n` jobs, then wait for every result."""
-    from router import dispatch
+    from client import dispatch
 
     def run() -> None:
         handles = [dispatch(JOB) for _ in range(n)]
@@ -130,8 +130,8 @@ def router(quick: bool) -> Result:
 
 def _senders() -> dict[str, Callable[[int], None]]:
     from bench.raw_app import NOOP, get_raw_app
-    from router import dispatch, dispatch_many
-    from router.dispatcher import current_catalog, first_usable
+    from client import dispatch, dispatch_many
+    from client.dispatch import current_catalog, first_usable
     from router.jobs import parse_job
     from router.policy import route_job
 
@@ -550,7 +550,7 @@ def escalation(quick: bool) -> Result:
     queue with an idle worker. From the simulator's log: the 503'd request's arrival to
     the next model's request's arrival (the 503 itself takes no time to answer), job by
     job, so each gap is a difference within one job."""
-    from router import dispatch
+    from client import dispatch
 
     n = 30 if quick else 100
     with Stack("escalation", latency_ms=0) as stack:

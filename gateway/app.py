@@ -31,13 +31,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from client.dispatch import current_catalog
 from gateway import shapes
 from gateway.errors import APIError, no_route
 from gateway.keys import AppKey, KeyStore
 from gateway.sender import Sender
 from gateway.waiter import ResultWaiter
 from router.catalog import Catalog
-from router.dispatcher import current_catalog
 from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
 from router.jobs import Job
 from router.policy import route_job

@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from client import dispatch, dispatch_many
 from gateway.errors import APIError, no_route
 from gateway.keys import AppKey
-from router.dispatcher import dispatch, dispatch_many
 from router.errors import InvalidJob, NoRouteAvailable
 from router.jobs import Job, Reservation
 from workers.state import apps, keys

@@ -1,7 +1,9 @@
 """modelfleet's decision layer: the catalog, the policy, jobs and routing.
 
-Importing this package loads no Celery, httpx or database driver; `dispatch` and
-`dispatch_many` (which send routed jobs to their Celery queues) are imported on first use.
+Importing this package loads no Celery, httpx or database driver. `dispatch`,
+`dispatch_many` and `JobHandle` belong to the client (`client/`, which sends routed jobs to
+their Celery queues and stands above this layer); they are re-exported here for convenience
+and imported on first use, so the decision layer itself imports nothing above it.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,7 @@ from router.policy import Route, RouteQuery, route, route_job
 from router.results import Attempt, Result
 
 if TYPE_CHECKING:
-    from router.dispatcher import JobHandle, dispatch, dispatch_many
+    from client.dispatch import JobHandle, dispatch, dispatch_many
 
 __all__ = [
     "Attempt",
@@ -47,7 +49,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("dispatch", "dispatch_many", "JobHandle"):
-        from router import dispatcher
+        import client
 
-        return getattr(dispatcher, name)
+        return getattr(client, name)
     raise AttributeError(f"module 'router' has no attribute {name!r}")

@@ -16,7 +16,8 @@ import pytest
 import redis as redis_lib
 import yaml
 
-from router import JobFailed, dispatch
+from client import dispatch
+from router import JobFailed
 from router.catalog import DeadLetters, Retention, default_catalog_path, load_catalog
 from router.errors import ConfigError
 from tests.fixtures import Workers, url_of, wait_until

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from router import BatchRefused, InvalidJob, NoRouteAvailable, dispatch, dispatch_many
+from client import dispatch, dispatch_many
+from router import BatchRefused, InvalidJob, NoRouteAvailable
 from workers.state import deliveries, keys
 
 COST_FREE_CHAIN = (

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from router import JobFailed, Result, dispatch, load_catalog
-from router.dispatcher import JobHandle
+from client import JobHandle, dispatch
+from router import JobFailed, Result, load_catalog
 from tests.fixtures import reset_live_state
 from workers.providers.registry import ProviderRegistry
 from workers.runtime.step import Done, advance

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from router import InvalidJob, JobFailed, dispatch
+from client import dispatch
+from router import InvalidJob, JobFailed
 
 TIMEOUT_S = 60
 
@@ -63,7 +64,7 @@ def test_cron_job_never_escalates_into_subscription(fleet_app) -> None:
 
 
 def test_a_batch_sent_in_one_round_trip_is_answered_job_by_job(fleet_app, simulator) -> None:
-    from router import dispatch_many
+    from client import dispatch_many
 
     handles = dispatch_many([ask(f"batch item {i}", task_class="cost_free") for i in range(5)])
     results = [h.get(timeout=TIMEOUT_S) for h in handles]

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from router import dispatch
+from client import dispatch
 from router.catalog import QUEUES
 from tests.fixtures import Flower, reset_live_state, url_of
 from workers.sim.simulated import PLACEHOLDER_KEY

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from client.dispatch import current_catalog
 from gateway.errors import APIError
 from gateway.keys import AppKey
 from gateway.sender import Sender
-from router.dispatcher import current_catalog
 from router.jobs import Job
 from router.policy import route_job
 from tests.fixtures import url_of

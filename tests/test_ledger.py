@@ -17,7 +17,8 @@ import redis
 from ledger_db import DATABASES, attempt, database, rows, simple_rows, write_concurrently
 from sqlalchemy import select, text, update
 
-from router import dispatch, load_catalog
+from client import dispatch
+from router import load_catalog
 from router.catalog import default_catalog_path
 from router.errors import ConfigError
 from workers.ledger.rows import encode_rows

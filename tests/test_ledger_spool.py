@@ -11,7 +11,8 @@ from typing import Any
 from celery import states
 from ledger_db import simple_rows
 
-from router import JobFailed, dispatch
+from client import dispatch
+from router import JobFailed
 from workers.ledger.rows import encode_rows
 from workers.ledger.store import Ledger
 from workers.ops.pools import worker_argv

@@ -10,7 +10,8 @@ import pytest
 import redis as redis_lib
 import yaml
 
-from router import NoRouteAvailable, dispatch, load_catalog
+from client import dispatch
+from router import NoRouteAvailable, load_catalog
 from router.jobs import parse_job
 from tests.fixtures import reset_live_state, running_workers, url_of
 from workers.providers.registry import ProviderRegistry

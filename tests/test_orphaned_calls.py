@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router import dispatch
+from client import dispatch
 from tests.fixtures import Workers, url_of, wait_until
 from workers.ledger.store import Ledger
 from workers.runtime.orphans import ORPHAN_ATTEMPTS_FROM

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from router import dispatch
+from client import dispatch
 from tests.fixtures import running_workers, url_of, wait_until
 from tests.test_limits_fleet import LLAMA, write_catalog
 

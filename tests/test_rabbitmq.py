@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from router import dispatch
+from client import dispatch
 from tests.fixtures import Workers, url_of
 
 AMQP = os.environ.get("FLEET_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import redis as redis_lib
 
-from router import dispatch, load_catalog
+from client import dispatch
+from router import load_catalog
 from router.catalog import QUEUES
 from tests.fixtures import reset_live_state, url_of
 from workers.ops.redis_server import free_port

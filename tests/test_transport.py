@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from router import dispatch
+from client import dispatch
 from tests.fixtures import url_of
 from workers.ops.pools import worker_argv
 from workers.ops.supervisor import Supervisor

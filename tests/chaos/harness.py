@@ -60,8 +60,8 @@ from typing import Any
 import redis
 import yaml
 
+from client import JobHandle, dispatch
 from router.catalog import load_catalog
-from router.dispatcher import JobHandle, dispatch
 from router.errors import FleetError
 from router.results import Result
 from tests.fixtures import Flower, Workers, reset_live_state

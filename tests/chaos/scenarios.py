@@ -627,7 +627,7 @@ def dead_letter_cli(fleet: ChaosFleet, dead_ids: set[str], tally: Tally) -> list
 
     from celery.result import AsyncResult
 
-    from router.dispatcher import JobHandle
+    from client import JobHandle
     from router.jobs import parse_job
     from workers.runtime.celery_app import get_app
 
@@ -736,7 +736,7 @@ def bad_input(workdir: Path, examples: int = 200) -> Tally:
     InvalidJob (one line naming the field), and nothing reaches Redis."""
     from hypothesis import HealthCheck, given, settings
 
-    from router.dispatcher import dispatch
+    from client import dispatch
     from router.errors import InvalidJob
 
     from .malformed import malformed_jobs

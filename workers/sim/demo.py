@@ -144,7 +144,7 @@ def run_demo(*, as_json: bool = False, out: TextIO = sys.stdout, timeout_s: floa
 
 
 def _run_jobs(timeout_s: float) -> list[tuple[str, Result]]:
-    from router.dispatcher import dispatch
+    from client import dispatch
 
     sent = [(label, dispatch(job)) for label, job in demo_jobs()]
     return [(label, handle.get(timeout=timeout_s, propagate=False)) for label, handle in sent]

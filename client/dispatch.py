@@ -1,10 +1,11 @@
 """`dispatch()` and `dispatch_many()`: validate jobs, route them, send each to the queue of
 its first usable model; and `JobHandle`, which follows a job to its final Result.
 
-The light client of the fleet: importing this module loads no Celery and no Redis
-client; sending loads Celery's client side and redis-py, and nothing of the worker (no
-pool, no task module, no ledger, no provider adapter). tests/test_layering.py holds it to
-that.
+The light client of the fleet. It stands above what it uses: the decisions of `router`
+(which hold no I/O) and the sending and live-state code of `workers`. Importing this module
+loads no Celery and no Redis client; sending loads Celery's client side and redis-py, and
+nothing of the worker (no pool, no task module, no ledger, no provider adapter).
+tests/test_layering.py holds it to that.
 """
 
 from __future__ import annotations

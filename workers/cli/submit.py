@@ -1,0 +1,82 @@
+"""`fleet submit`: enqueue one job through the client (and wait for its result)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from router.catalog import SOURCES, TASK_CLASSES
+from workers.cli.connection import broker_env
+from workers.cli.options import Subcommands, add_json_option, positive_int
+from workers.cli.output import print_json
+
+
+def add_submit(commands: Subcommands) -> None:
+    p = commands.add_parser("submit", help="enqueue a job (and wait for its result)")
+    p.add_argument("prompt")
+    p.add_argument("--class", dest="task_class", required=True, choices=TASK_CLASSES)
+    p.add_argument("--focus")
+    p.add_argument("--profile")
+    p.add_argument("--model")
+    p.add_argument("--image", metavar="PATH")
+    p.add_argument("--source", choices=SOURCES, default="app")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=positive_int)
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=300, help="seconds --wait waits")
+    add_json_option(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from client import dispatch
+
+    os.environ.update(broker_env())
+    content: Any = args.prompt
+    if args.image:
+        content = [{"type": "text", "text": args.prompt}, _image_part(args.image)]
+    job = {
+        "task_class": args.task_class,
+        "messages": [{"role": "user", "content": content}],
+        "source": args.source,
+        **{k: v for k, v in _optional_fields(args).items() if v is not None},
+    }
+    handle = dispatch(job)
+    if not args.wait:
+        out = {"job_id": handle.id, **handle.route.as_dict()}
+        print_json(out) if args.json else print(f"{handle.id} queued on {handle.route.queue}")
+        return 0
+    result = handle.get(timeout=args.timeout, propagate=False)
+    if args.json:
+        print_json(result.summary())
+    else:
+        print(result.text if result.ok else f"fleet: job failed: {result.error}")
+    return 0 if result.ok else 1
+
+
+def _optional_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "focus": args.focus,
+        "profile": args.profile,
+        "model": args.model,
+        "temperature": args.temperature,
+        "max_tokens": args.max_tokens,
+    }
+
+
+def _image_part(path: str) -> dict[str, Any]:
+    import base64
+    import mimetypes
+    from pathlib import Path
+
+    from router.errors import InvalidJob
+
+    kind = mimetypes.guess_type(path)[0]
+    if not kind or not kind.startswith("image/"):
+        raise InvalidJob(f"--image {path!r} is not an image file (valid: .png, .jpg, .gif, .webp)")
+    try:
+        data = base64.b64encode(Path(path).read_bytes()).decode()
+    except OSError as exc:
+        raise InvalidJob(f"--image {path!r}: {exc.strerror}") from None
+    return {"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
