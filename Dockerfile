@@ -12,6 +12,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md beat_schedule.py ./
 COPY router ./router
+COPY client ./client
 COPY gateway ./gateway
 COPY workers ./workers
 RUN pip install ".[local]"
