@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def paired_ratios(fleet: list[float], reference: list[float]) -> list[float]:
     return [f / r for f, r in zip(fleet, reference, strict=True)]
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], n: int, warm: int) -> dict[str, list[float]]:
+def interleaved(runs: Mapping[str, Callable[[], Any]], n: int, warm: int) -> dict[str, list[float]]:
     """Milliseconds of each run, `n` times, taking turns (after `warm` untimed rounds):
     every side meets the same moments of a noisy machine, and the i-th sample of each
     side comes from the same round, so they pair (`paired_differences`). The order
@@ -244,7 +244,8 @@ class Stack:
         if not raw and self.ledger_writer is None:
             # The fleet as deployed: its finished jobs' rows go through the spool to the
             # ledger writer, a process of its own that shares this machine's cores.
-            from workers.ops.up import LEDGER_WRITER_READY, ledger_writer_argv
+            from workers.ledger.writer import READY as LEDGER_WRITER_READY
+            from workers.ops.up import ledger_writer_argv
 
             child = self.supervisor.start(
                 "ledger-writer", ledger_writer_argv(), LEDGER_WRITER_READY, cwd=ROOT

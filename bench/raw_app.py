@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 from celery import Celery
 from celery.signals import worker_init
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from workers.runtime.celery_app import celery_settings
 

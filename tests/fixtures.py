@@ -29,7 +29,7 @@ FINAL = ("SUCCESS", "FAILURE")
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
+def wait_until(predicate: Callable[[], T | None], timeout_s: float, what: str) -> T:
     """Poll `predicate` until it returns something true (returned); AssertionError naming
     `what` if it never does within `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -39,6 +39,18 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str) -> T:
             return value
         assert time.monotonic() < deadline, f"{what}: not seen within {timeout_s:g} s"
         time.sleep(0.02)
+
+
+def reply_bytes(reply: object) -> bytes:
+    """A reply to the tests' Redis clients, which do not decode responses: bytes. (redis-py's
+    types say `bytes | str`, or wider, since they cannot tell how a client was made.)"""
+    assert isinstance(reply, bytes), reply
+    return reply
+
+
+def reply_text(reply: object) -> str:
+    """A reply to the tests' Redis clients (bytes, see reply_bytes) as text."""
+    return reply_bytes(reply).decode()
 
 
 # --- worker processes ------------------------------------------------------------------
@@ -72,7 +84,8 @@ class Workers:
 
     def start_ledger_writer(self) -> Child:
         """The fleet's ledger writer (`fleet ledger-writer`), as `fleet up` runs it."""
-        from workers.ops.up import LEDGER_WRITER_READY, ledger_writer_argv
+        from workers.ledger.writer import READY as LEDGER_WRITER_READY
+        from workers.ops.up import ledger_writer_argv
 
         child = self.supervisor.start(
             "ledger-writer", ledger_writer_argv(), ready_marker=LEDGER_WRITER_READY, cwd=ROOT

@@ -36,7 +36,7 @@ def catalog() -> Catalog:
 def pg_admin() -> Any:
     """A SQLAlchemy engine on the test database; the test fails when it is unreachable."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
     from workers.ledger.store import database_url
 
@@ -46,7 +46,8 @@ def pg_admin() -> Any:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         engine.dispose()
-        why = str(exc.orig or exc).splitlines()[0]
+        cause = exc.orig if isinstance(exc, DBAPIError) else None  # the driver's own error
+        why = str(cause or exc).splitlines()[0]
         pytest.fail(
             f"PostgreSQL not reachable at {PG_URL} ({why}): the ledger tests need it; start"
             " it, or point FLEET_TEST_PG_URL at a database this user may create schemas in",

@@ -23,7 +23,7 @@ from router.catalog import Catalog, load_catalog
 from router.errors import ConfigError, NoRouteAvailable
 from router.jobs import parse_job
 from router.policy import route_job
-from tests.fixtures import Workers, url_of, wait_until
+from tests.fixtures import Workers, reply_text, url_of, wait_until
 from workers.runtime.celery_app import create_app
 from workers.runtime.sending import TASK_RUN_JOB
 from workers.state import beathealth, keys
@@ -316,7 +316,9 @@ def test_a_heartbeat_that_cannot_run_is_filed_once_and_shown_until_it_recovers(
         # Then one dead letter was filed for it, and the failure logged once
         assert failing["failing"] is True
         assert _letters_by_entry(fresh_redis)["heartbeat"] == 1
-        assert failing["dead_letter"] in {k.decode() for k in fresh_redis.hkeys(keys.DEAD_LETTER)}
+        assert failing["dead_letter"] in {
+            reply_text(k) for k in fresh_redis.hkeys(keys.DEAD_LETTER)
+        }
         assert logs().count(FAILING) == 1, logs()[-3000:]
         assert "no_key" in failing["reason"] or "not_found" in failing["reason"]
         # And `fleet status` shows it failing, since when, why and how often
@@ -385,7 +387,7 @@ def test_an_entry_files_each_new_cause_once_and_counts_the_repeats(
     answered = beathealth.BeatRun("heartbeat", True)
 
     def filed() -> list[str]:
-        return sorted(k.decode() for k in fresh_redis.hkeys(keys.DEAD_LETTER))
+        return sorted(reply_text(k) for k in fresh_redis.hkeys(keys.DEAD_LETTER))
 
     _end(backend, "j1", no_key)  # starts failing: filed
     _end(backend, "j2", no_key)  # the same cause: counted
@@ -410,9 +412,9 @@ def test_an_entry_files_each_new_cause_once_and_counts_the_repeats(
 
 
 def test_a_cause_is_the_same_whether_a_model_failed_again_or_is_still_resting() -> None:
-    from router.results import Attempt, Result
+    from router.results import Attempt, Outcome, Result
 
-    def attempt(model: str, kind: str, outcome: str = "error") -> Attempt:
+    def attempt(model: str, kind: str, outcome: Outcome = "error") -> Attempt:
         return Attempt(
             number=1,
             model=model,

@@ -228,7 +228,7 @@ def test_unset_host_variables_stay_unset_or_empty(compose: list[str], tmp_path: 
 def test_every_worker_writes_one_shared_ledger() -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     workers = [s for s in services.values() if celery_subcommand(s) == "worker"]
-    urls = {environment(s).get("FLEET_LEDGER_URL") for s in workers}
+    urls = {environment(s).get("FLEET_LEDGER_URL") or "" for s in workers}
     assert len(urls) == 1 and next(iter(urls)).startswith("postgresql://")
     assert services["postgres"]["image"].startswith("postgres:")
 

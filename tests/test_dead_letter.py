@@ -20,7 +20,7 @@ from client import dispatch
 from router import JobFailed
 from router.catalog import DeadLetters, Retention, default_catalog_path, load_catalog
 from router.errors import ConfigError
-from tests.fixtures import Workers, url_of, wait_until
+from tests.fixtures import Workers, reply_text, url_of, wait_until
 from workers.runtime.resultstore import Bookkeeping, attach
 from workers.runtime.sending import TASK_RUN_JOB
 from workers.state import deadletter, deliveries, keys
@@ -166,11 +166,11 @@ def fail(backend, job_id: str, task_class: str, filing: Filing) -> None:
 
 
 def indexed(client: redis_lib.Redis, task_class: str) -> list[str]:
-    return [m.decode() for m in client.zrange(keys.dead_letter_index(task_class), 0, -1)]
+    return [reply_text(m) for m in client.zrange(keys.dead_letter_index(task_class), 0, -1)]
 
 
 def held(client: redis_lib.Redis) -> set[str]:
-    return {k.decode() for k in client.hkeys(keys.DEAD_LETTER)}
+    return {reply_text(k) for k in client.hkeys(keys.DEAD_LETTER)}
 
 
 def test_each_class_keeps_its_newest_letters_up_to_its_count(fresh_redis) -> None:
@@ -290,7 +290,7 @@ def test_a_worker_files_under_its_catalog_retention_and_the_cli_shows_the_trimme
     try:
         workers.wait_ready()
         # When 4 cost_free jobs and 2 reasoning_free jobs fail (a 400: at once), in turn
-        failed = {}
+        failed: dict[str, list[str]] = {}
         for n, task_class in enumerate(["cost_free"] * 4 + ["reasoning_free"] * 2):
             handle = dispatch(ask(f"[[sim:*=400]] bad {n}", task_class=task_class))
             with pytest.raises(JobFailed):

@@ -129,7 +129,7 @@ def test_a_result_stored_without_a_wake_up_is_still_found(broker) -> None:
     # it (as when it lands between the caller's subscription and its first read)
     handle = dispatch(ask("quiet"))
     result = {"job_id": handle.id, "task_class": "cost_free", "source": "app", "ok": True}
-    meta = {
+    meta: dict[str, Any] = {
         "status": "SUCCESS",
         "result": {**result, "text": "hi"},
         "traceback": None,
@@ -188,7 +188,7 @@ def test_a_batched_message_and_its_event_are_what_kombu_writes(broker) -> None:
     one = dispatch(ask("single"))
     many = dispatch_many([ask("batch a"), ask("batch b")])
     messages = {json.loads(m)["headers"]["id"]: json.loads(m) for m in queued(broker, "free")}
-    sent = []
+    sent: list[dict[str, Any]] = []
     while len(sent) < 3 and (message := events.get_message(timeout=2)):
         if message["type"] == "pmessage":
             sent.append(json.loads(message["data"]))

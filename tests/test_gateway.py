@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fixtures import reset_live_state, url_of
 
@@ -94,7 +95,7 @@ def client(gateway: Gateway, key: str) -> openai.OpenAI:
     return made
 
 
-def ask(text: str) -> list[dict[str, Any]]:
+def ask(text: str) -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
@@ -122,8 +123,10 @@ def test_a_paid_profile_reports_its_cost_and_an_escalation_its_path(gateway, app
     c = client(gateway, app_key)
     paid = c.chat.completions.create(model="profile/routing", messages=ask("Route this"))
     assert paid.model == "litellm/kimi"
-    cost = paid.usage.model_extra["cost"]  # type: ignore[union-attr]
-    expected = (paid.usage.prompt_tokens * 0.56 + paid.usage.completion_tokens * 2.94) / 1e6  # type: ignore[union-attr]
+    usage = paid.usage
+    assert usage is not None and usage.model_extra is not None
+    cost = usage.model_extra["cost"]
+    expected = (usage.prompt_tokens * 0.56 + usage.completion_tokens * 2.94) / 1e6
     assert cost == pytest.approx(expected, rel=1e-6) and cost > 0
     raw = c.chat.completions.with_raw_response.create(
         model="fleet/fast_general", messages=ask("[[sim:MiniMax-M2.1=503]] quick")

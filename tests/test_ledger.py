@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from ledger_db import DATABASES, attempt, database, rows, simple_rows, write_concurrently
 from sqlalchemy import select, text, update
 
 from client import dispatch
 from router import load_catalog
 from router.catalog import default_catalog_path
 from router.errors import ConfigError
+from tests.ledger_db import DATABASES, attempt, database, rows, simple_rows, write_concurrently
 from workers.ledger.rows import encode_rows
 from workers.ledger.schema import attempts, ledger_meta
 from workers.ledger.store import CLAIM_PREFIX, CLAIMS_KEY, SPOOL_KEY, Ledger, database_url

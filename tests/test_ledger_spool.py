@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from celery import states
-from ledger_db import simple_rows
 
 from client import dispatch
 from router import JobFailed
+from tests.ledger_db import simple_rows
 from workers.ledger.rows import encode_rows
 from workers.ledger.store import Ledger
 from workers.ops.pools import worker_argv

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
-from mlx_server import free_port, start_mlx_server, stop_mlx_server, wait_for_mlx_server
 
+from tests.mlx_server import free_port, start_mlx_server, stop_mlx_server, wait_for_mlx_server
 from workers.providers.base import (
     Completion,
     CompletionRequest,

@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from mlx_server import free_port, start_mlx_server, stop_mlx_server, wait_for_mlx_server
 
 from client import dispatch
 from router import load_catalog
 from router.tokens import estimate_message_tokens
+from tests.mlx_server import free_port, start_mlx_server, stop_mlx_server, wait_for_mlx_server
 from workers.ops.pools import worker_argv
 from workers.providers.base import (
     CompletionRequest,

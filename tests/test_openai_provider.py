@@ -213,6 +213,7 @@ def test_1000_concurrent_slow_requests(sim):
     sim.configure(default={"latency_ms": 3000})
     request = CompletionRequest(MODEL, HELLO, timeout_s=30)
     answered: list[float] = []
+    provider: OpenAICompatProvider  # this test's own, made below (not the fixture)
 
     def call(_: int) -> Completion:
         completion = provider.complete(request)

@@ -102,7 +102,11 @@ def test_calls_in_flight_when_their_worker_is_killed_are_billed_as_orphaned(
     # When its worker is killed -9 in the middle of the call, twice (the first redelivery
     # is killed mid-call too), and the next redelivery's call answers at once
     for delivery in (1, 2):
-        wait_until(lambda n=delivery: len(calls_for(sim, handle.id)) == n, 30, "the call")
+
+        def called(n: int = delivery) -> bool:
+            return len(calls_for(sim, handle.id)) == n
+
+        wait_until(called, 30, "the call")
         workers.kill(worker)
         if delivery == 2:
             sim.configure(models={UPSTREAM: {"latency_ms": 0}})

@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from ledger_db import DATABASES, attempt, catalog, database, rows
 
+from tests.ledger_db import DATABASES, attempt, catalog, database, rows
 from workers.ledger.rows import attempt_row
 from workers.ledger.store import Ledger
 from workers.ledger.usage import parse_since

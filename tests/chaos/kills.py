@@ -23,6 +23,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.fixtures import reply_bytes
+
 from .harness import ChaosFleet, JobRecord, Tally, ask, audit, backend_meta, job_id, timed
 from .scenarios import LLAMA, answered_by, redelivered
 
@@ -88,7 +90,7 @@ def unfinished(fleet: ChaosFleet, records: list[JobRecord], within_s: float) -> 
 
 def stranded(fleet: ChaosFleet, jobs: list[str]) -> set[str]:
     """Those of `jobs` whose message kombu's stock channel still holds in its unacked set."""
-    held = b"".join(fleet.client.hvals("unacked"))
+    held = b"".join(map(reply_bytes, fleet.client.hvals("unacked")))
     return {jid for jid in jobs if jid.encode() in held}
 
 

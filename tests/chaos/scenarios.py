@@ -16,6 +16,7 @@ from typing import Any
 
 from router.catalog import Catalog, Model
 from router.results import Result
+from tests.fixtures import reply_bytes, reply_text
 from workers.state.deliveries import MAX_DEATHS
 
 from .harness import (
@@ -156,7 +157,10 @@ def witnesses(workdir: Path, jobs: int = 8, kills: int = 3) -> Tally:
         killed = 0
         for round_ in range(kills):
             # every job in its call (the round's deliveries all reached the provider)
-            if not wait_for(lambda r=round_: len(fleet.provider_calls()) >= jobs * (r + 1), 60):
+            def in_call(r: int = round_) -> bool:
+                return len(fleet.provider_calls()) >= jobs * (r + 1)
+
+            if not wait_for(in_call, 60):
                 tally.problems.append(f"round {round_}: {len(fleet.provider_calls())} calls")
                 break
             if round_ == kills - 1:  # the last deliveries are killed, the next answer
@@ -658,8 +662,8 @@ def dead_letter_cli(fleet: ChaosFleet, dead_ids: set[str], tally: Tally) -> list
     vision = sorted(
         i
         for i in dead_ids
-        if fleet.client.hget("fleet:dead-letter", i)
-        and json.loads(fleet.client.hget("fleet:dead-letter", i))["job"]["task_class"] == "vision"
+        if (letter := fleet.client.hget("fleet:dead-letter", i))
+        and json.loads(letter)["job"]["task_class"] == "vision"
     )[:3]
     for old in vision:
         entry = json.loads(fleet.client.hget("fleet:dead-letter", old) or "{}")
@@ -862,7 +866,7 @@ def hiding_places(fleet: ChaosFleet, tasks: dict[str, Any], flower_log: Path) ->
         "Flower /api/tasks": json.dumps(tasks),
         "Flower log": flower_log.read_text(errors="replace"),
         "ledger": json.dumps(list(ledger_rows(fleet.ledger_url).values()), default=str),
-        "dead-letter store": json.dumps({k.decode(): v.decode() for k, v in dead.items()}),
+        "dead-letter store": json.dumps({reply_text(k): reply_text(v) for k, v in dead.items()}),
         "Redis (every key)": redis_dump(fleet),
         **{f"log of {name}": text for name, text in fleet.worker_logs().items()},
     }
@@ -876,19 +880,20 @@ def hiding_places(fleet: ChaosFleet, tasks: dict[str, Any], flower_log: Path) ->
 
 def redis_dump(fleet: ChaosFleet) -> str:
     """Every value in the fleet's Redis, as text."""
-    out = []
+    out: list[bytes] = []
     for key in fleet.client.scan_iter("*"):
         kind = fleet.client.type(key)
         if kind == b"string":
-            out.append(fleet.client.get(key) or b"")
+            out.append(reply_bytes(fleet.client.get(key) or b""))
         elif kind == b"hash":
-            out += [k + b"=" + v for k, v in fleet.client.hgetall(key).items()]
+            pairs = fleet.client.hgetall(key).items()
+            out += [reply_bytes(k) + b"=" + reply_bytes(v) for k, v in pairs]
         elif kind == b"list":
-            out += fleet.client.lrange(key, 0, -1)
+            out += map(reply_bytes, fleet.client.lrange(key, 0, -1))
         elif kind == b"zset":
-            out += [m for m, _ in fleet.client.zrange(key, 0, -1, withscores=True)]
+            out += map(reply_bytes, fleet.client.zrange(key, 0, -1))
         elif kind == b"set":
-            out += list(fleet.client.smembers(key))
+            out += map(reply_bytes, fleet.client.smembers(key))
     return b"\n".join(out).decode(errors="replace")
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -110,9 +110,17 @@ def test_strikes_come_at_random_moments_of_their_window_and_apart() -> None:
 
 def test_strikes_run_in_order_and_a_failing_one_is_raised() -> None:
     done: list[int] = []
+
+    def strike(n: int) -> Callable[[], str]:
+        def run() -> str:
+            done.append(n)
+            return f"strike {n}"
+
+        return run
+
     with Strikes(
         random.Random(0),
-        [lambda: str(done.append(1)), lambda: str(done.append(2))],
+        [strike(1), strike(2)],
         (0.0, 0.1),
         gap_s=0.01,
     ) as strikes:

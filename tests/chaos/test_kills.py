@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from .harness import Tally
 from .kills import SHORT_KILLS, random_kills
 from .partition import partition
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def summary(tally) -> str:  # type: ignore[no-untyped-def]
+def summary(tally: Tally) -> str:
     return "\n".join([f"{tally.scenario}: {'; '.join(tally.notes)}", *tally.problems[:30]])
 
 
