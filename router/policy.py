@@ -98,6 +98,7 @@ class Route:
     max_tokens: int | None
     prompt_tokens: int = 0
     dropped: tuple[tuple[str, str], ...] = field(default=())  # (model, reason), in chain order
+    needs: frozenset[str] = frozenset()  # what every hop can serve: live state checks rests
 
     @property
     def queue(self) -> str:
@@ -151,6 +152,7 @@ def route(catalog: Catalog, query: RouteQuery, skip: Mapping[str, str] | None = 
         max_tokens=max_tokens,
         prompt_tokens=query.prompt_tokens,
         dropped=tuple(dropped),
+        needs=frozenset(query.required()),
     )
 
 
