@@ -7,7 +7,9 @@ import concurrent.futures
 import contextlib
 import email.utils
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from router.tokens import estimate_message_tokens, estimate_tokens
 from tests.fixtures import wait_until
@@ -490,3 +494,279 @@ def test_cli_refuses_a_bad_config(tmp_path):
     )
     assert done.returncode == 2
     assert "unknown simulator fault" in done.stderr
+
+
+# --- answering as a provider does: tools, structured output, sampling fields ----------------
+
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "minLength": 12},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 3, "maximum": 7},
+                "when": {"type": "string", "format": "date"},
+                "at": {
+                    "type": "object",
+                    "properties": {
+                        "lat": {"type": "number", "minimum": -90, "maximum": -10},
+                        "lon": {"type": "number", "exclusiveMinimum": 100},
+                    },
+                    "required": ["lat", "lon"],
+                    "additionalProperties": False,
+                },
+                "fields": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": ["rain", "wind", "sun"]},
+                    "minItems": 2,
+                    "uniqueItems": True,
+                },
+            },
+            "required": ["city", "unit", "at"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": ["string", "null"]}},
+            "required": ["zone"],
+        },
+    },
+}
+PING: Any = {"type": "function", "function": {"name": "ping"}}  # no parameters at all
+
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def schema_errors(value: Any, schema: Any, root: Any = None, at: str = "$") -> list[str]:
+    """Why `value` is not valid against `schema` (the JSON-schema keywords the simulator's
+    generator claims to cover), as a list of messages; [] when it is valid."""
+    root = schema if root is None else root
+    if schema is True or schema == {}:
+        return []
+    if schema is False:
+        return [f"{at}: no value allowed"]
+    if "$ref" in schema:
+        target = root
+        for token in schema["$ref"].lstrip("#").split("/")[1:]:
+            target = target[token]
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        return schema_errors(value, target, root, at) + schema_errors(value, rest, root, at)
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if kinds and not any(_TYPES[k](value) for k in kinds):
+        return [f"{at}: {value!r} is not of type {kinds}"]
+    errors = _choice_errors(value, schema, root, at)
+    if isinstance(value, dict):
+        errors += _object_errors(value, schema, root, at)
+    if isinstance(value, list):
+        errors += _array_errors(value, schema, root, at)
+    if isinstance(value, str):
+        errors += _string_errors(value, schema, at)
+    if _TYPES["number"](value):
+        errors += _number_errors(value, schema, at)
+    return errors
+
+
+def _choice_errors(value: Any, schema: dict, root: Any, at: str) -> list[str]:
+    errors = []
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{at}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{at}: {value!r} not in {schema['enum']}")
+    for sub in schema.get("allOf", []):
+        errors += schema_errors(value, sub, root, at)
+    if "anyOf" in schema and all(schema_errors(value, s, root, at) for s in schema["anyOf"]):
+        errors.append(f"{at}: matches no anyOf branch")
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(value, s, root, at)]
+        if len(matching) != 1:
+            errors.append(f"{at}: matches {len(matching)} oneOf branches")
+    return errors
+
+
+def _object_errors(value: dict, schema: dict, root: Any, at: str) -> list[str]:
+    properties = schema.get("properties", {})
+    errors = [f"{at}: misses {r}" for r in schema.get("required", []) if r not in value]
+    for key, item in value.items():
+        if key in properties:
+            errors += schema_errors(item, properties[key], root, f"{at}.{key}")
+        elif "additionalProperties" in schema:
+            errors += schema_errors(item, schema["additionalProperties"], root, f"{at}.{key}")
+    return errors
+
+
+def _array_errors(value: list, schema: dict, root: Any, at: str) -> list[str]:
+    errors = []
+    if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", math.inf):
+        errors.append(f"{at}: {len(value)} items")
+    if schema.get("uniqueItems") and len({json.dumps(v) for v in value}) < len(value):
+        errors.append(f"{at}: items repeat")
+    prefix = schema.get("prefixItems", [])
+    for i, item in enumerate(value):
+        sub = prefix[i] if i < len(prefix) else schema.get("items", True)
+        errors += schema_errors(item, sub, root, f"{at}[{i}]")
+    return errors
+
+
+def _string_errors(value: str, schema: dict, at: str) -> list[str]:
+    errors = []
+    if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", math.inf):
+        errors.append(f"{at}: length {len(value)}")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{at}: {value!r} does not match {schema['pattern']}")
+    if schema.get("format") == "date" and not re.fullmatch(r"\d{4}-\d\d-\d\d", value):
+        errors.append(f"{at}: {value!r} is not a date")
+    return errors
+
+
+def _number_errors(value: float, schema: dict, at: str) -> list[str]:
+    errors = []
+    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+    above = schema.get("exclusiveMinimum", -math.inf)
+    below = schema.get("exclusiveMaximum", math.inf)
+    if not (low <= value <= high and above < value < below):
+        errors.append(f"{at}: {value} out of bounds")
+    step = schema.get("multipleOf")
+    if step and (value / step) != int(value / step):
+        errors.append(f"{at}: {value} is not a multiple of {step}")
+    return errors
+
+
+def test_schema_checker_catches_invalid_values():
+    # The checker the tests below trust must fail on what does not fit
+    params = WEATHER["function"]["parameters"]
+    good = {"city": "Lisbon, Portugal", "unit": "celsius", "at": {"lat": -20, "lon": 101}}
+    assert schema_errors(good, params) == []
+    for bad in (
+        {**good, "unit": "kelvin"},
+        {**good, "city": "Lisbon"},
+        {**good, "at": {"lat": 0, "lon": 101}},
+        {**good, "at": {"lat": -20, "lon": 100}},
+        {**good, "fields": ["rain", "rain"]},
+        {**good, "days": 2.5},
+        {"city": "Lisbon, Portugal", "unit": "celsius"},
+        {**good, "extra": 1},
+    ):
+        assert schema_errors(bad, params), bad
+
+
+def openai_client(sim: Simulator) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim.url, api_key="sk-sim", max_retries=0)
+
+
+def ask(http: httpx.Client, sim: Simulator, messages: Any, **extra: Any) -> dict[str, Any]:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    response = http.post(
+        sim.url + "/chat/completions", json={"model": "m", "messages": messages, **extra}
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_tool_call_arguments_follow_the_tool_schema(sim):
+    client = openai_client(sim)
+    # When a request carries a tool with a nested schema
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER]
+    )
+    # Then the answer is one call of it, as OpenAI shapes one
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.function.name == "get_weather"
+    assert re.fullmatch(r"call_\w{8,}", call.id)
+    # And its arguments are JSON valid against the tool's parameters, optional ones included
+    arguments = json.loads(call.function.arguments)
+    assert schema_errors(arguments, WEATHER["function"]["parameters"]) == []
+    assert {"days", "when", "fields"} <= arguments.keys()
+    assert arguments["at"]["lat"] <= -10 and len(arguments["fields"]) >= 2
+    # And the same request gets the same call (deterministic), counted in the usage
+    again = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER]
+    )
+    assert again.choices[0].message.tool_calls == [call]
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^[A-Z]{2}$"},
+        {"type": "integer", "multipleOf": 5, "minimum": 12, "maximum": 40},
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        {"type": "number", "multipleOf": 0.25, "minimum": 2.1},
+        {"type": "integer", "maximum": -3},
+        {"type": ["null", "boolean"]},
+        {"const": {"fixed": [1, 2]}},
+        {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
+        {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+        {
+            "allOf": [
+                {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+            ]
+        },
+        {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False},
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 9},
+            "minItems": 4,
+            "maxItems": 4,
+            "uniqueItems": True,
+        },
+        {"type": "array", "maxItems": 0},
+        {
+            "type": "object",
+            "properties": {"s": {"type": "string", "format": "date"}},
+            "required": ["s"],
+            "additionalProperties": False,
+        },
+        {
+            "$defs": {
+                "node": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                    },
+                    "required": ["name", "children"],
+                    "additionalProperties": False,
+                }
+            },
+            "$ref": "#/$defs/node",
+        },
+    ],
+)
+def test_generated_values_are_valid_against_their_schema(http, sim, schema):
+    # Given a json_schema response format (strict, as the openai SDK's parse() sends it)
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+    # Then the answer is a JSON value valid against it, and the same every time
+    first = ask(http, sim, "fill it in", response_format=fmt)
+    content = first["choices"][0]["message"]["content"]
+    assert schema_errors(json.loads(content), schema) == []
+    assert first["choices"][0]["finish_reason"] == "stop"
+    again = ask(http, sim, "fill it in", response_format=fmt)
+    assert again["choices"][0]["message"]["content"] == content
