@@ -1006,6 +1006,12 @@ def test_reasoning_effort_adds_reasoning_content(sim):
     message = completion.choices[0].message.model_dump()
     assert message["reasoning_content"] == "[sim m] thinking (high): why?"
     assert message["content"] == "[sim m] why?"
+    # And the usage counts the reasoning among the completion's tokens, and apart
+    reasoning = estimate_tokens(message["reasoning_content"])
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == reasoning
+    assert usage.completion_tokens == reasoning + estimate_tokens(message["content"])
     plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert "reasoning_content" not in plain.choices[0].message.model_dump()
 

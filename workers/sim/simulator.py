@@ -639,6 +639,9 @@ class _Completer:
         return {"content": entries, "refusal": None}
 
     def usage(self, message: dict[str, Any], cost: Any) -> dict[str, Any]:
+        """Estimated token counts; the completion counts what was written (text or refusal,
+        tool calls, reasoning, the reasoning also given apart as OpenAI does), capped at
+        max_tokens."""
         prompt = estimate_message_tokens(_countable(self.messages))
         if self.tools:
             prompt += estimate_tokens(json.dumps(self.tools))
@@ -647,14 +650,17 @@ class _Completer:
             c["function"]["name"] + c["function"]["arguments"]
             for c in message.get("tool_calls") or []
         ]
-        completion = sum(estimate_tokens(s) for s in said)
+        reasoning = estimate_tokens(message.get("reasoning_content") or "")
+        completion = sum(estimate_tokens(s) for s in said) + reasoning
         if isinstance(self.max_tokens, int) and self.max_tokens >= 0:
             completion = min(completion, self.max_tokens)
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+        if reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning, completion)}
         return usage if cost is None else {**usage, "cost": cost}
 
 
