@@ -325,7 +325,7 @@ def test_mlx_server_serves_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) 
 def test_the_options_it_honours(provider: MLXProvider) -> None:
     from workers.providers.base import accepted_options
 
-    assert accepted_options(provider) == {"stop", "top_p", "seed"}
+    assert accepted_options(provider) == frozenset({"stop", "top_p", "seed"})
 
 
 def test_stop_cuts_the_answer_before_the_stop_string(provider: MLXProvider) -> None:
