@@ -339,10 +339,11 @@ def test_each_model_is_sent_the_fields_it_can_take(fleet_env) -> None:
         }
     )
     try:
-        # deepseek takes seed and logprobs, but not parallel_tool_calls
+        # deepseek-chat takes seed and logprobs; it is no reasoning model, and no model
+        # of the catalog claims parallel_tool_calls
         model = "openrouter/deepseek/deepseek-chat"
         sent, dropped = request_options(job, catalog, model, registry(model))
-        assert dropped == ["parallel_tool_calls"]
+        assert dropped == ["parallel_tool_calls", "reasoning_effort"]
         assert sent["seed"] == 1 and sent["top_k"] == 3 and sent["tools"] == [WEATHER]
         # glm-4.7: reasoning and tools, no seed, logprobs or parallel_tool_calls
         sent, dropped = request_options(job, catalog, "zai/glm-4.7", registry("zai/glm-4.7"))
@@ -494,12 +495,13 @@ def test_reasoning_and_logprobs_reach_the_result_where_the_model_takes_them(clea
     assert (reasoned.dropped, reasoned.logprobs) == (["logprobs"], None)
     (body,) = bodies(clean_fleet, reasoned.job_id)
     assert body["reasoning_effort"] == "high" and "logprobs" not in body
-    # deepseek-chat (the only model of complex_reasoning taking a JSON schema) gives both
+    # deepseek-chat (the only model of complex_reasoning taking a JSON schema) gives
+    # logprobs but is no reasoning model: reasoning_effort is not sent, and listed
     schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}
-    both = dispatch({**job, "task_class": "complex_reasoning", "response_format": schema}).get(
+    logged = dispatch({**job, "task_class": "complex_reasoning", "response_format": schema}).get(
         timeout=TIMEOUT_S
     )
-    assert both.model == "openrouter/deepseek/deepseek-chat"
-    assert both.reasoning and both.logprobs and both.logprobs["content"]
-    assert both.dropped == []
-    assert both.finish_reason == "stop"
+    assert logged.model == "openrouter/deepseek/deepseek-chat"
+    assert logged.reasoning is None and logged.logprobs and logged.logprobs["content"]
+    assert logged.dropped == ["reasoning_effort"]
+    assert logged.finish_reason == "stop"
