@@ -238,11 +238,11 @@ def url_of(client: redis.Redis) -> str:
     return f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs['port']}/{kwargs.get('db', 0)}"
 
 
-LIVE_STATE_KINDS = ("cooldown", "circuit", "window")
+LIVE_STATE_KINDS = ("cooldown", "circuit", "window", "lacks")
 
 
 def reset_live_state(target: redis.Redis | Mapping[str, str]) -> None:
-    """Forget every model's cooldown, circuit and rate windows, so the next jobs meet every
+    """Forget every model's cooldown, circuit, rate windows and capability rests, so the next jobs meet every
     model usable whatever ran before. `target`: a client of the state Redis, or a fleet
     environment (FLEET_BROKER_URL / FLEET_STATE_URL) naming it."""
     if isinstance(target, redis.Redis):
