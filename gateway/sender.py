@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client import dispatch, dispatch_many
-from gateway.errors import APIError, no_route
+from gateway.errors import APIError, invalid_job, no_route
 from gateway.keys import AppKey
 from router.errors import InvalidJob, NoRouteAvailable
 from router.jobs import Job, Reservation
@@ -144,7 +144,7 @@ def _refusal(exc: Exception) -> APIError:
     if isinstance(exc, NoRouteAvailable):
         return no_route(exc)
     if isinstance(exc, InvalidJob):
-        return APIError(400, str(exc), code="invalid_job")
+        return invalid_job(exc)
     return APIError(
         503,
         f"the fleet's broker is not reachable ({type(exc).__name__})",
