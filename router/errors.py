@@ -25,7 +25,9 @@ class ConfigError(FleetError):
 
 
 class InvalidJob(FleetError, ValueError):
-    pass
+    # The request field at fault (OpenAI's error `param`: "messages", "tools", ...), or
+    # None when unknown; parse_job() sets it from the validation error's location.
+    param: str | None = None
 
 
 class NoRouteAvailable(FleetError):

@@ -10,6 +10,7 @@ non-ASCII text more, as BPE does.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,10 @@ _PIECES = re.compile(r" ?[^\W\d_]+| ?\d{1,3}| ?[^\w\s]+|\s+|_+", re.UNICODE)
 # for its chat format, and what an image part is charged at most by common providers.
 TOKENS_PER_MESSAGE = 4
 TOKENS_PER_IMAGE = 1_000
+# A video part: about a minute of video at the ~263 tokens a second Gemini charges.
+TOKENS_PER_VIDEO = 16_000
+# A tool call's or a tool definition's wrapping (markers, the name's framing).
+TOKENS_PER_TOOL = 8
 
 
 def _piece_tokens(piece: str) -> int:
@@ -67,18 +72,46 @@ def estimate_tokens(text: str) -> int:
     return sum(map(_MEMO.__getitem__, _PIECES.findall(text)))
 
 
-def estimate_message_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
-    """Estimated prompt tokens of OpenAI-style chat messages (text and image parts)."""
+def estimate_message_tokens(
+    messages: Iterable[Mapping[str, Any]], tools: Iterable[Mapping[str, Any]] = ()
+) -> int:
+    """Estimated prompt tokens of OpenAI-style chat messages (text, image and video parts,
+    assistant tool calls, tool results) and of the tool definitions sent with them."""
     total = 3  # the assistant reply primer
     for message in messages:
         total += TOKENS_PER_MESSAGE
-        content = message.get("content")
-        if isinstance(content, str):
-            total += estimate_tokens(content)
-            continue
-        for part in content or ():
-            if part.get("type") == "text":
-                total += estimate_tokens(part.get("text", ""))
-            elif part.get("type") == "image_url":
-                total += TOKENS_PER_IMAGE
+        total += _content_tokens(message.get("content"))
+        refusal = message.get("refusal")
+        if isinstance(refusal, str):
+            total += estimate_tokens(refusal)
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") or {}
+            total += TOKENS_PER_TOOL + estimate_tokens(str(call.get("id") or ""))
+            total += estimate_tokens(str(function.get("name") or ""))
+            total += estimate_tokens(str(function.get("arguments") or ""))
+        if message.get("tool_call_id"):
+            total += estimate_tokens(str(message["tool_call_id"]))
+    return total + estimate_tool_tokens(tools)
+
+
+def estimate_tool_tokens(tools: Iterable[Mapping[str, Any]]) -> int:
+    """Estimated prompt tokens of tool definitions: providers render each function's name,
+    description and JSON schema into the prompt; its JSON text is a high-side stand-in."""
+    return sum(
+        TOKENS_PER_TOOL + estimate_tokens(json.dumps(tool.get("function", tool))) for tool in tools
+    )
+
+
+def _content_tokens(content: Any) -> int:
+    if isinstance(content, str):
+        return estimate_tokens(content)
+    total = 0
+    for part in content or ():
+        kind = part.get("type")
+        if kind == "text":
+            total += estimate_tokens(part.get("text", ""))
+        elif kind == "video_url":
+            total += TOKENS_PER_VIDEO
+        else:  # an image, or a part the fleet passes on (audio, a file): charged as one
+            total += TOKENS_PER_IMAGE
     return total
