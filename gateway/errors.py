@@ -83,7 +83,7 @@ def no_route(exc: Any) -> APIError:
 def invalid_job(exc: InvalidJob) -> APIError:
     """400 for an InvalidJob, `param` naming the field; for CapabilityUnavailable (no model
     of the chain can serve what the request needs) the capability too."""
-    param = getattr(exc, "param", None)
+    param = exc.param
     capability = getattr(exc, "capability", None)
     if capability is not None:
         return APIError(

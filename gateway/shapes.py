@@ -57,6 +57,7 @@ DOOR_DROPPED = ("stream_options",)
 # The fleet's own Job fields a chat request may not set: the key, the model name and the
 # Idempotency-Key header set them; passed on to a provider they would mean nothing
 FLEET_ONLY = {
+    "id": "the gateway names the job (its id comes back in 'x-fleet-job-id')",
     "app": "it is set by the gateway, from the key",
     "reservation": "it is set by the gateway, from the key",
     "profile": "name the profile as the model: 'profile/<name>'",
@@ -145,7 +146,7 @@ def chat_request(body: Any) -> ChatRequest:
 def invalid(message: str, param: str | None) -> InvalidJob:
     """An InvalidJob whose `param` names the request's field at fault (OpenAI's `param`)."""
     exc = InvalidJob(message)
-    exc.param = param  # type: ignore[attr-defined]
+    exc.param = param
     return exc
 
 
@@ -174,8 +175,8 @@ def chat_job(request: ChatRequest, app: str, catalog: Catalog) -> Job:
     try:
         return parse_job(fields)
     except InvalidJob as exc:
-        if newer is not None and getattr(exc, "param", None) == "max_tokens":
-            exc.param = "max_completion_tokens"  # type: ignore[attr-defined]
+        if newer is not None and exc.param == "max_tokens":
+            exc.param = "max_completion_tokens"
         raise
 
 
