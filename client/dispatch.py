@@ -199,12 +199,14 @@ def _async_result(app: Any, job_id: str) -> Any:
 
 
 def first_usable(catalog: Catalog, job: Job, decision: Route) -> Hop:
-    """The first hop live state allows now (as of a second ago). NoRouteAvailable when
+    """The first hop live state allows now (as of a second ago; a model resting for a
+    capability the job needs is not allowed). NoRouteAvailable when
     none will be usable within the policy's max wait: the job fails fast, with every
     model's reason."""
     from workers.state.live import live_view
 
-    blocked = live_view(catalog).blocks(job.task_class, [h.model for h in decision.chain])
+    models = [h.model for h in decision.chain]
+    blocked = live_view(catalog).blocks(job.task_class, models, decision.needs)
     for hop in decision.chain:
         if hop.model not in blocked:
             return hop

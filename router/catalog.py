@@ -30,7 +30,23 @@ from router.errors import ConfigError, choices
 
 Queue = Literal["local", "free", "subscription", "vision", "long-context"]
 Tier = Literal["local", "free", "subscription", "paid"]
-Capability = Literal["vision", "reasoning", "code", "long_context"]
+# What a model can serve. A job's needs (router/jobs.py, Job.needs()) are a subset of
+# these: routing drops a model lacking one. The rest only decide whether a tuning field
+# (seed, logprobs, reasoning_effort, parallel_tool_calls) is sent to the model or dropped.
+# docs/catalog.md says where each shipped model's list comes from.
+Capability = Literal[
+    "vision",  # image parts
+    "video",  # video parts (a video job routes like an image job, then needs this)
+    "reasoning",  # reasoning_effort, reasoning content in the answer
+    "code",
+    "long_context",
+    "tools",  # tools / tool_choice: function calling
+    "parallel_tool_calls",  # the parallel_tool_calls switch
+    "json_object",  # response_format {"type": "json_object"}
+    "json_schema",  # response_format {"type": "json_schema", ...}
+    "logprobs",  # logprobs / top_logprobs
+    "seed",
+]
 TaskClass = Literal[
     "complex_reasoning",
     "creative",
@@ -48,6 +64,7 @@ QUEUES: tuple[str, ...] = get_args(Queue)
 TIERS: tuple[str, ...] = get_args(Tier)
 TASK_CLASSES: tuple[str, ...] = get_args(TaskClass)
 SOURCES: tuple[str, ...] = get_args(Source)
+CAPABILITIES: tuple[str, ...] = get_args(Capability)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -115,6 +132,11 @@ class Model(_Strict):
     def provider(self) -> str:
         return self.id.split("/", 1)[0]
 
+    def supports(self, capability: str) -> bool:
+        """Whether the catalog says this model can serve `capability` (any string: one
+        the catalog does not know is not supported)."""
+        return capability in self.capabilities
+
     @model_validator(mode="after")
     def _paid_needs_price(self) -> Model:
         # A paid model without a price would be billed as $0: refuse it at load.
@@ -142,6 +164,9 @@ class Cooldowns(_Strict):
     circuit_failures: PositiveInt = 5  # this many transient failures...
     circuit_window_s: Annotated[float, Field(gt=0)] = 60.0  # ...within this window...
     circuit_open_s: Annotated[float, Field(gt=0)] = 30.0  # ...open the circuit this long
+    # A provider that refuses a capability the catalog claims (tools, a response format)
+    # rests the model for jobs needing that capability this long; other jobs still use it.
+    capability_rest_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
 Scope = Literal["model", "provider", "tier"]

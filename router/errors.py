@@ -3,6 +3,9 @@
     FleetError
     ├── ConfigError        the catalog/policy file is wrong: fix the file
     ├── InvalidJob         the job is wrong: fix the job (nothing was queued)
+    │   └── CapabilityUnavailable
+    │                      no model of the job's chain can serve what it needs (tools, a
+    │                      JSON schema, video): another class, model or request will
     ├── NoRouteAvailable   no model may serve this job now: every model's reason is listed
     └── BatchRefused       some jobs of a dispatch_many batch are wrong or unroutable:
                            one line per job; nothing of the batch was queued
@@ -39,6 +42,43 @@ class NoRouteAvailable(FleetError):
 
     def __reduce__(self) -> tuple[type, tuple[str, list[tuple[str, str]]]]:
         return (type(self), (self.task_class, self.reasons))
+
+
+# The request field a capability comes from, for an API error's `param`.
+CAPABILITY_PARAMS = {
+    "tools": "tools",
+    "parallel_tool_calls": "parallel_tool_calls",
+    "json_object": "response_format",
+    "json_schema": "response_format",
+    "vision": "messages",
+    "video": "messages",
+    "logprobs": "logprobs",
+    "seed": "seed",
+    "reasoning": "reasoning_effort",
+}
+
+
+class CapabilityUnavailable(InvalidJob):
+    """No model of the job's chain can serve a capability the job needs: waiting will not
+    help, so it is the job's (or the catalog's) to change. `capability` is the first such
+    capability, `param` the request field it comes from; `reasons` lists every model of
+    the chain with why it was dropped."""
+
+    def __init__(
+        self, chain: str, capabilities: Sequence[str], reasons: Sequence[tuple[str, str]]
+    ) -> None:
+        self.chain = chain
+        self.capabilities = list(capabilities)
+        self.capability = self.capabilities[0]
+        self.param = CAPABILITY_PARAMS.get(self.capability, self.capability)
+        self.reasons = list(reasons)
+        listed = ", ".join(f"{model} ({why})" for model, why in self.reasons) or "empty chain"
+        super().__init__(
+            f"no model of chain {chain} can serve {', '.join(self.capabilities)}: {listed}"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, list[str], list[tuple[str, str]]]]:
+        return (type(self), (self.chain, self.capabilities, self.reasons))
 
 
 class BatchRefused(InvalidJob):

@@ -2,7 +2,10 @@
 
 Rules (docs/architecture.md, "Routing"):
   1. preference: explicit model > profile > focus > task class;
-  2. a job with image parts takes the vision chain, whatever its class;
+  2. a job with image parts takes the vision chain, whatever its class; so does a job
+     with video parts, which then also needs a model that takes video;
+  2b. a job's needs (`Job.needs()`: tools, json_schema, json_object, vision, video):
+     a model lacking one is dropped ("lacks tools");
   3. a model whose context window is smaller than the prompt is skipped; above
      `long_context_above_tokens` the job takes the long_context chain;
   4. cron/heartbeat jobs and cost-restricted classes only get the allowed tiers
@@ -10,7 +13,10 @@ Rules (docs/architecture.md, "Routing"):
   5./6. live state (quota reserve, cooldowns, limits, budgets) arrives as `skip`, a
      mapping of model id to reason, computed by the caller.
 Rules 2-6 are constraints, rule 1 a preference: a preferred model that breaks a
-constraint is dropped with its reason; a job left with no model raises NoRouteAvailable.
+constraint is dropped with its reason. A job left with no model raises
+CapabilityUnavailable (an InvalidJob) when no model of the chain passes rules 2-4 and one
+of them lacks a need: no wait can help, the request must change. Otherwise (every model
+too small, held back by its tier, or skipped by live state) it raises NoRouteAvailable.
 
 Pure: no I/O, no Celery, no HTTP. Decisions take microseconds.
 """
@@ -21,9 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from router.catalog import SOURCES, TASK_CLASSES, Catalog, Model
-from router.errors import InvalidJob, NoRouteAvailable, choices
+from router.catalog import CAPABILITIES, SOURCES, TASK_CLASSES, Catalog, Model
+from router.errors import CapabilityUnavailable, InvalidJob, NoRouteAvailable, choices
 from router.jobs import Job
+
+# The order in which a model's missing needs are named: the first is its reason.
+NEED_ORDER = ("vision", "video", "tools", "json_schema", "json_object")
+VISUAL = frozenset({"vision", "video"})  # needs that take the vision chain (rule 2)
 
 
 @dataclass(frozen=True)
@@ -39,9 +49,23 @@ class RouteQuery:
     source: str = "app"
     temperature: float | None = None
     max_tokens: int | None = None
+    needs: frozenset[str] = frozenset()  # capabilities a model must have (Job.needs())
+
+    @property
+    def visual(self) -> bool:
+        """The job has an image or a video part: it takes the vision chain (rule 2)."""
+        return self.has_image or bool(self.needs & VISUAL)
+
+    def required(self) -> list[str]:
+        """Every capability a model must have for this job, in the order reasons name
+        them (an image part needs vision, whether or not `needs` says so)."""
+        needs = self.needs | ({"vision"} if self.has_image else set())
+        ordered = [c for c in NEED_ORDER if c in needs]
+        return ordered + sorted(needs - set(NEED_ORDER))
 
     @classmethod
     def from_job(cls, job: Job) -> RouteQuery:
+        needs: frozenset[str] = frozenset(getattr(job, "needs", frozenset)())
         return cls(
             task_class=job.task_class,
             focus=job.focus,
@@ -52,6 +76,7 @@ class RouteQuery:
             source=job.source,
             temperature=job.temperature,
             max_tokens=job.max_tokens,
+            needs=needs,
         )
 
 
@@ -73,6 +98,7 @@ class Route:
     max_tokens: int | None
     prompt_tokens: int = 0
     dropped: tuple[tuple[str, str], ...] = field(default=())  # (model, reason), in chain order
+    needs: frozenset[str] = frozenset()  # what every hop can serve: live state checks rests
 
     @property
     def queue(self) -> str:
@@ -100,14 +126,24 @@ def route(catalog: Catalog, query: RouteQuery, skip: Mapping[str, str] | None = 
 
     chain: list[Hop] = []
     dropped: list[tuple[str, str]] = []
+    lacked: list[str] = []  # capabilities some model of the chain lacks
+    servable = False  # some model passes rules 2-4 (live state aside)
     for model_id in candidates:
         model = catalog.model(model_id)
-        reason = _constraint_broken(catalog, query, model, max_tokens) or (skip or {}).get(model_id)
+        missing = _lacking(query, model)
+        if missing is not None and missing not in lacked:
+            lacked.append(missing)
+        reason = _constraint_broken(catalog, query, model, max_tokens)
+        if reason is None:
+            servable = True
+            reason = (skip or {}).get(model_id)
         if reason:
             dropped.append((model_id, reason))
         else:
             chain.append(Hop(model.id, model.queue, model.tier))
     if not chain:
+        if not servable and lacked:
+            raise CapabilityUnavailable(_chain_name(catalog, query), lacked, dropped)
         raise NoRouteAvailable(query.task_class, dropped)
     return Route(
         task_class=query.task_class,
@@ -116,6 +152,7 @@ def route(catalog: Catalog, query: RouteQuery, skip: Mapping[str, str] | None = 
         max_tokens=max_tokens,
         prompt_tokens=query.prompt_tokens,
         dropped=tuple(dropped),
+        needs=frozenset(query.required()),
     )
 
 
@@ -141,6 +178,9 @@ def _check_query(catalog: Catalog, query: RouteQuery) -> None:
             raise InvalidJob(f"unknown {name} {value!r} (valid: {choices(valid)})")
     if query.prompt_tokens < 0:
         raise InvalidJob(f"prompt tokens must be 0 or more (got {query.prompt_tokens})")
+    unknown = sorted(query.needs - set(CAPABILITIES))
+    if unknown:
+        raise InvalidJob(f"unknown capability {unknown[0]!r} (valid: {choices(CAPABILITIES)})")
 
 
 def _preferred_chain(catalog: Catalog, query: RouteQuery) -> list[str]:
@@ -154,7 +194,7 @@ def _preferred_chain(catalog: Catalog, query: RouteQuery) -> list[str]:
         rest = policy.fallbacks
     else:
         primary, rest = None, policy.chains[query.task_class]  # type: ignore[index]
-    if query.has_image:
+    if query.visual:
         rest = policy.chains["vision"]
     elif query.prompt_tokens > policy.long_context_above_tokens:
         rest = policy.chains["long_context"]
@@ -166,8 +206,11 @@ def _constraint_broken(
     catalog: Catalog, query: RouteQuery, model: Model, max_tokens: int | None
 ) -> str | None:
     """Why rules 2-4 forbid `model` for this job, or None."""
-    if query.has_image and "vision" not in model.capabilities:
+    missing = _lacking(query, model)
+    if missing == "vision":
         return "no vision: the job has an image"
+    if missing is not None:
+        return f"lacks {missing}"
     needed = query.prompt_tokens + (max_tokens or 0)
     if needed > model.context_window:
         return f"context too small: {model.context_window:,} < {needed:,} tokens needed"
@@ -179,6 +222,31 @@ def _constraint_broken(
                 f" (allowed: {choices(allowed)})"
             )
     return None
+
+
+def _lacking(query: RouteQuery, model: Model) -> str | None:
+    """The first capability the job needs that `model` lacks, or None."""
+    return next((c for c in query.required() if not model.supports(c)), None)
+
+
+def _chain_name(catalog: Catalog, query: RouteQuery) -> str:
+    """The chain a job's candidates came from, for people: `fast_general`, `vision`,
+    `profile code + fallbacks`, `model zai/glm-4.7 + user_facing`."""
+    policy = catalog.policy
+    if query.visual:
+        rest = "vision"
+    elif query.prompt_tokens > policy.long_context_above_tokens:
+        rest = "long_context"
+    elif query.profile or query.focus:
+        rest = "fallbacks"
+    else:
+        rest = query.task_class
+    parts = [f"model {query.model}"] if query.model else []
+    if query.profile:
+        parts.append(f"profile {query.profile}")
+    elif query.focus:
+        parts.append(f"focus {query.focus}")
+    return " + ".join([*parts, rest])
 
 
 def _first_set(value: Any, default: Any) -> Any:

@@ -220,3 +220,92 @@ def test_unusable_model_is_cooled_fleet_wide(client) -> None:
     state.settle(ZAI, failed(ZAI, "auth", action="next"), 0)
     block = state.block("user_facing", ZAI)
     assert block is not None and "auth" in block.reason
+
+
+# --- rest for one capability ------------------------------------------------------------
+
+MINIMAX = "minimax/MiniMax-M2.1"
+TOOLS = frozenset({"tools"})
+
+
+def test_a_capability_rest_blocks_the_model_for_jobs_needing_it_and_not_for_others(
+    client,
+) -> None:
+    state = FleetState(client, load_catalog())
+    # Given zai's provider refused tools although the catalog claims them
+    state.rest_capability(ZAI, "tools")
+    # Then a tool job finds the model blocked, for the policy's hour, with why
+    block = state.block("user_facing", ZAI, needs=TOOLS)
+    assert block is not None
+    assert block.reason == "refused tools"
+    assert block.until is not None and 3590 < block.until - time.time() <= 3600
+    assert 3590_000 < client.pttl(f"fleet:lacks:{ZAI}:tools") <= 3600_000
+    # And a job without tools, or needing something else, still gets it
+    assert state.block("user_facing", ZAI) is None
+    assert state.block("user_facing", ZAI, needs=frozenset({"json_object"})) is None
+    # And other models are not touched
+    assert state.blocks("user_facing", [ZAI, MINIMAX], needs=TOOLS).keys() == {ZAI}
+    assert state.model_status(ZAI)["refused"] == ["tools"]
+    assert state.model_status(MINIMAX)["refused"] == []
+
+
+def test_a_capability_rest_lasts_capability_rest_s(client, tmp_path) -> None:
+    def edit(data: dict) -> None:
+        data["policy"]["cooldowns"]["capability_rest_s"] = 0.3
+
+    state = FleetState(client, catalog_with(tmp_path, edit))
+    state.rest_capability(ZAI, "json_schema")
+    needs = frozenset({"json_schema", "tools"})
+    assert state.block("user_facing", ZAI, needs=needs) is not None
+    time.sleep(0.5)
+    assert state.block("user_facing", ZAI, needs=needs) is None
+
+
+def test_the_longer_of_a_cooldown_and_a_capability_rest_is_the_block(client) -> None:
+    state = FleetState(client, load_catalog())
+    state.cool(ZAI, 30, "rate limited")
+    # A cooldown alone: the tool job sees it
+    block = state.block("user_facing", ZAI, needs=TOOLS)
+    assert block is not None and block.reason.startswith("cooldown until")
+    # A rest for tools outlasts it: the tool job waits for the rest, others the cooldown
+    state.rest_capability(ZAI, "tools")
+    block = state.block("user_facing", ZAI, needs=TOOLS)
+    assert block is not None and block.reason == "refused tools"
+    plain = state.block("user_facing", ZAI)
+    assert plain is not None and plain.reason.startswith("cooldown until")
+
+
+def test_the_dispatchers_view_skips_a_resting_model_for_jobs_that_need_it(client) -> None:
+    from workers.state.live import LiveView
+
+    state = FleetState(client, load_catalog())
+    view = LiveView(state, cache_s=60)
+    assert view.blocks("user_facing", [ZAI, MINIMAX], TOOLS) == {}  # cached: not resting
+    state.rest_capability(ZAI, "tools")
+    # A job with other needs is looked at afresh (its own cache entry) and not blocked
+    assert view.blocks("user_facing", [ZAI, MINIMAX]) == {}
+    # A fresh view sees the rest for tool jobs only
+    view = LiveView(state)
+    assert [m for m in view.blocks("user_facing", [ZAI, MINIMAX], TOOLS)] == [ZAI]
+    assert view.blocks("user_facing", [ZAI, MINIMAX]) == {}
+
+
+def test_dispatch_starts_a_tool_job_past_a_model_resting_for_tools(client, monkeypatch) -> None:
+    from client.dispatch import first_usable
+    from router.jobs import parse_job
+    from router.policy import RouteQuery, route
+    from tests.fixtures import url_of
+    from workers.state.live import forget_views
+
+    monkeypatch.setenv("FLEET_STATE_URL", url_of(client))
+    forget_views()
+    catalog = load_catalog()
+    job = parse_job({"task_class": "user_facing", "messages": [{"role": "user", "content": "hi"}]})
+    tool_route = route(catalog, RouteQuery(task_class="user_facing", needs=TOOLS))
+    plain_route = route(catalog, RouteQuery(task_class="user_facing"))
+    FleetState(client, catalog).rest_capability(ZAI, "tools")
+    try:
+        assert first_usable(catalog, job, tool_route).model == MINIMAX
+        assert first_usable(catalog, job, plain_route).model == ZAI
+    finally:
+        forget_views()

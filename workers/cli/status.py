@@ -60,6 +60,8 @@ def _print_status(status: dict[str, Any]) -> None:
         models.add_column(col)
     for m in status["models"]:
         state = m["cooldown"] or ("circuit open" if m["circuit_open"] else "ok")
+        if m.get("refused"):  # resting for these capabilities only
+            state += f"; refused {', '.join(m['refused'])}"
         windows = ", ".join(f"{k} {v['used']}/{v['limit']}" for k, v in m["windows"].items())
         models.add_row(m["model"], state, windows or "-", f"${m['spend_usd']['day']:.4f}")
     out.print(models)

@@ -24,6 +24,13 @@ def cooldown(model: str) -> str:
     return f"{PREFIX}:cooldown:{model}"
 
 
+def lacks(model: str, capability: str) -> str:
+    """Set while the model rests for one capability (its provider refused tools, say):
+    jobs that need the capability skip it, others still use it. Expires after
+    policy.cooldowns.capability_rest_s."""
+    return f"{PREFIX}:lacks:{model}:{capability}"
+
+
 def failures(model: str) -> str:
     """Recent transient failures (sorted set by ms): enough of them open the circuit."""
     return f"{PREFIX}:circuit:failures:{model}"

@@ -11,7 +11,8 @@ counted `margin_ms` longer than the limit's (FLEET_LIMIT_MARGIN_MS, workers/conf
 slot is free again only window + margin after it was taken, and calls that arrive up to
 `margin_ms` later or earlier than one another still fit the provider's window.
 
-    block(cls, model)        why the model cannot take a job now (and until when): a look
+    block(cls, model, needs) why the model cannot take a job now (and until when): a look;
+                             with `needs`, a model resting for one of them is blocked too
     admit(cls, model, tok)   the same check, and the slot taken in every window the model
                              counts against (and the probe of a half-open circuit), in one
                              round trip (scripts/admit.lua): a Slot, or the Block
@@ -22,6 +23,9 @@ slot is free again only window + margin after it was taken, and calls that arriv
                              after a call, write-only: tokens, spend, and the model's
                              health (a 429 cools it for Retry-After; repeated failures open
                              its circuit; a probe's success closes it)
+    rest_capability(model, cap)
+                             the model's provider refused a capability the catalog claims:
+                             jobs needing it skip the model for capability_rest_s
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from router.catalog import Catalog, Limits, Model
+from router.catalog import CAPABILITIES, Catalog, Limits, Model
 from router.results import Attempt
 from router.slots import Block
 from workers.config import limit_margin_ms
@@ -99,26 +103,48 @@ class FleetState:
 
     # --- looking and taking -------------------------------------------------------------
 
-    def block(self, task_class: str, model_id: str, prompt_tokens: int = 0) -> Block | None:
+    def block(
+        self,
+        task_class: str,
+        model_id: str,
+        prompt_tokens: int = 0,
+        needs: frozenset[str] = frozenset(),
+    ) -> Block | None:
         """Why `model_id` cannot take a job now (cooldown, half-open circuit, budget, a full
-        window), or None. Takes nothing."""
-        found = self.blocks(task_class, [model_id], prompt_tokens)
+        window, a rest for a capability in `needs`), or None. Takes nothing."""
+        found = self.blocks(task_class, [model_id], prompt_tokens, needs)
         return found.get(model_id)
 
     def blocks(
-        self, task_class: str, models: list[str], prompt_tokens: int = 0
+        self,
+        task_class: str,
+        models: list[str],
+        prompt_tokens: int = 0,
+        needs: frozenset[str] = frozenset(),
     ) -> dict[str, Block]:
-        """Why each of `models` cannot take a job of `task_class` now (absent: it can), all
-        looked at in one round trip."""
+        """Why each of `models` cannot take a job of `task_class` that needs `needs` now
+        (absent: it can), all looked at in one round trip."""
         batch = Pipeline(self.redis)
         looks = [self.admit_call(task_class, m, prompt_tokens, take=False) for m in models]
         for look in looks:
             batch.script("admit", look.keys, look.args)
-        found = {}
-        for model_id, look, reply in zip(models, looks, batch.execute(), strict=True):
+        rests = [(m, cap) for m in models for cap in sorted(needs)]
+        for model_id, cap in rests:
+            batch.pipe.pttl(keys.lacks(model_id, cap))
+        replies = batch.execute()
+        found: dict[str, Block] = {}
+        for model_id, look, reply in zip(models, looks, replies, strict=False):
             answer = look.read(reply)
             if isinstance(answer, Block):
                 found[model_id] = answer
+        now = time.time()
+        for (model_id, cap), ttl_ms in zip(rests, replies[len(looks) :], strict=True):
+            if int(ttl_ms) == -2:  # no such key: not resting for `cap`
+                continue
+            until = now + int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
+            refused = Block(f"refused {cap}", until)
+            if _later(refused, found.get(model_id)):
+                found[model_id] = refused
         return found
 
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
@@ -237,6 +263,13 @@ class FleetState:
         elif attempt.action == "retry":
             self._fail_in(batch, model_id)
 
+    def rest_capability(self, model_id: str, capability: str) -> None:
+        """Rest `model_id` fleet-wide for jobs that need `capability` (its provider refused
+        it although the catalog claims it), for policy.cooldowns.capability_rest_s; jobs
+        that do not need it still use the model. A later refusal starts the rest again."""
+        seconds = self.catalog.policy.cooldowns.capability_rest_s
+        self.redis.set(keys.lacks(model_id, capability), "1", px=int(seconds * 1000))
+
     def cool(self, model_id: str, seconds: float, reason: str) -> float:
         """Rest a model fleet-wide for `seconds` (never shortening a longer rest)."""
         batch = Pipeline(self.redis)
@@ -299,6 +332,10 @@ class FleetState:
             )
             windows[w.key.split(":", 2)[2]] = {"used": used, "limit": w.limit}
         cooldown = _cooldown_block(self.redis.get(keys.cooldown(model_id)))
+        batch = self.redis.pipeline(transaction=False)
+        for cap in CAPABILITIES:
+            batch.exists(keys.lacks(model_id, cap))
+        refused = [cap for cap, there in zip(CAPABILITIES, batch.execute(), strict=True) if there]
         now = datetime.now(UTC)
         spend = {
             period: float(
@@ -311,6 +348,7 @@ class FleetState:
             "cooldown": cooldown.reason if cooldown else None,
             "cooldown_until": cooldown.until if cooldown else None,
             "circuit_open": bool(self.redis.exists(keys.circuit_open(model_id))),
+            "refused": refused,  # capabilities the model rests for
             "windows": windows,
             "spend_usd": spend,
         }
@@ -338,6 +376,14 @@ def _answer(reply: Any, caps: list[_Cap], windows: list[_Window], now: datetime)
     window = windows[int(reply[4]) - 1]
     until = time.time() + (until_ms - now_ms) / 1000
     return Block(f"{window.label} full until {_clock(until)}", until)
+
+
+def _later(block: Block, than: Block | None) -> bool:
+    """`block` lasts longer than `than` (None: no block; an until of None: until a human
+    acts)."""
+    if than is None or block.until is None:
+        return True
+    return than.until is not None and block.until > than.until
 
 
 def _text(value: Any) -> str:
@@ -414,9 +460,15 @@ class FailOpen:
     def __init__(self, state: FleetState) -> None:
         self.state = state
 
-    def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
+    def block(
+        self,
+        task_class: str,
+        model_id: str,
+        prompt_tokens: int,
+        needs: frozenset[str] = frozenset(),
+    ) -> Block | None:
         try:
-            return self.state.block(task_class, model_id, prompt_tokens)
+            return self.state.block(task_class, model_id, prompt_tokens, needs)
         except Exception as exc:
             _unreachable(exc)
             return None
@@ -438,6 +490,12 @@ class FailOpen:
         try:
             self.state.settle(model_id, attempt, cost_usd, probe)
         except Exception as exc:
+            _unreachable(exc)
+
+    def rest_capability(self, model_id: str, capability: str) -> None:
+        try:
+            self.state.rest_capability(model_id, capability)
+        except Exception as exc:  # the job moves on anyway; only the rest is lost
             _unreachable(exc)
 
 

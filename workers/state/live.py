@@ -28,27 +28,32 @@ class LiveView:
     def __init__(self, state: FleetState, cache_s: float = CACHE_S) -> None:
         self.state = state
         self.cache_s = cache_s
-        self._cache: dict[tuple[str, str], tuple[float, Block | None]] = {}
+        # (task class, the job's needs, model) -> (fresh until, the Block or None)
+        self._cache: dict[tuple[str, frozenset[str], str], tuple[float, Block | None]] = {}
         self._lock = threading.Lock()
 
-    def blocks(self, task_class: str, models: list[str]) -> dict[str, Block]:
-        """Blocked models among `models` (a Redis outage reads as: none blocked). Models
-        not seen within the last second are looked at in one round trip."""
+    def blocks(
+        self, task_class: str, models: list[str], needs: frozenset[str] = frozenset()
+    ) -> dict[str, Block]:
+        """Blocked models among `models` for a job of `task_class` that needs `needs` (a
+        model resting for one of them is blocked: "refused tools"). A Redis outage reads
+        as: none blocked. Models not seen within the last second are looked at in one
+        round trip."""
         import redis
 
         now = time.monotonic()
         with self._lock:
-            cached = {m: self._cache.get((task_class, m)) for m in models}
+            cached = {m: self._cache.get((task_class, needs, m)) for m in models}
         stale = [m for m, c in cached.items() if c is None or c[0] < now]
         if stale:
             try:
-                fresh = self.state.blocks(task_class, stale)
+                fresh = self.state.blocks(task_class, stale, needs=needs)
             except redis.RedisError as exc:
                 log.warning("fleet state unreachable: %s", type(exc).__name__)
                 return {}
             with self._lock:
                 for model in stale:
-                    cached[model] = self._cache[(task_class, model)] = (
+                    cached[model] = self._cache[(task_class, needs, model)] = (
                         now + self.cache_s,
                         fresh.get(model),
                     )
