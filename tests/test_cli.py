@@ -55,6 +55,37 @@ def test_route_with_no_usable_model_exits_1_with_every_reason() -> None:
     assert "moonshot/kimi-k2-0905-preview: context too small" in done.stderr
 
 
+def test_route_tools_starts_at_the_first_model_with_tools_and_says_why() -> None:
+    done = fleet("route", "--class", "cost_free", "--tools")
+    assert done.returncode == 0, done.stderr
+    assert "needs: tools" in done.stdout
+    # Printed as written: no emoji code made of ':free:'
+    assert "skipped openrouter/meta-llama/llama-3.1-405b-instruct:free: lacks tools" in done.stdout
+    assert "skipped local/qwen3-mlx: lacks tools" in done.stdout
+    obj = json.loads(fleet("route", "--class", "cost_free", "--tools", "--json").stdout)
+    assert set(obj) == {"task_class", "queue", "chain", "temperature", "max_tokens"}
+    assert [hop["model"] for hop in obj["chain"]] == [
+        "litellm/deepseek-free",
+        "litellm/gpt-oss-free",
+    ]
+
+
+def test_route_json_schema_and_tools_compose_with_image() -> None:
+    schema = json.loads(
+        fleet("route", "--class", "complex_reasoning", "--json-schema", "--json").stdout
+    )
+    assert [hop["model"] for hop in schema["chain"]] == ["openrouter/deepseek/deepseek-chat"]
+    both = fleet("route", "--class", "complex_reasoning", "--tools", "--json-schema", "--json")
+    assert json.loads(both.stdout)["chain"] == schema["chain"]
+    done = fleet("route", "--class", "creative", "--image", "--tools", "--json")
+    # A chain no model can serve: exit 1 (no usable model), the one-line reason on stderr
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("fleet: no model of chain vision can serve tools: ")
+    assert "minimax/MiniMax-Vision-Video-01 (lacks tools)" in done.stderr
+
+
 def test_catalog_json() -> None:
     done = fleet("catalog", "--json")
     rows = json.loads(done.stdout)

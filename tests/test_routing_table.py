@@ -3,10 +3,12 @@ precedence and rules 2-4."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
-from router import NoRouteAvailable, RouteQuery, load_catalog, route
-from router.errors import InvalidJob
+from router import NoRouteAvailable, RouteQuery, load_catalog, parse_job, route, route_job
+from router.errors import CapabilityUnavailable, InvalidJob
 
 CATALOG = load_catalog()
 
@@ -282,3 +284,136 @@ def test_bad_queries_are_refused_with_the_valid_choices(query: dict, needle: str
         route(CATALOG, RouteQuery(**query))
     assert needle in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+# --- what a job needs ---------------------------------------------------------------------
+
+TOOLS = frozenset({"tools"})
+
+
+def test_a_tool_job_starts_at_the_first_model_with_tools_and_says_why_others_were_dropped():
+    decision = route(CATALOG, RouteQuery(task_class="cost_free", needs=TOOLS))
+    assert [h.model for h in decision.chain] == ["litellm/deepseek-free", "litellm/gpt-oss-free"]
+    assert decision.queue == "free"
+    assert decision.dropped == (
+        (OR + "meta-llama/llama-3.1-405b-instruct:free", "lacks tools"),
+        (OR + "nousresearch/hermes-3-llama-3.1-405b:free", "lacks tools"),
+        ("local/qwen3-mlx", "lacks tools"),
+    )
+    assert decision.needs == TOOLS
+
+
+def test_escalation_never_reaches_a_model_without_tools() -> None:
+    # The chain is computed once: the free and local models after MiniMax are not in it.
+    decision = route(CATALOG, RouteQuery(task_class="fast_general", needs=TOOLS))
+    assert [h.model for h in decision.chain] == ["minimax/MiniMax-M2.1"]
+    plain = route(CATALOG, RouteQuery(task_class="fast_general"))
+    assert len(plain.chain) == 3
+
+
+def test_a_json_schema_job_starts_at_the_first_model_that_takes_a_schema() -> None:
+    needs = frozenset({"json_schema"})
+    decision = route(CATALOG, RouteQuery(task_class="complex_reasoning", needs=needs))
+    assert [h.model for h in decision.chain] == [OR + "deepseek/deepseek-chat"]
+    assert [why for _, why in decision.dropped] == ["lacks json_schema"] * 4
+    json_mode = route(
+        CATALOG, RouteQuery(task_class="user_facing", needs=frozenset({"json_object"}))
+    )
+    assert json_mode.chain[0].model == "zai/glm-4.7"
+    assert "minimax/MiniMax-M2.1" in dict(json_mode.dropped)
+
+
+@pytest.mark.parametrize("need", ["tools", "json_object", "json_schema"])
+def test_local_mlx_models_never_get_tools_or_a_response_format(need: str) -> None:
+    local = [m.id for m in CATALOG.models if m.tier == "local"]
+    assert local and not [m for m in local if CATALOG.model(m).supports(need)]
+    query = RouteQuery(task_class="heartbeat", needs=frozenset({need}))
+    try:
+        decision = route(CATALOG, query)
+        chain, dropped = [h.model for h in decision.chain], dict(decision.dropped)
+    except CapabilityUnavailable as exc:
+        chain, dropped = [], dict(exc.reasons)
+    heartbeat_local = [m for m, _ in DESIGN_CHAINS["heartbeat"] if m.startswith("local/")]
+    assert not set(chain) & set(local)
+    assert [dropped[m] for m in heartbeat_local] == [f"lacks {need}"] * len(heartbeat_local)
+
+
+def test_a_request_no_model_can_serve_names_the_capability_chain_and_reasons() -> None:
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route(CATALOG, RouteQuery(task_class="vision", needs=TOOLS))
+    exc = caught.value
+    assert isinstance(exc, InvalidJob)
+    assert (exc.capability, exc.param, exc.chain) == ("tools", "tools", "vision")
+    assert str(exc) == (
+        "no model of chain vision can serve tools: minimax/MiniMax-Vision-Video-01 (lacks tools),"
+        f" {OR}nvidia/nemotron-nano-12b-v2-vl:free (lacks tools)"
+    )
+    assert pickle.loads(pickle.dumps(exc)).args == exc.args
+
+
+def test_a_schema_on_user_facing_names_response_format_as_the_param() -> None:
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route(CATALOG, RouteQuery(task_class="user_facing", needs=frozenset({"json_schema"})))
+    assert (caught.value.capability, caught.value.param) == ("json_schema", "response_format")
+    assert str(caught.value).startswith("no model of chain user_facing can serve json_schema: ")
+    assert len(caught.value.reasons) == 4
+
+
+def test_the_chain_named_is_the_one_the_job_took() -> None:
+    query = RouteQuery(task_class="creative", profile="routing", model="zai/glm-4.7", needs=TOOLS)
+    assert route(CATALOG, query).chain[0].model == "zai/glm-4.7"
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route(
+            CATALOG,
+            RouteQuery(task_class="heartbeat", source="cron", needs=frozenset({"json_schema"})),
+        )
+    assert "chain heartbeat can serve json_schema" in str(caught.value)
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route(
+            CATALOG,
+            RouteQuery(task_class="creative", focus="data", needs=frozenset({"json_schema"})),
+        )
+    assert "chain focus data + fallbacks can serve" in str(caught.value)
+
+
+def test_a_video_routes_like_an_image_then_needs_video() -> None:
+    decision = route(CATALOG, RouteQuery(task_class="creative", needs=frozenset({"video"})))
+    assert [h.model for h in decision.chain] == ["minimax/MiniMax-Vision-Video-01"]
+    assert decision.queue == "vision"
+    assert decision.dropped == ((OR + "nvidia/nemotron-nano-12b-v2-vl:free", "lacks video"),)
+    # A cron job may not use the subscription model, and the free one takes no video
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route(CATALOG, RouteQuery(task_class="creative", source="cron", needs=frozenset({"video"})))
+    assert (caught.value.capability, caught.value.param) == ("video", "messages")
+
+
+def test_live_state_leaving_nothing_is_still_a_wait_not_a_capability_error() -> None:
+    # The models with tools exist, they are only blocked now: NoRouteAvailable, as before.
+    skip = {"litellm/deepseek-free": "cooldown", "litellm/gpt-oss-free": "circuit open"}
+    with pytest.raises(NoRouteAvailable) as caught:
+        route(CATALOG, RouteQuery(task_class="cost_free", needs=TOOLS), skip)
+    assert not isinstance(caught.value, CapabilityUnavailable)
+    assert ("litellm/deepseek-free", "cooldown") in caught.value.reasons
+
+
+def test_a_model_with_tools_too_small_and_the_rest_without_tools_is_a_capability_error():
+    query = RouteQuery(
+        task_class="fast_general", prompt_tokens=199_000, max_tokens=2_000, needs=TOOLS
+    )
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route(CATALOG, query)
+    assert "minimax/MiniMax-M2.1 (context too small" in str(caught.value)
+
+
+def test_an_unknown_need_is_refused_with_the_valid_capabilities() -> None:
+    with pytest.raises(InvalidJob) as caught:
+        route(CATALOG, RouteQuery(task_class="creative", needs=frozenset({"telepathy"})))
+    assert "unknown capability 'telepathy' (valid: code, json_object, json_schema" in str(
+        caught.value
+    )
+
+
+def test_a_job_without_needs_routes_as_before() -> None:
+    job = parse_job({"task_class": "creative", "messages": [{"role": "user", "content": "hi"}]})
+    assert RouteQuery.from_job(job).needs == frozenset()
+    assert route_job(CATALOG, job).chain == route(CATALOG, RouteQuery("creative")).chain
