@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from router.errors import InvalidJob
+from router.errors import CapabilityUnavailable, InvalidJob
 
 TYPES = {
     400: "invalid_request_error",
@@ -82,15 +82,20 @@ def no_route(exc: Any) -> APIError:
 
 def invalid_job(exc: InvalidJob) -> APIError:
     """400 for an InvalidJob, `param` naming the field; for CapabilityUnavailable (no model
-    of the chain can serve what the request needs) the capability too."""
-    param = exc.param
-    capability = getattr(exc, "capability", None)
-    if capability is not None:
+    of the chain can serve what the request needs) the capabilities, the chain and each
+    model's reason too."""
+    if isinstance(exc, CapabilityUnavailable):
+        reasons = [{"model": m, "reason": why} for m, why in exc.reasons]
         return APIError(
             400,
             str(exc),
             code="capability_unavailable",
-            param=param,
-            extra={"capability": capability},
+            param=exc.param,
+            extra={
+                "capability": exc.capability,
+                "capabilities": exc.capabilities,
+                "chain": exc.chain,
+                "models": reasons,
+            },
         )
-    return APIError(400, str(exc), code="invalid_request", param=param)
+    return APIError(400, str(exc), code="invalid_request", param=exc.param)

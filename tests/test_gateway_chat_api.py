@@ -61,6 +61,8 @@ TRIP: Any = {
     "additionalProperties": False,
 }
 ROUTE = "fleet/user_facing"
+# The shipped catalog's one model with json_schema (and seed and logprobs): named as the model
+SCHEMA_MODEL = "openrouter/deepseek/deepseek-chat"
 
 
 @pytest.fixture(scope="module")
@@ -219,9 +221,7 @@ def test_a_strict_json_schema_and_json_object(sdk, simulator) -> None:
         "json_schema": {"name": "trip", "schema": TRIP, "strict": True},
     }
     reply = sdk.chat.completions.create(
-        model=ROUTE,
-        messages=messages,
-        response_format=response_format,
+        model=SCHEMA_MODEL, messages=messages, response_format=response_format
     )
     content = reply.choices[0].message.content
     assert content is not None and fits(json.loads(content), TRIP), content
@@ -259,7 +259,7 @@ SAMPLING: dict[str, Any] = {
 }
 
 
-@pytest.mark.parametrize("route", [ROUTE, "fleet/cost_free"])
+@pytest.mark.parametrize("route", [ROUTE, "fleet/cost_free", SCHEMA_MODEL])
 def test_each_sampling_field_reaches_the_provider_or_is_listed_as_dropped(
     sdk, simulator, catalog, route
 ) -> None:
@@ -376,17 +376,22 @@ def test_a_request_no_model_can_serve_is_400_naming_the_capability(
     key = new_key(fleet_env, "capability-app")
     mark = f"m{uuid.uuid4().hex[:12]}"
     messages = [{"role": "user", "content": f"call a tool ({mark})"}]
-    # An explicit local MLX model: it takes no tools and no JSON schema
+    # Given chains none of whose models has a capability: vision's lacks tools,
+    # user_facing's json_schema
     error = refusal(
-        gateway, key, {"model": "local/qwen3-mlx", "messages": messages, "tools": [WEATHER]}
+        gateway, key, {"model": "fleet/vision", "messages": messages, "tools": [WEATHER]}
     )
     assert error["param"] == "tools" and error["capability"] == "tools", error
-    assert "local/qwen3-mlx (lacks tools)" in error["message"], error
+    assert error["chain"] == "vision" and "tools" in error["message"], error
+    assert "minimax/MiniMax-Vision-Video-01 (lacks tools)" in error["message"], error
+    assert {m["model"]: m["reason"] for m in error["models"]} == {
+        "minimax/MiniMax-Vision-Video-01": "lacks tools",
+        "openrouter/nvidia/nemotron-nano-12b-v2-vl:free": "lacks tools",
+    }, error
     schema = {"type": "json_schema", "json_schema": {"name": "trip", "schema": TRIP}}
-    error = refusal(
-        gateway, key, {"model": "local/qwen3-mlx", "messages": messages, "response_format": schema}
-    )
+    error = refusal(gateway, key, {"model": ROUTE, "messages": messages, "response_format": schema})
     assert error["param"] == "response_format" and error["capability"] == "json_schema", error
+    assert "zai/glm-4.7 (lacks json_schema)" in error["message"], error
     # Nothing was queued, and no provider saw it
     state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
     try:
