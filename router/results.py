@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +33,8 @@ class Attempt(BaseModel):
     latency_ms: float = 0.0
     worker: str | None = None
     started_at: float = 0.0  # unix seconds
+    tools: bool = False  # the call was sent tool definitions
+    json_schema: bool = False  # the call asked for a JSON schema (response_format)
 
 
 class Result(BaseModel):
@@ -44,9 +46,18 @@ class Result(BaseModel):
     task_class: str
     source: str
     ok: bool
-    text: str | None = None
+    text: str | None = None  # "" (or None) when the answer is only tool calls
     model: str | None = None  # the model that answered
     error: str | None = None
+    # The answer as the provider gave it, in OpenAI's shapes: every tool call in order
+    # ({"id", "type": "function", "function": {"name", "arguments"}}), why it stopped
+    # (stop, length, tool_calls, content_filter), a refusal, logprobs, reasoning content.
+    tool_calls: list[dict[str, Any]] = []
+    finish_reason: str | None = None
+    refusal: str | None = None
+    logprobs: dict[str, Any] | None = None
+    reasoning: str | None = None
+    dropped: list[str] = []  # the job's request fields the answering model was not sent
     attempts: list[Attempt] = []
     metadata: dict[str, str | int | float | bool | None] = {}  # the job's, echoed back
     dispatched_at: float | None = None  # unix seconds

@@ -164,11 +164,11 @@ def test_urls_and_schema_version(url: str, tmp_path: Path) -> None:
     ledger.ensure_schema()
     ledger.ensure_schema()
     with ledger.engine.begin() as conn:
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [2]
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [3]
         conn.execute(update(ledger_meta).values(schema_version=99))
     ledger.close()
     newer = open_ledger(url, tmp_path)
-    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 2"):
+    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 3"):
         newer.ensure_schema()
     newer.record(simple_rows("kept"))  # refused, but neither raised nor lost
     assert newer.pending() == 1
@@ -181,17 +181,42 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(url: str, tmp_path: P
     ledger.record(simple_rows("old", 2))
     with ledger.engine.begin() as conn:
         conn.execute(text("DROP TABLE app_keys"))
-        conn.execute(text("ALTER TABLE attempts DROP COLUMN app"))
+        for column in ("app", "tools", "json_schema"):
+            conn.execute(text(f"ALTER TABLE attempts DROP COLUMN {column}"))
         conn.execute(update(ledger_meta).values(schema_version=1))
     ledger.close()
     # When this version opens it
     upgraded = open_ledger(url, tmp_path)
     upgraded.record([{**row, "app": "billing"} for row in simple_rows("new", 1)])
-    # Then the old rows are there, the new ones carry their app, and the version is 2
+    # Then the old rows are there, the new ones carry their app, and the version is 3
     with upgraded.engine.connect() as conn:
         apps = conn.execute(select(attempts.c.job_id, attempts.c.app)).all()
         assert sorted(apps) == [("new", "billing"), ("old", None), ("old", None)]
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 2
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 3
+    upgraded.close()
+
+
+def test_a_version_2_ledger_gains_the_tools_and_json_schema_columns(
+    url: str, tmp_path: Path
+) -> None:
+    # Given a ledger of version 2 (no tools or json_schema column) with rows
+    ledger = open_ledger(url, tmp_path)
+    ledger.record(simple_rows("old", 1))
+    with ledger.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE attempts DROP COLUMN tools"))
+        conn.execute(text("ALTER TABLE attempts DROP COLUMN json_schema"))
+        conn.execute(update(ledger_meta).values(schema_version=2))
+    ledger.close()
+    # When this version opens it and records an attempt that used tools
+    upgraded = open_ledger(url, tmp_path)
+    upgraded.record([{**row, "tools": True, "json_schema": False} for row in simple_rows("new", 1)])
+    # Then the old row says nothing of tools (NULL), the new one what it used
+    with upgraded.engine.connect() as conn:
+        used = conn.execute(
+            select(attempts.c.job_id, attempts.c.tools, attempts.c.json_schema)
+        ).all()
+        assert sorted(used) == [("new", True, False), ("old", None, None)]
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 3
     upgraded.close()
 
 

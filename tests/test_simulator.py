@@ -7,7 +7,9 @@ import concurrent.futures
 import contextlib
 import email.utils
 import json
+import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from router.tokens import estimate_message_tokens, estimate_tokens
 from tests.fixtures import wait_until
@@ -421,8 +425,8 @@ def test_config_given_at_construction(http):
 # --- command line ---------------------------------------------------------------------------
 
 
-def start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -490,3 +494,540 @@ def test_cli_refuses_a_bad_config(tmp_path):
     )
     assert done.returncode == 2
     assert "unknown simulator fault" in done.stderr
+
+
+# --- answering as a provider does: tools, structured output, sampling fields ----------------
+
+WEATHER: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "minLength": 12},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 3, "maximum": 7},
+                "when": {"type": "string", "format": "date"},
+                "at": {
+                    "type": "object",
+                    "properties": {
+                        "lat": {"type": "number", "minimum": -90, "maximum": -10},
+                        "lon": {"type": "number", "exclusiveMinimum": 100},
+                    },
+                    "required": ["lat", "lon"],
+                    "additionalProperties": False,
+                },
+                "fields": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": ["rain", "wind", "sun"]},
+                    "minItems": 2,
+                    "uniqueItems": True,
+                },
+            },
+            "required": ["city", "unit", "at"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": ["string", "null"]}},
+            "required": ["zone"],
+        },
+    },
+}
+PING: Any = {"type": "function", "function": {"name": "ping"}}  # no parameters at all
+
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def schema_errors(value: Any, schema: Any, root: Any = None, at: str = "$") -> list[str]:
+    """Why `value` is not valid against `schema` (the JSON-schema keywords the simulator's
+    generator claims to cover), as a list of messages; [] when it is valid."""
+    root = schema if root is None else root
+    if schema is True or schema == {}:
+        return []
+    if schema is False:
+        return [f"{at}: no value allowed"]
+    if "$ref" in schema:
+        target = root
+        for token in schema["$ref"].lstrip("#").split("/")[1:]:
+            target = target[token]
+        rest = {k: v for k, v in schema.items() if k != "$ref"}
+        return schema_errors(value, target, root, at) + schema_errors(value, rest, root, at)
+    kinds = schema.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if kinds and not any(_TYPES[k](value) for k in kinds):
+        return [f"{at}: {value!r} is not of type {kinds}"]
+    errors = _choice_errors(value, schema, root, at)
+    if isinstance(value, dict):
+        errors += _object_errors(value, schema, root, at)
+    if isinstance(value, list):
+        errors += _array_errors(value, schema, root, at)
+    if isinstance(value, str):
+        errors += _string_errors(value, schema, at)
+    if _TYPES["number"](value):
+        errors += _number_errors(value, schema, at)
+    return errors
+
+
+def _choice_errors(value: Any, schema: dict, root: Any, at: str) -> list[str]:
+    errors = []
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{at}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{at}: {value!r} not in {schema['enum']}")
+    for sub in schema.get("allOf", []):
+        errors += schema_errors(value, sub, root, at)
+    if "anyOf" in schema and all(schema_errors(value, s, root, at) for s in schema["anyOf"]):
+        errors.append(f"{at}: matches no anyOf branch")
+    if "oneOf" in schema:
+        matching = [s for s in schema["oneOf"] if not schema_errors(value, s, root, at)]
+        if len(matching) != 1:
+            errors.append(f"{at}: matches {len(matching)} oneOf branches")
+    return errors
+
+
+def _object_errors(value: dict, schema: dict, root: Any, at: str) -> list[str]:
+    properties = schema.get("properties", {})
+    errors = [f"{at}: misses {r}" for r in schema.get("required", []) if r not in value]
+    for key, item in value.items():
+        if key in properties:
+            errors += schema_errors(item, properties[key], root, f"{at}.{key}")
+        elif "additionalProperties" in schema:
+            errors += schema_errors(item, schema["additionalProperties"], root, f"{at}.{key}")
+    return errors
+
+
+def _array_errors(value: list, schema: dict, root: Any, at: str) -> list[str]:
+    errors = []
+    if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", math.inf):
+        errors.append(f"{at}: {len(value)} items")
+    if schema.get("uniqueItems") and len({json.dumps(v) for v in value}) < len(value):
+        errors.append(f"{at}: items repeat")
+    prefix = schema.get("prefixItems", [])
+    for i, item in enumerate(value):
+        sub = prefix[i] if i < len(prefix) else schema.get("items", True)
+        errors += schema_errors(item, sub, root, f"{at}[{i}]")
+    return errors
+
+
+def _string_errors(value: str, schema: dict, at: str) -> list[str]:
+    errors = []
+    if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", math.inf):
+        errors.append(f"{at}: length {len(value)}")
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{at}: {value!r} does not match {schema['pattern']}")
+    if schema.get("format") == "date" and not re.fullmatch(r"\d{4}-\d\d-\d\d", value):
+        errors.append(f"{at}: {value!r} is not a date")
+    return errors
+
+
+def _number_errors(value: float, schema: dict, at: str) -> list[str]:
+    errors = []
+    low, high = schema.get("minimum", -math.inf), schema.get("maximum", math.inf)
+    above = schema.get("exclusiveMinimum", -math.inf)
+    below = schema.get("exclusiveMaximum", math.inf)
+    if not (low <= value <= high and above < value < below):
+        errors.append(f"{at}: {value} out of bounds")
+    step = schema.get("multipleOf")
+    if step and (value / step) != int(value / step):
+        errors.append(f"{at}: {value} is not a multiple of {step}")
+    return errors
+
+
+def test_schema_checker_catches_invalid_values():
+    # The checker the tests below trust must fail on what does not fit
+    params = WEATHER["function"]["parameters"]
+    good = {"city": "Lisbon, Portugal", "unit": "celsius", "at": {"lat": -20, "lon": 101}}
+    assert schema_errors(good, params) == []
+    for bad in (
+        {**good, "unit": "kelvin"},
+        {**good, "city": "Lisbon"},
+        {**good, "at": {"lat": 0, "lon": 101}},
+        {**good, "at": {"lat": -20, "lon": 100}},
+        {**good, "fields": ["rain", "rain"]},
+        {**good, "days": 2.5},
+        {"city": "Lisbon, Portugal", "unit": "celsius"},
+        {**good, "extra": 1},
+    ):
+        assert schema_errors(bad, params), bad
+
+
+def openai_client(sim: Simulator) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim.url, api_key="sk-sim", max_retries=0)
+
+
+def ask(http: httpx.Client, sim: Simulator, messages: Any, **extra: Any) -> dict[str, Any]:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    response = http.post(
+        sim.url + "/chat/completions", json={"model": "m", "messages": messages, **extra}
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_tool_call_arguments_follow_the_tool_schema(sim):
+    client = openai_client(sim)
+    # When a request carries a tool with a nested schema
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER]
+    )
+    # Then the answer is one call of it, as OpenAI shapes one
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.function.name == "get_weather"
+    assert re.fullmatch(r"call_\w{8,}", call.id)
+    # And its arguments are JSON valid against the tool's parameters, optional ones included
+    arguments = json.loads(call.function.arguments)
+    assert schema_errors(arguments, WEATHER["function"]["parameters"]) == []
+    assert {"days", "when", "fields"} <= arguments.keys()
+    assert arguments["at"]["lat"] <= -10 and len(arguments["fields"]) >= 2
+    # And the same request gets the same call (deterministic), counted in the usage
+    again = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER]
+    )
+    assert again.choices[0].message.tool_calls == [call]
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^[A-Z]{2}$"},
+        {"type": "integer", "multipleOf": 5, "minimum": 12, "maximum": 40},
+        {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        {"type": "number", "multipleOf": 0.25, "minimum": 2.1},
+        {"type": "integer", "maximum": -3},
+        {"type": ["null", "boolean"]},
+        {"const": {"fixed": [1, 2]}},
+        {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
+        {"oneOf": [{"type": "integer"}, {"type": "string"}]},
+        {
+            "allOf": [
+                {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                {"properties": {"b": {"type": "boolean"}}, "required": ["b"]},
+            ]
+        },
+        {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "items": False},
+        {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 9},
+            "minItems": 4,
+            "maxItems": 4,
+            "uniqueItems": True,
+        },
+        {"type": "array", "maxItems": 0},
+        {
+            "type": "object",
+            "properties": {"s": {"type": "string", "format": "date"}},
+            "required": ["s"],
+            "additionalProperties": False,
+        },
+        {
+            "$defs": {
+                "node": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                    },
+                    "required": ["name", "children"],
+                    "additionalProperties": False,
+                }
+            },
+            "$ref": "#/$defs/node",
+        },
+    ],
+)
+def test_generated_values_are_valid_against_their_schema(http, sim, schema):
+    # Given a json_schema response format (strict, as the openai SDK's parse() sends it)
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+    # Then the answer is a JSON value valid against it, and the same every time
+    first = ask(http, sim, "fill it in", response_format=fmt)
+    content = first["choices"][0]["message"]["content"]
+    assert schema_errors(json.loads(content), schema) == []
+    assert first["choices"][0]["finish_reason"] == "stop"
+    again = ask(http, sim, "fill it in", response_format=fmt)
+    assert again["choices"][0]["message"]["content"] == content
+
+
+def test_every_request_field_reaches_the_log(http, sim):
+    # Given a request with every sampling field and one the simulator does not know
+    fields: Any = {
+        "stop": ["END", "\n\n"],
+        "top_p": 0.9,
+        "seed": 7,
+        "presence_penalty": 0.5,
+        "frequency_penalty": -0.5,
+        "logit_bias": {"50256": -100},
+        "logprobs": True,
+        "top_logprobs": 2,
+        "reasoning_effort": "low",
+        "user": "user-42",
+        "response_format": {"type": "json_object"},
+        "tools": [WEATHER],
+        "tool_choice": "auto",
+        "parallel_tool_calls": False,
+    }
+    client = openai_client(sim)
+    client.chat.completions.create(
+        model="m",
+        messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": "x"}],
+        temperature=0.1,
+        max_tokens=50,
+        extra_body={"provider": {"sort": "price"}},
+        **fields,
+    )
+    # Then the log holds the body as sent, in process and over HTTP
+    [entry] = sim.requests()
+    [served] = http.get(sim.base_url + "/_sim/requests").json()
+    for body in (entry["body"], served["body"]):
+        assert {k: body[k] for k in fields} == fields
+        assert body["provider"] == {"sort": "price"}
+        assert body["messages"][0] == {"role": "developer", "content": "be brief"}
+        assert (body["temperature"], body["max_tokens"]) == (0.1, 50)
+
+
+def test_the_log_keeps_the_newest_bodies_only(http, sim, monkeypatch):
+    monkeypatch.setattr(simulator_module, "BODIES_KEPT", 2)
+    for text in ("one", "two", "three"):
+        chat(http, sim, text=text)
+    bodies = [e["body"] for e in sim.requests()]
+    assert bodies[0] is None
+    assert [b["messages"][0]["content"] for b in bodies[1:]] == ["two", "three"]
+
+
+def called(body: dict[str, Any]) -> list[str]:
+    """The function names of an answer's tool calls, in order."""
+    return [c["function"]["name"] for c in body["choices"][0]["message"].get("tool_calls") or []]
+
+
+def test_tool_choice_picks_the_call(http, sim):
+    tools = [WEATHER, CLOCK, PING]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert called(ask(http, sim, "hi", tools=tools, tool_choice=named)) == ["get_time"]
+    assert called(ask(http, sim, "hi", tools=tools, tool_choice="required")) == ["get_weather"]
+    assert called(ask(http, sim, "hi", tools=tools)) == ["get_weather"]  # auto: the first
+    assert called(ask(http, sim, "run ping now", tools=tools)) == ["ping"]  # the one named
+    # "none": a text answer even with tools
+    plain = ask(http, sim, "hi", tools=tools, tool_choice="none")["choices"][0]
+    assert plain["message"] == {"role": "assistant", "content": "[sim m] hi"}
+    assert plain["finish_reason"] == "stop"
+
+
+def test_a_tool_without_parameters_gets_empty_arguments(http, sim):
+    message = ask(http, sim, "hi", tools=[PING])["choices"][0]["message"]
+    assert message["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+def test_parallel_directive_calls_every_tool_once(http, sim):
+    tools = [WEATHER, CLOCK, PING]
+    # When the last user message asks for parallel calls
+    body = ask(http, sim, "all of them [[sim:parallel]]", tools=tools)
+    # Then one answer carries one call per tool, with distinct ids, valid arguments
+    assert called(body) == ["get_weather", "get_time", "ping"]
+    calls = body["choices"][0]["message"]["tool_calls"]
+    assert len({c["id"] for c in calls}) == 3
+    for call, tool in zip(calls, tools, strict=True):
+        schema = tool["function"].get("parameters", {})
+        assert schema_errors(json.loads(call["function"]["arguments"]), schema) == []
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    # But not when the request turns parallel calls off, or names one function
+    text = "all of them [[sim:parallel]]"
+    assert called(ask(http, sim, text, tools=tools, parallel_tool_calls=False)) == ["get_weather"]
+    named = {"type": "function", "function": {"name": "ping"}}
+    assert called(ask(http, sim, text, tools=tools, tool_choice=named)) == ["ping"]
+    # And only the last user message counts
+    earlier = [
+        {"role": "user", "content": "[[sim:parallel]]"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "now"},
+    ]
+    assert called(ask(http, sim, earlier, tools=tools)) == ["get_weather"]
+
+
+def test_bad_tool_choice_is_refused_as_openai_does(http, sim):
+    messages = [{"role": "user", "content": "hi"}]
+    for extra in (
+        {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"tool_choice": "required"},
+        {"tools": [{"type": "function"}]},
+    ):
+        response = http.post(
+            sim.url + "/chat/completions", json={"model": "m", "messages": messages, **extra}
+        )
+        assert response.status_code == 400, extra
+        assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_tool_round_trip_ends_with_an_answer_quoting_the_results(sim):
+    client = openai_client(sim)
+    tools: Any = [WEATHER, CLOCK]
+    messages: Any = [{"role": "user", "content": "weather and time [[sim:parallel]]"}]
+    # Given an answer calling two tools
+    first = client.chat.completions.create(model="m", messages=messages, tools=tools)
+    calls = first.choices[0].message.tool_calls or []
+    assert len(calls) == 2
+    # When the client sends the calls back with their results
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    results = ['{"temp": 21, "sky": "clear"}', "12:00 UTC"]
+    for call, result in zip(calls, results, strict=True):
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    final = client.chat.completions.create(model="m", messages=messages, tools=tools)
+    # Then the answer is text quoting each result by its function, and says it stopped
+    choice = final.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content == (
+        '[sim m] get_weather returned {"temp": 21, "sky": "clear"}; get_time returned 12:00 UTC'
+    )
+    # And the tool definitions count in the prompt the usage reports
+    usage = final.usage
+    assert usage is not None
+    assert usage.prompt_tokens > estimate_message_tokens(messages)
+
+
+def test_json_object_answer_is_a_json_object(http, sim):
+    fmt = {"type": "json_object"}
+    content = ask(http, sim, "as JSON please", response_format=fmt)["choices"][0]["message"]
+    assert json.loads(content["content"]) == {"answer": "[sim m] as JSON please"}
+
+
+def test_json_schema_after_a_tool_result_still_follows_the_schema(http, sim):
+    schema = {
+        "type": "object",
+        "properties": {"summary": {"type": "string"}, "score": {"type": "integer"}},
+        "required": ["summary", "score"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    messages = [
+        {"role": "user", "content": "check"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": CALL["id"], "content": "ok"},
+    ]
+    body = ask(http, sim, messages, tools=[PING], response_format=fmt)
+    content = json.loads(body["choices"][0]["message"]["content"])
+    assert schema_errors(content, schema) == []
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
+
+
+def test_model_without_tools_answers_openrouters_404(http):
+    # Given a simulator started with one model that takes no tools
+    with Simulator(no_tools=["plain/model"]) as server:
+        for _ in range(2):  # a reset does not forget it: it describes the provider
+            # Then a request with tools to that model gets OpenRouter's 404
+            response = chat(http, server, model="plain/model", tools=[PING])
+            assert response.status_code == 404
+            assert response.json() == {
+                "error": {
+                    "message": "No endpoints found that support tool use. To learn more about "
+                    "provider routing, visit: https://openrouter.ai/docs/provider-routing",
+                    "code": 404,
+                }
+            }
+            # And the request is in the log, with its tools
+            assert server.requests()[-1]["body"]["tools"] == [PING]
+            # But the same model answers without tools, and other models take tools
+            assert chat(http, server, model="plain/model").status_code == 200
+            assert called(chat(http, server, model="other", tools=[PING]).json()) == ["ping"]
+            server.reset()
+
+
+def test_model_setting_turns_tools_off(http, sim):
+    sim.configure(models={"m": {"tools": False}})
+    assert chat(http, sim, tools=[PING]).status_code == 404
+    assert chat(http, sim, model="n", tools=[PING]).status_code == 200
+    bad = http.post(sim.base_url + "/_sim/config", json={"models": {"m": {"tools": "no"}}})
+    assert bad.status_code == 400
+
+
+def test_no_tools_from_the_environment(http, monkeypatch):
+    monkeypatch.setenv("SIM_NO_TOOLS", " a , b ")
+    with Simulator() as server:
+        statuses = [chat(http, server, model=m, tools=[PING]).status_code for m in "abc"]
+    assert statuses == [404, 404, 200]
+    with Simulator(no_tools=[]) as server:  # given explicitly, the environment is ignored
+        assert chat(http, server, model="a", tools=[PING]).status_code == 200
+
+
+def test_max_tokens_cutting_the_answer_says_length(http, sim):
+    short = ask(http, sim, "a fairly long prompt to echo back", max_tokens=2)["choices"][0]
+    assert short["finish_reason"] == "length"
+    roomy = ask(http, sim, "a fairly long prompt to echo back", max_tokens=200)["choices"][0]
+    assert roomy["finish_reason"] == "stop"
+
+
+def test_logprobs_when_asked(http, sim):
+    choice = ask(http, sim, "hello there", logprobs=True, top_logprobs=3)["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == choice["message"]["content"]
+    for entry in content:
+        assert entry["logprob"] < 0 and bytes(entry["bytes"]).decode() == entry["token"]
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and top[0]["token"] == entry["token"]
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+    assert "logprobs" not in ask(http, sim, "hello there")["choices"][0]
+    # A tool-call answer has no text to give logprobs for
+    calls = ask(http, sim, "hi", tools=[PING], logprobs=True)["choices"][0]
+    assert calls["logprobs"] == {"content": None, "refusal": None}
+
+
+def test_reasoning_effort_adds_reasoning_content(sim):
+    client = openai_client(sim)
+    completion = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "why?"}], reasoning_effort="high"
+    )
+    message = completion.choices[0].message.model_dump()
+    assert message["reasoning_content"] == "[sim m] thinking (high): why?"
+    assert message["content"] == "[sim m] why?"
+    plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert "reasoning_content" not in plain.choices[0].message.model_dump()
+
+
+def test_refusal_and_content_filter_flags(http, sim):
+    refused = ask(http, sim, "do it [[sim:refuse]]")["choices"][0]
+    assert refused["message"]["content"] is None
+    assert refused["message"]["refusal"] == "[sim m] I can't help with that."
+    assert refused["finish_reason"] == "stop"
+    filtered = ask(http, sim, "do it [[sim:filter]]")["choices"][0]
+    assert (filtered["message"]["content"], filtered["finish_reason"]) == ("", "content_filter")
+
+
+def test_cli_no_tools_flag_and_env(http):
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "tools": [PING]}
+    proc, url = start_cli("--no-tools", "x,y")
+    try:
+        assert http.post(url + "/v1/chat/completions", json=body).status_code == 404
+        assert http.post(url + "/v1/chat/completions", json={**body, "model": "z"}).is_success
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    proc, url = start_cli(env={"SIM_NO_TOOLS": "x"})
+    try:
+        assert http.post(url + "/v1/chat/completions", json=body).status_code == 404
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)

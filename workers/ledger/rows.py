@@ -58,6 +58,8 @@ def attempt_row(
         "finished_at": _utc(a.started_at + a.latency_ms / 1000),
         "recorded_at": recorded or datetime.now(UTC),
         "app": job.get("app"),
+        "tools": a.tools,
+        "json_schema": a.json_schema,
     }
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import (
     Table,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -50,6 +50,10 @@ attempts = Table(
     Column("finished_at", DateTime(timezone=True), nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
     Column("app", String(64)),  # the app that sent the job (its gateway key's), if known
+    # whether the call was sent tool definitions / asked for a JSON schema (NULL: a row
+    # recorded before the ledger kept it)
+    Column("tools", Boolean),
+    Column("json_schema", Boolean),
     Index("ix_attempts_started_at", "started_at"),
 )
 
@@ -71,6 +75,10 @@ app_keys = Table(
 # What takes a database of version N to N + 1 (tables that are new are created as such).
 MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE attempts ADD COLUMN app VARCHAR(64)"],
+    2: [
+        "ALTER TABLE attempts ADD COLUMN tools BOOLEAN",
+        "ALTER TABLE attempts ADD COLUMN json_schema BOOLEAN",
+    ],
 }
 
 ledger_meta = Table(

@@ -8,6 +8,9 @@ boundary. The error's `action` tells the escalation logic what to do next:
     ├── Retryable       action "retry"     429, 408, 5xx, timeout, connection error,
     │                                       malformed JSON, empty choices
     ├── ModelUnusable   action "next"      401/403 bad key, 404 unknown model, no key set
+    │   └── CapabilityRefused              the model refuses a capability the request
+    │                                       uses (tools, a response format): kind
+    │                                       "unsupported", its `capability` named
     └── Permanent       action "fail"      400 bad request: no other model will do better
 
 Errors cross Celery as JSON, so they carry primitives only (`kind`, `message`,
@@ -33,11 +36,16 @@ class CompletionRequest:
     temperature: float | None = None
     max_tokens: int | None = None
     timeout_s: float = 120.0
+    # The job's other request-body fields kept for this model (OpenAI names: tools,
+    # response_format, stop, seed, ...): an OpenAI-compatible adapter merges them into
+    # the body; an adapter takes only those its `OPTIONS` lists (see accepted_options).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A provider's answer with its usage."""
+    """A provider's answer with its usage. `text` is "" when the answer is only tool
+    calls."""
 
     text: str
     prompt_tokens: int
@@ -46,10 +54,23 @@ class Completion:
     provider_cost_usd: float | None = None  # e.g. OpenRouter's usage.cost
     raw_model: str | None = None  # the model name the provider says answered
     extra: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape, in order
+    finish_reason: str | None = None  # as the provider gave it: stop, length, tool_calls, ...
+    refusal: str | None = None
+    logprobs: dict[str, Any] | None = None  # the choice's logprobs object
+    reasoning: str | None = None  # the message's reasoning_content (or reasoning)
 
 
 class Provider(Protocol):
     def complete(self, request: CompletionRequest) -> Completion: ...
+
+
+def accepted_options(provider: Provider) -> frozenset[str] | None:
+    """The request options (CompletionRequest.options keys) `provider` takes, or None
+    for any: an adapter that cannot take them all lists those it can in a class attribute
+    `OPTIONS`; the rest are dropped before the call and listed in the job's Result."""
+    options: frozenset[str] | None = getattr(provider, "OPTIONS", None)
+    return options
 
 
 @dataclass(frozen=True)
@@ -154,6 +175,18 @@ class ModelUnusable(ProviderError):
     """This model cannot serve any job now (bad key, unknown model): move on."""
 
     action = "next"
+
+
+class CapabilityRefused(ModelUnusable):
+    """The model (its provider's endpoints) does not serve a capability the request uses,
+    though the catalog said it does: move on, and rest the model for that capability."""
+
+    def __init__(self, capability: str, message: str) -> None:
+        super().__init__("unsupported", message)
+        self.capability = capability
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "capability": self.capability}
 
 
 class Permanent(ProviderError):

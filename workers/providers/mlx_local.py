@@ -15,6 +15,11 @@ Errors are mapped onto the provider error tree at this boundary:
     image or malformed messages     -> Permanent("bad_request")
     exception while generating      -> Retryable("server_error")
     no answer within timeout_s      -> Retryable("timeout")
+
+Of a request's options it honours `stop` (the answer ends before the first stop string),
+`top_p` (nucleus sampling) and `seed` (MLX's random seed, for a reproducible sample);
+the step drops every other option before the call (OPTIONS) and the job's Result lists
+them. A developer message is given to the chat template as a system message.
 """
 
 from __future__ import annotations
@@ -141,7 +146,8 @@ def flatten_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
             text = "\n".join(_part_text(i, part) for part in content)
         else:
             raise Permanent("bad_request", f"message {i}: content must be a string or parts")
-        out.append({"role": message["role"], "content": text})
+        role = "system" if message["role"] == "developer" else message["role"]
+        out.append({"role": role, "content": text})
     return out
 
 
@@ -152,6 +158,9 @@ class MLXProvider:
     is resolved by `mlx_lm.load` (from the local HF cache when HF_HUB_OFFLINE=1).
     The model loads once, lazily on the first `complete()` or eagerly with `load()`.
     """
+
+    # the request options this adapter honours (base.accepted_options)
+    OPTIONS = frozenset({"stop", "top_p", "seed"})
 
     def __init__(
         self,
@@ -197,10 +206,13 @@ class MLXProvider:
         )
         if temperature < 0:
             raise Permanent("bad_request", f"temperature must be >= 0, got {temperature}")
+        sampling = _Sampling.of(request.options)
         self.load()
         about_to_send()
         return self._run(
-            lambda cancel: self._generate_on_thread(messages, max_tokens, temperature, cancel),
+            lambda cancel: self._generate_on_thread(
+                messages, max_tokens, temperature, sampling, cancel
+            ),
             request.timeout_s,
         )
 
@@ -339,25 +351,33 @@ class MLXProvider:
         messages: list[dict[str, str]],
         max_tokens: int,
         temperature: float,
+        sampling: _Sampling,
         cancel: threading.Event,
     ) -> Completion:
+        import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         prompt = self._prompt_ids(messages)
         pieces: list[str] = []
         last = None
+        stopped = False
+        if sampling.seed is not None:
+            mx.random.seed(sampling.seed % 2**32)
         try:
             responses = stream_generate(
                 self._model,
                 self._tokenizer,
                 prompt,
                 max_tokens=max_tokens,
-                sampler=make_sampler(temp=temperature),
+                sampler=make_sampler(temp=temperature, top_p=sampling.top_p),
             )
             try:
                 for last in responses:
                     pieces.append(last.text)
+                    if sampling.stop and _cut_at_stop(pieces, sampling.stop):
+                        stopped = True
+                        break
                     if cancel.is_set():
                         break
             finally:
@@ -368,18 +388,52 @@ class MLXProvider:
             raise Retryable("timeout", "generation cancelled")
         if last is None:
             raise Retryable("server_error", "MLX generation produced no output")
+        finish_reason = "stop" if stopped else last.finish_reason
         return Completion(
             text="".join(pieces),
             prompt_tokens=int(last.prompt_tokens),
             completion_tokens=int(last.generation_tokens),
             raw_model=self.model,
+            finish_reason=finish_reason,
             extra={
-                "finish_reason": last.finish_reason,
+                "finish_reason": finish_reason,
                 "prompt_tps": float(last.prompt_tps),
                 "generation_tps": float(last.generation_tps),
                 "peak_memory_gb": float(last.peak_memory),
             },
         )
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """The request options this adapter honours."""
+
+    stop: tuple[str, ...] = ()
+    top_p: float = 0.0  # 0: no nucleus filtering (mlx-lm's default)
+    seed: int | None = None
+
+    @classmethod
+    def of(cls, options: dict[str, Any]) -> _Sampling:
+        stop = options.get("stop")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        top_p = options.get("top_p")
+        seed = options.get("seed")
+        return cls(
+            stop=tuple(s for s in stops if s),
+            top_p=float(top_p) if top_p is not None else 0.0,
+            seed=int(seed) if seed is not None else None,
+        )
+
+
+def _cut_at_stop(pieces: list[str], stops: tuple[str, ...]) -> bool:
+    """True when the text so far holds a stop string: `pieces` is then cut to the text
+    before the first one, as OpenAI's API does (the stop string is not returned)."""
+    text = "".join(pieces)
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if not found:
+        return False
+    pieces[:] = [text[: min(found)]]
+    return True
 
 
 # -- every provider of the process, closed at exit ---------------------------------------

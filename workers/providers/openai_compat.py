@@ -9,10 +9,22 @@ every failure, once, onto base.py's error tree:
     HTTP 5xx                          Retryable("server_error")
     refused, reset, protocol errors   Retryable("connection")
     200 that is not the OpenAI shape  Retryable("malformed")
-    200 with no choice or no content  Retryable("empty")
+    200 with no choice, or a message  Retryable("empty")
+      with no content, tool call or
+      refusal
     HTTP 401, 403                     ModelUnusable("auth")
+    HTTP 404 saying the endpoints do  CapabilityRefused("unsupported", .capability: tools,
+      not support a capability the     json_schema, json_object, vision or video)
+      request uses (OpenRouter's "No
+      endpoints found that support
+      tool use")
     HTTP 404                          ModelUnusable("not_found")
     HTTP 400, 422, other 4xx          Permanent("bad_request")
+
+The request's options (the job's tools, response_format, stop, seed, ...) are merged into
+the body as they are. An answer's tool calls, finish_reason, refusal, logprobs and
+reasoning (`reasoning_content`, or OpenRouter's `reasoning`) are kept in the Completion;
+an answer made only of tool calls (content null) is an answer.
 
 Error messages carry the status and a truncated piece of the provider's own message, and
 never the API key (it is redacted should a provider echo it back). A call made for a job
@@ -23,9 +35,12 @@ ignore and the simulator logs.
 from __future__ import annotations
 
 import email.utils
+import json
 import math
+import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -34,6 +49,7 @@ import httpx
 from router.tokens import estimate_message_tokens, estimate_tokens
 from workers.providers.base import (
     FLEET_JOB_HEADER,
+    CapabilityRefused,
     Completion,
     CompletionRequest,
     ModelUnusable,
@@ -147,7 +163,12 @@ class OpenAICompatProvider:
         return f"OpenAICompatProvider({self.url!r})"
 
     def complete(self, request: CompletionRequest) -> Completion:
-        payload: dict[str, Any] = {"model": request.model, "messages": request.messages}
+        # the fleet's own fields last: options never override them
+        payload: dict[str, Any] = {
+            **request.options,
+            "model": request.model,
+            "messages": request.messages,
+        }
         if request.temperature is not None:
             payload["temperature"] = request.temperature
         if request.max_tokens is not None:
@@ -173,7 +194,7 @@ class OpenAICompatProvider:
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            raise self._status_error(response) from exc
+            raise self._status_error(response, request) from exc
         return self._parse(request, response)
 
     def _describe(self, exc: Exception) -> str:
@@ -184,10 +205,11 @@ class OpenAICompatProvider:
             text = text.replace(self._api_key, "***")
         return text
 
-    def _status_error(self, response: httpx.Response) -> ProviderError:
+    def _status_error(self, response: httpx.Response, request: CompletionRequest) -> ProviderError:
         """The error for a non-2xx answer, by status."""
         status = response.status_code
-        message = self._redact(f"HTTP {status} from {self.url}: {_detail(response)}")
+        detail = _detail(response)
+        message = self._redact(f"HTTP {status} from {self.url}: {detail}")
         if status == 429:
             return Retryable("rate_limited", message, parse_retry_after(response.headers))
         if status == 408:
@@ -197,6 +219,9 @@ class OpenAICompatProvider:
         if status in (401, 403):
             return ModelUnusable("auth", message)
         if status == 404:
+            capability = refused_capability(detail, request)
+            if capability is not None:
+                return CapabilityRefused(capability, message)
             return ModelUnusable("not_found", message)
         if 400 <= status < 500:
             return Permanent("bad_request", message)
@@ -214,30 +239,47 @@ class OpenAICompatProvider:
                 raise TypeError("`choices` is not a list")
             if not choices:
                 raise Retryable("empty", self._redact(f"no choices from {self.url}"))
-            text = _content(choices[0]["message"]["content"])
-        except (KeyError, IndexError, TypeError) as exc:
+            choice = choices[0]
+            message = choice["message"]
+            text = _content(message.get("content"))
+            tool_calls = _tool_calls(message.get("tool_calls"))
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise Retryable("malformed", self._malformed(response, repr(exc))) from exc
-        if not text:
+        refusal = _text(message.get("refusal"))
+        if not text and not tool_calls and not refusal:
             raise Retryable("empty", self._redact(f"no content from {self.url}"))
+        reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
         usage = body.get("usage")
         usage = usage if isinstance(usage, dict) else {}
         prompt_tokens = _count(usage.get("prompt_tokens"))
         completion_tokens = _count(usage.get("completion_tokens"))
         estimated = prompt_tokens is None or completion_tokens is None
         if prompt_tokens is None:
-            prompt_tokens = estimate_message_tokens(request.messages)
+            tools = request.options.get("tools")
+            prompt_tokens = estimate_message_tokens(
+                request.messages, tools=tools if isinstance(tools, list) else ()
+            )
         if completion_tokens is None:
-            completion_tokens = estimate_tokens(text)
+            written = [text or "", refusal or "", reasoning or ""]
+            written += [c["function"]["name"] + c["function"]["arguments"] for c in tool_calls]
+            completion_tokens = sum(map(estimate_tokens, written))
         cost = usage.get("cost")
         raw_model = body.get("model")
+        finish_reason = _text(choice.get("finish_reason"))
+        logprobs = choice.get("logprobs")
         return Completion(
-            text=text,
+            text=text or "",
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             tokens_estimated=estimated,
             provider_cost_usd=_number(cost),
             raw_model=raw_model if isinstance(raw_model, str) else None,
-            extra={"id": body.get("id"), "finish_reason": choices[0].get("finish_reason")},
+            extra={"id": body.get("id"), "finish_reason": finish_reason},
+            tool_calls=tool_calls,
+            finish_reason=finish_reason,
+            refusal=refusal,
+            logprobs=logprobs if isinstance(logprobs, dict) else None,
+            reasoning=reasoning,
         )
 
     def _malformed(self, response: httpx.Response, why: str) -> str:
@@ -304,6 +346,81 @@ def _content(content: Any) -> str | None:
     if isinstance(content, list):
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     raise TypeError(f"content is a {type(content).__name__}")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _tool_calls(calls: Any) -> list[dict[str, Any]]:
+    """A message's tool calls in OpenAI's shape. Arguments some providers give as an
+    object are written as JSON text; a call without an id is given one (the client
+    answers each call by its id). Raises TypeError/KeyError on a call without a name."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise TypeError("`tool_calls` is not a list")
+    found = []
+    for call in calls:
+        function = call["function"]
+        name = function["name"]
+        if not isinstance(name, str) or not name:
+            raise TypeError("a tool call has no function name")
+        arguments = function.get("arguments")
+        if arguments is None:
+            arguments = "{}"
+        elif not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        call_id = call.get("id")
+        found.append(
+            {
+                "id": call_id
+                if isinstance(call_id, str) and call_id
+                else f"call_{uuid.uuid4().hex}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return found
+
+
+# What a provider's 404 says when its endpoints lack a capability the request uses
+# (OpenRouter: "No endpoints found that support tool use", "... support image input").
+_REFUSALS = (
+    (re.compile(r"support[s]? (the )?tool|tool (use|calling) is not supported", re.I), "tools"),
+    (
+        re.compile(r"response[_ ]format|structured output|json[_ ]schema|json mode", re.I),
+        "response_format",
+    ),
+    (re.compile(r"support[s]? (the )?image|image input", re.I), "vision"),
+    (re.compile(r"support[s]? (the )?video|video input", re.I), "video"),
+)
+
+
+def refused_capability(detail: str, request: CompletionRequest) -> str | None:
+    """The capability a 404's message says the model does not serve, when the request
+    uses it (else the 404 means what it usually does: no such model)."""
+    for pattern, capability in _REFUSALS:
+        if not pattern.search(detail):
+            continue
+        if capability == "tools" and request.options.get("tools"):
+            return "tools"
+        if capability == "response_format":
+            kind = (request.options.get("response_format") or {}).get("type")
+            return kind if kind in ("json_object", "json_schema") else None
+        if capability in ("vision", "video") and _has_part(request, capability):
+            return capability
+    return None
+
+
+def _has_part(request: CompletionRequest, capability: str) -> bool:
+    kind = "image_url" if capability == "vision" else "video_url"
+    return any(
+        isinstance(part, dict) and part.get("type") == kind
+        for message in request.messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
 
 
 def _detail(response: httpx.Response) -> str:

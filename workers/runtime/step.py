@@ -11,7 +11,14 @@ call, so a delivery never outlives one attempt's timeout (and Redis' visibility 
 Order of tries: the chain, first to last, once each; then, once more, the models whose
 failure was transient, each after its Retry-After (rate limit) or a short backoff. A model
 whose key is unset is skipped without a call; an unusable model (bad key, unknown model)
-is not tried again; a bad request ends the job at once.
+is not tried again; a bad request ends the job at once. A model whose provider refuses a
+capability the job needs (tools, a response format) is not tried again either, and rests
+fleet-wide for that capability (Gate.rest_capability).
+
+Each call carries the job's tuning fields (Job.tuning()) that the model can take: a field
+whose capability (TUNING_NEEDS) the catalog does not give the model, or that the model's
+adapter cannot take, is left out, and the Result lists what its answering model was not
+sent (`dropped`).
 """
 
 from __future__ import annotations
@@ -25,15 +32,18 @@ from typing import Any, Protocol
 from router.catalog import Catalog
 from router.costs import attempt_cost
 from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
-from router.jobs import Job, parse_job
+from router.jobs import TUNING_NEEDS, Job, parse_job
 from router.policy import route_job
 from router.results import Result
 from router.slots import Block, earliest, horizon
 from router.travel import Attempt, Hop, TravellingState, travelling_state
 from workers.providers.base import (
+    CapabilityRefused,
+    Completion,
     CompletionRequest,
     ProviderError,
     Target,
+    accepted_options,
     current_caller,
     on_send,
 )
@@ -72,18 +82,32 @@ ProviderLookup = Callable[[str], Target]
 
 
 class Gate(Protocol):
-    """The fleet's live state as a delivery sees it (workers/state/limits.py)."""
+    """The fleet's live state as a delivery sees it (workers/state/limits.py). `needs`:
+    the job's capabilities (Job.needs()); a model resting for one of them is blocked."""
 
-    def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None: ...
+    def block(
+        self,
+        task_class: str,
+        model_id: str,
+        prompt_tokens: int,
+        needs: frozenset[str] = frozenset(),
+    ) -> Block | None: ...
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block: ...
     def mark(self, call: Call) -> None: ...
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None: ...
+    def rest_capability(self, model_id: str, capability: str) -> None: ...
 
 
 class OpenGate:
     """No live state: every model always usable (unit tests, a fleet without limits)."""
 
-    def block(self, task_class: str, model_id: str, prompt_tokens: int) -> Block | None:
+    def block(
+        self,
+        task_class: str,
+        model_id: str,
+        prompt_tokens: int,
+        needs: frozenset[str] = frozenset(),
+    ) -> Block | None:
         return None
 
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
@@ -93,6 +117,9 @@ class OpenGate:
         return None
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
+        return None
+
+    def rest_capability(self, model_id: str, capability: str) -> None:
         return None
 
 
@@ -170,6 +197,7 @@ class _Delivery:
         self.gate, self.now = gate, now
         self.attempts = list(state.attempts)
         self.tokens = state.prompt_tokens
+        self.needs = job.needs()
         self.passed: dict[str, Block] = {}  # models found blocked in this delivery, and why
         self.admitted: dict[str, Slot | Block] = {}  # admissions asked for before the walk
 
@@ -186,7 +214,7 @@ class _Delivery:
             # One provider call per delivery: a further try travels as a new message. It
             # is sent where it can be served: a look (no slot taken) skips a blocked model.
             if called or hop.queue != here or countdown > 0:
-                block = self.gate.block(self.job.task_class, model, self.tokens)
+                block = self.gate.block(self.job.task_class, model, self.tokens, needs=self.needs)
                 if block is not None:
                     self.passed[model] = block
                     continue
@@ -246,15 +274,18 @@ class _Delivery:
 
     def call(self, hop: Hop, target: Target, worker: str | None, slot: Slot) -> Step | None:
         call = self.in_flight(hop, worker)
+        options, dropped = request_options(self.job, self.catalog, hop.model, target)
         with on_send(lambda: self.gate.mark(call) if call else None):
-            attempt, text = _try(
-                self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now
+            attempt, outcome = _try(
+                self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now, options
             )
         self.attempts.append(attempt)
         cost = attempt_cost(self.catalog.model(hop.model), attempt)
         self.gate.settle(hop.model, attempt, cost.usd, slot.probe)
-        if attempt.outcome == "ok":
-            return Done(self.end(text=text, model=hop.model))
+        if isinstance(outcome, Completion):
+            return Done(self.end(model=hop.model, dropped=dropped, **_answer(outcome)))
+        if isinstance(outcome, CapabilityRefused):
+            self.gate.rest_capability(hop.model, outcome.capability)
         if attempt.action == "fail":
             return Failed(self.end(error=f"{hop.model}: {attempt.error}"))
         return None
@@ -283,6 +314,41 @@ class _Delivery:
         return self.forward(self.state.hop_of(model).queue, max(0.0, until - now) + 0.01)
 
 
+def request_options(
+    job: Job, catalog: Catalog, model_id: str, target: Target
+) -> tuple[dict[str, Any], list[str]]:
+    """The job's tuning fields `model_id` is sent, and those it is not (sorted): a field
+    whose capability (TUNING_NEEDS) the catalog does not give the model, tools for a model
+    without them (a job whose tool_choice is "none" may reach one), and any field the
+    model's adapter cannot take (its OPTIONS)."""
+    model = catalog.by_id.get(model_id)
+    has = model.supports if model is not None else (lambda capability: False)
+    accepted = accepted_options(target.provider)
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, value in job.tuning().items():
+        need = TUNING_NEEDS.get(name)
+        if name in ("tools", "tool_choice"):
+            need = "tools"
+        if (need is not None and not has(need)) or (accepted is not None and name not in accepted):
+            dropped.append(name)
+        else:
+            kept[name] = value
+    return kept, sorted(dropped)
+
+
+def _answer(completion: Completion) -> dict[str, Any]:
+    """The Result's fields of an answer."""
+    return {
+        "text": completion.text,
+        "tool_calls": completion.tool_calls,
+        "finish_reason": completion.finish_reason,
+        "refusal": completion.refusal,
+        "logprobs": completion.logprobs,
+        "reasoning": completion.reasoning,
+    }
+
+
 def _try(
     job: Job,
     state: TravellingState,
@@ -291,15 +357,24 @@ def _try(
     target: Target,
     worker: str | None,
     now: Callable[[], float],
-) -> tuple[Attempt, str | None]:
-    base: dict[str, Any] = {"number": number, "worker": worker, **hop.as_dict()}
+    options: dict[str, Any],
+) -> tuple[Attempt, Completion | ProviderError]:
+    response_format = options.get("response_format") or {}
+    base: dict[str, Any] = {
+        "number": number,
+        "worker": worker,
+        "tools": bool(options.get("tools")),
+        "json_schema": response_format.get("type") == "json_schema",
+        **hop.as_dict(),
+    }
     started = now()
     request = CompletionRequest(
         model=target.upstream,
-        messages=job.model_dump(mode="json")["messages"],
+        messages=job.wire_messages(),
         temperature=state.temperature,
         max_tokens=state.max_tokens,
         timeout_s=target.timeout_s,
+        options=options,
     )
     clock = time.perf_counter()
     try:
@@ -309,7 +384,7 @@ def _try(
         failed = Attempt(
             outcome="error", latency_ms=latency, started_at=started, **_error_fields(exc), **base
         )
-        return failed, None
+        return failed, exc
     latency = (time.perf_counter() - clock) * 1000
     ok = Attempt(
         outcome="ok",
@@ -321,7 +396,7 @@ def _try(
         started_at=started,
         **base,
     )
-    return ok, completion.text
+    return ok, completion
 
 
 def _error_fields(exc: ProviderError) -> dict[str, Any]:
@@ -404,18 +479,19 @@ def _result(
     attempts: list[Attempt],
     finished_at: float,
     *,
-    text: str | None = None,
     model: str | None = None,
     error: str | None = None,
+    **answer: Any,
 ) -> Result:
+    """`answer`: the answer's fields (text, tool_calls, finish_reason, ..., dropped)."""
     return Result(
         job_id=str(job_data.get("id", "")),
         task_class=str(job_data.get("task_class", "")),
         source=str(job_data.get("source", "app")),
         ok=error is None,
-        text=text,
         model=model,
         error=error,
+        **answer,
         attempts=attempts,
         metadata=job_data.get("metadata") or {},
         dispatched_at=state.dispatched_at if state is not None else None,

@@ -1,37 +1,68 @@
 """A provider simulator: an OpenAI-compatible chat server with scriptable faults.
 
-`fleet demo` and the tests use it in place of real providers. It is a small asyncio
-HTTP/1.1 server (stdlib only, keep-alive, one event loop thread), so it holds thousands of
-slow requests in flight without a thread each.
+`fleet demo`, the tests and the bench use it in place of every remote provider. It is a
+small asyncio HTTP/1.1 server (stdlib only, keep-alive, one event loop thread), so it holds
+thousands of slow requests in flight without a thread each.
 
 Endpoints (every path also works with a `/v1` prefix, so base URLs with or without it do):
 
-    POST /chat/completions   an OpenAI-style chat completion, answered by echo
+    POST /chat/completions   an OpenAI-style chat completion (see "Answers" below)
     GET  /models             the configured model names
     POST /_sim/config        merge {"models": {NAME: SETTINGS}, "default": SETTINGS}
     GET  /_sim/config        the current configuration
     POST /_sim/reset         clear the configuration and the request log
     GET  /_sim/requests      the log of completion requests received, one entry each:
-                             model, t (arrival, epoch s), fault, authorization_present,
-                             temperature, max_tokens, images, and the fleet's caller
-                             from the X-Fleet-Job header (job, job_message,
-                             job_delivery; None when absent)
+                             model, t (arrival, epoch s), fault, authorization_present
+                             (never the key), temperature, max_tokens, images, the fleet's
+                             caller from the X-Fleet-Job header (job, job_message,
+                             job_delivery; None when absent), and `body`: the request body
+                             as received, every field included (None once BODIES_KEPT newer
+                             requests came), so a test can check what reached the provider
 
 SETTINGS (all optional): `latency_ms` delay before answering; `faults` a queue of faults
 consumed one per request; `fault` a fault applied to every request; `usage: false` to
-answer without a usage object; `cost` a number put in `usage.cost` (OpenRouter style).
+answer without a usage object; `cost` a number put in `usage.cost` (OpenRouter style);
+`tools: false` for a model that takes no tools (below).
+
+Answers. The simulator answers as a model that obeys the request would, deterministically
+(the same request, the same answer):
+- plain: `[sim MODEL] ` and the start of the last user text (directives removed);
+- `tools` given, `tool_choice` not "none", and no tool result since the last user message:
+  `tool_calls` with `content` null and finish_reason "tool_calls"; each call's id is
+  `call_...` and its `arguments` a JSON object valid against the tool's `parameters`
+  schema (workers/sim/schema_values.py). The tool called: the one `tool_choice` names;
+  else every tool, one call each, when the last user message holds `[[sim:parallel]]` and
+  `parallel_tool_calls` is not false; else the first tool whose name the last user message
+  holds, or the first tool. A `tool_choice` naming no given tool is a 400, as OpenAI's;
+- after tool results (a `tool` message after the last user message): a final text quoting
+  each result with its function's name, `[sim MODEL] get_weather returned {...}`,
+  finish_reason "stop";
+- `response_format` json_object: a JSON object text (`{"answer": TEXT}`); json_schema: a
+  JSON value valid against the given schema;
+- finish_reason "length" when the text's estimated tokens exceed `max_tokens` (the text is
+  left whole, so tests can read it; usage.completion_tokens is capped at max_tokens);
+- `logprobs: true`: `choices[0].logprobs` with made-up values for each piece of the text and
+  `top_logprobs` alternatives each; `reasoning_effort` set: `message.reasoning_content`.
+
+Models without tools: upstream names given with `--no-tools a,b`, the env var SIM_NO_TOOLS
+(comma-separated; read by the CLI and by `Simulator()` when `no_tools` is not given) or the
+model setting `tools: false` answer a request carrying `tools` with OpenRouter's 404:
+`{"error": {"message": "No endpoints found that support tool use. ...", "code": 404}}`.
 
 A prompt can script a fault for itself: `[[sim:MODEL=FAULT]]` applies FAULT when the
 request's model is MODEL (or MODEL is `provider/` + the request's model, a fleet id), and
 `[[sim:*=FAULT]]` applies to any model. Precedence: directive, then queue, then sticky.
+Flags in the last user message shape the answer: `[[sim:parallel]]` (one call per tool,
+above), `[[sim:refuse]]` (content null, `message.refusal` set), `[[sim:filter]]` (empty
+content, finish_reason "content_filter").
 
 Faults: 429, 429:N (Retry-After: N s), 429:date:N (Retry-After as an HTTP-date), 408,
 400, 401, 403, 404, 500, 502, 503 (OpenAI-style error JSON); `timeout` (no answer for an
 hour), `stall` (headers and half the body, then nothing), `malformed` (200, not JSON),
 `empty` (200, `choices: []`), `reset` (the socket is closed with a TCP reset).
 
-Run it with `python -m workers.sim.simulator --host 127.0.0.1 --port 0 [--config FILE]`, or
-from Python with `Simulator(port=0).start()`.
+Run it with `python -m workers.sim.simulator --host 127.0.0.1 --port 0 [--config FILE]
+[--no-tools a,b]`, or from Python with `Simulator(port=0).start()`.
 """
 
 from __future__ import annotations
@@ -41,9 +72,11 @@ import asyncio
 import collections
 import contextlib
 import email.utils
+import hashlib
 import http
 import itertools
 import json
+import os
 import re
 import signal
 import socket
@@ -51,17 +84,24 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote
 
 from router.tokens import estimate_message_tokens, estimate_tokens
+from workers.sim.schema_values import arguments_for, value_for
 
 HOLD_S = 3600.0  # how long `timeout` and `stall` keep a client waiting
 MAX_BODY = 64 * 1024 * 1024  # request bodies above this are refused (413)
 LOG_SIZE = 100_000  # the request log keeps the newest entries only
-SETTING_KEYS = {"latency_ms", "faults", "fault", "usage", "cost"}
+BODIES_KEPT = 1_000  # the newest entries of the log keep the request body they came with
+SETTING_KEYS = {"latency_ms", "faults", "fault", "usage", "cost", "tools"}
+NO_TOOLS_ENV = "SIM_NO_TOOLS"  # upstream model names answering 404 to requests with tools
+NO_TOOL_USE = (  # OpenRouter's words when no provider of the model takes tools
+    "No endpoints found that support tool use. To learn more about provider routing, "
+    "visit: https://openrouter.ai/docs/provider-routing"
+)
 
 _STATUS_FAULTS = {"400", "401", "403", "404", "408", "429", "500", "502", "503"}
 _OTHER_FAULTS = {"timeout", "stall", "malformed", "empty", "reset"}
@@ -74,6 +114,9 @@ _ERROR_TYPES = {
     429: ("rate_limit_error", "rate_limit_exceeded"),
 }
 _DIRECTIVE = re.compile(r"\[\[sim:([^=\]]+)=([^\]]+)\]\]")
+_FLAG = re.compile(r"\[\[sim:(\w+)\]\]")  # [[sim:parallel]], [[sim:refuse]], ...
+_FLAGS = {"parallel", "refuse", "filter"}
+_PIECES = re.compile(r" ?\w+| ?[^\w\s]+|\s+")  # the tokens logprobs are given for
 
 
 def check_fault(fault: str) -> str:
@@ -94,17 +137,24 @@ def _check_settings(settings: Any) -> dict[str, Any]:
     for fault in [settings.get("fault"), *(settings.get("faults") or [])]:
         if fault is not None:
             check_fault(str(fault))
+    if not isinstance(settings.get("tools", True), bool):
+        raise ValueError("model setting `tools` must be true or false")
     return settings
 
 
 class _State:
-    """Configuration, fault queues and the request log, shared by threads under one lock."""
+    """Configuration, fault queues and the request log, shared by threads under one lock.
 
-    def __init__(self) -> None:
+    `no_tools` (upstream model names that refuse tools) is fixed at start: a reset keeps
+    it, as it describes the providers rather than a test's script."""
+
+    def __init__(self, no_tools: Iterable[str] = ()) -> None:
         self.lock = threading.Lock()
         self.models: dict[str, dict[str, Any]] = {}
         self.default: dict[str, Any] = {}
+        self.no_tools = frozenset(no_tools)
         self.log: collections.deque[dict[str, Any]] = collections.deque(maxlen=LOG_SIZE)
+        self.with_body: collections.deque[dict[str, Any]] = collections.deque()
 
     def configure(self, config: dict[str, Any]) -> None:
         """Merge `config`: each model's given settings replace the previous ones."""
@@ -129,6 +179,7 @@ class _State:
             self.models.clear()
             self.default.clear()
             self.log.clear()
+            self.with_body.clear()
 
     def plan(self, model: str, directive: str | None) -> tuple[dict[str, Any], str | None]:
         """Settings for one request of `model` and the fault it gets (consuming a queue)."""
@@ -140,8 +191,15 @@ class _State:
             return settings, directive or queued or settings.get("fault")
 
     def record(self, entry: dict[str, Any]) -> None:
+        """Log `entry`; the entry BODIES_KEPT requests older loses its body (to None)."""
         with self.lock:
             self.log.append(entry)
+            self.with_body.append(entry)
+            if len(self.with_body) > BODIES_KEPT:
+                self.with_body.popleft()["body"] = None
+
+    def takes_tools(self, model: str, settings: dict[str, Any]) -> bool:
+        return model not in self.no_tools and settings.get("tools", True) is not False
 
 
 def _copy(settings: dict[str, Any]) -> dict[str, Any]:
@@ -325,15 +383,26 @@ class _Connection:
 
 
 class _Completer:
-    """Answers one chat completion request: logs it, picks its fault, applies it."""
+    """Answers one chat completion request: logs it, picks its fault, applies it, or
+    answers as a model obeying the request would (tool calls, JSON, logprobs, ...)."""
 
     def __init__(self, conn: _Connection, request: _Request) -> None:
         self.conn, self.request = conn, request
         body = request.body if isinstance(request.body, dict) else {}
+        self.body: dict[str, Any] = body
         self.model = str(body.get("model") or "")
         self.messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
         self.texts = _texts(self.messages)
         self.max_tokens = body.get("max_tokens")
+        tools = body.get("tools")
+        self.tools = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+        self.last_user = next(
+            (i for i in range(len(self.messages) - 1, -1, -1) if _role(self.messages[i]) == "user"),
+            -1,
+        )
+        user_text = _text_of(self.messages[self.last_user]) if self.last_user >= 0 else ""
+        self.user_text = user_text
+        self.flags = {f for f in _FLAG.findall(user_text) if f in _FLAGS}
 
     async def run(self) -> bool:
         conn, keep_alive = self.conn, self.request.keep_alive
@@ -384,6 +453,8 @@ class _Completer:
                 # the caller's end of the connection, so a test can tell which process called
                 "client_port": (self.conn.writer.get_extra_info("peername") or ("", 0))[1],
                 **_fleet_job(self.request.headers.get("x-fleet-job")),
+                # everything the provider was sent (headers aside), for tests to check fields
+                "body": body,
             }
         )
 
@@ -395,7 +466,7 @@ class _Completer:
         await self.conn.hold(HOLD_S)
 
     def answer(self, settings: dict[str, Any], fault: str | None) -> Answer:
-        """The completion, or the error answer an HTTP-level fault asks for."""
+        """The completion, or the error answer a fault or the request asks for."""
         if fault == "malformed":
             return 200, b'{"id": "chatcmpl-sim", "choices": [ this is not json', {}
         if fault is not None and fault.split(":")[0] in _STATUS_FAULTS:
@@ -407,30 +478,172 @@ class _Completer:
             elif rest:
                 headers["Retry-After"] = rest[0]
             return _error(int(status), f"simulated {status} for model {self.model}", headers)
-        text = self.text()
-        choices = [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ]
+        invalid = self.invalid()
+        if invalid:
+            return _error(400, invalid)
+        if self.tools and not self.conn.state.takes_tools(self.model, settings):
+            return _json(404, {"error": {"message": NO_TOOL_USE, "code": 404}})
+        message, finish_reason = self.reply()
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason}
+        if self.body.get("logprobs") is True:
+            choice["logprobs"] = self.logprobs(message.get("content"))
         body: dict[str, Any] = {
             "id": f"chatcmpl-sim-{next(_IDS)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": self.model,
-            "choices": [] if fault == "empty" else choices,
+            "choices": [] if fault == "empty" else [choice],
         }
         if settings.get("usage", True) is not False:
-            body["usage"] = self.usage(text, settings.get("cost"))
+            body["usage"] = self.usage(message, settings.get("cost"))
         return _json(200, body)
+
+    def invalid(self) -> str | None:
+        """Why a provider would refuse the request's tools or tool_choice (400), if so."""
+        tools = self.body.get("tools")
+        if tools is not None and not isinstance(tools, list):
+            return "'tools' must be an array"
+        names = []
+        for tool in tools or []:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                return "each tool must be {'type': 'function', 'function': {'name': ...}}"
+            names.append(function["name"])
+        choice = self.body.get("tool_choice")
+        if choice is None or choice == "auto" or choice == "none":
+            return None
+        if not names:
+            return "'tool_choice' is only allowed when 'tools' are specified"
+        if choice == "required":
+            return None
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if not isinstance(function, dict) or function.get("name") not in names:
+            return f"'tool_choice' names no given tool: {json.dumps(choice)}"
+        return None
+
+    def reply(self) -> tuple[dict[str, Any], str]:
+        """The assistant message and its finish_reason."""
+        message: dict[str, Any] = {"role": "assistant"}
+        effort = self.body.get("reasoning_effort")
+        if isinstance(effort, str):
+            topic = _strip(self.user_text)[:60]
+            message["reasoning_content"] = f"[sim {self.model}] thinking ({effort}): {topic}"
+        if self.calls_tools():
+            message.update(content=None, tool_calls=self.tool_calls())
+            return message, "tool_calls"
+        if "refuse" in self.flags:
+            message.update(content=None, refusal=f"[sim {self.model}] I can't help with that.")
+            return message, "stop"
+        if "filter" in self.flags:
+            message["content"] = ""
+            return message, "content_filter"
+        text = self.content()
+        message["content"] = text
+        cut = isinstance(self.max_tokens, int) and estimate_tokens(text) > self.max_tokens
+        return message, "length" if cut else "stop"
+
+    def calls_tools(self) -> bool:
+        """Tools given, not turned off, and no tool result since the last user message."""
+        if not self.tools or self.body.get("tool_choice") == "none":
+            return False
+        return not any(_role(m) == "tool" for m in self.messages[self.last_user + 1 :])
+
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The named function (tool_choice); every tool (`[[sim:parallel]]`, unless
+        parallel_tool_calls is false); else the first tool the user's text names, or the
+        first tool."""
+        functions = [t["function"] for t in self.tools]
+        choice = self.body.get("tool_choice")
+        if isinstance(choice, dict):
+            chosen = [f for f in functions if f["name"] == choice["function"]["name"]][:1]
+        elif "parallel" in self.flags and self.body.get("parallel_tool_calls") is not False:
+            chosen = functions
+        else:
+            named = [f for f in functions if f["name"] in self.user_text]
+            chosen = (named or functions)[:1]
+        seed = json.dumps(self.body, sort_keys=True, default=str)
+        return [
+            {
+                "id": "call_" + hashlib.sha256(f"{i}:{seed}".encode()).hexdigest()[:24],
+                "type": "function",
+                "function": {"name": f["name"], "arguments": arguments_for(f.get("parameters"))},
+            }
+            for i, f in enumerate(chosen)
+        ]
+
+    def content(self) -> str:
+        """The text answer, shaped as `response_format` asks."""
+        text = self.quote() if self.tool_results() else self.text()
+        response_format = self.body.get("response_format")
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            return json.dumps({"answer": text})
+        if kind == "json_schema" and isinstance(response_format, dict):
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            return json.dumps(value_for(schema if isinstance(schema, dict) else {}, "answer"))
+        return text
+
+    def tool_results(self) -> list[dict[str, Any]]:
+        return [m for m in self.messages[self.last_user + 1 :] if _role(m) == "tool"]
+
+    def quote(self) -> str:
+        """The final answer after tool results: each result, named by its function."""
+        names = {
+            call.get("id"): (call.get("function") or {}).get("name")
+            for m in self.messages
+            if _role(m) == "assistant" and isinstance(m.get("tool_calls"), list)
+            for call in m["tool_calls"]
+            if isinstance(call, dict)
+        }
+        quoted = [
+            f"{names.get(m.get('tool_call_id')) or 'tool'} returned {_text_of(m)}"
+            for m in self.tool_results()
+        ]
+        return f"[sim {self.model}] " + "; ".join(quoted)
 
     def text(self) -> str:
         """Deterministic and small: the model name and the start of the last user text."""
         user = [t for role, t in self.texts if role == "user"] or [t for _, t in self.texts]
-        last = _DIRECTIVE.sub("", user[-1] if user else "").strip()
+        last = _strip(user[-1] if user else "")
         return f"[sim {self.model}] {last[:60]}"
 
-    def usage(self, text: str, cost: Any) -> dict[str, Any]:
+    def logprobs(self, content: Any) -> dict[str, Any]:
+        """OpenAI's logprobs object: made-up, deterministic values for each piece of text,
+        with `top_logprobs` alternatives each when asked."""
+        if not isinstance(content, str):
+            return {"content": None, "refusal": None}
+        top = self.body.get("top_logprobs")
+        top = top if isinstance(top, int) and top > 0 else 0
+        entries = []
+        for i, token in enumerate(_PIECES.findall(content)):
+            logprob = -round(0.05 * (i % 7) + 0.01, 4)
+            alternatives = [(token, logprob)] + [
+                (f"{token}~{k}", round(logprob - k, 4)) for k in range(1, top)
+            ]
+            entries.append(
+                {
+                    "token": token,
+                    "logprob": logprob,
+                    "bytes": list(token.encode()),
+                    "top_logprobs": [
+                        {"token": t, "logprob": lp, "bytes": list(t.encode())}
+                        for t, lp in alternatives[:top]
+                    ],
+                }
+            )
+        return {"content": entries, "refusal": None}
+
+    def usage(self, message: dict[str, Any], cost: Any) -> dict[str, Any]:
         prompt = estimate_message_tokens(self.messages)
-        completion = estimate_tokens(text)
+        if self.tools:
+            prompt += estimate_tokens(json.dumps(self.tools))
+        said = [message.get("content") or message.get("refusal") or ""]
+        said += [
+            c["function"]["name"] + c["function"]["arguments"]
+            for c in message.get("tool_calls") or []
+        ]
+        completion = sum(estimate_tokens(s) for s in said)
         if isinstance(self.max_tokens, int) and self.max_tokens >= 0:
             completion = min(completion, self.max_tokens)
         usage = {
@@ -439,6 +652,20 @@ class _Completer:
             "total_tokens": prompt + completion,
         }
         return usage if cost is None else {**usage, "cost": cost}
+
+
+def _role(message: dict[str, Any]) -> str:
+    return str(message.get("role"))
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    """A message's text: its string content, or its text parts joined."""
+    return " ".join(t for _, t in _texts([message]))
+
+
+def _strip(text: str) -> str:
+    """`text` without the simulator's directives."""
+    return _FLAG.sub("", _DIRECTIVE.sub("", text)).strip()
 
 
 _IDS = itertools.count(1)
@@ -471,6 +698,15 @@ async def serve(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def no_tools_from_env() -> list[str]:
+    """The upstream model names SIM_NO_TOOLS lists (comma-separated) as refusing tools."""
+    return _names(os.environ.get(NO_TOOLS_ENV, ""))
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a config file: JSON, or YAML (which needs PyYAML)."""
     text = Path(path).read_text()
@@ -492,10 +728,14 @@ class Simulator:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, config: dict[str, Any] | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: dict[str, Any] | None = None,
+        no_tools: Iterable[str] | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self.state = _State()
+        self.state = _State(no_tools_from_env() if no_tools is None else no_tools)
         if config:
             self.state.configure(config)
         self._thread: threading.Thread | None = None
@@ -591,8 +831,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--config", help="JSON or YAML file, as the /_sim/config body")
     parser.add_argument("--latency-ms", type=float, help="default latency for every model")
+    parser.add_argument(
+        "--no-tools",
+        metavar="NAMES",
+        help=f"comma-separated upstream model names that refuse tools (default: ${NO_TOOLS_ENV})",
+    )
     args = parser.parse_args(argv)
-    state = _State()
+    no_tools = no_tools_from_env() if args.no_tools is None else _names(args.no_tools)
+    state = _State(no_tools)
     try:
         if args.config:
             state.configure(load_config(args.config))
