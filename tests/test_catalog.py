@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from router.catalog import default_catalog_path, load_catalog
+from router.catalog import CAPABILITIES, default_catalog_path, load_catalog
 from router.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SEED_MODELS = {
     # model-allocation strategy
@@ -178,3 +180,41 @@ def test_unparseable_yaml_and_missing_file(tmp_path: Path) -> None:
     path.write_text("- just a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_catalog(path)
+
+
+def test_an_unknown_capability_is_refused_with_every_valid_one(tmp_path: Path) -> None:
+    path = _broken(tmp_path, _set(["models", 0, "capabilities"], ["tools", "tool_calls"]))
+    with pytest.raises(ConfigError) as caught:
+        load_catalog(path)
+    message = str(caught.value)
+    assert "models.0.capabilities.1" in message and "(got 'tool_calls')" in message
+    for valid in CAPABILITIES:
+        assert f"'{valid}'" in message, message
+
+
+def test_capabilities_read_through_supports() -> None:
+    by_id = load_catalog().by_id
+    assert by_id["zai/glm-4.7"].supports("tools")
+    assert not by_id["zai/glm-4.7"].supports("json_schema")
+    assert not by_id["zai/glm-4.7"].supports("telepathy")
+    assert by_id["minimax/MiniMax-Vision-Video-01"].supports("video")
+    for model in by_id.values():
+        if model.tier == "local":
+            assert not model.capabilities & {"tools", "json_object", "json_schema"}, model.id
+
+
+def test_docs_say_where_each_models_capabilities_come_from() -> None:
+    # docs/catalog.md's table lists every shipped remote model with the catalog's list.
+    rows = {}
+    for line in (ROOT / "docs" / "catalog.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 3 and "/" in cells[0]:
+            rows[cells[0]] = cells[1]
+    catalog = load_catalog()
+    for model in catalog.models:
+        if model.tier == "local":
+            continue
+        documented = rows.get(model.id)
+        assert documented is not None, f"{model.id} missing from docs/catalog.md"
+        listed = set() if documented == "(none)" else set(documented.split(", "))
+        assert listed == set(model.capabilities), model.id
