@@ -244,8 +244,8 @@ def completion(result: Result, catalog: Catalog) -> dict[str, Any]:
             {
                 "index": 0,
                 "message": message(result),
-                "finish_reason": getattr(result, "finish_reason", None) or "stop",
-                "logprobs": getattr(result, "logprobs", None),
+                "finish_reason": result.finish_reason or "stop",
+                "logprobs": result.logprobs,
             }
         ],
         "usage": {
@@ -261,15 +261,15 @@ def message(result: Result) -> dict[str, Any]:
     """The answer as OpenAI's assistant message: `content` null when the answer is only
     tool calls; `tool_calls` when there are any; `reasoning_content` when the provider
     gave its reasoning (the name DeepSeek's and vLLM's APIs use)."""
-    tool_calls = list(getattr(result, "tool_calls", None) or [])
+    tool_calls = result.tool_calls
     out: dict[str, Any] = {
         "role": "assistant",
         "content": result.text if result.text or not tool_calls else None,
-        "refusal": getattr(result, "refusal", None),
+        "refusal": result.refusal,
     }
     if tool_calls:
         out["tool_calls"] = tool_calls
-    reasoning = getattr(result, "reasoning", None)
+    reasoning = result.reasoning
     if reasoning:
         out["reasoning_content"] = reasoning
     return out
@@ -284,7 +284,7 @@ def fleet_headers(result: Result, door_dropped: list[str] | None = None) -> dict
         "x-fleet-attempts": str(len([a for a in result.attempts if a.outcome != "skipped"])),
         "x-fleet-queues": ",".join(result.queue_path),
     }
-    dropped = [*(door_dropped or []), *(getattr(result, "dropped", None) or [])]
+    dropped = [*(door_dropped or []), *result.dropped]
     if dropped:
         headers["x-fleet-dropped"] = ",".join(dict.fromkeys(dropped))
     return headers
