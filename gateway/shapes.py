@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from router.catalog import TASK_CLASSES, Catalog
 from router.costs import PER_MTOK, attempt_cost
 from router.errors import InvalidJob
-from router.jobs import Job, parse_job
+from router.jobs import TUNING_FIELDS, Job, parse_job
 from router.policy import Route
 from router.results import Result
 
@@ -34,23 +34,6 @@ class UnknownModel(InvalidJob):
     """The request's `model` names no route and no catalog model (404)."""
 
 
-# OpenAI's request fields the Job carries under the same name (the Job validates them)
-JOB_FIELDS = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "stop",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "reasoning_effort",
-    "user",
-)
 # Fields the door answers itself and so sends to no provider, listed in `x-fleet-dropped`:
 # stream_options only means something for a stream (a provider refuses it without one)
 DOOR_DROPPED = ("stream_options",)
@@ -70,10 +53,12 @@ FLEET_ONLY = {
 class ChatRequest(BaseModel):
     """OpenAI's chat completion request as the fleet takes it, and the fleet's own fields.
 
-    A field it does not know is never refused: it is kept (`model_extra`) and goes into
-    the Job's `extra_body`, which passes it on to OpenAI-compatible providers and drops it
-    (listed in the Result's `dropped`) for a model whose adapter cannot take it. A client
-    on a newer SDK than the fleet keeps working; docs/architecture.md (the gateway)."""
+    The fields declared here are the door's own; the rest of OpenAI's (`tuning`) pass to
+    the Job by name and are validated there. A field the fleet does not know is never
+    refused: it goes into the Job's `extra_body`, which passes it on to OpenAI-compatible
+    providers and drops it (listed in the Result's `dropped`) for a model whose adapter
+    cannot take it. A client on a newer SDK than the fleet keeps working
+    (docs/architecture.md, the gateway)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -86,21 +71,6 @@ class ChatRequest(BaseModel):
     stream: Any = None
     stream_options: Any = None
     metadata: dict[str, Any] | None = None
-    # The Job's own OpenAI fields, validated by the Job (router/jobs.py)
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
-    stop: Any = None
-    top_p: Any = None
-    seed: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
-    logit_bias: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    reasoning_effort: Any = None
-    user: Any = None
     # The fleet's own fields (the openai SDK sends them with `extra_body`)
     task_class: str | None = None
     source: Any = None
@@ -109,9 +79,17 @@ class ChatRequest(BaseModel):
     timeout_s: float | None = None
 
     @property
+    def tuning(self) -> dict[str, Any]:
+        """The rest of OpenAI's fields the Job carries under their own names and validates
+        (tools, response_format, stop, seed, ...: TUNING_FIELDS in router/jobs.py)."""
+        extra = self.model_extra or {}
+        return {k: v for k, v in extra.items() if k in TUNING_FIELDS and v is not None}
+
+    @property
     def unknown(self) -> dict[str, Any]:
         """The request's fields the fleet does not know, to be passed on unchanged."""
-        return dict(self.model_extra or {})
+        extra = self.model_extra or {}
+        return {k: v for k, v in extra.items() if k not in TUNING_FIELDS}
 
     @property
     def door_dropped(self) -> list[str]:
@@ -162,14 +140,14 @@ def chat_job(request: ChatRequest, app: str, catalog: Catalog) -> Job:
         "source": request.source,
         "priority": request.priority,
         "deadline": request.deadline,
-        **{name: getattr(request, name) for name in JOB_FIELDS},
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
+    fields.update(request.tuning)
     if request.unknown:
         fields["extra_body"] = request.unknown
     metadata = dict(request.metadata or {})
-    if isinstance(request.user, str):
-        metadata.setdefault("user", request.user)
+    if isinstance(user := request.tuning.get("user"), str):
+        metadata.setdefault("user", user)
     if metadata:
         fields["metadata"] = metadata
     try:
