@@ -317,3 +317,36 @@ def test_mlx_server_serves_the_tiny_model(tiny_model_dir: Path, tmp_path: Path) 
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     finally:
         stop_mlx_server(proc)
+
+
+# -- request options: stop, top_p, seed honoured; the rest dropped by the step ------------
+
+
+def test_the_options_it_honours(provider: MLXProvider) -> None:
+    from workers.providers.base import accepted_options
+
+    assert accepted_options(provider) == frozenset({"stop", "top_p", "seed"})
+
+
+def test_stop_cuts_the_answer_before_the_stop_string(provider: MLXProvider) -> None:
+    full = provider.complete(ask("Tell me a short story.", max_tokens=24)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), full  # two characters from the middle of the answer
+    cut = provider.complete(ask("Tell me a short story.", max_tokens=24, options={"stop": stop}))
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_seed_makes_a_sample_reproducible(provider: MLXProvider) -> None:
+    def sample(seed: int) -> str:
+        options = {"seed": seed, "top_p": 0.9}
+        request = ask("Say something.", max_tokens=16, temperature=1.0, options=options)
+        return provider.complete(request).text
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in range(4)}) > 1  # the seed does decide
+
+
+def test_a_developer_message_is_a_system_message_to_the_template() -> None:
+    messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert flatten_messages(messages)[0] == {"role": "system", "content": "be brief"}

@@ -11,7 +11,8 @@ every failure, once, onto base.py's error tree:
     200 that is not the OpenAI shape  Retryable("malformed")
     200 with no choice, or a message  Retryable("empty")
       with no content, tool call or
-      refusal
+      refusal (unless its finish_reason
+      is content_filter)
     HTTP 401, 403                     ModelUnusable("auth")
     HTTP 404 saying the endpoints do  CapabilityRefused("unsupported", .capability: tools,
       not support a capability the     json_schema, json_object, vision or video)
@@ -246,7 +247,9 @@ class OpenAICompatProvider:
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise Retryable("malformed", self._malformed(response, repr(exc))) from exc
         refusal = _text(message.get("refusal"))
-        if not text and not tool_calls and not refusal:
+        finish_reason = _text(choice.get("finish_reason"))
+        # a filtered answer is empty on purpose: the client hears why (finish_reason)
+        if not (text or tool_calls or refusal) and finish_reason != "content_filter":
             raise Retryable("empty", self._redact(f"no content from {self.url}"))
         reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
         usage = body.get("usage")
@@ -265,7 +268,6 @@ class OpenAICompatProvider:
             completion_tokens = sum(map(estimate_tokens, written))
         cost = usage.get("cost")
         raw_model = body.get("model")
-        finish_reason = _text(choice.get("finish_reason"))
         logprobs = choice.get("logprobs")
         return Completion(
             text=text or "",

@@ -214,9 +214,7 @@ class _Delivery:
             # One provider call per delivery: a further try travels as a new message. It
             # is sent where it can be served: a look (no slot taken) skips a blocked model.
             if called or hop.queue != here or countdown > 0:
-                block = self.gate.block(self.job.task_class, model, self.tokens, needs=self.needs)
-                if block is not None:
-                    self.passed[model] = block
+                if self.blocked(model):
                     continue
                 return self.forward(hop.queue, countdown)
             # A model this worker cannot call (its key is unset here) is skipped before it
@@ -226,18 +224,37 @@ class _Delivery:
             except ProviderError as exc:
                 self.skip(hop, exc, worker)
                 continue
-            # Here and now: the check and the slot (and a half-open circuit's probe) are
-            # taken in one round trip.
-            admission = self.admitted.pop(model, None) or self.gate.admit(
-                self.job.task_class, model, self.tokens
-            )
-            if isinstance(admission, Block):
-                self.passed[model] = admission
+            admission = self.take(model)
+            if admission is None:
                 continue
             step = self.call(hop, target, worker, admission)
             if step is not None:
                 return step
             called = True
+
+    def blocked(self, model: str) -> bool:
+        """Whether `model` cannot take the job now (a look: no slot taken); why is noted."""
+        block = self.gate.block(self.job.task_class, model, self.tokens, needs=self.needs)
+        if block is not None:
+            self.passed[model] = block
+        return block is not None
+
+    def take(self, model: str) -> Slot | None:
+        """A slot for a call to `model` now, or None when it is blocked (why is noted)."""
+        # A job with needs looks first for a rest of the model for one of them (its
+        # provider refused it lately): the dispatcher's view of rests may be a second old,
+        # and a call would only be refused again. (A slot admitted already with the
+        # delivery's first round trip is then left unused: it frees with its window.)
+        if self.needs and self.blocked(model):
+            return None
+        # The check and the slot (and a half-open circuit's probe) in one round trip.
+        admission = self.admitted.pop(model, None) or self.gate.admit(
+            self.job.task_class, model, self.tokens
+        )
+        if isinstance(admission, Block):
+            self.passed[model] = admission
+            return None
+        return admission
 
     def in_flight(self, hop: Hop, worker: str | None) -> Call | None:
         """The mark the call leaves in Redis, as it leaves, until its outcome is recorded

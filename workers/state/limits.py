@@ -258,6 +258,8 @@ class FleetState:
             wait = attempt.retry_after_s
             wait = wait if wait is not None else self.catalog.policy.cooldowns.rate_limited_s
             self._cool_in(batch, model_id, wait, "rate limited")
+        elif attempt.error_kind == "unsupported":
+            pass  # the model refused a capability: rest_capability() rests it for that only
         elif attempt.action == "next" and attempt.outcome == "error":
             self._cool_in(batch, model_id, UNUSABLE_COOLDOWN_S, attempt.error_kind or "unusable")
         elif attempt.action == "retry":
