@@ -22,10 +22,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionMessageFunctionToolCall
 
 from router.tokens import estimate_message_tokens, estimate_tokens
 from tests.fixtures import wait_until
+from workers.sim import schema_values
 from workers.sim import simulator as simulator_module
 from workers.sim.simulator import Simulator, check_fault
 
@@ -1003,6 +1006,12 @@ def test_reasoning_effort_adds_reasoning_content(sim):
     message = completion.choices[0].message.model_dump()
     assert message["reasoning_content"] == "[sim m] thinking (high): why?"
     assert message["content"] == "[sim m] why?"
+    # And the usage counts the reasoning among the completion's tokens, and apart
+    reasoning = estimate_tokens(message["reasoning_content"])
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert usage.completion_tokens_details.reasoning_tokens == reasoning
+    assert usage.completion_tokens == reasoning + estimate_tokens(message["content"])
     plain = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert "reasoning_content" not in plain.choices[0].message.model_dump()
 
@@ -1031,3 +1040,143 @@ def test_cli_no_tools_flag_and_env(http):
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+# --- the schema value generator, fuzzed -------------------------------------------------------
+
+KEYWORDS = [
+    "type",
+    "properties",
+    "required",
+    "items",
+    "prefixItems",
+    "additionalProperties",
+    "enum",
+    "const",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+    "$defs",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "maxProperties",
+]
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+
+
+def junk_schemas() -> st.SearchStrategy[Any]:
+    """Any JSON, biased to look like a schema: keywords with nonsense values."""
+    keys = st.sampled_from(KEYWORDS) | st.text(max_size=4)
+    refs = st.sampled_from(["#", "#/$defs/a", "#/properties/x", "http://x", "#/nope/0"])
+    leaves = SCALARS | refs | st.sampled_from(["object", "array", "integer", "number", "null"])
+    return st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4),
+        max_leaves=25,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk_schemas())
+def test_generator_answers_any_json_without_raising(schema):
+    value = schema_values.value_for(schema)
+    json.dumps(value)
+    assert isinstance(json.loads(schema_values.arguments_for(schema)), dict)
+
+
+def well_formed_schemas() -> st.SearchStrategy[Any]:
+    """Satisfiable schemas over the keywords the generator claims to meet exactly."""
+    integers = st.builds(
+        lambda low, span, step: {
+            "type": "integer",
+            "minimum": low,
+            "maximum": low + span + step,
+            "multipleOf": step,
+        },
+        st.integers(-1000, 1000),
+        st.integers(0, 50),
+        st.integers(1, 7),
+    )
+    numbers = st.builds(
+        lambda low, width: {
+            "type": "number",
+            "exclusiveMinimum": low,
+            "exclusiveMaximum": low + width,
+        },
+        st.integers(-1000, 1000),
+        st.integers(1, 100),
+    )
+    strings = st.builds(
+        lambda low, extra: {"type": "string", "minLength": low, "maxLength": low + extra},
+        st.integers(0, 20),
+        st.integers(0, 5),
+    ) | st.just({"type": "string", "format": "date"})
+    enums = st.lists(SCALARS.filter(lambda v: v == v), min_size=1, max_size=3).map(
+        lambda values: {"enum": values}
+    )
+    leaves = (
+        integers
+        | numbers
+        | strings
+        | enums
+        | st.sampled_from([{"type": "boolean"}, {"type": "null"}, {"const": [1, {"a": None}]}, {}])
+    )
+
+    def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        objects = st.dictionaries(st.text(min_size=1, max_size=5), inner, max_size=4).flatmap(
+            lambda props: st.builds(
+                lambda required, closed: {
+                    "type": "object",
+                    "properties": props,
+                    "required": required,
+                    **({"additionalProperties": False} if closed else {}),
+                },
+                st.lists(st.sampled_from(sorted(props)), unique=True) if props else st.just([]),
+                st.booleans(),
+            )
+        )
+        arrays = st.builds(
+            lambda items, low, extra: {
+                "type": "array",
+                "items": items,
+                "minItems": low,
+                "maxItems": low + extra,
+            },
+            inner,
+            st.integers(0, 3),
+            st.integers(0, 3),
+        )
+        either = st.lists(inner, min_size=1, max_size=3).map(lambda b: {"anyOf": b})
+        return objects | arrays | either
+
+    return st.recursive(leaves, containers, max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(well_formed_schemas())
+def test_generated_values_fit_fuzzed_schemas(schema):
+    value = schema_values.value_for(schema)
+    assert schema_errors(value, schema) == [], (schema, value)
+    assert schema_values.value_for(schema) == value  # deterministic
+
+
+def test_strange_tool_schemas_still_get_an_answer(http, sim):
+    tools = [
+        {"type": "function", "function": {"name": "a", "parameters": {"allOf": [{"$ref": "#"}]}}},
+        {"type": "function", "function": {"name": "b", "parameters": ["not", "a", "schema"]}},
+        {"type": "function", "function": {"name": "c", "parameters": {"minItems": 10**12}}},
+    ]
+    body = ask(http, sim, "all [[sim:parallel]]", tools=tools)
+    calls = body["choices"][0]["message"]["tool_calls"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{}, {}, {}]

@@ -13,10 +13,15 @@ time, email, uri, uuid, ipv4, ipv6, hostname), numeric bounds (inclusive, exclus
 the draft-4 and the later form) and `multipleOf`, `anyOf` / `oneOf` (the first branch),
 `allOf` (merged), and local `$ref`s (`#/$defs/...`, `#/definitions/...`, `#`). A `pattern`
 is met on a best-effort basis: the first of a few candidate strings that matches it.
+
+Any JSON is accepted as a schema and never makes it raise: nonsense keywords are ignored,
+recursion and sizes are bounded (GIVE_UP, NODES, MAX_ITEMS, MAX_LENGTH), so a request
+carrying a strange schema still gets an answer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -24,6 +29,9 @@ from typing import Any
 
 DEEP = 6  # below this nesting, objects keep only their required properties
 GIVE_UP = 40  # nesting at which a (recursive) schema gets null rather than looping
+NODES = 10_000  # values one schema may cost; past it, null (a schema that would explode)
+MAX_ITEMS = 100  # arrays and strings stay small whatever minItems / minLength ask
+MAX_LENGTH = 10_000
 
 _FORMATS = {
     "date": "2026-01-01",
@@ -64,6 +72,7 @@ def arguments_for(parameters: Any) -> str:
 class _Generator:
     def __init__(self, root: dict[str, Any]) -> None:
         self.root = root
+        self.left = NODES
 
     def resolve(self, ref: str) -> Any:
         """The schema a local `$ref` (a JSON pointer into the root schema) points at."""
@@ -80,9 +89,11 @@ class _Generator:
                 return {}
         return node
 
-    def flatten(self, schema: dict[str, Any]) -> dict[str, Any]:
+    def flatten(self, schema: dict[str, Any], depth: int = 0) -> dict[str, Any]:
         """`schema` with its `$ref` followed and its `allOf` merged in (properties and
         required united, the other keywords of later parts added)."""
+        if depth > GIVE_UP:
+            return {}
         if "$ref" in schema:
             target = self.resolve(str(schema["$ref"]))
             rest = {k: v for k, v in schema.items() if k != "$ref"}
@@ -94,12 +105,13 @@ class _Generator:
         for part in parts:
             if not isinstance(part, dict):
                 continue
-            part = self.flatten(part)
+            part = self.flatten(part, depth + 1)
             for key, value in part.items():
-                if key == "properties" and isinstance(value, dict):
-                    merged["properties"] = {**merged.get("properties", {}), **value}
-                elif key == "required" and isinstance(value, list):
-                    merged["required"] = [*merged.get("required", []), *value]
+                had = merged.get(key)
+                if key == "properties" and isinstance(value, dict) and isinstance(had, dict):
+                    merged["properties"] = {**had, **value}
+                elif key == "required" and isinstance(value, list) and isinstance(had, list):
+                    merged["required"] = [*had, *value]
                 else:
                     merged.setdefault(key, value)
         return merged
@@ -108,7 +120,8 @@ class _Generator:
         """The value for `schema`; `salt` varies it among the items of one array."""
         if schema is True or schema is None or not isinstance(schema, dict):
             return f"sim {name}" if salt == 0 else f"sim {name} {salt}"
-        if depth > GIVE_UP:
+        self.left -= 1
+        if depth > GIVE_UP or self.left < 0:
             return None
         schema = self.flatten(schema)
         if "const" in schema:
@@ -121,7 +134,7 @@ class _Generator:
             if isinstance(branches, list) and branches:
                 rest = {k: v for k, v in schema.items() if k != key}
                 first = branches[0] if isinstance(branches[0], dict) else {}
-                return self.value({**rest, **first}, name, depth, salt)
+                return self.value({**rest, **first}, name, depth + 1, salt)
         return self.typed(schema, name, depth, salt)
 
     def typed(self, schema: dict[str, Any], name: str, depth: int, salt: int) -> Any:
@@ -131,10 +144,11 @@ class _Generator:
             return self.object(schema, depth, salt)
         if kind == "array":
             return self.array(schema, name, depth, salt)
-        if kind == "integer":
-            return _integer(schema, salt)
-        if kind == "number":
-            return _number(schema, salt)
+        if kind in ("integer", "number"):
+            try:
+                return _integer(schema, salt) if kind == "integer" else _number(schema, salt)
+            except (OverflowError, ValueError, ZeroDivisionError):
+                return 0  # bounds too extreme for float arithmetic
         if kind == "boolean":
             return salt % 2 == 0
         if kind == "null":
@@ -144,7 +158,8 @@ class _Generator:
     def object(self, schema: dict[str, Any], depth: int, salt: int) -> dict[str, Any]:
         properties = schema.get("properties")
         properties = properties if isinstance(properties, dict) else {}
-        required = [str(r) for r in schema.get("required") or [] if isinstance(r, str)]
+        required = schema.get("required")
+        required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
         names = [*properties, *(r for r in required if r not in properties)]
         if depth >= DEEP:
             names = [n for n in names if n in required]
@@ -172,6 +187,7 @@ class _Generator:
             count = max(low if isinstance(low, int) else 0, len(prefix))
         if isinstance(high, int):
             count = min(count, high)
+        count = min(count, MAX_ITEMS)
         if items is False:
             count = min(count, len(prefix))
         out = []
@@ -218,9 +234,11 @@ def _step(schema: dict[str, Any]) -> float | None:
 
 
 def _num(value: Any) -> float | None:
-    """`value` as a float when it is a JSON number (not a boolean), else None."""
+    """`value` as a float when it is a finite JSON number (not a boolean), else None."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        with contextlib.suppress(OverflowError):
+            number = float(value)
+            return number if math.isfinite(number) else None
     return None
 
 
@@ -285,18 +303,21 @@ def _string(schema: dict[str, Any], name: str, salt: int) -> str:
     low = schema.get("minLength")
     high = schema.get("maxLength")
     if isinstance(low, int) and len(text) < low:
-        text += "x" * (low - len(text))
+        text += "x" * (min(low, MAX_LENGTH) - len(text))
     if isinstance(high, int) and len(text) > high:
         text = text[:high]
     return text
 
 
 def _matching(pattern: str, text: str, salt: int) -> str:
+    """The first candidate matching `pattern`, else `text`. Candidates are short, so even
+    a pattern that backtracks badly is tried in little time."""
     try:
         compiled = re.compile(pattern)
-    except re.error:
+    except (re.error, RecursionError, OverflowError, ValueError):
         return text
-    for candidate in (text, *_PATTERN_TRIES):
+    mine = [text] if len(text) <= 24 else []
+    for candidate in (*mine, *_PATTERN_TRIES):
         candidate = candidate if salt == 0 or candidate == text else f"{candidate}{salt}"
         if compiled.search(candidate):
             return candidate

@@ -429,7 +429,11 @@ class _Completer:
         if fault == "stall":
             await self.stall()
             return False
-        await conn.send(self.answer(settings, fault), keep_alive)
+        try:
+            answer = self.answer(settings, fault)
+        except Exception as exc:  # a simulator bug: say so rather than drop the connection
+            answer = _error(500, f"simulator failed: {type(exc).__name__}: {exc}")
+        await conn.send(answer, keep_alive)
         return keep_alive
 
     def log(self, fault: str | None) -> None:
@@ -525,7 +529,7 @@ class _Completer:
         """The assistant message and its finish_reason."""
         message: dict[str, Any] = {"role": "assistant"}
         effort = self.body.get("reasoning_effort")
-        if isinstance(effort, str):
+        if isinstance(effort, str) and effort != "none":
             topic = _strip(self.user_text)[:60]
             message["reasoning_content"] = f"[sim {self.model}] thinking ({effort}): {topic}"
         if self.calls_tools():
@@ -590,14 +594,14 @@ class _Completer:
     def quote(self) -> str:
         """The final answer after tool results: each result, named by its function."""
         names = {
-            call.get("id"): (call.get("function") or {}).get("name")
+            str(call.get("id")): call["function"].get("name")
             for m in self.messages
             if _role(m) == "assistant" and isinstance(m.get("tool_calls"), list)
             for call in m["tool_calls"]
-            if isinstance(call, dict)
+            if isinstance(call, dict) and isinstance(call.get("function"), dict)
         }
         quoted = [
-            f"{names.get(m.get('tool_call_id')) or 'tool'} returned {_text_of(m)}"
+            f"{names.get(str(m.get('tool_call_id'))) or 'tool'} returned {_text_of(m)}"
             for m in self.tool_results()
         ]
         return f"[sim {self.model}] " + "; ".join(quoted)
@@ -614,7 +618,7 @@ class _Completer:
         if not isinstance(content, str):
             return {"content": None, "refusal": None}
         top = self.body.get("top_logprobs")
-        top = top if isinstance(top, int) and top > 0 else 0
+        top = min(top, 20) if isinstance(top, int) and top > 0 else 0  # OpenAI's maximum
         entries = []
         for i, token in enumerate(_PIECES.findall(content)):
             logprob = -round(0.05 * (i % 7) + 0.01, 4)
@@ -635,7 +639,10 @@ class _Completer:
         return {"content": entries, "refusal": None}
 
     def usage(self, message: dict[str, Any], cost: Any) -> dict[str, Any]:
-        prompt = estimate_message_tokens(self.messages)
+        """Estimated token counts; the completion counts what was written (text or refusal,
+        tool calls, reasoning, the reasoning also given apart as OpenAI does), capped at
+        max_tokens."""
+        prompt = estimate_message_tokens(_countable(self.messages))
         if self.tools:
             prompt += estimate_tokens(json.dumps(self.tools))
         said = [message.get("content") or message.get("refusal") or ""]
@@ -643,15 +650,36 @@ class _Completer:
             c["function"]["name"] + c["function"]["arguments"]
             for c in message.get("tool_calls") or []
         ]
-        completion = sum(estimate_tokens(s) for s in said)
+        reasoning = estimate_tokens(message.get("reasoning_content") or "")
+        completion = sum(estimate_tokens(s) for s in said) + reasoning
         if isinstance(self.max_tokens, int) and self.max_tokens >= 0:
             completion = min(completion, self.max_tokens)
-        usage = {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+        if reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning, completion)}
         return usage if cost is None else {**usage, "cost": cost}
+
+
+def _countable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as the prompt estimate reads them: string content, or a list of parts
+    (dicts, text as a string), whatever odd shapes the request sent."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [
+                {**p, "text": str(p.get("text", ""))} if p.get("type") == "text" else p
+                for p in content
+                if isinstance(p, dict)
+            ]
+        elif content is not None and not isinstance(content, str):
+            content = str(content)
+        out.append({**message, "content": content})
+    return out
 
 
 def _role(message: dict[str, Any]) -> str:
