@@ -65,7 +65,6 @@ class RouteQuery:
 
     @classmethod
     def from_job(cls, job: Job) -> RouteQuery:
-        needs: frozenset[str] = frozenset(getattr(job, "needs", frozenset)())
         return cls(
             task_class=job.task_class,
             focus=job.focus,
@@ -76,7 +75,7 @@ class RouteQuery:
             source=job.source,
             temperature=job.temperature,
             max_tokens=job.max_tokens,
-            needs=needs,
+            needs=job.needs(),
         )
 
 

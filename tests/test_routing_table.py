@@ -417,3 +417,46 @@ def test_a_job_without_needs_routes_as_before() -> None:
     job = parse_job({"task_class": "creative", "messages": [{"role": "user", "content": "hi"}]})
     assert RouteQuery.from_job(job).needs == frozenset()
     assert route_job(CATALOG, job).chain == route(CATALOG, RouteQuery("creative")).chain
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+ASK = [{"role": "user", "content": "weather in Paris?"}]
+
+
+def test_a_job_with_tools_routes_by_what_it_needs() -> None:
+    job = parse_job({"task_class": "cost_free", "messages": ASK, "tools": [WEATHER]})
+    assert RouteQuery.from_job(job).needs == TOOLS
+    assert route_job(CATALOG, job).chain[0].model == "litellm/deepseek-free"
+    # tool_choice "none" sends the tools' definitions but needs no tool calling
+    idle = job.model_copy(update={"tool_choice": "none"})
+    assert route_job(CATALOG, idle).chain[0].model == OR + "meta-llama/llama-3.1-405b-instruct:free"
+
+
+def test_a_job_with_a_schema_and_a_video_routes_by_what_it_needs() -> None:
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    job = parse_job({"task_class": "user_facing", "messages": ASK, "response_format": schema})
+    with pytest.raises(CapabilityUnavailable) as caught:
+        route_job(CATALOG, job)
+    assert caught.value.param == "response_format"
+    video = {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}
+    clip = [{"role": "user", "content": [{"type": "text", "text": "what happens?"}, video]}]
+    job = parse_job({"task_class": "fast_general", "messages": clip})
+    assert [h.model for h in route_job(CATALOG, job).chain] == ["minimax/MiniMax-Vision-Video-01"]
+
+
+def test_dispatch_raises_the_capability_error_and_queues_nothing(monkeypatch) -> None:
+    from client.dispatch import dispatch
+
+    # Routing refuses the job before any broker is reached (none is configured here).
+    monkeypatch.setenv("FLEET_BROKER_URL", "redis://127.0.0.1:1/0")
+    job = {"task_class": "vision", "messages": ASK, "tools": [WEATHER]}
+    with pytest.raises(InvalidJob) as caught:
+        dispatch(job)
+    assert isinstance(caught.value, CapabilityUnavailable)
+    assert str(caught.value).startswith("no model of chain vision can serve tools: ")
