@@ -128,6 +128,7 @@ class Sender:
     def _sent(self, key: AppKey, job: Job, reservation: Reservation, sent_id: str) -> Job:
         if sent_id != job.id:  # an idempotency key named an earlier job: follow it
             apps.refund(self.redis, key.app, job.id, reservation)
+            self.redis.delete(keys.owner(job.id))  # this one never runs: nobody owns it
             return job.model_copy(update={"id": sent_id})
         return job
 

@@ -241,6 +241,29 @@ def test_the_job_api(gateway, app_key, fleet_env) -> None:
     assert forged.status_code == 400 and "set by the gateway" in forged.text
 
 
+def test_a_repeated_idempotency_key_follows_the_first_job_and_leaves_no_other(
+    gateway, fleet_env
+) -> None:
+    import redis
+
+    headers = {"Authorization": f"Bearer {new_key(fleet_env, 'repeater')}", "Idempotency-Key": "k1"}
+    job = {"task_class": "cost_free", "messages": ask("once only")}
+    first = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers)
+    again = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers)
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
+    try:
+        owned = [
+            k.decode().rsplit(":", 1)[1]
+            for k in state.scan_iter("fleet:gateway:owner:*")
+            if json.loads(state.get(k) or "{}").get("app") == "repeater"
+        ]
+    finally:
+        state.close()
+    assert owned == [first.json()["id"]]
+
+
 def test_a_revoked_job_never_runs(gateway, fleet_env, simulator) -> None:
     import redis
 
