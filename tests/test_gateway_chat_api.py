@@ -405,6 +405,50 @@ def test_a_request_no_model_can_serve_is_400_naming_the_capability(
     assert owned == [] and provider_bodies(simulator, mark) == []
 
 
+def test_a_provider_refusing_tools_moves_the_request_on_and_rests_that_model(
+    sdk, simulator, fleet_env
+) -> None:
+    import redis
+
+    from tests.fixtures import reset_live_state
+    from workers.state import keys
+
+    state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
+    # Given the primary's provider answers a request with tools 404, as OpenRouter does
+    simulator.configure(models={"glm-4.7": {"tools": False}})
+    try:
+        mark, messages = marked("Weather in Bern?")
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=ROUTE, messages=messages, tools=[WEATHER]
+        )
+        # Then the next model of the chain answers the tool call
+        assert raw.headers["x-fleet-model"] == "minimax/MiniMax-M2.1"
+        assert raw.headers["x-fleet-attempts"] == "2"
+        assert raw.parse().choices[0].finish_reason == "tool_calls"
+        assert [b["model"] for b in provider_bodies(simulator, mark)] == [
+            "glm-4.7",
+            "MiniMax-M2.1",
+        ]
+        # And the primary rests for tools: the next request with tools is not sent to it
+        time.sleep(1.1)  # the dispatcher's view of live state is a second old at most
+        mark, messages = marked("Weather in Graz?")
+        raw = sdk.chat.completions.with_raw_response.create(
+            model=ROUTE, messages=messages, tools=[WEATHER]
+        )
+        assert raw.headers["x-fleet-model"] == "minimax/MiniMax-M2.1"
+        assert [b["model"] for b in provider_bodies(simulator, mark)] == ["MiniMax-M2.1"]
+        # While a request without tools still goes to it
+        mark, messages = marked("Just chat")
+        plain = sdk.chat.completions.create(model=ROUTE, messages=messages)
+        assert plain.model == "zai/glm-4.7"
+    finally:
+        simulator.reset()
+        state.delete(keys.lacks("zai/glm-4.7", "tools"))
+        reset_live_state(fleet_env)
+        state.close()
+        time.sleep(1.1)
+
+
 def test_the_job_api_returns_tool_calls_and_finish_reason(gateway, fleet_env) -> None:
     headers = {"Authorization": f"Bearer {new_key(fleet_env, 'job-tools-app')}"}
     _, messages = marked("Weather in Porto, as a job")
