@@ -28,6 +28,7 @@ from workers.providers.base import (
     Completion,
     CompletionRequest,
     ModelUnusable,
+    Permanent,
     Retryable,
 )
 from workers.providers.openai_compat import OpenAICompatProvider, make_client
@@ -254,6 +255,8 @@ IMAGE = [
     }
 ]
 STRICT = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}
+TOOLS = {"tools": [WEATHER]}
+SCHEMA_OPTION = {"response_format": STRICT}
 
 
 @pytest.mark.parametrize(
@@ -290,6 +293,29 @@ def test_a_capability_404_names_the_capability(
     else:
         assert isinstance(caught.value, CapabilityRefused)
         assert (caught.value.kind, caught.value.capability) == ("unsupported", capability)
+
+
+@pytest.mark.parametrize(
+    ("message", "options", "refused"),
+    [
+        ("registry.ollama.ai/library/llama2:latest does not support tools", TOOLS, True),
+        ('"auto" tool choice requires --enable-auto-tool-choice to be set', TOOLS, True),
+        ("registry.ollama.ai/library/llama2:latest does not support tools", {}, False),
+        ("Invalid schema for response_format 'c': 'required' is missing", SCHEMA_OPTION, False),
+    ],
+)
+def test_a_400_saying_the_model_takes_no_tools_is_capability_refused(
+    message: str, options: dict[str, Any], refused: bool
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(400, json={"error": {"message": message}})
+
+    with pytest.raises((CapabilityRefused, Permanent)) as caught:
+        mock(handler).complete(CompletionRequest("m", user("x"), options=options))
+    if refused:
+        assert isinstance(caught.value, CapabilityRefused) and caught.value.capability == "tools"
+    else:
+        assert isinstance(caught.value, Permanent) and caught.value.kind == "bad_request"
 
 
 # --- what each model is sent ----------------------------------------------------------------
@@ -458,3 +484,22 @@ def test_a_job_failed_by_every_model_keeps_its_attempts(clean_fleet) -> None:
     result = caught.value.result
     assert result["tool_calls"] == [] and result["finish_reason"] is None
     assert result["attempts"][0]["tools"] is True
+
+
+def test_reasoning_and_logprobs_reach_the_result_where_the_model_takes_them(clean_fleet) -> None:
+    job = {"messages": user("think it over"), "reasoning_effort": "high", "logprobs": True}
+    # glm-4.7 reasons but gives no logprobs (catalog): logprobs is not sent, and listed
+    reasoned = dispatch({**job, "task_class": "user_facing"}).get(timeout=TIMEOUT_S)
+    assert reasoned.model == "zai/glm-4.7" and reasoned.reasoning
+    assert (reasoned.dropped, reasoned.logprobs) == (["logprobs"], None)
+    (body,) = bodies(clean_fleet, reasoned.job_id)
+    assert body["reasoning_effort"] == "high" and "logprobs" not in body
+    # deepseek-chat (the only model of complex_reasoning taking a JSON schema) gives both
+    schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}
+    both = dispatch({**job, "task_class": "complex_reasoning", "response_format": schema}).get(
+        timeout=TIMEOUT_S
+    )
+    assert both.model == "openrouter/deepseek/deepseek-chat"
+    assert both.reasoning and both.logprobs and both.logprobs["content"]
+    assert both.dropped == []
+    assert both.finish_reason == "stop"

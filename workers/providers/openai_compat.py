@@ -20,6 +20,9 @@ every failure, once, onto base.py's error tree:
       endpoints found that support
       tool use")
     HTTP 404                          ModelUnusable("not_found")
+    HTTP 400 saying the model takes   CapabilityRefused("unsupported", .capability: tools)
+      no tools, for a request with
+      tools (Ollama, vLLM)
     HTTP 400, 422, other 4xx          Permanent("bad_request")
 
 The request's options (the job's tools, response_format, stop, seed, ...) are merged into
@@ -224,6 +227,8 @@ class OpenAICompatProvider:
             if capability is not None:
                 return CapabilityRefused(capability, message)
             return ModelUnusable("not_found", message)
+        if status == 400 and request.options.get("tools") and _NO_TOOLS_400.search(detail):
+            return CapabilityRefused("tools", message)
         if 400 <= status < 500:
             return Permanent("bad_request", message)
         return Retryable("malformed", message)  # 1xx or an unfollowed 3xx
@@ -397,6 +402,12 @@ _REFUSALS = (
     (re.compile(r"support[s]? (the )?image|image input", re.I), "vision"),
     (re.compile(r"support[s]? (the )?video|video input", re.I), "video"),
 )
+
+
+# A 400 that says the model takes no tools (Ollama: "... does not support tools"; vLLM
+# started without tool parsing: '"auto" tool choice requires --enable-auto-tool-choice').
+# Only tools: a 400 about a response format is as likely the schema's own fault.
+_NO_TOOLS_400 = re.compile(r"does not support tools|enable-auto-tool-choice", re.I)
 
 
 def refused_capability(detail: str, request: CompletionRequest) -> str | None:
