@@ -1,7 +1,8 @@
 """The gateway's cost: one request at a time through `fleet serve`, against `dispatch()`
 and against a direct call to the provider, taking turns (median and p99 of each round's
-difference); then 500 requests at once against a 1 s provider, against Little's law for
-the fleet's concurrency."""
+difference); the same for a request carrying 20 tool definitions, beside the plain one's;
+then 500 requests at once against a 1 s provider, against Little's law for the fleet's
+concurrency."""
 
 from __future__ import annotations
 
@@ -17,6 +18,31 @@ from bench.common import ROOT, Load, Stack, interleaved, median, paired_differen
 # The LiteLLM proxy's median overhead per call over a direct call, measured elsewhere on
 # this kind of machine: quoted, not run beside the fleet.
 LITELLM_PROXY_MS = 21.0
+N_TOOLS = 20  # an agent's tool belt: what an orchestrator or a coding agent sends each turn
+
+
+def tools(n: int) -> list[dict[str, Any]]:
+    """`n` function definitions, each with a JSON schema of a few typed parameters."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": f"tool_{i}",
+                "description": f"Tool number {i}: looks a thing up and returns what it found.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "query": {"type": "string", "description": "what to look for"},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 50},
+                        "kind": {"type": "string", "enum": ["news", "docs", "code"]},
+                    },
+                    "required": ["query"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+        for i in range(n)
+    ]
 
 
 def _gateway(stack: Stack) -> tuple[str, str]:
@@ -47,6 +73,7 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
 
     n, warm, burst = (60, 10, 500) if quick else (200, 10, 500)
     body = {"model": "focus/journalist", "messages": JOB["messages"], "task_class": "cost_free"}
+    tool_body = {**body, "tools": tools(N_TOOLS)}
     with Stack("gateway", latency_ms=0) as stack:
         # the fleet's 100 calls at a time as two worker processes of 50 threads (one per
         # core of this machine: one process's GIL would hold a wave's CPU to one core)
@@ -58,16 +85,22 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
         headers = {"Authorization": f"Bearer {key}"}
         sim_url = stack.sim.url + "/chat/completions"
         sim_body = {"model": UPSTREAM, "messages": JOB["messages"]}
+        sim_tool_body = {**sim_body, "tools": tool_body["tools"]}
         with httpx.Client(timeout=60) as client:
 
-            def direct() -> None:
-                client.post(sim_url, json=sim_body, headers=headers).raise_for_status()
+            def post(target: str, payload: dict[str, Any]) -> Any:
+                def run() -> None:
+                    client.post(target, json=payload, headers=headers).raise_for_status()
 
-            def through_gateway() -> None:
-                reply = client.post(f"{url}/chat/completions", json=body, headers=headers)
-                reply.raise_for_status()
+                return run
 
-            one = {"direct": direct, "dispatch": _fleet_batch(1), "gateway": through_gateway}
+            one = {
+                "direct": post(sim_url, sim_body),
+                "dispatch": _fleet_batch(1),
+                "gateway": post(f"{url}/chat/completions", body),
+                "direct_tools": post(sim_url, sim_tool_body),
+                "gateway_tools": post(f"{url}/chat/completions", tool_body),
+            }
             with Load() as one_load:
                 samples = interleaved(one, n, warm)
         # 500 at once against a 1 s provider: the fleet holds 100 calls at a time (two
@@ -86,6 +119,10 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
         ref: paired_differences(samples["gateway"], samples[ref]) for ref in ("direct", "dispatch")
     }
     over_direct = median(over["direct"])
+    # A request with tools: its overhead over the same request sent to the provider, and
+    # what the tools add to the plain request's overhead, round by round
+    over_tools = paired_differences(samples["gateway_tools"], samples["direct_tools"])
+    tools_extra = paired_differences(over_tools, over["direct"])
 
     def overhead(ref: str, what: str, q: float) -> Row:
         """The gateway's q-th percentile, the reference's, and that of their per-round
@@ -118,6 +155,28 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
         overhead("direct", "a direct provider call", 99),
         overhead("dispatch", "dispatch()+get()", 50),
         overhead("dispatch", "dispatch()+get()", 99),
+        Row(
+            "gateway",
+            f"one request with {N_TOOLS} tool definitions, ref: it sent to the provider, median",
+            med["gateway_tools"],
+            med["direct_tools"],
+            "ms",
+            "overhead",
+            median(over_tools),
+            basis="paired",
+            load=one_load.span,
+        ),
+        Row(
+            "gateway",
+            "  ... its overhead, ref: the plain request's overhead, median",
+            median(over_tools),
+            median(over["direct"]),
+            "ms",
+            "overhead",
+            median(tools_extra),
+            basis="paired",
+            load=one_load.span,
+        ),
         Row(
             "gateway",
             f"{burst} requests at once × 1 s provider (fleet 2 × -c 50): seconds",
@@ -161,6 +220,11 @@ def gateway(quick: bool) -> tuple[list[Any], dict[str, Any]]:
         "gateway_minus_ms": {
             ref: {"median": median(v), "p90": percentile(v, 90), "p99": percentile(v, 99)}
             for ref, v in over.items()
+        },
+        "tools": {
+            "definitions": N_TOOLS,
+            "overhead_ms": {"median": median(over_tools), "p99": percentile(over_tools, 99)},
+            "over_plain_ms": {"median": median(tools_extra), "p99": percentile(tools_extra, 99)},
         },
         "samples_ms": samples,
         "load_1min": {

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from client.dispatch import current_catalog
 from gateway import shapes
-from gateway.errors import APIError, no_route
+from gateway.errors import APIError, invalid_job, no_route
 from gateway.keys import AppKey, KeyStore
 from gateway.sender import Sender
 from gateway.waiter import ResultWaiter
@@ -128,6 +128,8 @@ class Gateway:
             decision = route_job(catalog, job)
         except NoRouteAvailable as exc:
             raise no_route(exc) from None
+        except InvalidJob as exc:  # no model of the chain can serve what the job needs
+            raise invalid_job(exc) from None
         worst = shapes.worst_cost(catalog, decision)
         if worst > 0 and decision.max_tokens is None:  # bound what the reservation covers
             job = job.model_copy(update={"max_tokens": shapes.DEFAULT_MAX_TOKENS})
@@ -165,7 +167,7 @@ def _idempotency(request: Request) -> str | None:
 def _invalid(exc: InvalidJob) -> APIError:
     if isinstance(exc, shapes.UnknownModel):
         return APIError(404, str(exc), code="model_not_found", param="model")
-    return APIError(400, str(exc), code="invalid_request")
+    return invalid_job(exc)
 
 
 # --- routes ----------------------------------------------------------------------------
@@ -194,7 +196,7 @@ async def chat_completions(request: Request) -> Response:
     result = _result(meta, job.id, job.task_class, job.source)
     if not result.ok:
         raise _failed(result)
-    headers = shapes.fleet_headers(result)
+    headers = shapes.fleet_headers(result, chat.door_dropped)
     return JSONResponse(shapes.completion(result, catalog), headers=headers)
 
 

@@ -1,8 +1,12 @@
 """Errors at the door, in OpenAI's shape, with the status codes clients' retry logic knows.
 
-{"error": {"message": "...", "type": "...", "param": null, "code": "..."}}
+{"error": {"message": "...", "type": "...", "param": "tools", "code": "..."}}
 
-400 invalid_request_error   the body is wrong (the field, the value, the valid choices)
+`param` names the request's field at fault, as OpenAI's does (null when no one field is).
+
+400 invalid_request_error   the body is wrong (the field, the value, the valid choices), or
+                            no model of its chain can serve what it needs (tools, a JSON
+                            schema, video: the capability, the chain, each model's reason)
 401 authentication_error    no key, an unknown key, or a revoked one
 403 permission_error        the key may not use this task class
 404 not_found_error         an unknown model (or a job the key cannot see)
@@ -19,6 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 from starlette.responses import JSONResponse
+
+from router.errors import CapabilityUnavailable, InvalidJob
 
 TYPES = {
     400: "invalid_request_error",
@@ -72,3 +78,24 @@ def no_route(exc: Any) -> APIError:
         extra={"models": reasons},
         headers={"Retry-After": "5"},
     )
+
+
+def invalid_job(exc: InvalidJob) -> APIError:
+    """400 for an InvalidJob, `param` naming the field; for CapabilityUnavailable (no model
+    of the chain can serve what the request needs) the capabilities, the chain and each
+    model's reason too."""
+    if isinstance(exc, CapabilityUnavailable):
+        reasons = [{"model": m, "reason": why} for m, why in exc.reasons]
+        return APIError(
+            400,
+            str(exc),
+            code="capability_unavailable",
+            param=exc.param,
+            extra={
+                "capability": exc.capability,
+                "capabilities": exc.capabilities,
+                "chain": exc.chain,
+                "models": reasons,
+            },
+        )
+    return APIError(400, str(exc), code="invalid_request", param=exc.param)

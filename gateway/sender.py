@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client import dispatch, dispatch_many
-from gateway.errors import APIError, no_route
+from gateway.errors import APIError, invalid_job, no_route
 from gateway.keys import AppKey
 from router.errors import InvalidJob, NoRouteAvailable
 from router.jobs import Job, Reservation
@@ -128,6 +128,7 @@ class Sender:
     def _sent(self, key: AppKey, job: Job, reservation: Reservation, sent_id: str) -> Job:
         if sent_id != job.id:  # an idempotency key named an earlier job: follow it
             apps.refund(self.redis, key.app, job.id, reservation)
+            self.redis.delete(keys.owner(job.id))  # this one never runs: nobody owns it
             return job.model_copy(update={"id": sent_id})
         return job
 
@@ -144,7 +145,7 @@ def _refusal(exc: Exception) -> APIError:
     if isinstance(exc, NoRouteAvailable):
         return no_route(exc)
     if isinstance(exc, InvalidJob):
-        return APIError(400, str(exc), code="invalid_job")
+        return invalid_job(exc)
     return APIError(
         503,
         f"the fleet's broker is not reachable ({type(exc).__name__})",

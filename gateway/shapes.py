@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from router.catalog import TASK_CLASSES, Catalog
 from router.costs import PER_MTOK, attempt_cost
 from router.errors import InvalidJob
-from router.jobs import Job, parse_job
+from router.jobs import TUNING_FIELDS, Job, parse_job
 from router.policy import Route
 from router.results import Result
 
@@ -34,55 +34,106 @@ class UnknownModel(InvalidJob):
     """The request's `model` names no route and no catalog model (404)."""
 
 
-class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat completion request the fleet honours, and its own."""
+# Fields the door answers itself and so sends to no provider, listed in `x-fleet-dropped`:
+# stream_options only means something for a stream (a provider refuses it without one)
+DOOR_DROPPED = ("stream_options",)
+# The fleet's own Job fields a chat request may not set: the key, the model name and the
+# Idempotency-Key header set them; passed on to a provider they would mean nothing
+FLEET_ONLY = {
+    "id": "the gateway names the job (its id comes back in 'x-fleet-job-id')",
+    "app": "it is set by the gateway, from the key",
+    "reservation": "it is set by the gateway, from the key",
+    "profile": "name the profile as the model: 'profile/<name>'",
+    "focus": "name the focus as the model: 'focus/<name>'",
+    "idempotency_key": "send it as the 'Idempotency-Key' header",
+    "extra_body": "send unknown fields at the top level: the gateway passes them on",
+}
 
-    model_config = ConfigDict(extra="forbid")
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request as the fleet takes it, and the fleet's own fields.
+
+    The fields declared here are the door's own; the rest of OpenAI's (`tuning`) pass to
+    the Job by name and are validated there. A field the fleet does not know is never
+    refused: it goes into the Job's `extra_body`, which passes it on to OpenAI-compatible
+    providers and drops it (listed in the Result's `dropped`) for a model whose adapter
+    cannot take it. A client on a newer SDK than the fleet keeps working
+    (docs/architecture.md, the gateway)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[Any]
-    temperature: float | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-    n: int | None = None
-    stream: bool | None = None
-    user: str | None = None
+    temperature: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None  # OpenAI's newer name for max_tokens
+    n: Any = None
+    stream: Any = None
+    stream_options: Any = None
     metadata: dict[str, Any] | None = None
     # The fleet's own fields (the openai SDK sends them with `extra_body`)
     task_class: str | None = None
-    source: str | None = None
-    priority: int | None = None
-    deadline: str | None = None
+    source: Any = None
+    priority: Any = None
+    deadline: Any = None
     timeout_s: float | None = None
+
+    @property
+    def tuning(self) -> dict[str, Any]:
+        """The rest of OpenAI's fields the Job carries under their own names and validates
+        (tools, response_format, stop, seed, ...: TUNING_FIELDS in router/jobs.py)."""
+        extra = self.model_extra or {}
+        return {k: v for k, v in extra.items() if k in TUNING_FIELDS and v is not None}
+
+    @property
+    def unknown(self) -> dict[str, Any]:
+        """The request's fields the fleet does not know, to be passed on unchanged."""
+        extra = self.model_extra or {}
+        return {k: v for k, v in extra.items() if k not in TUNING_FIELDS}
+
+    @property
+    def door_dropped(self) -> list[str]:
+        """The fields the door itself drops (sent to no provider)."""
+        return [name for name in DOOR_DROPPED if getattr(self, name) is not None]
 
 
 def chat_request(body: Any) -> ChatRequest:
-    """The body as a ChatRequest, or InvalidJob naming the field and the valid ones."""
+    """The body as a ChatRequest, or InvalidJob naming the field (`param`)."""
     if not isinstance(body, dict):
-        raise InvalidJob(f"the body must be a JSON object (got {type(body).__name__})")
+        raise invalid(f"the body must be a JSON object (got {type(body).__name__})", None)
+    for name, why in FLEET_ONLY.items():
+        if name in body:
+            raise invalid(f"field {name!r} may not be sent here: {why}", name)
     try:
         request = ChatRequest.model_validate(body)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in error["loc"]) or "body"
-        if error["type"] == "extra_forbidden":
-            raise InvalidJob(
-                f"field {field!r} is not supported (valid: {', '.join(ChatRequest.model_fields)})"
-            ) from None
         shown = repr(error.get("input"))[:80]
-        raise InvalidJob(f"field {field!r}: {error['msg'].lower()} (got {shown})") from None
-    if request.stream:
-        raise InvalidJob("field 'stream': streaming is not supported yet (valid: false)")
-    if request.n not in (None, 1):
-        raise InvalidJob(f"field 'n': only one choice is made (valid: 1; got {request.n})")
+        message = f"field {field!r}: {error['msg'].lower()} (got {shown})"
+        raise invalid(message, str(error["loc"][0]) if error["loc"] else None) from None
+    if request.stream not in (None, False):
+        shown = repr(request.stream)[:80]
+        message = f"field 'stream': streaming is not supported yet (valid: false; got {shown})"
+        raise invalid(message, "stream")
+    if request.n not in (None, 1) or isinstance(request.n, bool):
+        raise invalid(f"field 'n': only one choice is made (valid: 1; got {request.n!r})", "n")
     return request
+
+
+def invalid(message: str, param: str | None) -> InvalidJob:
+    """An InvalidJob whose `param` names the request's field at fault (OpenAI's `param`)."""
+    exc = InvalidJob(message)
+    exc.param = param
+    return exc
 
 
 def chat_job(request: ChatRequest, app: str, catalog: Catalog) -> Job:
     """The fleet Job an OpenAI chat request asks for."""
     fields: dict[str, Any] = {"messages": request.messages, "app": app}
     fields.update(_route_fields(request.model, request.task_class, catalog))
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    newer = request.max_completion_tokens
+    max_tokens = newer if newer is not None else request.max_tokens
     optional = {
         "temperature": request.temperature,
         "max_tokens": max_tokens,
@@ -91,12 +142,20 @@ def chat_job(request: ChatRequest, app: str, catalog: Catalog) -> Job:
         "deadline": request.deadline,
     }
     fields.update({k: v for k, v in optional.items() if v is not None})
+    fields.update(request.tuning)
+    if request.unknown:
+        fields["extra_body"] = request.unknown
     metadata = dict(request.metadata or {})
-    if request.user is not None:
-        metadata.setdefault("user", request.user)
+    if isinstance(user := request.tuning.get("user"), str):
+        metadata.setdefault("user", user)
     if metadata:
         fields["metadata"] = metadata
-    return parse_job(fields)
+    try:
+        return parse_job(fields)
+    except InvalidJob as exc:
+        if newer is not None and exc.param == "max_tokens":
+            exc.param = "max_completion_tokens"
+        raise
 
 
 def _route_fields(model: str, task_class: str | None, catalog: Catalog) -> dict[str, Any]:
@@ -162,8 +221,9 @@ def completion(result: Result, catalog: Catalog) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "finish_reason": "stop",
+                "message": message(result),
+                "finish_reason": result.finish_reason or "stop",
+                "logprobs": result.logprobs,
             }
         ],
         "usage": {
@@ -175,14 +235,37 @@ def completion(result: Result, catalog: Catalog) -> dict[str, Any]:
     }
 
 
-def fleet_headers(result: Result) -> dict[str, str]:
-    """What the fleet did for the request, in response headers."""
-    return {
+def message(result: Result) -> dict[str, Any]:
+    """The answer as OpenAI's assistant message: `content` null when the answer is only
+    tool calls; `tool_calls` when there are any; `reasoning_content` when the provider
+    gave its reasoning (the name DeepSeek's and vLLM's APIs use)."""
+    tool_calls = result.tool_calls
+    out: dict[str, Any] = {
+        "role": "assistant",
+        "content": result.text if result.text or not tool_calls else None,
+        "refusal": result.refusal,
+    }
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    reasoning = result.reasoning
+    if reasoning:
+        out["reasoning_content"] = reasoning
+    return out
+
+
+def fleet_headers(result: Result, door_dropped: list[str] | None = None) -> dict[str, str]:
+    """What the fleet did for the request, in response headers: `x-fleet-dropped` lists
+    the request's fields the answering model was not sent (and those the door drops)."""
+    headers = {
         "x-fleet-job-id": result.job_id,
         "x-fleet-model": result.model or "",
         "x-fleet-attempts": str(len([a for a in result.attempts if a.outcome != "skipped"])),
         "x-fleet-queues": ",".join(result.queue_path),
     }
+    dropped = [*(door_dropped or []), *result.dropped]
+    if dropped:
+        headers["x-fleet-dropped"] = ",".join(dict.fromkeys(dropped))
+    return headers
 
 
 def model_list(catalog: Catalog) -> dict[str, Any]:

@@ -149,10 +149,12 @@ def test_each_refusal_is_the_sdks_own_typed_error(gateway, app_key, fleet_env) -
         client(gateway, "mf-000000000000-" + "x" * 43).models.list()
     with pytest.raises(openai.NotFoundError, match="GET /v1/models lists them"):
         c.chat.completions.create(model="nope/nothing", messages=ask("hi"))
-    with pytest.raises(openai.BadRequestError, match="temperature"):
+    with pytest.raises(openai.BadRequestError, match="temperature") as hot:
         c.chat.completions.create(model="fleet/creative", messages=ask("hi"), temperature=7)
-    with pytest.raises(openai.BadRequestError, match="'top_p' is not supported"):
-        c.chat.completions.create(model="fleet/creative", messages=ask("hi"), top_p=0.5)
+    assert hot.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError, match="only one choice") as many:
+        c.chat.completions.create(model="fleet/creative", messages=ask("hi"), n=2)
+    assert many.value.param == "n"
     narrow = client(gateway, new_key(fleet_env, "narrow-app", "--classes", "cost_free"))
     with pytest.raises(openai.PermissionDeniedError, match="allowed: cost_free"):
         narrow.chat.completions.create(model="fleet/creative", messages=ask("hi"))
@@ -237,6 +239,29 @@ def test_the_job_api(gateway, app_key, fleet_env) -> None:
     assert httpx.delete(f"{gateway.url}/jobs/{job_id}", headers=headers).status_code == 409
     forged = httpx.post(f"{gateway.url}/jobs", json={**job, "app": "x"}, headers=headers)
     assert forged.status_code == 400 and "set by the gateway" in forged.text
+
+
+def test_a_repeated_idempotency_key_follows_the_first_job_and_leaves_no_other(
+    gateway, fleet_env
+) -> None:
+    import redis
+
+    headers = {"Authorization": f"Bearer {new_key(fleet_env, 'repeater')}", "Idempotency-Key": "k1"}
+    job = {"task_class": "cost_free", "messages": ask("once only")}
+    first = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers)
+    again = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers)
+    assert first.status_code == again.status_code == 202, (first.text, again.text)
+    assert again.json()["id"] == first.json()["id"]
+    state = redis.Redis.from_url(fleet_env["FLEET_BROKER_URL"])
+    try:
+        owned = [
+            k.decode().rsplit(":", 1)[1]
+            for k in state.scan_iter("fleet:gateway:owner:*")
+            if json.loads(state.get(k) or "{}").get("app") == "repeater"
+        ]
+    finally:
+        state.close()
+    assert owned == [first.json()["id"]]
 
 
 def test_a_revoked_job_never_runs(gateway, fleet_env, simulator) -> None:
@@ -391,11 +416,142 @@ def test_concurrent_requests_never_spend_past_a_keys_budget(gateway, fleet_env) 
     ]
 
 
+# The request fields a provider is sent (OpenAI's names), and the fleet's own, which it is not
+PROVIDER_FIELDS = (
+    "temperature",
+    "max_tokens",
+    "max_completion_tokens",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "stop",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "reasoning_effort",
+    "user",
+)
+FLEET_FIELDS = ("task_class", "source", "priority", "deadline", "metadata", "timeout_s")
+UNKNOWN_FIELDS = ("x_fleet_probe", "store", "verbosity", "service_tier")
+EVERY_FIELD = {  # one request setting every field a provider may be sent
+    "model": "fleet/cost_free",
+    "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"}],
+    "temperature": 0.3,
+    "max_completion_tokens": 50,
+    "tools": [{"type": "function", "function": {"name": "get_a", "parameters": {}}}],
+    "tool_choice": "auto",
+    "parallel_tool_calls": False,
+    "response_format": {"type": "json_object"},
+    "stop": ["\n\n\n"],
+    "top_p": 0.9,
+    "seed": 7,
+    "presence_penalty": 0.1,
+    "frequency_penalty": 0.2,
+    "logit_bias": {"50256": -100},
+    "logprobs": True,
+    "top_logprobs": 2,
+    "reasoning_effort": "low",
+    "user": "fuzz-user",
+    "stream": False,
+    "stream_options": {"include_usage": True},
+    "x_fleet_probe": {"a": [1, None]},
+    "store": False,
+}
+
+
+def chat_fields(values: Any) -> dict[str, Any]:
+    """A hypothesis strategy per chat request field: mostly a value OpenAI takes, sometimes
+    one it refuses."""
+    from hypothesis import strategies as st
+
+    names = st.sampled_from(["get_a", "get_b"])
+    tool = st.fixed_dictionaries(
+        {
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {"name": names},
+                optional={
+                    "description": st.text(max_size=20),
+                    "parameters": st.just(
+                        {"type": "object", "properties": {"q": {"type": "string"}}}
+                    ),
+                    "strict": st.booleans(),
+                },
+            ),
+        }
+    )
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    return {
+        "temperature": st.floats(-0.5, 2.5),
+        "max_tokens": st.integers(-1, 400),
+        "max_completion_tokens": st.integers(-1, 400),
+        "tools": st.lists(tool, max_size=2, unique_by=lambda t: t["function"]["name"]),
+        "tool_choice": st.sampled_from(["none", "auto", "required", "sometimes"])
+        | st.builds(lambda n: {"type": "function", "function": {"name": n}}, names),
+        "parallel_tool_calls": st.booleans(),
+        "response_format": st.sampled_from(
+            [
+                {"type": "text"},
+                {"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": schema, "strict": True},
+                },
+                {"type": "yaml"},
+            ]
+        ),
+        "stop": st.text(min_size=1, max_size=5)
+        | st.lists(st.text(min_size=1, max_size=5), max_size=5),
+        "top_p": st.floats(-0.5, 1.5),
+        "seed": st.integers(-(2**40), 2**40),
+        "presence_penalty": st.floats(-2.5, 2.5),
+        "frequency_penalty": st.floats(-2.5, 2.5),
+        "logit_bias": st.dictionaries(
+            st.sampled_from(["50256", "11", "x"]), st.integers(-120, 120), max_size=2
+        ),
+        "logprobs": st.booleans(),
+        "top_logprobs": st.integers(-1, 22),
+        "reasoning_effort": st.sampled_from(["minimal", "low", "medium", "high", "extreme"]),
+        "user": st.text(max_size=12),
+        "stream": st.sampled_from([False, True]),
+        "stream_options": st.just({"include_usage": True}),
+        **{name: values for name in UNKNOWN_FIELDS},
+    }
+
+
+def arrived(simulator: Any, body: dict[str, Any], reply: httpx.Response) -> list[str]:
+    """Each provider field the request set: on the answering model's call as sent, or
+    listed in x-fleet-dropped and not sent."""
+    job_id = reply.headers["x-fleet-job-id"]
+    calls = [r["body"] for r in simulator.requests() if r.get("job") == job_id]
+    assert calls, f"no provider call for job {job_id}"
+    got = calls[-1]
+    dropped = set(reply.headers.get("x-fleet-dropped", "").split(","))
+    fields = [f for f in (*PROVIDER_FIELDS, *UNKNOWN_FIELDS) if body.get(f) is not None]
+    for field in fields:
+        wire = "max_tokens" if field == "max_completion_tokens" else field
+        if field in dropped:
+            assert wire not in got, (field, got)
+        elif field != "max_tokens" or body.get("max_completion_tokens") is None:
+            assert got.get(wire) == body[field], (field, body[field], got.get(wire))
+    for field in FLEET_FIELDS:
+        assert field not in got, (field, got)
+    if body.get("stream_options") is not None:
+        assert "stream_options" in dropped and "stream_options" not in got
+    return fields
+
+
 def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
-    gateway, fleet_env
+    gateway, fleet_env, simulator
 ) -> None:
     import redis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
 
     key = new_key(fleet_env, "fuzzer")
@@ -412,34 +568,45 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
         [
             "model",
             "messages",
-            "temperature",
-            "max_tokens",
-            "stream",
             "n",
-            "task_class",
-            "source",
-            "priority",
-            "deadline",
-            "metadata",
-            "timeout_s",
+            "stream",
+            "stream_options",
             "app",
             "reservation",
             "id",
-            "tools",
+            *PROVIDER_FIELDS,
+            *FLEET_FIELDS,
+            *UNKNOWN_FIELDS,
         ]
     )
+    field_values = chat_fields(values)
+    optional = {name: strategy | values for name, strategy in field_values.items()}
     message = st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "system", "tool", 3]), "content": values}
+        {
+            "role": st.sampled_from(["user", "system", "developer", "tool", "assistant", 3]),
+            "content": st.text(max_size=40) | values,
+        }
     )
+    routes = st.sampled_from(["fleet/cost_free", "fleet/user_facing"])
     body = st.one_of(
         values,
         st.dictionaries(fields, values, max_size=6),
         st.fixed_dictionaries(
             {
-                "model": st.sampled_from(["fleet/cost_free", "fleet/x", "profile/code", "zz"]),
-                "messages": st.lists(message, max_size=2),
+                "model": routes | st.sampled_from(["fleet/x", "profile/code", "zz"]),
+                "messages": st.lists(message, min_size=1, max_size=2),
             },
-            optional={"max_tokens": values, "temperature": values, "priority": values},
+            optional={**optional, "priority": values},
+        ),
+        # A few fields at a time, each mostly a value OpenAI takes: most are answered
+        st.lists(st.sampled_from(sorted(field_values)), max_size=5, unique=True).flatmap(
+            lambda names: st.fixed_dictionaries(
+                {
+                    "model": routes,
+                    "messages": st.just([{"role": "user", "content": "fuzz"}]),
+                    **{name: field_values[name] for name in names},
+                }
+            )
         ),
     )
     printable = st.characters(min_codepoint=33, max_codepoint=126)
@@ -451,11 +618,13 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
         },
     )
     accepted: list[str] = []
+    reached: list[str] = []  # every provider field of an answered request, sent or dropped
 
     slow_ok = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=slow_ok)
+    @settings(max_examples=200, deadline=None, suppress_health_check=slow_ok)
     @given(path=st.sampled_from(["/chat/completions", "/jobs"]), body=body, extra=headers)
+    @example(path="/chat/completions", body=EVERY_FIELD, extra={})
     def door(path: str, body: Any, extra: dict[str, str]) -> None:
         sent = {"Authorization": f"Bearer {key}", **extra}
         reply = httpx.post(
@@ -469,6 +638,8 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
             accepted.append(answer["error"]["job_id"])
         else:
             assert answer["error"]["message"]
+        if path == "/chat/completions" and reply.status_code == 200:
+            reached.extend(arrived(simulator, body, reply))
 
     try:
         door()
@@ -479,5 +650,7 @@ def test_fuzzed_bodies_and_headers_never_get_a_500_and_a_refusal_queues_nothing(
         ]
         # Every job the fuzzer's key queued was one it was told was accepted
         assert sorted(k.decode().rsplit(":", 1)[1] for k in owned) == sorted(set(accepted))
+        # And the fuzz answered requests that set the new fields, not only refused them
+        assert {"tools", "response_format", "seed", "logprobs", "x_fleet_probe"} <= set(reached)
     finally:
         state.close()
