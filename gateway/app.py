@@ -17,6 +17,7 @@ end whether or not its caller waits.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -155,13 +156,18 @@ def _gateway(request: Request) -> Gateway:
     return gateway
 
 
-def _idempotency(request: Request) -> str | None:
+def _idempotency(request: Request, app: str) -> str | None:
+    """The job's idempotency key for the request's `Idempotency-Key`, scoped to its app:
+    two apps that pick the same key get a job each, and neither sees the other's."""
     key = request.headers.get("idempotency-key")
-    if key is not None and not 0 < len(key) <= 200:
+    if key is None:
+        return None
+    if not 0 < len(key) <= 200:
         raise APIError(
             400, "header 'Idempotency-Key' must be 1 to 200 characters", code="invalid_header"
         )
-    return key
+    # hashed, so that the app's name and any key of 200 characters fit the Job's 200
+    return f"{app}/{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def _invalid(exc: InvalidJob) -> APIError:
@@ -183,7 +189,7 @@ async def chat_completions(request: Request) -> Response:
         job = shapes.chat_job(chat, key.app, catalog)
     except InvalidJob as exc:
         raise _invalid(exc) from None
-    if (idem := _idempotency(request)) is not None:
+    if (idem := _idempotency(request, key.app)) is not None:
         job = job.model_copy(update={"idempotency_key": idem})
     job = await gw.send(key, job, catalog)
     timeout = min(chat.timeout_s or gw.settings.timeout_s, gw.settings.timeout_s)
@@ -244,7 +250,7 @@ async def create_job(request: Request) -> Response:
         job = shapes.fleet_job(body, key.app)
     except InvalidJob as exc:
         raise _invalid(exc) from None
-    if (idem := _idempotency(request)) is not None:
+    if (idem := _idempotency(request, key.app)) is not None:
         job = job.model_copy(update={"idempotency_key": idem})
     job = await gw.send(key, job, current_catalog())
     return JSONResponse(

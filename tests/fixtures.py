@@ -242,9 +242,9 @@ LIVE_STATE_KINDS = ("cooldown", "circuit", "window", "lacks")
 
 
 def reset_live_state(target: redis.Redis | Mapping[str, str]) -> None:
-    """Forget every model's cooldown, circuit, rate windows and capability rests, so the next jobs meet every
-    model usable whatever ran before. `target`: a client of the state Redis, or a fleet
-    environment (FLEET_BROKER_URL / FLEET_STATE_URL) naming it."""
+    """Forget every model's cooldown, circuit, rate windows and capability rests, so
+    the next jobs meet every model usable whatever ran before. `target`: a client of the
+    state Redis, or a fleet environment (FLEET_BROKER_URL / FLEET_STATE_URL) naming it."""
     if isinstance(target, redis.Redis):
         _delete_live_state(target)
         return

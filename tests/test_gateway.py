@@ -264,6 +264,19 @@ def test_a_repeated_idempotency_key_follows_the_first_job_and_leaves_no_other(
     assert owned == [first.json()["id"]]
 
 
+def test_an_idempotency_key_is_the_apps_own(gateway, fleet_env) -> None:
+    # Given two apps that happen to send the same Idempotency-Key
+    job = {"task_class": "cost_free", "messages": ask("mine alone")}
+    ids = []
+    for app in ("keeper-a", "keeper-b"):
+        headers = {"Authorization": f"Bearer {new_key(fleet_env, app)}", "Idempotency-Key": "k"}
+        reply = httpx.post(f"{gateway.url}/jobs", json=job, headers=headers)
+        assert reply.status_code == 202, reply.text
+        ids.append(reply.json()["id"])
+    # Then each has its own job: neither is handed the other's (nor its answer)
+    assert ids[0] != ids[1]
+
+
 def test_a_revoked_job_never_runs(gateway, fleet_env, simulator) -> None:
     import redis
 
