@@ -433,6 +433,29 @@ def test_a_tool_round_trip_through_dispatch(clean_fleet) -> None:
     assert body["messages"][1] == {"role": "assistant", "tool_calls": first.tool_calls}
 
 
+def test_an_escalation_skips_the_models_without_tools(clean_fleet) -> None:
+    # Given complex_reasoning's chain (glm-4.7, MiniMax-M2.1, kimi-k2-thinking, hermes-3,
+    # deepseek-chat) whose first three answer 503, and hermes-3 takes no tools
+    faults = "[[sim:glm-4.7=503]] [[sim:MiniMax-M2.1=503]] [[sim:kimi-k2-thinking=503]]"
+    job = {
+        "task_class": "complex_reasoning",
+        "messages": user(f"{faults} weather in Oslo?"),
+        "tools": [WEATHER],
+    }
+    # When a job with tools escalates down it
+    result = dispatch(job).get(timeout=TIMEOUT_S)
+    # Then it passes hermes-3 by without a call and deepseek-chat calls the tool
+    tried = [a.model for a in result.attempts]
+    assert tried[:3] == ["zai/glm-4.7", "minimax/MiniMax-M2.1", "litellm/kimi-k2-thinking"]
+    assert "openrouter/nousresearch/hermes-3-llama-3.1-405b:free" not in tried
+    assert result.model == "openrouter/deepseek/deepseek-chat"
+    assert result.finish_reason == "tool_calls" and result.tool_calls
+    called = {
+        entry["model"] for entry in clean_fleet.requests() if entry.get("job") == result.job_id
+    }
+    assert "nousresearch/hermes-3-llama-3.1-405b:free" not in called
+
+
 def test_json_formats_through_dispatch(clean_fleet) -> None:
     # complex_reasoning: only deepseek-chat of its chain takes a JSON schema
     schema = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}

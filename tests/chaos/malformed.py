@@ -119,7 +119,7 @@ def _bad_message() -> st.SearchStrategy[Any]:
         WORD,
         st.integers(),
         st.none(),
-        WORD.filter(lambda s: s not in ("system", "user", "assistant")).map(
+        WORD.filter(lambda s: s not in ("system", "developer", "user", "assistant", "tool")).map(
             lambda r: {**ok, "role": r}
         ),
         st.sampled_from([[], None, 5, {"text": "hi"}]).map(lambda c: {**ok, "content": c}),
@@ -137,7 +137,8 @@ def _bad_part() -> st.SearchStrategy[Any]:
             {"type": "image_url", "image_url": "https://example.com/a.png"},
             {"type": "image_url", "image_url": {"url": "x", "detail": "ultra"}},
             {"type": "image_url", "image_url": {"url": "x", "size": 3}},
-            {"type": "video", "video": "x"},
+            {"type": "video_url", "video_url": "https://example.com/a.mp4"},
+            {"type": "video_url", "video_url": {"url": ""}},
             {"type": "text"},
             {"type": "text", "text": 5},
             {"type": "text", "text": "hi", "extra": True},
