@@ -10,6 +10,7 @@ non-ASCII text more, as BPE does.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -98,8 +99,16 @@ def estimate_tool_tokens(tools: Iterable[Mapping[str, Any]]) -> int:
     """Estimated prompt tokens of tool definitions: providers render each function's name,
     description and JSON schema into the prompt; its JSON text is a high-side stand-in."""
     return sum(
-        TOKENS_PER_TOOL + estimate_tokens(json.dumps(tool.get("function", tool))) for tool in tools
+        TOKENS_PER_TOOL + _definition_tokens(json.dumps(tool.get("function", tool)))
+        for tool in tools
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _definition_tokens(definition: str) -> int:
+    # An agent sends the same tool belt with every turn (and a request is routed at the
+    # gateway and again at dispatch): each definition is estimated once, then looked up.
+    return estimate_tokens(definition)
 
 
 def _content_tokens(content: Any) -> int:
