@@ -23,6 +23,7 @@ Pure: no I/O, no Celery, no HTTP. Decisions take microseconds.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +57,14 @@ class RouteQuery:
         """The job has an image or a video part: it takes the vision chain (rule 2)."""
         return self.has_image or bool(self.needs & VISUAL)
 
-    def required(self) -> list[str]:
+    @functools.cached_property
+    def required(self) -> tuple[str, ...]:
         """Every capability a model must have for this job, in the order reasons name
-        them (an image part needs vision, whether or not `needs` says so)."""
+        them (an image part needs vision, whether or not `needs` says so). Cached: routing
+        asks once per candidate model."""
         needs = self.needs | ({"vision"} if self.has_image else set())
         ordered = [c for c in NEED_ORDER if c in needs]
-        return ordered + sorted(needs - set(NEED_ORDER))
+        return (*ordered, *sorted(needs - set(NEED_ORDER)))
 
     @classmethod
     def from_job(cls, job: Job) -> RouteQuery:
@@ -151,7 +154,7 @@ def route(catalog: Catalog, query: RouteQuery, skip: Mapping[str, str] | None = 
         max_tokens=max_tokens,
         prompt_tokens=query.prompt_tokens,
         dropped=tuple(dropped),
-        needs=frozenset(query.required()),
+        needs=frozenset(query.required),
     )
 
 
@@ -225,7 +228,7 @@ def _constraint_broken(
 
 def _lacking(query: RouteQuery, model: Model) -> str | None:
     """The first capability the job needs that `model` lacks, or None."""
-    return next((c for c in query.required() if not model.supports(c)), None)
+    return next((c for c in query.required if not model.supports(c)), None)
 
 
 def _chain_name(catalog: Catalog, query: RouteQuery) -> str:
