@@ -1,0 +1,62 @@
+"""What the fleet's broker transport (workers/runtime/transport.py) takes from kombu's
+Redis channel, checked against the installed kombu: pyproject.toml pins the range these
+tests passed on, and a kombu that changes any of it fails here, not in production."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from kombu.connection import Connection
+from kombu.transport import redis as stock
+
+from tests.fixtures import url_of
+from workers.state import keys
+
+TRANSPORT = "workers.runtime.transport:Transport"
+
+
+def test_the_kombu_helpers_the_transport_extends_or_calls_are_there() -> None:
+    # The transport overrides these (same arguments) and calls kombu's own beside them
+    expected: dict[Callable[..., Any], list[str]] = {
+        stock.QoS.append: ["self", "message", "delivery_tag"],
+        stock.QoS.restore_by_tag: ["self", "tag", "client", "leftmost"],
+        stock.QoS.restore_visible: ["self", "start", "num", "interval"],
+        stock.Channel._put: ["self", "queue", "message"],
+        stock.Channel._restore: ["self", "message", "leftmost"],
+        stock.Channel._purge: ["self", "queue"],
+    }
+    for function, names in expected.items():
+        params = list(inspect.signature(function).parameters)
+        assert params[: len(names)] == names, (function.__qualname__, params)
+    for name in ("_lookup", "_get_message_priority", "_q_for_pri", "conn_or_acquire"):
+        assert callable(getattr(stock.Channel, name)), name
+    # ack and reject(requeue=False) stay kombu's own, on the keys the transport names
+    assert {"unacked_key", "unacked_index_key"} <= set(vars(stock.Channel))
+    assert "unacked_key" in stock.Channel.from_transport_options
+
+
+def test_a_requeued_message_keeps_its_filing(fresh_redis: Any) -> None:
+    # Given a message on a tracked queue, taken by a consumer
+    options = {"tracked_queues": ["free"]}
+    with (
+        Connection(url_of(fresh_redis), transport=TRANSPORT, transport_options=options) as conn,
+        conn.SimpleQueue("free") as queue,
+    ):
+        queue.put({"job": "requeue me"})
+        message = queue.get(timeout=5)
+        tag = message.delivery_tag
+        assert fresh_redis.hexists(keys.BROKER_MESSAGES, tag)
+        assert fresh_redis.llen("free") == 0
+        # When it is handed back (kombu's reject with requeue)
+        message.requeue()
+        # Then it is in its list again and still filed: a worker that pops it next and
+        # dies at once does not lose it (kombu's reject must not drop the filing)
+        assert fresh_redis.llen("free") == 1
+        assert fresh_redis.hexists(keys.BROKER_MESSAGES, tag)
+        assert fresh_redis.zscore(keys.BROKER_INDEX, tag) is not None
+        again = queue.get(timeout=5)
+        assert again.payload == {"job": "requeue me"}
+        again.ack()
+    assert not fresh_redis.hexists(keys.BROKER_MESSAGES, tag)
