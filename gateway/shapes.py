@@ -278,20 +278,9 @@ def model_list(catalog: Catalog) -> dict[str, Any]:
     for name in sorted(catalog.policy.focus):
         rows.append(_virtual(f"focus/{name}", "focus", catalog.policy.focus[name]))
     for m in catalog.models:
-        rows.append(
-            {
-                "id": m.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": m.provider,
-                "queue": m.queue,
-                "tier": m.tier,
-                "context_window": m.context_window,
-                "capabilities": sorted(m.capabilities),
-                "usd_per_mtok_in": m.usd_per_mtok_in,
-                "usd_per_mtok_out": m.usd_per_mtok_out,
-            }
-        )
+        listing = m.listing()
+        provider = listing.pop("provider")
+        rows.append({"id": m.id, "object": "model", "created": 0, "owned_by": provider, **listing})
     return {"object": "list", "data": rows}
 
 

@@ -132,6 +132,19 @@ class Model(_Strict):
     def provider(self) -> str:
         return self.id.split("/", 1)[0]
 
+    def listing(self) -> dict[str, Any]:
+        """What `fleet catalog` and the gateway's model list show of this model."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "queue": self.queue,
+            "tier": self.tier,
+            "context_window": self.context_window,
+            "capabilities": sorted(self.capabilities),
+            "usd_per_mtok_in": self.usd_per_mtok_in,
+            "usd_per_mtok_out": self.usd_per_mtok_out,
+        }
+
     def supports(self, capability: str) -> bool:
         """Whether the catalog says this model can serve `capability` (any string: one
         the catalog does not know is not supported)."""

@@ -19,6 +19,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from router.jobs import TUNING_FIELDS
 from tests.fixtures import reset_live_state, url_of
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
@@ -430,25 +431,7 @@ def test_concurrent_requests_never_spend_past_a_keys_budget(gateway, fleet_env) 
 
 
 # The request fields a provider is sent (OpenAI's names), and the fleet's own, which it is not
-PROVIDER_FIELDS = (
-    "temperature",
-    "max_tokens",
-    "max_completion_tokens",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "stop",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "reasoning_effort",
-    "user",
-)
+PROVIDER_FIELDS = ("temperature", "max_tokens", "max_completion_tokens", *TUNING_FIELDS)
 FLEET_FIELDS = ("task_class", "source", "priority", "deadline", "metadata", "timeout_s")
 UNKNOWN_FIELDS = ("x_fleet_probe", "store", "verbosity", "service_tier")
 EVERY_FIELD = {  # one request setting every field a provider may be sent

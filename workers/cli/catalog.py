@@ -24,19 +24,7 @@ def add_check_config(commands: Subcommands) -> None:
 
 
 def catalog_rows(catalog: Catalog) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": m.id,
-            "provider": m.provider,
-            "queue": m.queue,
-            "tier": m.tier,
-            "context_window": m.context_window,
-            "capabilities": sorted(m.capabilities),
-            "usd_per_mtok_in": m.usd_per_mtok_in,
-            "usd_per_mtok_out": m.usd_per_mtok_out,
-        }
-        for m in catalog.models
-    ]
+    return [m.listing() for m in catalog.models]
 
 
 def run_catalog(args: argparse.Namespace) -> int:
