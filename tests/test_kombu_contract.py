@@ -10,6 +10,7 @@ from typing import Any
 
 from kombu.connection import Connection
 from kombu.transport import redis as stock
+from kombu.transport import virtual
 
 from tests.fixtures import url_of
 from workers.state import keys
@@ -21,20 +22,28 @@ def test_the_kombu_helpers_the_transport_extends_or_calls_are_there() -> None:
     # The transport overrides these (same arguments) and calls kombu's own beside them
     expected: dict[Callable[..., Any], list[str]] = {
         stock.QoS.append: ["self", "message", "delivery_tag"],
+        stock.QoS.ack: ["self", "delivery_tag"],
+        stock.QoS.reject: ["self", "delivery_tag", "requeue"],
         stock.QoS.restore_by_tag: ["self", "tag", "client", "leftmost"],
         stock.QoS.restore_visible: ["self", "start", "num", "interval"],
+        virtual.QoS.append: ["self", "message", "delivery_tag"],
+        virtual.QoS.ack: ["self", "delivery_tag"],
         stock.Channel._put: ["self", "queue", "message"],
         stock.Channel._restore: ["self", "message", "leftmost"],
         stock.Channel._purge: ["self", "queue"],
+        stock.Channel.basic_consume: ["self", "queue"],
+        stock.Channel._connparams: ["self", "asynchronous"],
+        stock.PublishBatch.add: ["self", "name"],
     }
     for function, names in expected.items():
         params = list(inspect.signature(function).parameters)
         assert params[: len(names)] == names, (function.__qualname__, params)
     for name in ("_lookup", "_get_message_priority", "_q_for_pri", "conn_or_acquire"):
         assert callable(getattr(stock.Channel, name)), name
-    # ack and reject(requeue=False) stay kombu's own, on the keys the transport names
-    assert {"unacked_key", "unacked_index_key"} <= set(vars(stock.Channel))
-    assert "unacked_key" in stock.Channel.from_transport_options
+    # a channel's close hands back what it prefetched through restore_by_tag
+    assert "restore_by_tag" in inspect.getsource(stock.QoS.restore_unacked)
+    assert "restore_unacked_once" in inspect.getsource(virtual.Channel.close)
+    assert "priority_steps" in stock.Channel.from_transport_options
 
 
 def test_a_requeued_message_keeps_its_filing(fresh_redis: Any) -> None:
@@ -55,8 +64,26 @@ def test_a_requeued_message_keeps_its_filing(fresh_redis: Any) -> None:
         # dies at once does not lose it (kombu's reject must not drop the filing)
         assert fresh_redis.llen("free") == 1
         assert fresh_redis.hexists(keys.BROKER_MESSAGES, tag)
-        assert fresh_redis.zscore(keys.BROKER_INDEX, tag) is not None
+        assert fresh_redis.zscore(keys.broker_queued("free"), tag) is not None
         again = queue.get(timeout=5)
         assert again.payload == {"job": "requeue me"}
         again.ack()
     assert not fresh_redis.hexists(keys.BROKER_MESSAGES, tag)
+
+
+def test_a_closed_channel_hands_back_what_it_held(fresh_redis: Any) -> None:
+    # Given a consumer holding a message it took and never acked
+    options = {"tracked_queues": ["free"]}
+    with (
+        Connection(url_of(fresh_redis), transport=TRANSPORT, transport_options=options) as conn,
+        conn.SimpleQueue("free") as queue,
+    ):
+        queue.put({"job": "held"})
+        message = queue.get(timeout=5)
+        assert fresh_redis.llen("free") == 0
+    # When its connection closes (a clean shutdown), the message is back in its list, at
+    # once, filed, and held by nobody
+    assert fresh_redis.llen("free") == 1
+    assert fresh_redis.hexists(keys.BROKER_MESSAGES, message.delivery_tag)
+    held = list(fresh_redis.scan_iter(keys.BROKER_HELD_PREFIX + "*"))
+    assert all(not fresh_redis.hexists(k, message.delivery_tag) for k in held)

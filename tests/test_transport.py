@@ -4,10 +4,13 @@ nothing, where kombu's stock channel loses the message."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
@@ -15,11 +18,14 @@ from client import dispatch
 from tests.fixtures import url_of
 from workers.ops.pools import worker_argv
 from workers.ops.supervisor import Supervisor
+from workers.runtime import liveness
 from workers.runtime.celery_app import create_app
 from workers.state import keys
+from workers.state.connections import script
 
 JOB = {"task_class": "cost_free", "messages": [{"role": "user", "content": "hello"}]}
 VISIBILITY_S = 3
+LAPSE_S = 1.0
 
 
 def job_lists(client: Any) -> list[bytes]:
@@ -48,6 +54,7 @@ def start_worker(fleet_env: dict[str, str], url: str, tmp_path: Path, transport:
         **fleet_env,
         "FLEET_BROKER_URL": url,
         "FLEET_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+        "FLEET_WORKER_LAPSE_S": str(LAPSE_S),
         "FLEET_BROKER_TRANSPORT": transport,
     }
     env.pop("FLEET_STATE_URL", None)
@@ -62,9 +69,12 @@ def start_worker(fleet_env: dict[str, str], url: str, tmp_path: Path, transport:
 
 
 def forgotten(client: Any, timeout_s: float = 5) -> bool:
-    """Whether the message store empties (the ack comes just after the stored result)."""
+    """Whether the message store empties and no process holds anything (the ack comes
+    just after the stored result)."""
     deadline = time.monotonic() + timeout_s
-    while client.hlen(keys.BROKER_MESSAGES) or client.zcard(keys.BROKER_INDEX):
+    while client.hlen(keys.BROKER_MESSAGES) or any(
+        client.hlen(k) for k in client.scan_iter(keys.BROKER_HELD_PREFIX + "*")
+    ):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
@@ -90,9 +100,9 @@ def test_a_message_popped_by_a_worker_that_died_at_once(
     sup = start_worker(fleet_env, url, tmp_path, transport)
     try:
         if transport == "fleet":
-            # Then the fleet's transport had filed it at publish: the visibility sweep
-            # puts it back, a worker answers it, and its ack forgets it
-            assert handle.get(timeout=VISIBILITY_S * 10).ok
+            # Then the fleet's transport had filed it at publish: a worker's beat puts it
+            # back after a lapse, a worker answers it, and its ack forgets it
+            assert handle.get(timeout=10 + LAPSE_S * 3).ok
             assert forgotten(client)
         else:
             # Then kombu's stock channel has no trace of it: the job never ends
@@ -103,50 +113,106 @@ def test_a_message_popped_by_a_worker_that_died_at_once(
         sup.stop(20)
 
 
-def sweep(url: str) -> None:
-    """One visibility sweep, as a worker's event loop runs it."""
-    app = create_app({"FLEET_BROKER_URL": url, "FLEET_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S)})
-    with app.connection() as conn:
-        conn.default_channel.qos.restore_visible(interval=1)
+def beat_on(url: str, lapse_s: float = LAPSE_S) -> liveness.Beat:
+    """A worker process's beat on the broker at `url` (a process of its own: a new tag)."""
+    address = urlparse(url)
+    params = {"host": address.hostname, "port": address.port, "db": int(address.path[1:] or 0)}
+    beat = liveness.Beat(params, lapse_s)
+    beat.process = f"test-beat-{uuid.uuid4().hex[:8]}"
+    return beat
 
 
-def age_every_message(client: Any, seconds: float) -> None:
-    for tag in client.zrange(keys.BROKER_INDEX, 0, -1):
-        client.zadd(keys.BROKER_INDEX, {tag: time.time() - seconds})
+def lists_of(client: Any) -> list[str]:
+    return sorted(k.decode() for k in job_lists(client))
 
 
-def test_a_backlog_waiting_past_the_visibility_timeout_is_not_doubled(
+def test_a_backlog_is_never_touched_by_a_beat(broker: tuple[str, Any]) -> None:
+    url, client = broker
+    # Given three jobs waiting in their list
+    handles = [dispatch(JOB) for _ in range(3)]
+    lists = lists_of(client)
+    before = {k: client.lrange(k, 0, -1) for k in lists}
+    positions = {k: client.zrange(keys.broker_queued(k), 0, -1, withscores=True) for k in lists}
+    beat = beat_on(url)
+    # When beats run, over more than a lapse
+    for _ in range(3):
+        beat.beat(lists)
+        time.sleep(LAPSE_S / 2)
+    # Then nothing was pushed again or moved: waiting messages are not the beat's business
+    assert {k: client.lrange(k, 0, -1) for k in lists} == before
+    assert {
+        k: client.zrange(keys.broker_queued(k), 0, -1, withscores=True) for k in lists
+    } == positions
+    assert client.hlen(keys.BROKER_POPPED) == 0
+    # But one popped by a worker that died before recording it is seen, and after a lapse
+    # put back at the front, once
+    popped = client.rpop(lists[0])
+    beat.beat(lists)
+    assert queued(client) == 2 and client.hlen(keys.BROKER_POPPED) == 1
+    time.sleep(LAPSE_S + 0.1)
+    beat.beat(lists)
+    beat.beat(lists)
+    assert queued(client) == 3 and client.hlen(keys.BROKER_POPPED) == 0
+    assert client.lindex(lists[0], -1) == popped
+    assert client.hlen(keys.BROKER_MESSAGES) == len(handles)
+
+
+def test_a_dead_processs_messages_go_back_at_its_lapse_and_not_before(
     broker: tuple[str, Any],
 ) -> None:
     url, client = broker
-    # Given three jobs waiting in their list for longer than the visibility timeout
-    handles = [dispatch(JOB) for _ in range(3)]
-    age_every_message(client, 10 * VISIBILITY_S)
-    # When the sweep runs, each is found where it waits: none is pushed again
-    sweep(url)
-    assert queued(client) == 3
-    assert min(s for _, s in client.zrange(keys.BROKER_INDEX, 0, -1, withscores=True)) > (
-        time.time() - VISIBILITY_S
-    )  # and their clocks start again
-    # But one popped by a worker that died is put back, at the front, once
-    lists = job_lists(client)
+    # Given a process holding a message it took (a worker mid-call)...
+    dispatch(JOB)
+    lists = lists_of(client)
+    holder, watcher = beat_on(url), beat_on(url)
+    holder.beat(lists)
     popped = client.rpop(lists[0])
-    age_every_message(client, 10 * VISIBILITY_S)
-    sweep(url)
-    sweep(url)
-    assert queued(client) == 3
-    assert client.lindex(lists[0], -1) == popped
-    assert client.hlen(keys.BROKER_MESSAGES) == len(handles)
+    tag = json.loads(popped)["properties"]["delivery_tag"]
+    client.evalsha(  # its delivery, as the transport records it
+        script(client, "broker_delivered").sha,
+        5,
+        keys.BROKER_MESSAGES,
+        keys.broker_queued(lists[0]),
+        keys.BROKER_POPPED,
+        keys.broker_held(holder.process),
+        keys.BROKER_HOLDERS,
+        tag,
+        lists[0],
+        holder.lapse_ms,
+        holder.process,
+        "",
+    )
+    # ...for longer than its lapse, beating all along: its message stays its own
+    for _ in range(4):
+        holder.beat(lists)
+        watcher.beat(lists)
+        time.sleep(LAPSE_S / 2)
+    assert queued(client) == 0 and client.hexists(keys.broker_held(holder.process), tag)
+    # When it stops beating (killed), the next beat after its lapse puts the message back
+    time.sleep(LAPSE_S + 0.1)
+    _, _, restored, *dead = watcher.beat(lists)
+    assert restored == 1 and dead == [holder.process.encode(), 1]
+    assert queued(client) == 1 and client.lindex(lists[0], -1) == popped
+    assert not client.exists(keys.broker_held(holder.process))
+    # And when it comes back (a partition healed), it learns it lapsed; its late ack
+    # changes nothing
+    new, holding, *_ = holder.beat(lists)
+    assert (new, holding) == (1, 0)
+    ack = script(client, "broker_ack")
+    assert ack(keys=[keys.BROKER_MESSAGES, keys.broker_held(holder.process)], args=[tag, ""]) == 0
+    assert client.hexists(keys.BROKER_MESSAGES, tag)
 
 
 def test_a_purged_queue_does_not_come_back(broker: tuple[str, Any]) -> None:
     url, client = broker
     for _ in range(2):
         dispatch(JOB)
+    lists = lists_of(client)
     app = create_app({"FLEET_BROKER_URL": url})
     assert app.control.purge() == 2
-    assert client.hlen(keys.BROKER_MESSAGES) == 0 and client.zcard(keys.BROKER_INDEX) == 0
-    sweep(url)
+    assert client.hlen(keys.BROKER_MESSAGES) == 0
+    assert not any(client.zcard(keys.broker_queued(k)) for k in lists)
+    beat_on(url).beat(lists)
     assert queued(client) == 0
 
 

@@ -5,9 +5,14 @@ Settings come from the environment when the app is built (never at import):
     FLEET_BROKER_URL   redis://... or amqp://...     (default redis://127.0.0.1:6379/0)
     FLEET_STATE_URL    redis://... for results and fleet state (default: the broker
                        URL when it is Redis; required with an amqp:// broker)
-    FLEET_VISIBILITY_TIMEOUT_S   seconds before Redis redelivers an unacked job
-                       (default 600; must exceed twice the longest single attempt:
-                       a job waits in a worker at most half of it, then calls)
+    FLEET_WORKER_LAPSE_S         on the fleet's transport: how long a worker process may
+                       go without beating before the jobs it holds go back to their
+                       queues (default 4 s; 0.5 to 600; workers/runtime/liveness.py)
+    FLEET_VISIBILITY_TIMEOUT_S   on kombu's stock channel: seconds before Redis redelivers
+                       an unacked job (default 600; must exceed twice the longest single
+                       attempt: a job waits in a worker at most half of it, then calls).
+                       On the fleet's transport a job comes back by its worker's lapse;
+                       this only bounds a forward's countdown
     FLEET_RESULT_EXPIRES_S       how long results are kept (default 1 day)
     FLEET_BROKER_TRANSPORT       on a Redis broker: `fleet` (default: workers/runtime/
                        transport.py, which no kill can make lose a job) or `kombu`
@@ -33,6 +38,7 @@ from router.catalog import QUEUES, catalog_path, load_catalog
 from router.errors import ConfigError
 from workers.config import fleet_urls
 from workers.runtime.kombu_fixes import harden_redis_transport
+from workers.runtime.liveness import DEFAULT_LAPSE_S
 
 DEFAULT_VISIBILITY_TIMEOUT_S = 600  # > 2 x the longest attempt (provider timeout_s, 120 s)
 
@@ -90,6 +96,24 @@ FLEET_TRANSPORT = "workers.runtime.transport:Transport"
 BROKER_TRANSPORTS = {"fleet": FLEET_TRANSPORT, "kombu": None}
 
 
+def _seconds(
+    environ: Mapping[str, str], name: str, default: float, low: float, high: float
+) -> float:
+    """A duration setting, checked: a number of seconds from `low` to `high`."""
+    value = environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:
+        raise ConfigError(
+            f"{name} must be a number of seconds from {low:g} to {high:g} (got {value!r})"
+        )
+    return seconds
+
+
 def _broker_transport(broker: str, environ: Mapping[str, str]) -> str | None:
     """The transport class for a Redis broker (None: the URL's scheme chooses)."""
     name = environ.get("FLEET_BROKER_TRANSPORT") or "fleet"
@@ -109,24 +133,29 @@ def _queue(name: str) -> Queue:
 
 def celery_settings(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     broker, state = fleet_urls(environ)
-    visibility = int(environ.get("FLEET_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S))
+    visibility = int(
+        _seconds(environ, "FLEET_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S, 1, 86_400)
+    )
+    lapse = _seconds(environ, "FLEET_WORKER_LAPSE_S", DEFAULT_LAPSE_S, 0.5, 600)
     return {
         "broker_url": broker,
         # A transport given by name wins over the URL's scheme (kombu's Connection).
         "broker_transport": _broker_transport(broker, environ),
         "result_backend": state,
         "broker_connection_retry_on_startup": True,
-        # Redis redelivers a job nobody acked within this; unacked ETA tasks too. The
-        # redelivery is a sweep each worker runs: kombu's default runs it every 100 s
-        # (10 s x a throttle of 10), which would leave a killed worker's jobs waiting
-        # that long past the timeout; sweep a few times per timeout instead (at most
-        # every 10 s: one ZRANGE under a mutex).
+        # kombu's stock channel redelivers a job nobody acked within the visibility
+        # timeout; unacked ETA tasks too. The redelivery is a sweep each worker runs:
+        # kombu's default runs it every 100 s (10 s x a throttle of 10), which would leave
+        # a killed worker's jobs waiting that long past the timeout; sweep a few times per
+        # timeout instead (at most every 10 s: one ZRANGE under a mutex). The fleet's
+        # transport brings a job back by its worker's lapse instead (liveness.py).
         "broker_transport_options": {
             "visibility_timeout": visibility,
             "unacked_restore_interval": max(1, min(10, visibility // 4)),
             "unacked_restore_throttle": 1,
             # the queues whose messages the fleet's transport files from publish to ack
             "tracked_queues": list(QUEUES),
+            "lapse_s": lapse,
         },
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         # Storing a result retries through a Redis restart: a job that finished while

@@ -54,6 +54,9 @@ class Bookkeeping:
     settle_usd: float | None = None  # the job's real cost minus what was reserved
     filing: Filing = NOT_FILED  # the dead letter's class and that class's retention
     beat: BeatRun | None = None
+    # the delivery storing it: its message's deliveries hash and its number (a later
+    # delivery of the message supersedes it: store_result.lua stores nothing then)
+    delivery: tuple[str, int] | None = None
 
 
 _attached: dict[str, Bookkeeping] = {}
@@ -155,6 +158,7 @@ class FleetRedisBackend(RedisBackend):
                 keys.BEAT_HEALTH,
                 keys.inflight(job_id),
                 keys.running(this_process()),
+                extra.delivery[0] if extra.delivery else key,
                 *extra.settle_keys,
             ],
             args=[
@@ -169,6 +173,7 @@ class FleetRedisBackend(RedisBackend):
                 filing.max_count,
                 filing.max_age_s,
                 beat.encode() if beat else "",
+                extra.delivery[1] if extra.delivery else "",
             ],
         )
         if beat and isinstance(reply, list):  # [event, the entry's health]

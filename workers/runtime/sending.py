@@ -121,10 +121,13 @@ class _RedisBatch:
     def send(self, messages: Sequence[Outgoing]) -> None:
         from redis.exceptions import ConnectionError, TimeoutError
 
+        from workers.runtime.transport import merged_publishes
+
         writes: list[tuple[str, tuple[Any, ...]]] = []  # (command, its arguments)
         topic = self.channel._get_publish_topic(EVENTS_EXCHANGE, "task.sent")
         # the fleet's transport files each job message as it is published (transport.py)
         put = getattr(self.channel, "put_commands", self._lpush)
+        merge = merged_publishes if hasattr(self.channel, "put_commands") else list
         for m in messages:
             headers, properties, body, sent = _task_message(self.app, m)
             properties["delivery_mode"] = 2
@@ -132,7 +135,7 @@ class _RedisBatch:
             writes += put(m.queue, _envelope(body, headers, properties, priority, "", m.queue))
             if sent:
                 writes.append(("publish", (topic, self._event(sent, m.queue))))
-        writes = _coalesce(writes)
+        writes = _coalesce(merge(writes))
         policy = self.app.conf.task_publish_retry_policy or {}
         for wait in [*_backoff(policy), None]:
             try:

@@ -49,9 +49,10 @@ from workers.runtime.step import (
     poisoned,
     revoked,
 )
-from workers.state import apps, beathealth, deadletter, deliveries
+from workers.state import apps, beathealth, deadletter, deliveries, keys
 from workers.state.connections import preload, redis_client
 from workers.state.deadletter import NOT_FILED
+from workers.state.inflight import Superseded
 from workers.state.limits import FailOpen, FleetState
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,9 @@ class Reply:
         )
 
 
-def _bookkeeping(job: dict[str, Any], result: Result, summary: dict[str, Any]) -> Bookkeeping:
+def _bookkeeping(
+    job: dict[str, Any], result: Result, summary: dict[str, Any], delivery: tuple[str, int] | None
+) -> Bookkeeping:
     """A finished job's ledger rows, its dead letter if it failed, the settlement of what
     its app's budget set aside for it, and how a job beat fired ended, to go with its
     final state."""
@@ -196,6 +199,7 @@ def _bookkeeping(job: dict[str, Any], result: Result, summary: dict[str, Any]) -
         settle_usd=settle_usd,
         filing=deadletter.filing(job, _catalog().policy.dead_letters) if failed else NOT_FILED,
         beat=beathealth.run_of(job, result) if result.ok or failed else None,
+        delivery=delivery,
     )
 
 
@@ -232,14 +236,61 @@ def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
         raise Reject(f"forward not sent: {type(exc).__name__}", requeue=True) from None
 
 
-def _end_revoked(task: Task, job: dict[str, Any], state: TravellingState | None) -> NoReturn:
+def _end_revoked(
+    task: Task, job: dict[str, Any], state: TravellingState | None, delivery: tuple[str, int]
+) -> NoReturn:
     """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made
     before, and the settlement of its reservation), and end this delivery."""
     result = revoked(job, state)
-    attach(job["id"], _bookkeeping(job, result, result.summary()))
+    attach(job["id"], _bookkeeping(job, result, result.summary(), delivery))
     backend = task.backend
     assert isinstance(backend, FleetRedisBackend)
     backend.store_revoked(result)
+    raise Ignore()
+
+
+def _step(
+    task: Task,
+    job: dict[str, Any],
+    travel: TravellingState | None,
+    here: str | None,
+    first: str | None,
+    delivery: deliveries.Delivery,
+) -> Step:
+    """The delivery's step down the chain (none for a poisoned message: it fails)."""
+    sends = travel.sends if travel is not None else 0
+    if delivery.poisoned:
+        return poisoned(job, travel, delivery.count)
+    # Its provider call says which job and delivery it is for (X-Fleet-Job).
+    caller = Caller(job["id"], sends, delivery.count)
+    try:
+        with calling_for(caller):
+            return advance(
+                _catalog(),
+                job,
+                travel,
+                here=here,
+                providers=_registry(),
+                gate=_gate(),
+                worker=task.request.hostname,
+                admitted={first: delivery.admitted} if first and delivery.admitted else None,
+            )
+    except Superseded:
+        _superseded(job, sends, "before its call left")
+
+
+def _superseded(job: dict[str, Any], sends: int, when: str) -> NoReturn:
+    """This delivery's worker lost the message (its beat lapsed while it lived, cut off
+    from Redis or stalled: workers/runtime/liveness.py) and a later delivery has the job:
+    end this one with nothing stored, sent or billed (the later delivery bills a call this
+    one marked in flight as orphaned)."""
+    log.warning(
+        "job %s: message %d was delivered to another worker while this one held it;"
+        " this delivery stops %s",
+        job["id"],
+        sends,
+        when,
+    )
     raise Ignore()
 
 
@@ -274,32 +325,20 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     # which went with the final state), or a copy of a message already forwarded.
     if delivery.finished or delivery.superseded:
         raise Ignore()
+    this = (keys.deliveries(job["id"], sends), delivery.count)
     if delivery.revoked:  # its app revoked it: end it here, with what it spent so far
-        _end_revoked(self, job, travel)
-    if delivery.poisoned:
-        step: Step = poisoned(job, travel, delivery.count)
-    else:
-        # Its provider call says which job and delivery it is for (X-Fleet-Job).
-        caller = Caller(job["id"], sends, delivery.count)
-        with calling_for(caller):
-            step = advance(
-                _catalog(),
-                job,
-                travel,
-                here=here,
-                providers=_registry(),
-                gate=_gate(),
-                worker=self.request.hostname,
-                admitted={first: delivery.admitted} if first and delivery.admitted else None,
-            )
+        _end_revoked(self, job, travel, this)
+    step = _step(self, job, travel, here, first, delivery)
     if isinstance(step, Done):
         summary = step.result.summary()
-        attach(job["id"], _bookkeeping(job, step.result, summary))
+        attach(job["id"], _bookkeeping(job, step.result, summary, this))
         return Reply(summary)
     if isinstance(step, Forward):
+        if not deliveries.current(redis_client(), job["id"], sends, delivery.count):
+            _superseded(job, sends, "before its forward")
         _forward(self.app, job, step)
         raise Ignore()  # this message is done with: acked, no state written, no event
     assert isinstance(step, Failed)
     summary = step.result.summary()
-    attach(job["id"], _bookkeeping(job, step.result, summary))
+    attach(job["id"], _bookkeeping(job, step.result, summary, this))
     raise JobFailed(step.result.error or "job failed", summary)

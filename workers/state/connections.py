@@ -54,7 +54,8 @@ def redis_client(url: str | None = None, environ: Mapping[str, str] = os.environ
 
 
 @cache
-def _source(name: str, included: bool = False) -> str:
+@cache
+def source(name: str, included: bool = False) -> str:
     """A script's text, with each `--!include NAME` line replaced by NAME.lua up to its
     `--!main` line, if it has one (Lua has no imports inside Redis: shared functions are
     pasted in before the script is sent; what follows `--!main` runs the script alone)."""
@@ -62,7 +63,7 @@ def _source(name: str, included: bool = False) -> str:
     if included:
         text = text.split("--!main\n", 1)[0]
     return "".join(
-        _source(line.split()[1], included=True) if line.startswith("--!include ") else line
+        source(line.split()[1], included=True) if line.startswith("--!include ") else line
         for line in text.splitlines(keepends=True)
     )
 
@@ -75,14 +76,14 @@ def script(client: Any, name: str) -> Script:
     key = (id(client), name)
     found = _registered.get(key)
     if found is None or found.registered_client is not client:
-        found = _registered[key] = client.register_script(_source(name))
+        found = _registered[key] = client.register_script(source(name))
     return found
 
 
 def preload(client: Any, names: list[str]) -> None:
     """Put scripts in Redis' cache ahead of their first call (a worker's warm-up)."""
     for name in names:
-        client.script_load(_source(name))
+        client.script_load(source(name))
 
 
 class Pipeline:

@@ -138,3 +138,9 @@ def begin(
         revoked=bool(revoked),
         orphans=tuple(orphans(marks)),
     )
+
+
+def current(redis: Any, job_id: str, sends: int, count: int) -> bool:
+    """Whether delivery `count` of message `sends` is still its message's latest: a later
+    one begins when the worker holding this one lost the message (its beat lapsed)."""
+    return int(redis.hget(keys.deliveries(job_id, sends), "n") or 0) <= count

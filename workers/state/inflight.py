@@ -76,11 +76,20 @@ class Call:
         return [field, json.dumps(call, separators=(",", ":")), KEEP_MS]
 
 
+class Superseded(Exception):
+    """A later delivery of this delivery's message began: its worker lost the message
+    (its beat lapsed, workers/runtime/liveness.py) and the job is another's now."""
+
+
 def mark(redis: Any, call: Call) -> None:
-    """Mark `call` in flight: it is about to leave (see the module's docstring)."""
+    """Mark `call` in flight: it is about to leave (see the module's docstring). Raises
+    Superseded, marking nothing, when a later delivery of its message began."""
     batch = Pipeline(redis)
-    batch.script("mark", [call.key], call.args())
-    batch.execute()
+    batch.script(
+        "mark", [call.key, keys.deliveries(call.job_id, call.sends)], [*call.args(), call.delivery]
+    )
+    if batch.execute()[0] == -1:
+        raise Superseded(f"job {call.job_id}: message {call.sends} was delivered again")
 
 
 @dataclass(frozen=True)

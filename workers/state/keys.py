@@ -108,15 +108,35 @@ def result(job_id: str) -> str:
     return f"celery-task-meta-{job_id}"
 
 
-# --- the broker's own bookkeeping (runtime/transport.py) ---------------------------------
+# --- the broker's own bookkeeping (runtime/transport.py, runtime/liveness.py) -------------
 
 # Every job message from its publish to its ack, so that no moment between Redis' pop and
 # a worker's record of the delivery can lose it (kombu's stock channel records a message
 # only after the pop, and a worker killed in between loses it).
-# hash: delivery tag -> [payload, exchange, routing key, list key]
+# hash: delivery tag -> the message's text
 BROKER_MESSAGES = f"{PREFIX}:broker:messages"
-# zset: delivery tag -> when last touched (published, delivered, put back; unix s)
-BROKER_INDEX = f"{PREFIX}:broker:index"
+# hash: list -> its last back position; '<list>|front' -> its last front position (negated)
+BROKER_POSITIONS = f"{PREFIX}:broker:positions"
+# hash: delivery tag -> when first seen popped with no process holding it (ms)
+BROKER_POPPED = f"{PREFIX}:broker:popped"
+# zset: worker process -> the deadline of its beat (ms, Redis' clock)
+BROKER_HOLDERS = f"{PREFIX}:broker:holders"
+# hash: pulse (the fleet's last beat, ms), calm_until (no deaths declared before, ms)
+BROKER_LIVENESS = f"{PREFIX}:broker:liveness"
+BROKER_QUEUED_PREFIX = f"{PREFIX}:broker:queued:"
+BROKER_HELD_PREFIX = f"{PREFIX}:broker:held:"
+
+
+def broker_queued(list_key: str) -> str:
+    """A queue list's filed messages, waiting or popped and not yet held (zset: delivery
+    tag -> position in the list, scripts/broker_requeue.lua)."""
+    return f"{BROKER_QUEUED_PREFIX}{list_key}"
+
+
+def broker_held(process: str) -> str:
+    """The messages a worker process holds (hash: delivery tag -> '<delivered µs> <list>'),
+    from its delivery to its ack, or to the process's lapse."""
+    return f"{BROKER_HELD_PREFIX}{process}"
 
 
 # --- the ledger spool (filled by runtime/resultstore.py, drained by ledger/store.py) ------

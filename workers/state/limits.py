@@ -485,6 +485,8 @@ class FailOpen:
     def mark(self, call: inflight.Call) -> None:
         try:
             self.state.mark(call)
+        except inflight.Superseded:
+            raise
         except Exception as exc:  # the call goes unmarked: a kill during it bills nothing
             _unreachable(exc)
 

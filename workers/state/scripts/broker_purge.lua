@@ -1,19 +1,11 @@
--- Empty queue lists and forget their tracked messages (a purged message must not come
--- back from the visibility sweep).
--- KEYS: the message store, its index, then the lists. Returns how many were removed.
+-- Empty queue lists and forget their filed messages (a purged message must not come back).
+-- KEYS: the message store, then each list followed by its zset of filed messages.
+-- Returns how many messages were waiting in the lists.
 local removed = 0
-for i = 3, #KEYS do
-  local items = redis.call('LRANGE', KEYS[i], 0, -1)
-  for _, item in ipairs(items) do
-    local ok, message = pcall(cjson.decode, item)
-    local tag = ok and type(message) == 'table' and type(message['properties']) == 'table'
-      and message['properties']['delivery_tag']
-    if type(tag) == 'string' then
-      redis.call('HDEL', KEYS[1], tag)
-      redis.call('ZREM', KEYS[2], tag)
-    end
-  end
-  removed = removed + #items
-  redis.call('DEL', KEYS[i])
+for i = 2, #KEYS, 2 do
+  local tags = redis.call('ZRANGE', KEYS[i + 1], 0, -1)
+  for _, tag in ipairs(tags) do redis.call('HDEL', KEYS[1], tag) end
+  removed = removed + redis.call('LLEN', KEYS[i])
+  redis.call('DEL', KEYS[i], KEYS[i + 1])
 end
 return removed

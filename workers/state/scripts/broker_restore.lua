@@ -1,20 +1,11 @@
--- Put one tracked message back in its queue list, unless it is there already (a message
--- still waiting is never doubled), and start its visibility clock again.
--- KEYS: the message store (hash tag -> entry), its index (zset tag -> last touch).
--- ARGV: the delivery tag, now (s), 'front' (next to be popped) or 'back'.
--- An entry is the JSON array [payload, exchange, routing_key, list key]; the payload is
--- the exact text pushed, so LPOS finds it. Returns 1 if the message was pushed back.
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-if not raw then
-  redis.call('ZREM', KEYS[2], ARGV[1])
-  return 0
-end
-local entry = cjson.decode(raw)
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-if redis.call('LPOS', entry[4], entry[1], 'RANK', -1) then return 0 end
-if ARGV[3] == 'front' then
-  redis.call('RPUSH', entry[4], entry[1])
-else
-  redis.call('LPUSH', entry[4], entry[1])
-end
-return 1
+-- A process hands back a message it holds (kombu's reject with requeue, the messages it
+-- prefetched at a clean shutdown): to the front of its list, or the back.
+-- KEYS: the message store, the positions hash, the process's held hash.
+-- ARGV: the delivery tag, 'front' or 'back', the prefix of the lists' zsets.
+-- Returns 1 if pushed back, 0 if this process did not hold it (it lapsed: others have it).
+--!include broker_requeue
+local held = redis.call('HGET', KEYS[3], ARGV[1])
+if not held then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+local list = string.match(held, '^%d+ (.*)$')
+return requeue(KEYS[1], KEYS[2], ARGV[3], list, ARGV[1], ARGV[2])

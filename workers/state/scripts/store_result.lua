@@ -1,13 +1,14 @@
 -- A job's state, stored for its caller, and its bookkeeping, in one atomic step.
 -- KEYS: the job's result key, the ledger spool, the dead-letter hash, the dead-letter index
 --   of the job's class, the dead-letter trimmed counts, the beat-health hash, the job's
---   in-flight hash, the running set of the process storing it[, then, for a job an app's
+--   in-flight hash, the running set of the process storing it, the deliveries hash of
+--   the message whose delivery stores it (any key when none)[, then, for a job an app's
 --   budget reserved for: its settled marker, the app's day and month spend].
 -- ARGV: value (Celery's JSON), expiry in s (0: none), final ('1' for SUCCESS or FAILURE),
 --   the job's ledger rows ('' = none), job id, its dead letter ('' = none), the
 --   reservation's settlement (real cost minus reserved, USD; '' = none), the dead
 --   letter's class, that class's max count and max age in s, the beat run of a job beat
---   fired (JSON, beat.lua; '' = none).
+--   fired (JSON, beat.lua; '' = none), the storing delivery's number ('' = none).
 -- SUCCESS is never replaced (Celery's own rule, which it checks with a read before the
 -- write), and a non-final state (STARTED, RETRY) never replaces FAILURE either: Celery
 -- writes them from different workers and they can land out of order
@@ -19,10 +20,16 @@
 -- also takes the job out of its process's running set (deliveries.py). Filing a dead
 -- letter trims its class to its retention (deadletter.lua); a beat job failing for a
 -- cause its entry already failed with is counted there, not filed (beat.lua).
+-- A delivery superseded by a later delivery of its message (its worker's beat lapsed and
+-- the message went to another: workers/runtime/liveness.py) stores nothing: the later
+-- one answers, and bills this one's call, marked in flight, as orphaned.
 -- Returns 0 (not written), 1, or for a beat job {event, its entry's health}.
 --!include settle
 --!include deadletter
 --!include beat
+if ARGV[12] ~= '' and tonumber(redis.call('HGET', KEYS[9], 'n') or '0') > tonumber(ARGV[12]) then
+  return 0
+end
 local current = redis.call('GET', KEYS[1])
 if current then
   local ok, meta = pcall(cjson.decode, current)
@@ -49,7 +56,7 @@ if ARGV[6] ~= '' and (not beat or beat[1] == 'failing' or beat[1] == 'another') 
     tonumber(ARGV[10]))
 end
 if ARGV[7] ~= '' and ARGV[3] == '1' then
-  settle(KEYS[9], KEYS[10], KEYS[11], tonumber(ARGV[7]))
+  settle(KEYS[10], KEYS[11], KEYS[12], tonumber(ARGV[7]))
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return beat or 1
