@@ -608,6 +608,12 @@ def _transport_bench(quick: bool) -> Result:
     return transport(quick)
 
 
+def _sweep_bench(quick: bool) -> Result:
+    from bench.bench_sweep import sweep
+
+    return sweep(quick)
+
+
 BENCHES: dict[str, Callable[[bool], Result]] = {
     "router": router,
     "enqueue": enqueue,
@@ -617,4 +623,5 @@ BENCHES: dict[str, Callable[[bool], Result]] = {
     "escalation": escalation,
     "gateway": _gateway_bench,
     "transport": _transport_bench,
+    "sweep": _sweep_bench,
 }
