@@ -77,17 +77,12 @@ class PingProbe(threading.Thread):
 def _script_names() -> dict[str, str]:
     """SHA1 -> the fleet's Lua script name, to name EVALSHA entries of the slowlog (only a
     label: an unknown SHA is shown as it is)."""
-    try:
-        from workers.state import connections
+    from workers.state.connections import SCRIPTS, source
 
-        source = getattr(connections, "_source", None)
-        names = {}
-        for path in sorted(connections.SCRIPTS.glob("*.lua")):
-            text = source(path.stem) if source else path.read_text(encoding="utf-8")
-            names[hashlib.sha1(text.encode()).hexdigest()] = path.stem
-        return names
-    except Exception:
-        return {}
+    return {
+        hashlib.sha1(source(path.stem).encode()).hexdigest(): path.stem
+        for path in sorted(SCRIPTS.glob("*.lua"))
+    }
 
 
 def _label(command: bytes, names: dict[str, str]) -> str:

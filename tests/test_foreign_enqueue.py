@@ -1,6 +1,7 @@
 """A job enqueued "from another language": the raw Celery protocol-2 message, built by
-hand (JSON + base64, no Celery or kombu on the sending side) and LPUSHed onto the queue's
-Redis list, is run by the real workers like a job sent by `dispatch()`.
+hand (JSON + base64, no Celery or kombu on the sending side) and pushed onto the queue's
+Redis list with the shipped publish script (or a bare LPUSH), is run by the real workers
+like a job sent by `dispatch()`.
 
 The message (one JSON document per list item; the queue's list is named after the queue,
 e.g. `free`, for priority 0). Only `body` is base64-encoded:
@@ -128,9 +129,28 @@ def build_message(
     }
 
 
-def enqueue(redis_url: str, queue: str, message: dict[str, Any]) -> None:
+PUBLISH_SCRIPT = ROOT / "workers" / "state" / "scripts" / "broker_publish.lua"
+
+
+def enqueue(redis_url: str, queue: str, message: dict[str, Any], filed: bool = True) -> None:
+    """Enqueue as the doc says: EVAL of the shipped publish script (the message filed in
+    the same step as its push), or a bare LPUSH (`filed=False`)."""
+    text = json.dumps(message)
     with redis.Redis.from_url(redis_url) as client:
-        client.lpush(queue, json.dumps(message))
+        if not filed:
+            client.lpush(queue, text)
+            return
+        tag = message["properties"]["delivery_tag"]
+        keys = [
+            queue,
+            "fleet:broker:messages",
+            "fleet:broker:positions",
+            f"fleet:broker:queued:{queue}",
+        ]
+        assert client.eval(PUBLISH_SCRIPT.read_text(), len(keys), *keys, text, tag) == 1
+        # filed before any worker can pop it: a kill between the pop and the delivery
+        # loses nothing
+        assert client.hget("fleet:broker:messages", tag) == text.encode()
 
 
 def ask(text: str, **fields: Any) -> dict[str, Any]:
@@ -190,7 +210,8 @@ def test_job_without_an_id_takes_the_task_id(fleet_app, fleet_env) -> None:
     task_id = f"foreign-{uuid.uuid4().hex}"
     job = ask("no id in this job", task_class="cost_free")
     assert "id" not in job
-    enqueue(fleet_env["FLEET_BROKER_URL"], "free", build_message(task_id, "free", job))
+    # (a bare LPUSH, unfiled: still run, filed at its delivery)
+    enqueue(fleet_env["FLEET_BROKER_URL"], "free", build_message(task_id, "free", job), filed=False)
     result = wait_result(fleet_app, task_id)
     assert result.ok, result.error
     assert result.job_id == task_id
