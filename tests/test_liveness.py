@@ -107,8 +107,14 @@ def test_a_long_call_is_made_once_on_every_pool(
         sup.start(pool, worker_argv(["free"], pool=pool, concurrency=1, name=pool), READY)
     try:
         sup.wait_ready(90)
-        # When three jobs go to three one-slot workers, one each
+        # When three jobs go to three one-slot workers, one each, and a worker with free
+        # slots joins (it would take any job handed out again)
         handles = [dispatch(JOB, app=get_app()) for _ in pools]
+        wait_for(lambda: sum(calls_per_job(sim).values()) == len(pools), 20)
+        spare = sup.start(
+            "spare", worker_argv(["free"], pool="threads", concurrency=4, name="spare"), READY
+        )
+        sup.wait_ready(90, [spare])
         results = [h.get(timeout=120) for h in handles]
         # Then each was answered by one call: no worker's call was made again while it
         # waited, whatever its pool
