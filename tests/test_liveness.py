@@ -5,6 +5,8 @@ seconds of the kill, and a live worker's long call is made once, whatever its po
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from workers.ops.supervisor import Supervisor
 from workers.runtime.celery_app import get_app
 from workers.sim.simulated import simulated_env
 from workers.sim.simulator import Simulator
+from workers.state import keys
 
 pytestmark = pytest.mark.slow
 JOB = {"task_class": "cost_free", "messages": [{"role": "user", "content": "hello"}]}
@@ -124,3 +127,67 @@ def test_a_long_call_is_made_once_on_every_pool(
         assert workers == set(pools)
     finally:
         sup.stop(20)
+
+
+BUSY_PROCESS = """
+import sys, threading, time
+from mlx_lm import generate, load
+from workers.runtime import liveness
+
+url_host, url_port, db, model_dir, seconds = sys.argv[1:6]
+beat = liveness.Beat({"host": url_host, "port": int(url_port), "db": int(db)}, 0.5)
+beat.consume(["busy-list"])
+model, tokenizer = load(model_dir)
+
+def spin():  # pure Python: holds the GIL but for the interpreter's switches
+    end = time.monotonic() + float(seconds)
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+
+spinners = [threading.Thread(target=spin) for _ in range(4)]
+for s in spinners:
+    s.start()
+print(beat.process, flush=True)
+end = time.monotonic() + float(seconds)
+while time.monotonic() < end:  # the main thread generates, as a solo pool's task would
+    generate(model, tokenizer, prompt="hello", max_tokens=200)
+for s in spinners:
+    s.join()
+"""
+
+
+def test_the_beat_goes_on_while_the_process_is_busy(
+    fresh_redis: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Given a process whose main thread generates with MLX and whose four other threads
+    # spin in pure Python, beating with a lapse of 0.5 s
+    kwargs = fresh_redis.connection_pool.connection_kwargs
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_PROCESS)
+    argv = [sys.executable, str(script), "127.0.0.1", str(kwargs["port"]), str(kwargs["db"])]
+    root = Path(__file__).resolve().parents[1]
+    busy = subprocess.Popen(
+        [*argv, str(tiny_model_dir), "6"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        process = (busy.stdout.readline() if busy.stdout else "").strip()
+        assert process, "the busy process did not start"
+        # Then its deadline never passes while it is busy: nobody would take its jobs
+        worst = 0.0
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            deadline = fresh_redis.zscore(keys.BROKER_HOLDERS, process)
+            seconds, micros = fresh_redis.time()
+            now_ms = seconds * 1000 + micros / 1000
+            assert deadline is not None and deadline > now_ms, "its beat lapsed while busy"
+            worst = max(worst, 500 - (deadline - now_ms))  # how late its last beat is
+            time.sleep(0.02)
+        assert worst < 500
+    finally:
+        busy.wait(30)
+        if busy.stdout:
+            busy.stdout.close()
