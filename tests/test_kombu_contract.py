@@ -87,3 +87,24 @@ def test_a_closed_channel_hands_back_what_it_held(fresh_redis: Any) -> None:
     assert fresh_redis.hexists(keys.BROKER_MESSAGES, message.delivery_tag)
     held = list(fresh_redis.scan_iter(keys.BROKER_HELD_PREFIX + "*"))
     assert all(not fresh_redis.hexists(k, message.delivery_tag) for k in held)
+
+
+def test_a_closed_channel_is_detached_and_a_late_ack_goes_through_the_beat(
+    fresh_redis: Any,
+) -> None:
+    # Given a message taken on a channel that is then closed (its connection lost and
+    # replaced, as after a Redis restart): kombu detaches the channel from its connection
+    options = {"tracked_queues": ["free"]}
+    with Connection(url_of(fresh_redis), transport=TRANSPORT, transport_options=options) as conn:
+        queue = conn.SimpleQueue("free")
+        queue.put({"job": "late ack"})
+        message = queue.get(timeout=5)
+        qos = message.channel.qos
+        beat = message.channel.beat
+        qos._delivered.clear()  # (its hand-back at close failed: Redis was away)
+    assert message.channel.connection is None
+    # When the task that took it acks after that, it does not raise: the ack waits for
+    # the process's next beat, which makes it
+    qos.ack(message.delivery_tag)
+    beat._settle_pending()
+    assert not fresh_redis.hexists(keys.BROKER_MESSAGES, message.delivery_tag)

@@ -63,6 +63,10 @@ class Beat:
         self._unreachable = False  # the last beat could not reach Redis
         self._registered = False
         self.holding = 0  # messages this process held at its last beat
+        # acks and hand-backs that could not reach Redis (a restart): done at the next beat
+        # that can, or the messages would stay held by a live process for good
+        self._acks: dict[str, str] = {}
+        self._give_backs: dict[str, str] = {}
 
     def consume(self, lists: list[str]) -> None:
         """A channel of this process consumes `lists`: beat, and watch them."""
@@ -81,6 +85,44 @@ class Beat:
             self._lists.subtract(lists)
             self._lists += Counter()  # drop the zeros
         self._wake.set()
+
+    def ack(self, tag: str, stamp: str, client: Any) -> None:
+        """Forget a message this process held (broker_ack.lua)."""
+        script(client, "broker_ack")(
+            keys=[keys.BROKER_MESSAGES, keys.broker_held(self.process)], args=[tag, stamp]
+        )
+
+    def give_back(self, tag: str, where: str, client: Any) -> None:
+        """Put a message this process holds back in its list (broker_restore.lua)."""
+        script(client, "broker_restore")(
+            keys=[keys.BROKER_MESSAGES, keys.BROKER_POSITIONS, keys.broker_held(self.process)],
+            args=[tag, where, keys.BROKER_QUEUED_PREFIX],
+        )
+
+    def ack_later(self, tag: str, stamp: str) -> None:
+        with self._lock:
+            self._acks[tag] = stamp
+        log.warning("liveness: an ack could not reach Redis; the beat will make it")
+
+    def give_back_later(self, tag: str, where: str) -> None:
+        with self._lock:
+            self._give_backs[tag] = where
+        log.warning("liveness: a hand-back could not reach Redis; the beat will make it")
+
+    def _settle_pending(self) -> None:
+        with self._lock:
+            acks, self._acks = self._acks, {}
+            backs, self._give_backs = self._give_backs, {}
+        for tag, stamp in acks.items():
+            try:
+                self.ack(tag, stamp, self.client)
+            except redis.RedisError:
+                self.ack_later(tag, stamp)
+        for tag, where in backs.items():
+            try:
+                self.give_back(tag, where, self.client)
+            except redis.RedisError:
+                self.give_back_later(tag, where)
 
     def beat(self, lists: list[str] | None = None) -> list[Any]:
         """One beat, watching `lists` (default: those this process consumes):
@@ -112,12 +154,14 @@ class Beat:
             try:
                 self._report(self.beat())
                 self._unreachable = False
+                self._settle_pending()
             except redis.RedisError as exc:
                 if not self._unreachable:
                     log.warning("liveness: the broker's Redis is unreachable (%r)", exc)
                 self._unreachable = True
             with self._lock:
-                if not self._lists and not self.holding and not self._unreachable:
+                pending = self._acks or self._give_backs
+                if not (self._lists or self.holding or self._unreachable or pending):
                     self._leave()
                     self._thread = None
                     return

@@ -279,6 +279,15 @@ def _step(
         _superseded(job, sends, "before its call left")
 
 
+def _still_current(job_id: str, sends: int, count: int) -> bool:
+    """Whether this delivery is still its message's latest (a Redis that cannot be reached
+    cannot say otherwise: the forward's own send then meets it and hands the message back)."""
+    try:
+        return deliveries.current(redis_client(), job_id, sends, count)
+    except (RedisConnectionError, RedisTimeoutError):
+        return True
+
+
 def _superseded(job: dict[str, Any], sends: int, when: str) -> NoReturn:
     """This delivery's worker lost the message (its beat lapsed while it lived, cut off
     from Redis or stalled: workers/runtime/liveness.py) and a later delivery has the job:
@@ -334,7 +343,7 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         attach(job["id"], _bookkeeping(job, step.result, summary, this))
         return Reply(summary)
     if isinstance(step, Forward):
-        if not deliveries.current(redis_client(), job["id"], sends, delivery.count):
+        if not _still_current(job["id"], sends, delivery.count):
             _superseded(job, sends, "before its forward")
         _forward(self.app, job, step)
         raise Ignore()  # this message is done with: acked, no state written, no event

@@ -125,26 +125,43 @@ class QoS(stock.QoS):
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
         # kombu's `leftmost` means LPUSH: the back of the line (BRPOP pops the right end)
         self._stamps.pop(tag, None)
-        channel = self.channel
-        with channel.conn_or_acquire(client) as conn:
-            channel.script("broker_restore")(
-                keys=[keys.BROKER_MESSAGES, keys.BROKER_POSITIONS, channel.held_key],
-                args=[tag, "back" if leftmost else "front", keys.BROKER_QUEUED_PREFIX],
-                client=conn,
-            )
+        where = "back" if leftmost else "front"
+        if self._detached():
+            self.channel.beat.give_back_later(tag, where)
+            return
+        try:
+            with self.channel.conn_or_acquire(client) as conn:
+                self.channel.beat.give_back(tag, where, conn)
+        except self.channel.connection_errors:  # Redis away: this process's beat retries
+            self.channel.beat.give_back_later(tag, where)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """Hand back what this channel took and did not ack (its close): each one, or, with
+        Redis away, later, from the beat (kombu's stops at the first error)."""
+        for tag in list(self._delivered):
+            self.restore_by_tag(tag, client=client)
+        self._delivered.clear()
 
     def restore_visible(self, start: int = 0, num: int | None = 10, interval: int = 10) -> None:
         """kombu's visibility sweep: nothing to do. Messages come back by their holder's
         lapse (workers/runtime/liveness.py), not by a clock."""
 
+    def _detached(self) -> bool:
+        """Whether this QoS's channel was closed under it (its connection lost with Redis,
+        and replaced): a task that ends after the reconnection acks through it."""
+        connection = self.channel.connection
+        return connection is None or connection.client is None
+
     def _forget(self, tag: str) -> None:
-        channel = self.channel
-        with channel.conn_or_acquire() as conn:
-            channel.script("broker_ack")(
-                keys=[keys.BROKER_MESSAGES, channel.held_key],
-                args=[tag, self._stamps.pop(tag, "")],
-                client=conn,
-            )
+        stamp = self._stamps.pop(tag, "")
+        if self._detached():
+            self.channel.beat.ack_later(tag, stamp)
+            return
+        try:
+            with self.channel.conn_or_acquire() as conn:
+                self.channel.beat.ack(tag, stamp, conn)
+        except self.channel.connection_errors:  # Redis away: this process's beat retries
+            self.channel.beat.ack_later(tag, stamp)
 
 
 class Channel(stock.Channel):
