@@ -153,3 +153,34 @@ def test_the_final_state_clears_the_jobs_marks_with_its_rows(
     attach("j4", Bookkeeping(rows=encode_rows([])))
     backend.store_result("j4", {"ok": True}, states.SUCCESS)
     assert not fresh_redis.exists(keys.inflight("j4"))
+
+
+def test_a_superseded_delivery_neither_calls_nor_stores_and_its_call_is_billed_once(
+    fresh_redis: Any, state: FleetState
+) -> None:
+    from tests.fixtures import url_of
+    from workers.runtime.celery_app import create_app
+
+    # Given delivery 1 of a job's message, which marked its call, then lost the message
+    # (its worker's beat lapsed) to delivery 2 on another worker
+    assert deliveries.begin(fresh_redis, "j9", 0, process="w1").count == 1
+    state.mark(kimi_call("j9", delivery=1))
+    later = deliveries.begin(fresh_redis, "j9", 0, process="w2")
+    assert later.count == 2 and [o.field for o in later.orphans] == ["0:1"]
+    assert not deliveries.current(fresh_redis, "j9", 0, 1)
+    # Then delivery 1 may not mark (so make) another call
+    with pytest.raises(inflight.Superseded):
+        state.mark(kimi_call("j9", delivery=1))
+    # and its final state, with its rows, is not stored: the later delivery answers, and
+    # bills delivery 1's marked call as orphaned (once: bill_orphans clears the mark)
+    backend = create_app({"FLEET_BROKER_URL": url_of(fresh_redis)}).backend
+    row = {"job_id": "j9", "attempt": 1, "model": KIMI}
+    attach("j9", Bookkeeping(rows=encode_rows([row]), delivery=(keys.deliveries("j9", 0), 1)))
+    backend.store_result("j9", {"ok": True}, states.SUCCESS)
+    assert fresh_redis.get(keys.result("j9")) is None
+    assert fresh_redis.llen(keys.LEDGER_SPOOL) == 0
+    # while the current delivery's state is stored
+    attach("j9", Bookkeeping(rows=encode_rows([row]), delivery=(keys.deliveries("j9", 0), 2)))
+    backend.store_result("j9", {"ok": True}, states.SUCCESS)
+    assert json.loads(fresh_redis.get(keys.result("j9")))["status"] == "SUCCESS"
+    assert fresh_redis.llen(keys.LEDGER_SPOOL) == 1
