@@ -5,6 +5,7 @@ nothing, where kombu's stock channel loses the message."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -168,19 +169,15 @@ def test_a_dead_processs_messages_go_back_at_its_lapse_and_not_before(
     holder.beat(lists)
     popped = client.rpop(lists[0])
     tag = json.loads(popped)["properties"]["delivery_tag"]
-    client.evalsha(  # its delivery, as the transport records it
-        script(client, "broker_delivered").sha,
-        5,
-        keys.BROKER_MESSAGES,
-        keys.broker_queued(lists[0]),
-        keys.BROKER_POPPED,
-        keys.broker_held(holder.process),
-        keys.BROKER_HOLDERS,
-        tag,
-        lists[0],
-        holder.lapse_ms,
-        holder.process,
-        "",
+    script(client, "broker_delivered")(  # its delivery, as the transport records it
+        keys=[
+            keys.BROKER_MESSAGES,
+            keys.broker_queued(lists[0]),
+            keys.BROKER_POPPED,
+            keys.broker_held(holder.process),
+            keys.BROKER_HOLDERS,
+        ],
+        args=[tag, lists[0], holder.lapse_ms, holder.process, ""],
     )
     # ...for longer than its lapse, beating all along: its message stays its own
     for _ in range(4):
@@ -234,6 +231,33 @@ def test_a_message_pushed_without_filing_is_filed_on_delivery_and_answered(
         assert forgotten(client)
     finally:
         sup.stop(20)
+
+
+@pytest.mark.parametrize("value", ["0", "0.1", "abc", "601", "nan"])
+def test_a_bad_lapse_is_refused_in_one_line(value: str) -> None:
+    import subprocess
+    import sys
+
+    from router.errors import ConfigError
+    from workers.runtime.celery_app import celery_settings
+
+    with pytest.raises(ConfigError, match="FLEET_WORKER_LAPSE_S must be a number of seconds"):
+        celery_settings({"FLEET_WORKER_LAPSE_S": value})
+    assert (
+        celery_settings({"FLEET_WORKER_LAPSE_S": "2.5"})["broker_transport_options"]["lapse_s"]
+        == 2.5
+    )
+    # `fleet worker` says so in one line before it starts anything
+    env = {**os.environ, "FLEET_WORKER_LAPSE_S": value}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "worker", "free"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].endswith(f"(got {value!r})"), done.stderr
 
 
 def test_an_unknown_transport_is_refused_with_the_choices() -> None:

@@ -26,8 +26,10 @@ def add_up(commands: Subcommands) -> None:
 def run_up(args: argparse.Namespace) -> int:
     from workers.config import limit_margin_ms
     from workers.ops import up
+    from workers.runtime.celery_app import celery_settings
 
     limit_margin_ms()  # checked before any child starts
+    celery_settings()  # (the lapse, the visibility timeout, the transport: one line each)
     return up.run_up(
         beat=not args.no_beat,
         flower_port=None if args.no_flower else args.flower_port,
@@ -82,8 +84,10 @@ def run_worker(args: argparse.Namespace) -> int:
     """Replace this process with a Celery worker for `args.queues` (exec)."""
     from workers.config import limit_margin_ms
     from workers.ops.pools import worker_argv
+    from workers.runtime.celery_app import celery_settings
 
     limit_margin_ms()  # a bad FLEET_LIMIT_MARGIN_MS stops here, in one line, not per job
+    celery_settings()  # and a bad FLEET_WORKER_LAPSE_S (or the like) too
     argv = worker_argv(
         args.queues, pool=args.pool, concurrency=args.concurrency, loglevel=args.loglevel
     )
