@@ -279,8 +279,9 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
     if delivery.poisoned:
         step: Step = poisoned(job, travel, delivery.count)
     else:
-        # Its provider call says which job and delivery it is for (X-Fleet-Job).
-        caller = Caller(job["id"], sends, delivery.count)
+        # Its provider call says which job and delivery it is for, and which process
+        # makes it (X-Fleet-Job).
+        caller = Caller(job["id"], sends, delivery.count, deliveries.this_process())
         with calling_for(caller):
             step = advance(
                 _catalog(),
