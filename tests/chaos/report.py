@@ -7,9 +7,10 @@ transport, and on kombu's stock Redis channel as the baseline beside it, whose l
 the measure (rows marked "(kombu)", never a failure). `--long`: 150 kills each and a 30 s
 partition (about 15 minutes), instead of 12 kills and 12 s.
 
-Exit status 1 if any scenario lost, duplicated or mis-billed a job (a provider call
-the ledger lacks, known gap included, or a row for a call never made), missed its fault,
-or broke another of its checks; the problems are listed under the table.
+Exit status 1 if any scenario lost, duplicated, called twice or mis-billed a job (a
+provider call the ledger lacks, excused ones included, or a row for a call never made),
+missed its fault, or broke another of its checks; the problems are listed under the
+table.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ COLUMNS = (
     "dead-lettered",
     "lost",
     "duplicated",
+    "called twice",
     "provider calls",
     "calls not in ledger",
-    "(redelivered)",
+    "(excused)",
     "ledger rows never called",
     "(orphans)",
     "seconds",
@@ -66,9 +68,10 @@ def row(t: Tally) -> tuple[str, ...]:
         str(t.dead_lettered),
         str(t.lost),
         str(t.duplicated),
+        str(t.called_twice),
         str(t.provider_calls),
         str(t.unbilled_calls),
-        str(t.redelivered_unbilled),
+        str(t.excused_unbilled),
         str(t.uncalled_rows),
         str(t.uncalled_orphans),
         f"{t.seconds:.1f}",
@@ -78,10 +81,10 @@ def row(t: Tally) -> tuple[str, ...]:
 def known_gaps(t: Tally) -> list[str]:
     """What the audit counted but explained: still wrong, and said so."""
     gaps = []
-    if t.redelivered_unbilled:
+    if t.excused_unbilled:
         gaps.append(
-            f"{t.redelivered_unbilled} provider calls not in the ledger were made by deliveries"
-            " delivered again (their ack lost with Redis, or a worker killed mid-call)"
+            f"{t.excused_unbilled} provider calls not in the ledger were made by deliveries"
+            f" whose worker process was killed or cut off ({t.excuses()})"
         )
     if t.uncalled_orphans:
         gaps.append(
