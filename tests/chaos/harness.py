@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import yaml
@@ -77,6 +77,9 @@ from workers.ops.supervisor import Child
 from workers.sim.simulated import write_simulated_catalog
 from workers.sim.simulator import Simulator
 from workers.state import keys
+
+if TYPE_CHECKING:
+    from .recovery import Recovery
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_TIMEOUT_S = 2.0  # the simulated providers' timeout: `timeout`/`stall` wait this
@@ -781,7 +784,8 @@ class Tally:
     for the audited jobs; unbilled_calls with no ledger row (excused_unbilled of them
     made by deliveries a strike took, one each: `excused` counts them by kind, killed
     or cut); uncalled_rows with no call (uncalled_orphans of them orphaned rows).
-    `hits`: what the fault struck."""
+    `hits`: what the fault struck. `recovery`: a recovery scenario's figures
+    (recovery.py)."""
 
     scenario: str
     jobs: int = 0
@@ -809,6 +813,7 @@ class Tally:
     reference: bool = False
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    recovery: Recovery | None = None  # a recovery scenario's figures, for the report
 
     @property
     def double_billed(self) -> int:
