@@ -56,6 +56,26 @@ def test_a_non_ascii_job_id_travels_percent_encoded(
     assert sim.requests()[-1]["job"] == "reçu-été"
 
 
+def test_a_call_names_the_process_that_makes_it(
+    sim: Simulator, provider: OpenAICompatProvider
+) -> None:
+    # (the chaos audit tells a killed process's calls from a live one's by it)
+    caller = Caller("job-8", 0, 2, "host-a:4242:1f2e3d4c")
+    assert caller.header() == "job-8; message=0; delivery=2; process=host-a:4242:1f2e3d4c"
+    odd = Caller("job-9", 1, 1, "h;x=1:7:ab")  # nothing in it can split the header
+    with calling_for(caller):
+        provider.complete(CompletionRequest("m", HELLO))
+    with calling_for(odd):
+        provider.complete(CompletionRequest("m", HELLO))
+    provider.complete(CompletionRequest("m", HELLO))
+    logged = [(r["job"], r["job_delivery"], r["job_process"]) for r in sim.requests()]
+    assert logged == [
+        ("job-8", 2, "host-a:4242:1f2e3d4c"),
+        ("job-9", 1, "h;x=1:7:ab"),
+        (None, None, None),
+    ]
+
+
 def test_the_caller_belongs_to_its_thread() -> None:
     seen: list[Caller | None] = []
     with calling_for(Caller("mine", 0, 1)):

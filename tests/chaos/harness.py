@@ -19,16 +19,20 @@ killed worker's jobs come back within seconds. The test process is the dispatche
   confirmed it) before any traffic and again after each Redis restart before any worker
   can reach Redis; one publication can still die with Redis, when it executed in the
   instant Redis went down: counted apart (`unwatched_at_outage`), any other is a problem;
+- called twice: every call the simulator received names its job, message, delivery and
+  worker process (the workers send `X-Fleet-Job`), and the harness records the
+  processes it struck (`Struck`: killed -9 by `kill`, `kill_children`, `kill_pid`; cut
+  off by `cut_off`; a Redis restart strikes no worker). A delivery makes at most one
+  call, so a message called twice while its workers lived (two calls from processes
+  neither killed nor cut, or two from one struck delivery) was run twice: a problem;
 - under-billed / over-billed, against the provider's own request log, not the fleet's
-  word: every call the simulator received names its job (the workers send
-  `X-Fleet-Job`), and for each job and model the calls received must equal the ledger's
-  rows with outcome ok, error or orphaned. A call with no row is under-billed (the
-  ledger misses a call the provider served); a row with no call is over-billed. A
-  missing row whose call was made by a delivery that was delivered again (its worker
-  killed mid-call, or its ack lost with Redis) is the known gap, counted apart
-  (`redelivered_unbilled`); any other is a problem. Models the simulator does not serve
-  (a provider pointed at a closed port, the local MLX ones) have no witness and are left
-  out;
+  word: for each job and model the calls received must equal the ledger's rows with
+  outcome ok, error or orphaned. A call with no row is under-billed (the ledger misses
+  a call the provider served); a row with no call is over-billed. A missing row is
+  excused only for a call whose process was killed or cut, at most one per such
+  delivery, counted apart by kind (`excused`); any other is a problem. Models the
+  simulator does not serve (a provider pointed at a closed port, the local MLX ones)
+  have no witness and are left out;
 - ledger ≠ result: the ledger's rows (orphaned rows aside) are not exactly the attempts of
   the job's final Result (rows from another execution, rows missing or extra, a
   different cost);
@@ -47,6 +51,7 @@ import os
 import random
 import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -55,7 +60,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import yaml
@@ -72,6 +77,9 @@ from workers.ops.supervisor import Child
 from workers.sim.simulated import write_simulated_catalog
 from workers.sim.simulator import Simulator
 from workers.state import keys
+
+if TYPE_CHECKING:
+    from .recovery import Recovery
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_TIMEOUT_S = 2.0  # the simulated providers' timeout: `timeout`/`stall` wait this
@@ -203,13 +211,14 @@ def chaos_catalog(
     dead_providers: Iterable[str] = (),
     circuit: bool = False,
     max_wait_s: float | None = None,
+    timeout_s: float = PROVIDER_TIMEOUT_S,
 ) -> Path:
     """The default catalog aimed at the simulator, without the providers' rate limits and
     quotas (hundreds of jobs a minute would exhaust them: the limits have their own
     tests), and, unless `circuit`, with circuits that never open (so a fault injected
     into one job does not change how the next one is routed). `dead_providers` point at
     a port nobody listens on: their calls are refused."""
-    write_simulated_catalog(sim_url, path.parent / "no-local-model", path, PROVIDER_TIMEOUT_S)
+    write_simulated_catalog(sim_url, path.parent / "no-local-model", path, timeout_s)
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     for provider in data["providers"].values():
         provider.pop("limits", None)
@@ -227,6 +236,63 @@ def chaos_catalog(
     return path
 
 
+def process_started(pid: int) -> float:
+    """When process `pid` started, in epoch seconds (/proc: its start in clock ticks after
+    boot), or now if it is gone."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, IndexError, ValueError, StopIteration):
+        return time.time()
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Struck:
+    """A worker process the chaos struck, and the span of its calls that were struck with
+    it: `killed` (kill -9: every call it made, from its start to its death) or `cut`
+    (cut off from Redis and the provider: the calls that reached the provider from one
+    provider timeout before the cut, which may still have been waiting for their answer,
+    up to the heal). A process is known by host and pid (workers.state.deliveries
+    .this_process() names it `host:pid:tag`), within that span: a pid used again later
+    is another process."""
+
+    kind: str  # "killed" | "cut"
+    host: str
+    pid: int
+    since: float  # epoch s
+    until: float  # epoch s
+
+    def made(self, call: dict[str, Any]) -> bool:
+        """Whether `call` (from the simulator's log) was made by this process in the span."""
+        who = process_of(call.get("job_process"))
+        return who == (self.host, self.pid) and self.since <= float(call["t"]) <= self.until
+
+
+def process_of(process: str | None) -> tuple[str, int] | None:
+    """(host, pid) of a worker process name `host:pid:tag`, or None."""
+    if not process:
+        return None
+    host, _, rest = process.partition(":")
+    pid = rest.partition(":")[0]
+    return (host, int(pid)) if pid.isdigit() else None
+
+
+def fate_of(struck: Iterable[Struck]) -> Callable[[dict[str, Any]], str | None]:
+    """The kind of strike ("killed", "cut") that took the process of a call, or None: the
+    call was made while its worker lived on."""
+    found = list(struck)
+
+    def fate(call: dict[str, Any]) -> str | None:
+        return next((s.kind for s in found if s.made(call)), None)
+
+    return fate
+
+
 class ChaosFleet:
     """One scenario's fleet. Use as a context manager; the test process dispatches."""
 
@@ -235,7 +301,7 @@ class ChaosFleet:
         name: str,
         workdir: Path,
         *,
-        visibility_s: float = 10.0,
+        visibility_s: float | None = 10.0,
         latency_ms: float = 40.0,
         cost_usd: float = 0.001,
         api_keys: dict[str, str] | None = None,
@@ -243,14 +309,26 @@ class ChaosFleet:
         circuit: bool = False,
         max_wait_s: float | None = None,
         host: str = "127.0.0.1",
+        provider_timeout_s: float = PROVIDER_TIMEOUT_S,
+        broker_url: str | None = None,
     ) -> None:
         """`host`: the address Redis and the simulator serve on for the fleet (and on
-        loopback): another network namespace reaches them there (tests/chaos/netns.py)."""
+        loopback): another network namespace reaches them there (tests/chaos/netns.py).
+        `visibility_s` None: the fleet's default visibility timeout, as `fleet up` runs
+        it (FLEET_VISIBILITY_TIMEOUT_S unset). `broker_url`: another broker (RabbitMQ);
+        the fleet's Redis then holds results and fleet state only (FLEET_STATE_URL)."""
+        from workers.runtime.celery_app import DEFAULT_VISIBILITY_TIMEOUT_S
+
         self.name = name
         self.host = host
         self.max_wait_s = max_wait_s
         self.workdir = Path(workdir)
-        self.visibility_s = visibility_s
+        self.visibility_set = visibility_s is not None
+        self.visibility_s = float(visibility_s or DEFAULT_VISIBILITY_TIMEOUT_S)
+        self.provider_timeout_s = provider_timeout_s
+        self.broker_url = broker_url
+        # the worker processes the chaos killed or cut off, for the audit (Struck)
+        self.struck: list[Struck] = []
         self.latency_ms = latency_ms
         self.cost_usd = cost_usd
         self.api_keys = api_keys
@@ -297,21 +375,26 @@ class ChaosFleet:
             dead_providers=self.dead_providers,
             circuit=self.circuit,
             max_wait_s=self.max_wait_s,
+            timeout_s=self.provider_timeout_s,
         )
         self.catalog = load_catalog(catalog)
         self.ledger_url = f"sqlite:///{self.workdir / 'ledger.db'}"
-        env = {k: v for k, v in os.environ.items() if k != "FLEET_STATE_URL"}
+        unset = ("FLEET_STATE_URL", "FLEET_VISIBILITY_TIMEOUT_S")
+        env = {k: v for k, v in os.environ.items() if k not in unset}
         env.update(
             {
-                "FLEET_BROKER_URL": self.redis.url,
+                "FLEET_BROKER_URL": self.broker_url or self.redis.url,
                 "FLEET_CATALOG": str(catalog),
                 "FLEET_LEDGER_URL": self.ledger_url,
                 "FLEET_DATA_DIR": str(self.workdir / "data"),
-                "FLEET_VISIBILITY_TIMEOUT_S": str(int(self.visibility_s)),
                 "HF_HUB_OFFLINE": "1",
                 "PYTHONPATH": str(ROOT),
             }
         )
+        if self.broker_url:
+            env["FLEET_STATE_URL"] = self.redis.url
+        if self.visibility_set:
+            env["FLEET_VISIBILITY_TIMEOUT_S"] = str(int(self.visibility_s))
         keys_ = self.api_keys or {
             p.api_key_env: "sim-placeholder-key"
             for p in self.catalog.providers.values()
@@ -323,7 +406,9 @@ class ChaosFleet:
         # The test process dispatches to this fleet.
         self._saved = {k: os.environ.get(k) for k in DISPATCHER_VARS}
         os.environ.pop("FLEET_STATE_URL", None)
-        os.environ["FLEET_BROKER_URL"] = self.redis.url
+        os.environ["FLEET_BROKER_URL"] = env["FLEET_BROKER_URL"]
+        if self.broker_url:
+            os.environ["FLEET_STATE_URL"] = self.redis.url
         os.environ["FLEET_CATALOG"] = str(catalog)
         self._client = redis.Redis.from_url(self.redis.url, socket_connect_timeout=2)
         self.monitor = FinalMonitor(self.redis.url).start()
@@ -357,7 +442,7 @@ class ChaosFleet:
         with contextlib.suppress(Exception):
             from workers.runtime.celery_app import get_app
 
-            app = get_app({"FLEET_BROKER_URL": self.redis.url})
+            app = get_app()  # the dispatcher's (this fleet's settings are still set)
             app.backend.result_consumer.subscribed_to.clear()
 
     @property
@@ -384,15 +469,39 @@ class ChaosFleet:
 
     def kill(self, worker: Child) -> None:
         """kill -9 the worker's main process (with a threads pool: every job it holds)."""
+        pid, since = worker.pid, process_started(worker.pid)
         self.processes.kill(worker)
+        self.struck.append(Struck("killed", socket.gethostname(), pid, since, time.time()))
 
     def kill_children(self, worker: Child) -> int:
         """kill -9 the pool processes of a prefork worker (its parent stays)."""
         children = pool_children(worker.pid)
         for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            self.kill_pid(pid)
         return len(children)
+
+    def kill_pid(self, pid: int) -> None:
+        """kill -9 one worker process (a pool child), recorded for the audit."""
+        since = process_started(pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        self.struck.append(Struck("killed", socket.gethostname(), pid, since, time.time()))
+
+    @contextlib.contextmanager
+    def cut_off(
+        self, worker: Child, cut: Callable[[], None], heal: Callable[[], None]
+    ) -> Iterator[None]:
+        """`cut()` the worker's link for the block, then `heal()` it; recorded for the
+        audit: the calls it made from one provider timeout before the cut to the heal
+        (a delivery in progress when the link went) died with the cut (Struck)."""
+        since = time.time() - self.provider_timeout_s - 1.0
+        cut()
+        try:
+            yield
+        finally:
+            heal()
+            host = socket.gethostname()
+            self.struck.append(Struck("cut", host, worker.pid, since, time.time()))
 
     def restart(self, worker: Child, wait: bool = True) -> None:
         self.processes.restart(worker, wait)
@@ -511,10 +620,6 @@ class ChaosFleet:
             if (self.catalog.providers[m.provider].resolved_base_url(self.env) or "").rstrip("/")
             == url
         }
-
-    def deliveries(self, job: str, message: int) -> int:
-        """How many times the fleet delivered message `message` of `job` (its counter)."""
-        return int(self.client.hget(keys.deliveries(job, message), "n") or 0)
 
     # --- dispatching and collecting ---------------------------------------------------
 
@@ -663,18 +768,24 @@ class JobRecord:
         return self.handle.id
 
 
+EXCUSED = "excused: "  # the note that lists the excused calls by kind
+
+
 @dataclass
 class Tally:
     """A scenario's counts.
 
     Jobs: answered, dead_lettered, lost, duplicated, unwatched (unwatched_at_outage of
-    them stored as Redis went down), ledger_vs_result, wrong, and the jobs whose billing
-    nothing explains: under_billed (a provider call with no ledger row, its delivery
-    not delivered again) and over_billed (a ledger row with no call, not an orphan).
+    them stored as Redis went down), ledger_vs_result, wrong, called_twice (a message
+    called more than once while its workers lived), and the jobs whose billing nothing
+    explains: under_billed (a provider call with no ledger row, its process neither
+    killed nor cut) and over_billed (a ledger row with no call, not an orphan).
     Calls and rows, from the provider's log against the ledger: provider_calls received
-    for the audited jobs; unbilled_calls with no ledger row (redelivered_unbilled of them
-    made by a delivery that was delivered again); uncalled_rows with no call
-    (uncalled_orphans of them orphaned rows). `hits`: what the fault struck."""
+    for the audited jobs; unbilled_calls with no ledger row (excused_unbilled of them
+    made by deliveries a strike took, one each: `excused` counts them by kind, killed
+    or cut); uncalled_rows with no call (uncalled_orphans of them orphaned rows).
+    `hits`: what the fault struck. `recovery`: a recovery scenario's figures
+    (recovery.py)."""
 
     scenario: str
     jobs: int = 0
@@ -688,9 +799,11 @@ class Tally:
     over_billed: int = 0
     ledger_vs_result: int = 0
     wrong: int = 0
+    called_twice: int = 0
     provider_calls: int = 0
     unbilled_calls: int = 0
-    redelivered_unbilled: int = 0
+    excused_unbilled: int = 0
+    excused: Counter[str] = field(default_factory=Counter)
     uncalled_rows: int = 0
     uncalled_orphans: int = 0
     seconds: float = 0.0
@@ -700,6 +813,7 @@ class Tally:
     reference: bool = False
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    recovery: Recovery | None = None  # a recovery scenario's figures, for the report
 
     @property
     def double_billed(self) -> int:
@@ -719,10 +833,15 @@ class Tally:
             self.over_billed,
             self.ledger_vs_result,
             self.wrong,
+            self.called_twice,
             self.unbilled_calls,
             self.uncalled_rows,
         )
         return not self.problems and not any(counts)
+
+    def excuses(self) -> str:
+        """The calls with no ledger row excused, by kind: "excused: killed 7, cut 3"."""
+        return EXCUSED + ", ".join(f"{kind} {n}" for kind, n in sorted(self.excused.items()))
 
     def problem(self, kind: str, job: str, why: str) -> None:
         setattr(self, kind, getattr(self, kind) + 1)
@@ -799,11 +918,14 @@ def billing_mismatch(rows: list[dict[str, Any]], expected: list[dict[str, Any]])
     return None
 
 
-def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
-    """Check every job of `records`, one by one, and count what went wrong."""
+def audit(
+    fleet: ChaosFleet, records: list[JobRecord], tally: Tally, quiet_s: float | None = None
+) -> Tally:
+    """Check every job of `records`, one by one, and count what went wrong. First wait up
+    to `quiet_s` (3 visibility timeouts unless given) for Redis to hold no message."""
     from workers.ledger.store import Ledger
 
-    if not fleet.wait_quiet(3 * fleet.visibility_s):
+    if not fleet.wait_quiet(3 * fleet.visibility_s if quiet_s is None else quiet_s):
         tally.problems.append("messages still queued or unacked long after the run")
     time.sleep(0.5)  # let late duplicates (if any) publish before counting
     ledger = Ledger(
@@ -825,13 +947,18 @@ def audit(fleet: ChaosFleet, records: list[JobRecord], tally: Tally) -> Tally:
     by_id: dict[str, list[JobRecord]] = {}
     for record in records:
         by_id.setdefault(record.id, []).append(record)
+    fate = fate_of(fleet.struck)
     for jid, callers in by_id.items():
         meta = backend_meta(fleet.client, jid)
         final = final_result(meta)
         raw_dead = fleet.client.hget(keys.DEAD_LETTER, jid)
         dead = json.loads(raw_dead) if raw_dead else None
         _audit_job(tally, jid, callers, meta, final, dead, finals[jid], rows.get(jid, []), fleet)
-        _audit_billing(tally, jid, calls.get(jid, []), rows.get(jid, []), served, fleet)
+        _audit_billing(tally, jid, calls.get(jid, []), rows.get(jid, []), served, fate)
+    # (a scenario may audit twice, into one tally: one line, with the counts so far)
+    tally.notes = [n for n in tally.notes if not n.startswith(EXCUSED)]
+    if tally.excused:
+        tally.notes.append(tally.excuses())
     return tally
 
 
@@ -856,12 +983,13 @@ class Billing:
     """One job's provider calls against its ledger rows, by model (the simulator's name)."""
 
     unbilled: Counter[str]  # calls the provider received with no ledger row
-    redelivered: int  # of those, calls made by a delivery that was delivered again
+    excused: Counter[str]  # of those, by kind: made by a delivery a strike took (killed, cut)
     uncalled: Counter[str]  # ledger rows for calls the provider never received
     orphans: int  # of those, orphaned rows: their worker died before the call left
+    twice: int  # calls beyond one per message made while their workers lived
 
     def unexplained(self) -> int:
-        return sum(self.unbilled.values()) - self.redelivered
+        return sum(self.unbilled.values()) - sum(self.excused.values())
 
     def overbilled(self) -> int:
         return sum(self.uncalled.values()) - self.orphans
@@ -871,25 +999,46 @@ def billing(
     calls: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     served: dict[str, str],
-    redelivered: Callable[[dict[str, Any]], bool],
+    fate: Callable[[dict[str, Any]], str | None],
 ) -> Billing:
     """Hold a job's calls, from the provider's log, against its ledger rows (outcome ok,
     error or orphaned; rows of models the simulator does not serve have no witness).
-    A missing row is explained when the call's delivery was delivered again (at most
-    as many as there are such calls to that model); a row with no call, when it is an
-    orphan (its worker died after marking the call, in the instant before its first
-    byte left: the fleet bills such a call on estimate, not knowing)."""
+
+    `fate(call)`: the strike ("killed", "cut") that took the process which made the call,
+    or None. A delivery makes at most one call (workers/runtime/step.py), and only a
+    delivery that dies leaves its message to be delivered again: so a message has at
+    most one call made while its worker lived, and at most one per delivery a strike
+    took; any call beyond is `twice`. A missing row is excused only for a call a strike
+    took, at most one per such delivery (job message, delivery, process). A row with no
+    call is explained when it is an orphan (its worker died after marking the call, in
+    the instant before its first byte left: the fleet bills such a call on estimate, not
+    knowing)."""
     mine = [r for r in rows if r["outcome"] in BILLED and r["model"] in served]
     billed = Counter(served[r["model"]] for r in mine)
     orphaned = Counter(served[r["model"]] for r in mine if r["outcome"] == "orphaned")
     received = Counter(c["model"] for c in calls)
     unbilled, uncalled = received - billed, billed - received
-    again = sum(
-        min(missing, sum(1 for c in calls if c["model"] == model and redelivered(c)))
-        for model, missing in unbilled.items()
-    )
+    # the deliveries strikes took, once each, with their kind and model
+    taken: dict[tuple[Any, ...], tuple[str, str]] = {}
+    twice = 0
+    live: Counter[Any] = Counter()
+    for call in sorted(calls, key=lambda c: float(c.get("t") or 0)):
+        kind = fate(call)
+        if kind is None:
+            live[call.get("job_message")] += 1
+            continue
+        delivery = (call.get("job_message"), call.get("job_delivery"), call.get("job_process"))
+        if delivery in taken:
+            twice += 1
+        else:
+            taken[delivery] = (kind, call["model"])
+    twice += sum(n - 1 for n in live.values() if n > 1)
+    excused: Counter[str] = Counter()
+    for model, missing in unbilled.items():
+        kinds = [kind for kind, on in taken.values() if on == model][:missing]
+        excused.update(kinds)
     orphans = sum(min(extra, orphaned[model]) for model, extra in uncalled.items())
-    return Billing(unbilled, again, uncalled, orphans)
+    return Billing(unbilled, excused, uncalled, orphans, twice)
 
 
 def _audit_billing(
@@ -898,30 +1047,30 @@ def _audit_billing(
     calls: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     served: dict[str, str],
-    fleet: ChaosFleet,
+    fate: Callable[[dict[str, Any]], str | None],
 ) -> None:
     """Count the job's calls and rows; a discrepancy nothing explains is a problem."""
-    found = billing(calls, rows, served, lambda call: _redelivered(fleet, jid, call))
+    found = billing(calls, rows, served, fate)
     tally.provider_calls += len(calls)
     tally.unbilled_calls += sum(found.unbilled.values())
-    tally.redelivered_unbilled += found.redelivered
+    tally.excused_unbilled += sum(found.excused.values())
+    tally.excused.update(found.excused)
     tally.uncalled_rows += sum(found.uncalled.values())
     tally.uncalled_orphans += found.orphans
+    if found.twice:
+        per = Counter(c.get("job_message") for c in calls)
+        tally.problem(
+            "called_twice",
+            jid,
+            f"{found.twice} provider calls beyond one per message made while their worker"
+            f" lived (calls per message {dict(per)}; killed or cut processes aside)",
+        )
     if found.unexplained():
-        why = f"{found.unexplained()} provider calls with no ledger row, no redelivery"
+        why = f"{found.unexplained()} provider calls with no ledger row, their worker alive"
         tally.problem("under_billed", jid, f"{why} (missing: {dict(found.unbilled)})")
     if found.overbilled():
         why = f"{found.overbilled()} ledger rows with no provider call, not orphans"
         tally.problem("over_billed", jid, f"{why} (rows without a call: {dict(found.uncalled)})")
-
-
-def _redelivered(fleet: ChaosFleet, jid: str, call: dict[str, Any]) -> bool:
-    """Whether the delivery that made `call` was followed by another delivery of the same
-    message: its worker died before acking (or the ack was lost with Redis)."""
-    message, delivery = call.get("job_message"), call.get("job_delivery")
-    if message is None or delivery is None:
-        return False
-    return fleet.deliveries(jid, message) > delivery
 
 
 def _audit_job(

@@ -41,9 +41,8 @@ def partition(
         fleet.wait_ready()
         with Traffic(fleet, "part", per_s) as traffic:
             time.sleep(4.0)
-            island.cut()
-            time.sleep(cut_s)
-            island.heal()
+            with fleet.cut_off(islander, island.cut, island.heal):
+                time.sleep(cut_s)
             time.sleep(4.0)
         records = traffic.records
         lost = unfinished(fleet, records, 4 * fleet.visibility_s + 20)

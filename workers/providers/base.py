@@ -75,21 +75,30 @@ def accepted_options(provider: Provider) -> frozenset[str] | None:
 
 @dataclass(frozen=True)
 class Caller:
-    """Which delivery of which job is calling: an HTTP adapter sends it to the provider
-    (the `X-Fleet-Job` header), so a provider's own request log can be held against the
-    ledger call by call (the chaos suite does, with the simulator's). A job id is no
+    """Which delivery of which job is calling, from which process: an HTTP adapter sends
+    it to the provider (the `X-Fleet-Job` header), so a provider's own request log can be
+    held against the ledger call by call (the chaos suite does, with the simulator's),
+    and tell the calls of a killed or cut-off process from a live one's. A job id is no
     secret: logs, Flower and the ledger show it, and the gateway serves a job only to the
     app that sent it."""
 
     job_id: str
     message: int  # which of the job's messages (`sends` in its travelling state)
     delivery: int  # which delivery of that message: more than 1 when it came back
+    # The worker process making the call (workers.state.deliveries.this_process(), passed
+    # in by the task: this layer does not read fleet state), so the provider's log says
+    # whose calls died with a killed or cut-off process.
+    process: str | None = None
 
     def header(self) -> str:
         # Job ids are `[\w.:-]+`, and `\w` admits non-ASCII letters: percent-encoded,
-        # the value is plain ASCII, as HTTP headers must be.
+        # the value is plain ASCII, as HTTP headers must be (and a process name holds
+        # no `;` or `=` the header's parameters would split on).
         job = quote(self.job_id, safe=":")
-        return f"{job}; message={self.message}; delivery={self.delivery}"
+        found = f"{job}; message={self.message}; delivery={self.delivery}"
+        if self.process is not None:
+            found += f"; process={quote(self.process, safe=':')}"
+        return found
 
 
 FLEET_JOB_HEADER = "X-Fleet-Job"

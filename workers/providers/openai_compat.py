@@ -32,8 +32,8 @@ an answer made only of tool calls (content null) is an answer.
 
 Error messages carry the status and a truncated piece of the provider's own message, and
 never the API key (it is redacted should a provider echo it back). A call made for a job
-carries `X-Fleet-Job: <job id>; message=N; delivery=N` (base.Caller), which providers
-ignore and the simulator logs.
+carries `X-Fleet-Job: <job id>; message=N; delivery=N; process=P` (base.Caller), which
+providers ignore and the simulator logs.
 """
 
 from __future__ import annotations

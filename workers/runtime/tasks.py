@@ -261,8 +261,9 @@ def _step(
     sends = travel.sends if travel is not None else 0
     if delivery.poisoned:
         return poisoned(job, travel, delivery.count)
-    # Its provider call says which job and delivery it is for (X-Fleet-Job).
-    caller = Caller(job["id"], sends, delivery.count)
+    # Its provider call says which job and delivery it is for, and which process makes it
+    # (X-Fleet-Job).
+    caller = Caller(job["id"], sends, delivery.count, deliveries.this_process())
     try:
         with calling_for(caller):
             return advance(

@@ -15,9 +15,10 @@ Endpoints (every path also works with a `/v1` prefix, so base URLs with or witho
                              model, t (arrival, epoch s), fault, authorization_present
                              (never the key), temperature, max_tokens, images, the fleet's
                              caller from the X-Fleet-Job header (job, job_message,
-                             job_delivery; None when absent), and `body`: the request body
-                             as received, every field included (None once BODIES_KEPT newer
-                             requests came), so a test can check what reached the provider
+                             job_delivery, job_process; None when absent), and `body`:
+                             the request body as received, every field included (None
+                             once BODIES_KEPT newer requests came), so a test can check
+                             what reached the provider
 
 SETTINGS (all optional): `latency_ms` delay before answering; `faults` a queue of faults
 consumed one per request; `fault` a fault applied to every request; `usage: false` to
@@ -234,9 +235,15 @@ def _directive_fault(model: str, texts: list[tuple[str, str]]) -> str | None:
 
 
 def _fleet_job(header: str | None) -> dict[str, Any]:
-    """The fleet's caller, from `X-Fleet-Job: <job id>; message=N; delivery=N` (sent by
-    workers/providers/openai_compat.py): which job, message and delivery made the call."""
-    found: dict[str, Any] = {"job": None, "job_message": None, "job_delivery": None}
+    """The fleet's caller, from `X-Fleet-Job: <job id>; message=N; delivery=N;
+    process=P` (sent by workers/providers/openai_compat.py): which job, message and
+    delivery made the call, and from which worker process."""
+    found: dict[str, Any] = {
+        "job": None,
+        "job_message": None,
+        "job_delivery": None,
+        "job_process": None,
+    }
     if not header:
         return found
     job, *params = header.split(";")
@@ -246,6 +253,8 @@ def _fleet_job(header: str | None) -> dict[str, Any]:
         if name in ("message", "delivery"):
             with contextlib.suppress(ValueError):
                 found[f"job_{name}"] = int(value)
+        elif name == "process":
+            found["job_process"] = unquote(value.strip()) or None
     return found
 
 
