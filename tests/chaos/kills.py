@@ -29,6 +29,7 @@ from .harness import ChaosFleet, JobRecord, Tally, ask, audit, backend_meta, job
 from .scenarios import LLAMA, answered_by, redelivered
 
 SHORT_KILLS, LONG_KILLS = 12, 150
+RECOVERY_CAP_S = 60.0  # a held job answered later than this after its kill counts as not back
 
 
 @contextlib.contextmanager
@@ -149,6 +150,15 @@ def random_kills(
         fleet.collect(records, timeout_s=30)
         audit(fleet, records, tally)
         fleet.check_workers(tally)
+        from .recovery import recovered  # (recovery.py builds on this module)
+
+        tally.recovery = found = recovered(fleet, "random kills (fleet)", RECOVERY_CAP_S)
+        tally.notes.append(
+            f"recovery per kill, {len(found.kills)} kills that held jobs: median"
+            f" {found.seconds(found.percentile(0.5))} s, p99"
+            f" {found.seconds(found.percentile(0.99))} s, worst"
+            f" {found.seconds(found.percentile(1.0))} s"
+        )
     return tally
 
 

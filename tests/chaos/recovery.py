@@ -200,6 +200,25 @@ def held_at(fleet: ChaosFleet, kill: Struck) -> Kill:
     return Kill(kill.until, held)
 
 
+def recovered(fleet: ChaosFleet, label: str, cap_s: float) -> Recovery:
+    """After a run: each kill -9 the fleet made whose process held jobs, and when each of
+    those jobs had its final state stored (the random kills' figures, kills.py)."""
+    found = Recovery(label, cap_s)
+    for struck in fleet.struck:
+        if struck.kind != "killed":
+            continue
+        kill = held_at(fleet, struck)
+        for jid in kill.held:
+            meta = backend_meta(fleet.client, jid) or {}
+            if meta.get("status") in FINAL and meta.get("date_done"):
+                after = _stamp(meta["date_done"]) - kill.at
+                if after <= cap_s:
+                    kill.back[jid] = after
+        if kill.held:
+            found.kills.append(kill)
+    return found
+
+
 def wait_back(fleet: ChaosFleet, kill: Kill, cap_s: float) -> None:
     """Wait until every held job has its final state stored, up to `cap_s` after the kill."""
     while True:
