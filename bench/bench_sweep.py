@@ -1,9 +1,10 @@
-"""The broker's visibility sweep against a backlog, and Redis memory per waiting message.
+"""The broker's recovery work against a backlog, and Redis memory per waiting message.
 
 A backlog of N job messages waits in `free` (no worker consumes it) longer than the
 visibility timeout; one idle fleet worker on another queue (`subscription`) runs the
-transport's visibility sweep, which looks at every job message filed in Redis, whichever
-queue it waits in. For `observe_s` this measures what that costs every other client of
+transport's recovery: its beat (workers/runtime/liveness.py; before it, a visibility
+sweep that ran an LPOS per filed message, whichever queue it waited in). For
+`observe_s` this measures what that costs every other client of
 Redis: its longest commands (SLOWLOG, those over 100 µs) and the round trip of a PING
 every 10 ms from a probe client (as `redis-cli --latency` takes it).
 

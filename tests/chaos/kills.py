@@ -6,8 +6,8 @@ Two threads workers share the `free` queue while jobs arrive at a steady rate; m
 idle, each waits in BRPOP, so a kill finds it blocked on the broker as often as in the
 middle of a call. They take turns: 0.3 to 1.2 s after one is up (consuming), it is killed
 -9 and started again at once. (Killing whichever worker is up at fixed moments instead
-strikes a worker as it comes up, again and again, just as it takes in the jobs the
-visibility sweep put back: those are then delivered four times and poisoned, which says
+strikes a worker as it comes up, again and again, just as it takes in the jobs put back
+for the worker killed before: those are then delivered four times and poisoned, which says
 nothing about the broker.)
 The same run is made on kombu's stock channel and on the fleet's, and lost per kill is
 reported for each (`python -m tests.chaos.report kills`, `--long` for 150 kills each).

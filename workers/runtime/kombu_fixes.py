@@ -10,8 +10,10 @@ error, so it escapes the consumer's `ignore_errors` and the worker dies ("Unreco
 error"). The chaos suite's Redis restarts (tests/chaos) exercise it.
 
 Here a detached channel raises a connection error instead: the close goes on, the worker
-reconnects, and the jobs it held stay in Redis' unacked set, which the visibility sweep
-requeues (a job that finished meanwhile is recognised as such when it comes back).
+reconnects, and the jobs it held stay filed (on kombu's stock channel, in its unacked
+set, which its visibility sweep requeues; on the fleet's transport, held by this process,
+whose beat acks or gives them back once Redis answers: workers/runtime/liveness.py). A job
+that finished meanwhile is recognised as such when it comes back.
 """
 
 from __future__ import annotations

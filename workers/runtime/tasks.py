@@ -324,7 +324,7 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         # Redis went away (or is still loading its data after a restart) at the delivery's
         # first round trip: nothing ran. Storing a FAILURE here would end the job with no
         # Result and no dead letter; handing the message back keeps it (and a requeue that
-        # cannot reach Redis leaves it filed, for the visibility sweep).
+        # cannot reach Redis is made by this process's beat once Redis answers).
         log.warning("job %s: state store unreachable at delivery (%r); requeued", job["id"], exc)
         raise Reject(f"state store unreachable: {type(exc).__name__}", requeue=True) from None
     # Calls earlier deliveries of this message left in flight (their workers died) may have
