@@ -45,6 +45,7 @@ class Beat:
 
     def __init__(self, connparams: dict[str, Any], lapse_s: float) -> None:
         self.process = this_process()
+        self._pid = os.getpid()  # (a forked child inherits this object, not the beat)
         self.lapse_ms = int(lapse_s * 1000)
         self.interval_s = lapse_s / BEATS_PER_LAPSE
         # A connection of its own, with timeouts: a beat never waits behind the event loop's
@@ -206,8 +207,6 @@ class Beat:
         if os.getpid() == self._pid:
             self._leave()
 
-    _pid = 0
-
 
 _beats: dict[tuple[Any, ...], Beat] = {}
 _beats_lock = threading.Lock()
@@ -221,6 +220,5 @@ def beat_for(connparams: dict[str, Any], lapse_s: float) -> Beat:
         found = _beats.get(key)
         if found is None:
             found = _beats[key] = Beat(connparams, lapse_s)
-            found._pid = os.getpid()
             atexit.register(found.exit)
         return found
