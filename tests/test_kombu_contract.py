@@ -108,3 +108,20 @@ def test_a_closed_channel_is_detached_and_a_late_ack_goes_through_the_beat(
     qos.ack(message.delivery_tag)
     beat._settle_pending()
     assert not fresh_redis.hexists(keys.BROKER_MESSAGES, message.delivery_tag)
+
+
+def test_the_celery_worker_state_the_beat_reads_is_there() -> None:
+    # The beat keeps a closed channel's messages held while their tasks still run
+    # (workers/runtime/tasks.py `_active_tags`, liveness.active_tags): Celery's record of
+    # the running requests, each with its kombu message, in the consuming process...
+    import weakref
+
+    from celery.worker import state
+    from celery.worker.consumer.consumer import Consumer
+    from celery.worker.request import Request
+
+    assert isinstance(state.active_requests, weakref.WeakSet)
+    assert isinstance(Request.message, property)
+    # ...and Celery drops what it had only reserved when its connection closes (so those
+    # are given back at once)
+    assert "reserved_requests.clear()" in inspect.getsource(Consumer.on_close)

@@ -24,7 +24,9 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -34,6 +36,18 @@ from workers.state.connections import script
 from workers.state.deliveries import this_process
 
 log = logging.getLogger(__name__)
+
+
+def _none_active() -> set[str]:
+    return set()
+
+
+# The delivery tags this process is running now. A Celery worker sets it (workers/runtime/
+# tasks.py): a channel closed under its tasks (Redis restarted) could not hand back what
+# it held, and what it still runs will ack later, while what it had only reserved never
+# will (Celery drops it); only the latter is given back, or a live task's job would run
+# twice.
+active_tags: Callable[[], set[str]] = _none_active
 
 DEFAULT_LAPSE_S = 4.0
 BEATS_PER_LAPSE = 4
@@ -68,6 +82,7 @@ class Beat:
         # that can, or the messages would stay held by a live process for good
         self._acks: dict[str, str] = {}
         self._give_backs: dict[str, str] = {}
+        self._idle_since: dict[str, float] = {}  # a pending hand-back's task seen not running
 
     def consume(self, lists: list[str]) -> None:
         """A channel of this process consumes `lists`: beat, and watch them."""
@@ -103,6 +118,8 @@ class Beat:
     def ack_later(self, tag: str, stamp: str) -> None:
         with self._lock:
             self._acks[tag] = stamp
+            self._give_backs.pop(tag, None)  # its task ended: nothing to give back
+            self._idle_since.pop(tag, None)
         log.warning("liveness: an ack could not reach Redis; the beat will make it")
 
     def give_back_later(self, tag: str, where: str) -> None:
@@ -111,9 +128,23 @@ class Beat:
         log.warning("liveness: a hand-back could not reach Redis; the beat will make it")
 
     def _settle_pending(self) -> None:
+        # A hand-back waits while its task runs, and a lapse after: a task that just ended
+        # acks from the event loop, which may still be reconnecting.
+        running = active_tags() if self._give_backs else set()
+        now = time.monotonic()
         with self._lock:
             acks, self._acks = self._acks, {}
-            backs, self._give_backs = self._give_backs, {}
+            for tag in self._give_backs:
+                if tag in running:
+                    self._idle_since.pop(tag, None)
+                else:
+                    self._idle_since.setdefault(tag, now)
+            due = {
+                t for t, since in self._idle_since.items() if now - since >= self.lapse_ms / 1000
+            }
+            backs = {t: w for t, w in self._give_backs.items() if t in due}
+            self._give_backs = {t: w for t, w in self._give_backs.items() if t not in due}
+            self._idle_since = {t: s for t, s in self._idle_since.items() if t in self._give_backs}
         for tag, stamp in acks.items():
             try:
                 self.ack(tag, stamp, self.client)

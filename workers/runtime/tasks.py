@@ -34,7 +34,7 @@ from router.travel import TravellingState
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
-from workers.runtime import orphans
+from workers.runtime import liveness, orphans
 from workers.runtime.resultstore import Bookkeeping, FleetRedisBackend, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
 from workers.runtime.step import (
@@ -118,6 +118,17 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
         preload(redis_client(), ["begin", "admit", "mark", "store_result", "broker_delivered"])
     except Exception as exc:  # Redis away: the first delivery will do it
         log.info("warm-up skipped: %r", exc)
+
+
+def _active_tags() -> set[str]:
+    """The delivery tags of the jobs this worker runs now (Celery's own record, in the
+    process that holds the messages, a prefork pool's parent too)."""
+    from celery.worker.state import active_requests
+
+    return {str(r.message.delivery_tag) for r in list(active_requests)}
+
+
+liveness.active_tags = _active_tags
 
 
 @_on(worker_shutdown)
