@@ -15,6 +15,12 @@ boundary. The error's `action` tells the escalation logic what to do next:
 
 Errors cross Celery as JSON, so they carry primitives only (`kind`, `message`,
 `retry_after_s`) and `to_dict()` gives exactly those.
+
+Streaming: `Provider.stream` yields `Delta`s as the model writes them, then exactly one
+`Completion` (the same one `complete()` would give). Until the first delta nothing has
+reached the caller, so a failure raises the error `complete()` would raise for it; after
+it, a failure raises `StreamBroken` (a Retryable, kind "stream_broken") carrying the
+`partial` Completion of what was written, so the tokens already made can be billed.
 """
 
 from __future__ import annotations
@@ -61,8 +67,26 @@ class Completion:
     reasoning: str | None = None  # the message's reasoning_content (or reasoning)
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A piece of an answer as it is written: text, reasoning, or tool-call fragments in
+    OpenAI's streaming shape (`{"index", "id"?, "type"?, "function": {"name"?,
+    "arguments"}}`: the first fragment of a call carries its id and name, the next ones
+    pieces of its arguments, which joined in order give the call's arguments)."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
+
+
 class Provider(Protocol):
     def complete(self, request: CompletionRequest) -> Completion: ...
+
+    def stream(self, request: CompletionRequest) -> Iterator[Delta | Completion]:
+        """Deltas as they come, then exactly one Completion: the whole answer with its
+        usage, as complete() gives it. Raises what complete() would before the first
+        delta, StreamBroken after it. Closing the iterator early ends the call."""
+        ...
 
 
 def accepted_options(provider: Provider) -> frozenset[str] | None:
@@ -202,3 +226,29 @@ class Permanent(ProviderError):
     """The request itself is wrong: trying other models would burn the chain for nothing."""
 
     action = "fail"
+
+
+class StreamBroken(Retryable):
+    """A stream failed after it had yielded text: the caller has seen part of an answer.
+    `partial` is what was written until then, its tokens counted when the provider said
+    so, else estimated (`tokens_estimated`): the call is billed for them either way."""
+
+    def __init__(self, message: str, partial: Completion) -> None:
+        super().__init__("stream_broken", message)
+        self.partial = partial
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled and copied with its partial
+        return (type(self), (self.message, self.partial))
+
+    def to_dict(self) -> dict[str, Any]:
+        partial = self.partial
+        return {
+            **super().to_dict(),
+            "partial": {
+                "chars": len(partial.text),
+                "prompt_tokens": partial.prompt_tokens,
+                "completion_tokens": partial.completion_tokens,
+                "tokens_estimated": partial.tokens_estimated,
+                "provider_cost_usd": partial.provider_cost_usd,
+            },
+        }

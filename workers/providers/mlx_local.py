@@ -2,6 +2,10 @@
 
 All MLX work (loading, templating, generation) runs on ONE long-lived thread owned by the
 provider. `complete()` may be called from any thread: it queues a job and waits for it.
+`stream()` queues the same job, which also hands each piece of text to the caller through
+a queue as it is made; the caller yields them as Deltas, then the Completion with the real
+token counts. A stop string is never streamed: text that may be the start of one is held
+back until the next token says it is not.
 
 Why one thread: mlx-lm generates on a thread-local stream, so every thread that generates
 creates MLX streams of its own; on Linux the process may abort at exit (SIGABRT, exit code
@@ -15,6 +19,7 @@ Errors are mapped onto the provider error tree at this boundary:
     image or malformed messages     -> Permanent("bad_request")
     exception while generating      -> Retryable("server_error")
     no answer within timeout_s      -> Retryable("timeout")
+    either, once text was streamed  -> StreamBroken (its partial: the text, real counts)
 
 Of a request's options it honours `stop` (the answer ends before the first stop string),
 `top_p` (nucleus sampling) and `seed` (MLX's random seed, for a reproducible sample);
@@ -33,7 +38,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,10 +46,12 @@ from typing import Any, TypeVar
 from workers.providers.base import (
     Completion,
     CompletionRequest,
+    Delta,
     ModelUnusable,
     Permanent,
     ProviderError,
     Retryable,
+    StreamBroken,
     about_to_send,
 )
 
@@ -102,6 +109,18 @@ def preload_openblas() -> str | None:
                 log.info("preloaded OpenBLAS from %s for mlx", candidate)
                 break
         return _openblas_path
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Text the generation thread hands to a streaming caller, with the counts so far."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_Emit = Callable[[_Piece], None]
 
 
 @dataclass
@@ -197,6 +216,75 @@ class MLXProvider:
         self._run(lambda _cancel: self._load_on_thread(), timeout_s or self.load_timeout_s)
 
     def complete(self, request: CompletionRequest) -> Completion:
+        messages, max_tokens, temperature, sampling = self._checked(request)
+        self.load()
+        about_to_send()
+        return self._run(
+            lambda cancel: self._generate_on_thread(
+                messages, max_tokens, temperature, sampling, cancel
+            ),
+            request.timeout_s,
+        )
+
+    def stream(self, request: CompletionRequest) -> Iterator[Delta | Completion]:
+        """The text as the generation thread makes it, then the Completion. `timeout_s`
+        bounds the whole generation, as in complete(); a caller that stops reading stops
+        the generation at its next token."""
+        messages, max_tokens, temperature, sampling = self._checked(request)
+        self.load()
+        about_to_send()
+        pieces: queue.Queue[_Piece | None] = queue.Queue()  # None: the job is done
+        job = _Job(
+            lambda cancel: self._generate_on_thread(
+                messages, max_tokens, temperature, sampling, cancel, emit=pieces.put
+            )
+        )
+        job.future.add_done_callback(lambda _: pieces.put(None))
+        deadline = time.monotonic() + request.timeout_s
+        self._submit(job)
+        last: _Piece | None = None
+        written: list[str] = []
+        try:
+            while (piece := self._next_piece(pieces, job, deadline, request.timeout_s)) is not None:
+                last = piece
+                written.append(piece.text)
+                yield Delta(text=piece.text)
+            completion = self._outcome(job)
+        except ProviderError as exc:
+            if last is None:
+                raise
+            partial = Completion(
+                text="".join(written),
+                prompt_tokens=last.prompt_tokens,
+                completion_tokens=last.completion_tokens,
+                raw_model=self.model,
+            )
+            raise StreamBroken(f"after {len(written)} deltas, {exc}", partial) from exc
+        finally:
+            job.cancel.set()  # stops a generation whose caller went away or gave up
+            job.future.cancel()  # or one still queued
+        yield completion
+
+    @staticmethod
+    def _next_piece(
+        pieces: queue.Queue[_Piece | None], job: _Job, deadline: float, timeout_s: float
+    ) -> _Piece | None:
+        """The next piece, None at the end; Retryable("timeout") once the deadline passed
+        with the generation still running (a slow reader of a finished one reads on)."""
+        left = deadline - time.monotonic()
+        try:
+            if job.future.done():
+                return pieces.get(timeout=1)  # all there, the end (None) included
+            if left > 0:
+                return pieces.get(timeout=left)
+        except queue.Empty:
+            pass
+        raise Retryable("timeout", f"local MLX model gave no answer within {timeout_s:g}s")
+
+    def _checked(
+        self, request: CompletionRequest
+    ) -> tuple[list[dict[str, str]], int, float, _Sampling]:
+        """The request's messages and settings, or Permanent("bad_request")."""
         messages = flatten_messages(request.messages)
         max_tokens = self.default_max_tokens if request.max_tokens is None else request.max_tokens
         if max_tokens <= 0:
@@ -206,15 +294,7 @@ class MLXProvider:
         )
         if temperature < 0:
             raise Permanent("bad_request", f"temperature must be >= 0, got {temperature}")
-        sampling = _Sampling.of(request.options)
-        self.load()
-        about_to_send()
-        return self._run(
-            lambda cancel: self._generate_on_thread(
-                messages, max_tokens, temperature, sampling, cancel
-            ),
-            request.timeout_s,
-        )
+        return messages, max_tokens, temperature, _Sampling.of(request.options)
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the provider thread (it clears its MLX streams on the way out).
@@ -307,6 +387,17 @@ class MLXProvider:
         except Exception as exc:
             raise Retryable("server_error", f"{type(exc).__name__}: {exc}") from exc
 
+    @staticmethod
+    def _outcome(job: _Job) -> Any:
+        """The result of a finished job, or its error on the provider error tree (as
+        _run maps it)."""
+        try:
+            return job.future.result(timeout=0)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise Retryable("server_error", f"{type(exc).__name__}: {exc}") from exc
+
     def _load_on_thread(self) -> None:
         if self._model is not None:
             return
@@ -353,6 +444,7 @@ class MLXProvider:
         temperature: float,
         sampling: _Sampling,
         cancel: threading.Event,
+        emit: _Emit | None = None,
     ) -> Completion:
         import mlx.core as mx
         from mlx_lm import stream_generate
@@ -362,6 +454,7 @@ class MLXProvider:
         pieces: list[str] = []
         last = None
         stopped = False
+        emitted = 0  # characters of the text handed to `emit` so far
         if sampling.seed is not None:
             mx.random.seed(sampling.seed % 2**32)
         try:
@@ -380,6 +473,8 @@ class MLXProvider:
                         break
                     if cancel.is_set():
                         break
+                    if emit is not None and last.text:
+                        emitted = _emit(emit, pieces, emitted, sampling.stop, last)
             finally:
                 responses.close()
         except Exception as exc:
@@ -388,6 +483,8 @@ class MLXProvider:
             raise Retryable("timeout", "generation cancelled")
         if last is None:
             raise Retryable("server_error", "MLX generation produced no output")
+        if emit is not None:  # the text held back, now known to hold no stop string
+            _emit(emit, pieces, emitted, (), last)
         finish_reason = "stop" if stopped else last.finish_reason
         return Completion(
             text="".join(pieces),
@@ -423,6 +520,27 @@ class _Sampling:
             top_p=float(top_p) if top_p is not None else 0.0,
             seed=int(seed) if seed is not None else None,
         )
+
+
+def _emit(emit: _Emit, pieces: list[str], emitted: int, stops: tuple[str, ...], last: Any) -> int:
+    """Hand out the text after the first `emitted` characters, but for an end that may be
+    the start of a stop string; return how many characters are out now."""
+    text = "".join(pieces)
+    ready = len(text) - _stop_prefix(text, stops)
+    if ready > emitted:
+        emit(_Piece(text[emitted:ready], int(last.prompt_tokens), int(last.generation_tokens)))
+    return max(ready, emitted)
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins a stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
 
 
 def _cut_at_stop(pieces: list[str], stops: tuple[str, ...]) -> bool:

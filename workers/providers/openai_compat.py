@@ -30,6 +30,11 @@ the body as they are. An answer's tool calls, finish_reason, refusal, logprobs a
 reasoning (`reasoning_content`, or OpenRouter's `reasoning`) are kept in the Completion;
 an answer made only of tool calls (content null) is an answer.
 
+`stream()` asks for the answer as server-sent events (openai_stream.py reads them): the
+same failures map to the same errors until the first delta is given; after it, whatever
+fails raises StreamBroken, which carries the partial answer (base.py). OpenRouter's
+mid-stream `data: {"error": ...}` event (under HTTP 200) is such a failure.
+
 Error messages carry the status and a truncated piece of the provider's own message, and
 never the API key (it is redacted should a provider echo it back). A call made for a job
 carries `X-Fleet-Job: <job id>; message=N; delivery=N; process=P` (base.Caller), which
@@ -38,6 +43,7 @@ providers ignore and the simulator logs.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import math
@@ -56,13 +62,16 @@ from workers.providers.base import (
     CapabilityRefused,
     Completion,
     CompletionRequest,
+    Delta,
     ModelUnusable,
     Permanent,
     ProviderError,
     Retryable,
+    StreamBroken,
     about_to_send,
     current_caller,
 )
+from workers.providers.openai_stream import DONE, Assembler, sse_data
 
 MAX_DETAIL = 200  # characters of the provider's error message kept in ours
 SHARD_SIZE = 32  # connections per httpcore pool (see ShardedTransport)
@@ -167,6 +176,150 @@ class OpenAICompatProvider:
         return f"OpenAICompatProvider({self.url!r})"
 
     def complete(self, request: CompletionRequest) -> Completion:
+        try:
+            response = self._client.post(
+                self.url,
+                json=self._payload(request),
+                headers=self._call_headers(),
+                timeout=request.timeout_s,
+                extensions={"trace": _trace},
+            )
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from exc
+        try:
+            response.raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise self._status_error(response, request) from exc
+        return self._parse(request, response)
+
+    def stream(self, request: CompletionRequest) -> Iterator[Delta | Completion]:
+        """The answer as it is written (openai_stream.py reads the events), then the whole
+        Completion. Failures before the first delta raise what complete() would; after
+        it, StreamBroken with what was written. `timeout_s` bounds each wait for the next
+        bytes, not the length of the whole stream. The connection goes back to the pool
+        before the Completion is given, so a caller that stops there holds nothing."""
+        payload = self._payload(request)
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}  # usage (and cost) in the last chunk
+        assembler = Assembler()
+        with contextlib.ExitStack() as held:
+            try:
+                response = held.enter_context(
+                    self._client.stream(
+                        "POST",
+                        self.url,
+                        json=payload,
+                        headers=self._call_headers(),
+                        timeout=request.timeout_s,
+                        extensions={"trace": _trace},
+                    )
+                )
+                if not response.is_success or _answers_whole(response):
+                    response.read()
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from exc
+            if not response.is_success:
+                raise self._status_error(response, request)
+            if _answers_whole(response):  # a server that does not stream: one delta
+                whole = self._parse(request, response)
+                delta = Delta(whole.text, whole.reasoning or "", _as_fragments(whole.tool_calls))
+                if delta != Delta():
+                    yield delta
+                yield whole
+                return
+            yield from self._events(request, response, assembler)
+        yield self._assembled(request, assembler)
+
+    def _events(
+        self, request: CompletionRequest, response: httpx.Response, assembler: Assembler
+    ) -> Iterator[Delta]:
+        """The deltas of the stream, read to its end (so the connection can be kept)."""
+        ended = False
+        events = 0
+        try:
+            for data in sse_data(response.iter_lines()):
+                events += 1
+                if ended:
+                    continue  # nothing counts after [DONE]; read on to the body's end
+                if data.strip() == DONE:
+                    ended = True
+                    continue
+                delta = self._feed(request, assembler, data)
+                if delta is not None:
+                    yield delta
+        except httpx.HTTPError as exc:  # cut, reset, a read timeout between two chunks
+            if ended:
+                return  # the answer came whole: only the body's end was lost
+            raise self._broken(request, assembler, self._transport_error(exc)) from exc
+        if not ended and assembler.finish_reason is None:
+            # no event at all: a 200 that is no stream (an HTML page), as complete() says
+            kind = "connection" if events else "malformed"
+            cut = Retryable(kind, self._redact(f"stream from {self.url} ended early"))
+            raise self._broken(request, assembler, cut)
+
+    def _feed(self, request: CompletionRequest, assembler: Assembler, data: str) -> Delta | None:
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            bad = Retryable("malformed", self._redact(f"event from {self.url}: {_truncate(data)}"))
+            raise self._broken(request, assembler, bad) from exc
+        if isinstance(chunk, dict) and chunk.get("error") is not None:
+            # OpenRouter's report of a failure once the answer began, under HTTP 200
+            raise self._broken(request, assembler, self._event_error(chunk["error"], request))
+        try:
+            return assembler.feed(chunk)
+        except (TypeError, ValueError) as exc:
+            bad = Retryable("malformed", self._redact(f"event from {self.url}: {exc!r}"))
+            raise self._broken(request, assembler, bad) from exc
+
+    def _broken(
+        self, request: CompletionRequest, assembler: Assembler, error: ProviderError
+    ) -> ProviderError:
+        """`error` as it is when nothing reached the caller yet; else StreamBroken."""
+        if not assembler.deltas:
+            return error
+        partial = _completion(
+            request,
+            text=assembler.written(),
+            tool_calls=assembler.tool_calls(),
+            refusal="".join(assembler.refusal) or None,
+            reasoning="".join(assembler.reasoning) or None,
+            finish_reason=assembler.finish_reason,
+            usage=assembler.usage,
+            raw_model=assembler.model,
+            answer_id=assembler.id,
+            logprobs=None,
+        )
+        message = f"after {assembler.deltas} deltas, {error.kind}: {error.message}"
+        return StreamBroken(message, partial)
+
+    def _assembled(self, request: CompletionRequest, assembler: Assembler) -> Completion:
+        """The whole answer of a stream that ended well, checked as complete() checks it."""
+        text = assembler.written()
+        tool_calls = assembler.tool_calls()
+        refusal = "".join(assembler.refusal) or None
+        if assembler.nameless_call():
+            nameless = Retryable("malformed", self._redact(f"a nameless tool call from {self.url}"))
+            raise self._broken(request, assembler, nameless)
+        if assembler.finish_reason == "error":  # OpenRouter's mark of a failed stream
+            failed = Retryable("server_error", self._redact(f"finish_reason error from {self.url}"))
+            raise self._broken(request, assembler, failed)
+        if not (text or tool_calls or refusal) and assembler.finish_reason != "content_filter":
+            raise Retryable("empty", self._redact(f"no content from {self.url}"))
+        return _completion(
+            request,
+            text=text,
+            tool_calls=tool_calls,
+            refusal=refusal,
+            reasoning="".join(assembler.reasoning) or None,
+            finish_reason=assembler.finish_reason,
+            usage=assembler.usage,
+            raw_model=assembler.model,
+            answer_id=assembler.id,
+            logprobs=None if assembler.logprobs is None else {"content": assembler.logprobs},
+        )
+
+    def _payload(self, request: CompletionRequest) -> dict[str, Any]:
         # the fleet's own fields last: options never override them
         payload: dict[str, Any] = {
             **request.options,
@@ -177,29 +330,37 @@ class OpenAICompatProvider:
             payload["temperature"] = request.temperature
         if request.max_tokens is not None:
             payload["max_tokens"] = request.max_tokens
-        headers = self._headers
+        return payload
+
+    def _call_headers(self) -> dict[str, str]:
         caller = current_caller()
-        if caller is not None:  # the job and delivery, for the provider's own log
-            headers = {**headers, FLEET_JOB_HEADER: caller.header()}
-        try:
-            response = self._client.post(
-                self.url,
-                json=payload,
-                headers=headers,
-                timeout=request.timeout_s,
-                extensions={"trace": _trace},
-            )
-        except httpx.TimeoutException as exc:
-            raise Retryable("timeout", self._describe(exc)) from exc
-        except httpx.DecodingError as exc:  # a body its Content-Encoding cannot decode
-            raise Retryable("malformed", self._describe(exc)) from exc
-        except httpx.HTTPError as exc:  # refused, reset, protocol errors, bad URL
-            raise Retryable("connection", self._describe(exc)) from exc
-        try:
-            response.raise_for_status()
-        except httpx.HTTPStatusError as exc:
-            raise self._status_error(response, request) from exc
-        return self._parse(request, response)
+        if caller is None:
+            return self._headers
+        # the job and delivery, for the provider's own log
+        return {**self._headers, FLEET_JOB_HEADER: caller.header()}
+
+    def _transport_error(self, exc: httpx.HTTPError) -> ProviderError:
+        if isinstance(exc, httpx.TimeoutException):
+            return Retryable("timeout", self._describe(exc))
+        if isinstance(exc, httpx.DecodingError):  # a body its Content-Encoding cannot decode
+            return Retryable("malformed", self._describe(exc))
+        # refused, reset, protocol errors, bad URL
+        return Retryable("connection", self._describe(exc))
+
+    def _event_error(self, error: Any, request: CompletionRequest) -> ProviderError:
+        """The error an error event reports: by its code when that is an HTTP status (as
+        the same failure answered before the stream began would be), else a server
+        error."""
+        if not isinstance(error, dict):
+            error = {"message": error}
+        code = error.get("code")
+        detail = _truncate(str(error.get("message") or error))
+        status = code if isinstance(code, int) and not isinstance(code, bool) else None
+        if isinstance(code, str) and code.isdigit():
+            status = int(code)
+        if status is not None and 400 <= status < 600:
+            return self._status_kind(status, detail, httpx.Headers(), request, "error event")
+        return Retryable("server_error", self._redact(f"error event from {self.url}: {detail}"))
 
     def _describe(self, exc: Exception) -> str:
         return self._redact(f"{type(exc).__name__} calling {self.url}: {exc}")
@@ -212,10 +373,20 @@ class OpenAICompatProvider:
     def _status_error(self, response: httpx.Response, request: CompletionRequest) -> ProviderError:
         """The error for a non-2xx answer, by status."""
         status = response.status_code
-        detail = _detail(response)
-        message = self._redact(f"HTTP {status} from {self.url}: {detail}")
+        return self._status_kind(status, _detail(response), response.headers, request)
+
+    def _status_kind(
+        self,
+        status: int,
+        detail: str,
+        headers: Mapping[str, str],
+        request: CompletionRequest,
+        came_as: str = "",
+    ) -> ProviderError:
+        said = f"HTTP {status}" + (f" ({came_as})" if came_as else "")
+        message = self._redact(f"{said} from {self.url}: {detail}")
         if status == 429:
-            return Retryable("rate_limited", message, parse_retry_after(response.headers))
+            return Retryable("rate_limited", message, parse_retry_after(headers))
         if status == 408:
             return Retryable("timeout", message)
         if status >= 500:
@@ -257,36 +428,19 @@ class OpenAICompatProvider:
         if not (text or tool_calls or refusal) and finish_reason != "content_filter":
             raise Retryable("empty", self._redact(f"no content from {self.url}"))
         reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
-        usage = body.get("usage")
-        usage = usage if isinstance(usage, dict) else {}
-        prompt_tokens = _count(usage.get("prompt_tokens"))
-        completion_tokens = _count(usage.get("completion_tokens"))
-        estimated = prompt_tokens is None or completion_tokens is None
-        if prompt_tokens is None:
-            tools = request.options.get("tools")
-            prompt_tokens = estimate_message_tokens(
-                request.messages, tools=tools if isinstance(tools, list) else ()
-            )
-        if completion_tokens is None:
-            written = [text or "", refusal or "", reasoning or ""]
-            written += [c["function"]["name"] + c["function"]["arguments"] for c in tool_calls]
-            completion_tokens = sum(map(estimate_tokens, written))
-        cost = usage.get("cost")
         raw_model = body.get("model")
         logprobs = choice.get("logprobs")
-        return Completion(
+        return _completion(
+            request,
             text=text or "",
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            tokens_estimated=estimated,
-            provider_cost_usd=_number(cost),
-            raw_model=raw_model if isinstance(raw_model, str) else None,
-            extra={"id": body.get("id"), "finish_reason": finish_reason},
             tool_calls=tool_calls,
-            finish_reason=finish_reason,
             refusal=refusal,
-            logprobs=logprobs if isinstance(logprobs, dict) else None,
             reasoning=reasoning,
+            finish_reason=finish_reason,
+            usage=body.get("usage"),
+            raw_model=raw_model if isinstance(raw_model, str) else None,
+            answer_id=body.get("id"),
+            logprobs=logprobs if isinstance(logprobs, dict) else None,
         )
 
     def _malformed(self, response: httpx.Response, why: str) -> str:
@@ -294,6 +448,61 @@ class OpenAICompatProvider:
             f"HTTP {response.status_code} from {self.url}, unexpected body ({why}): "
             f"{_truncate(response.text)}"
         )
+
+
+def _completion(
+    request: CompletionRequest,
+    *,
+    text: str,
+    tool_calls: list[dict[str, Any]],
+    refusal: str | None,
+    reasoning: str | None,
+    finish_reason: str | None,
+    usage: Any,
+    raw_model: str | None,
+    answer_id: Any,
+    logprobs: dict[str, Any] | None,
+) -> Completion:
+    """The Completion of an answer, whole or streamed: its usage as the provider gave it,
+    else estimated from the request and from what was written (and flagged so)."""
+    usage = usage if isinstance(usage, dict) else {}
+    prompt_tokens = _count(usage.get("prompt_tokens"))
+    completion_tokens = _count(usage.get("completion_tokens"))
+    estimated = prompt_tokens is None or completion_tokens is None
+    if prompt_tokens is None:
+        tools = request.options.get("tools")
+        prompt_tokens = estimate_message_tokens(
+            request.messages, tools=tools if isinstance(tools, list) else ()
+        )
+    if completion_tokens is None:
+        written = [text, refusal or "", reasoning or ""]
+        written += [c["function"]["name"] + c["function"]["arguments"] for c in tool_calls]
+        completion_tokens = sum(map(estimate_tokens, written))
+    return Completion(
+        text=text,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        tokens_estimated=estimated,
+        provider_cost_usd=_number(usage.get("cost")),
+        raw_model=raw_model,
+        extra={"id": answer_id, "finish_reason": finish_reason},
+        tool_calls=tool_calls,
+        finish_reason=finish_reason,
+        refusal=refusal,
+        logprobs=logprobs,
+        reasoning=reasoning,
+    )
+
+
+def _answers_whole(response: httpx.Response) -> bool:
+    """A JSON body, not events (any other type is read as events: some servers stream
+    without saying text/event-stream)."""
+    return "json" in str(response.headers.get("content-type", "")).lower()
+
+
+def _as_fragments(tool_calls: list[dict[str, Any]]) -> tuple[dict[str, Any], ...]:
+    """Whole tool calls as the first (and only) fragments of a stream."""
+    return tuple({"index": i, **call} for i, call in enumerate(tool_calls))
 
 
 def _trace(event: str, info: dict[str, Any]) -> None:

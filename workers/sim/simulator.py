@@ -18,12 +18,16 @@ Endpoints (every path also works with a `/v1` prefix, so base URLs with or witho
                              job_delivery, job_process; None when absent), and `body`:
                              the request body as received, every field included (None
                              once BODIES_KEPT newer requests came), so a test can check
-                             what reached the provider
+                             what reached the provider; and for a streamed answer
+                             `stream` true, `chunks` (events sent so far, [DONE]
+                             included) and `stream_end` (done, cut, error, stalled,
+                             gone: the client left first)
 
 SETTINGS (all optional): `latency_ms` delay before answering; `faults` a queue of faults
 consumed one per request; `fault` a fault applied to every request; `usage: false` to
 answer without a usage object; `cost` a number put in `usage.cost` (OpenRouter style);
-`tools: false` for a model that takes no tools (below).
+`tools: false` for a model that takes no tools (below); `chunk_ms` the time between two
+events of a streamed answer (`latency_ms` comes before the first).
 
 Answers. The simulator answers as a model that obeys the request would, deterministically
 (the same request, the same answer):
@@ -45,6 +49,17 @@ Answers. The simulator answers as a model that obeys the request would, determin
 - `logprobs: true`: `choices[0].logprobs` with made-up values for each piece of the text and
   `top_logprobs` alternatives each; `reasoning_effort` set: `message.reasoning_content`.
 
+Streaming. A request with `"stream": true` gets the same answer as server-sent events in
+OpenAI's chunk format, over HTTP chunked encoding: a first chunk with the role, then the
+reasoning (`delta.reasoning_content`), the text (with its logprobs when asked), the refusal
+and each tool call (a fragment with its index, id and name, then its arguments) in pieces
+of about a word, a chunk with the finish_reason, a chunk of usage (no choices; with
+`cost` when set) when `stream_options.include_usage` is true, and `data: [DONE]`. Faults
+that fail a request fail it before the stream begins, as they fail a whole answer (a
+status fault is answered with its status and error JSON; `stall` sends the stream's head
+and half an event; `malformed` an event that is not JSON; `empty` no choice, only the
+usage).
+
 Models without tools: upstream names given with `--no-tools a,b`, the env var SIM_NO_TOOLS
 (comma-separated; read by the CLI and by `Simulator()` when `no_tools` is not given) or the
 model setting `tools: false` answer a request carrying `tools` with OpenRouter's 404:
@@ -61,6 +76,12 @@ Faults: 429, 429:N (Retry-After: N s), 429:date:N (Retry-After as an HTTP-date),
 400, 401, 403, 404, 500, 502, 503 (OpenAI-style error JSON); `timeout` (no answer for an
 hour), `stall` (headers and half the body, then nothing), `malformed` (200, not JSON),
 `empty` (200, `choices: []`), `reset` (the socket is closed with a TCP reset).
+Faults of a stream once begun, after N events (the role chunk is the first; a request
+that does not stream answers whole, unharmed): `cut-after:N` (the connection is closed
+without the body's end), `error-after:N` (OpenRouter's error event under HTTP 200:
+`data: {"error": {"code": "server_error", ...}, "choices": [{"finish_reason": "error",
+...}]}`, then the body ends without [DONE]), `stall-after:N` (nothing more is sent). A
+prompt scripts them as any fault: `[[sim:*=cut-after:4]]`.
 
 Run it with `python -m workers.sim.simulator --host 127.0.0.1 --port 0 [--config FILE]
 [--no-tools a,b]`, or from Python with `Simulator(port=0).start()`.
@@ -93,11 +114,12 @@ from urllib.parse import unquote
 from router.tokens import estimate_message_tokens, estimate_tokens
 from workers.sim.schema_values import arguments_for, value_for
 
+MALFORMED = b'{"id": "chatcmpl-sim", "choices": [ this is not json'
 HOLD_S = 3600.0  # how long `timeout` and `stall` keep a client waiting
 MAX_BODY = 64 * 1024 * 1024  # request bodies above this are refused (413)
 LOG_SIZE = 100_000  # the request log keeps the newest entries only
 BODIES_KEPT = 1_000  # the newest entries of the log keep the request body they came with
-SETTING_KEYS = {"latency_ms", "faults", "fault", "usage", "cost", "tools"}
+SETTING_KEYS = {"latency_ms", "faults", "fault", "usage", "cost", "tools", "chunk_ms"}
 NO_TOOLS_ENV = "SIM_NO_TOOLS"  # upstream model names answering 404 to requests with tools
 NO_TOOL_USE = (  # OpenRouter's words when no provider of the model takes tools
     "No endpoints found that support tool use. To learn more about provider routing, "
@@ -106,6 +128,7 @@ NO_TOOL_USE = (  # OpenRouter's words when no provider of the model takes tools
 
 _STATUS_FAULTS = {"400", "401", "403", "404", "408", "429", "500", "502", "503"}
 _OTHER_FAULTS = {"timeout", "stall", "malformed", "empty", "reset"}
+_STREAM_FAULTS = {"cut-after", "error-after", "stall-after"}  # `cut-after:N`: streams only
 _ERROR_TYPES = {
     400: ("invalid_request_error", "bad_request"),
     401: ("authentication_error", "invalid_api_key"),
@@ -129,6 +152,8 @@ def check_fault(fault: str) -> str:
         with contextlib.suppress(ValueError):
             float(parts[-1])
             return fault
+    if parts[0] in _STREAM_FAULTS and len(parts) == 2 and parts[1].isdigit():
+        return fault
     raise ValueError(f"unknown simulator fault {fault!r}")
 
 
@@ -412,6 +437,8 @@ class _Completer:
         user_text = _text_of(self.messages[self.last_user]) if self.last_user >= 0 else ""
         self.user_text = user_text
         self.flags = {f for f in _FLAG.findall(user_text) if f in _FLAGS}
+        self.streams = body.get("stream") is True
+        self.entry: dict[str, Any] = {}  # this request's entry in the log
 
     async def run(self) -> bool:
         conn, keep_alive = self.conn, self.request.keep_alive
@@ -435,6 +462,8 @@ class _Completer:
         delay = float(settings.get("latency_ms") or 0) / 1000
         if delay > 0 and not await conn.hold(delay):
             return False  # the client gave up waiting
+        if self.streams:
+            return await _Streamer(self, settings, fault).run()
         if fault == "stall":
             await self.stall()
             return False
@@ -454,22 +483,25 @@ class _Completer:
             for p in m["content"]
             if isinstance(p, dict) and p.get("type") == "image_url"
         )
-        self.conn.state.record(
-            {
-                "model": self.model,
-                "t": time.time(),
-                "fault": fault,
-                "authorization_present": bool(self.request.headers.get("authorization")),
-                "temperature": body.get("temperature"),
-                "max_tokens": self.max_tokens,
-                "images": images,
-                # the caller's end of the connection, so a test can tell which process called
-                "client_port": (self.conn.writer.get_extra_info("peername") or ("", 0))[1],
-                **_fleet_job(self.request.headers.get("x-fleet-job")),
-                # everything the provider was sent (headers aside), for tests to check fields
-                "body": body,
-            }
-        )
+        self.entry = {
+            "model": self.model,
+            "t": time.time(),
+            "fault": fault,
+            "authorization_present": bool(self.request.headers.get("authorization")),
+            "temperature": body.get("temperature"),
+            "max_tokens": self.max_tokens,
+            "images": images,
+            # the caller's end of the connection, so a test can tell which process called
+            "client_port": (self.conn.writer.get_extra_info("peername") or ("", 0))[1],
+            **_fleet_job(self.request.headers.get("x-fleet-job")),
+            # everything the provider was sent (headers aside), for tests to check fields
+            "body": body,
+            # a stream's progress: events sent so far ([DONE] included), and how it ended
+            "stream": self.streams,
+            "chunks": 0 if self.streams else None,
+            "stream_end": None,
+        }
+        self.conn.state.record(self.entry)
 
     async def stall(self) -> None:
         """Headers with a Content-Length, half the body, then silence until the client quits."""
@@ -481,7 +513,11 @@ class _Completer:
     def answer(self, settings: dict[str, Any], fault: str | None) -> Answer:
         """The completion, or the error answer a fault or the request asks for."""
         if fault == "malformed":
-            return 200, b'{"id": "chatcmpl-sim", "choices": [ this is not json', {}
+            return 200, MALFORMED, {}
+        return self.refusal(settings, fault) or _json(200, self.completion(settings, fault))
+
+    def refusal(self, settings: dict[str, Any], fault: str | None) -> Answer | None:
+        """The error answer a status fault or the request itself calls for, if any."""
         if fault is not None and fault.split(":")[0] in _STATUS_FAULTS:
             status, *rest = fault.split(":")
             headers = {}
@@ -496,6 +532,10 @@ class _Completer:
             return _error(400, invalid)
         if self.tools and not self.conn.state.takes_tools(self.model, settings):
             return _json(404, {"error": {"message": NO_TOOL_USE, "code": 404}})
+        return None
+
+    def completion(self, settings: dict[str, Any], fault: str | None) -> dict[str, Any]:
+        """The answer's body, as a request that does not stream gets it."""
         message, finish_reason = self.reply()
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish_reason}
         if self.body.get("logprobs") is True:
@@ -509,7 +549,7 @@ class _Completer:
         }
         if settings.get("usage", True) is not False:
             body["usage"] = self.usage(message, settings.get("cost"))
-        return _json(200, body)
+        return body
 
     def invalid(self) -> str | None:
         """Why a provider would refuse the request's tools or tool_choice (400), if so."""
@@ -574,7 +614,9 @@ class _Completer:
         else:
             named = [f for f in functions if f["name"] in self.user_text]
             chosen = (named or functions)[:1]
-        seed = json.dumps(self.body, sort_keys=True, default=str)
+        # the same calls whether the answer streams or not
+        asked = {k: v for k, v in self.body.items() if k not in ("stream", "stream_options")}
+        seed = json.dumps(asked, sort_keys=True, default=str)
         return [
             {
                 "id": "call_" + hashlib.sha256(f"{i}:{seed}".encode()).hexdigest()[:24],
@@ -671,6 +713,164 @@ class _Completer:
         if reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning, completion)}
         return usage if cost is None else {**usage, "cost": cost}
+
+
+class _Streamer:
+    """Answers a request that asks `stream: true`: the answer a request that does not
+    stream would get, sent as OpenAI's chunks over server-sent events (HTTP chunked),
+    `chunk_ms` apart, and cut or broken mid-way when a stream fault says so. Faults that
+    fail a request fail it before the first chunk, as they do the whole answer."""
+
+    def __init__(self, completer: _Completer, settings: dict[str, Any], fault: str | None) -> None:
+        self.completer, self.settings, self.fault = completer, settings, fault
+        self.conn = completer.conn
+        self.keep_alive = completer.request.keep_alive
+        self.gap = float(settings.get("chunk_ms") or 0) / 1000
+        name, _, count = (fault or "").partition(":")
+        self.cut = int(count) if name == "cut-after" else None
+        self.error = int(count) if name == "error-after" else None
+        self.stall = int(count) if name == "stall-after" else None
+
+    async def run(self) -> bool:
+        completer, fault = self.completer, self.fault
+        if fault == "stall":  # the stream's head and half an event, then silence
+            await self.open()
+            self.write(b'data: {"id": "chatcmpl-sim", "choi')
+            await self.conn.writer.drain()
+            await self.conn.hold(HOLD_S)
+            return False
+        try:
+            refused = completer.refusal(self.settings, fault)
+            events = [] if refused else self.events()
+        except Exception as exc:  # a simulator bug: say so rather than drop the connection
+            refused = _error(500, f"simulator failed: {type(exc).__name__}: {exc}")
+        if refused:  # an error answer, whole, before any stream began
+            await self.conn.send(refused, self.keep_alive)
+            return self.keep_alive
+        try:
+            return await self.send(events)
+        except ConnectionError:
+            self.ended("gone")
+            return False
+
+    def events(self) -> list[str]:
+        """The data of each event, [DONE] last."""
+        if self.fault == "malformed":
+            return [MALFORMED.decode()]
+        completer = self.completer
+        body = completer.completion(self.settings, self.fault)
+        options = completer.body.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        chunks = _chunks(body, usage=usage and "usage" in body)
+        return [json.dumps(chunk) for chunk in chunks] + ["[DONE]"]
+
+    async def send(self, events: list[str]) -> bool:
+        await self.open()
+        for sent, data in enumerate(events):
+            if sent == self.cut:
+                self.ended("cut")
+                self.conn.writer.close()  # no last chunk: the client reads a cut body
+                return False
+            if sent == self.error:
+                await self.event(json.dumps(self.error_event()))
+                return await self.close("error")
+            if sent == self.stall:
+                self.ended("stalled")
+                await self.conn.hold(HOLD_S)
+                return False
+            if sent and self.gap > 0 and not await self.conn.hold(self.gap):
+                self.ended("gone")
+                return False
+            await self.event(data)
+        return await self.close("done")
+
+    def error_event(self) -> dict[str, Any]:
+        """OpenRouter's report of a failure once the answer began: HTTP 200 already sent,
+        so the error comes as an event, with finish_reason "error"."""
+        model = self.completer.model
+        return {
+            "id": f"chatcmpl-sim-{next(_IDS)}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "error": {"code": "server_error", "message": f"simulated error mid-stream ({model})"},
+            "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+        }
+
+    async def open(self) -> None:
+        head = [
+            "HTTP/1.1 200 OK",
+            "Content-Type: text/event-stream",
+            "Cache-Control: no-cache",
+            "Transfer-Encoding: chunked",
+            f"Connection: {'keep-alive' if self.keep_alive else 'close'}",
+        ]
+        self.conn.writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        await self.conn.writer.drain()
+
+    def write(self, payload: bytes) -> None:
+        """One HTTP chunk."""
+        self.conn.writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+
+    async def event(self, data: str) -> None:
+        self.write(f"data: {data}\n\n".encode())
+        await self.conn.writer.drain()
+        with self.conn.state.lock:
+            self.completer.entry["chunks"] += 1
+
+    async def close(self, how: str) -> bool:
+        self.conn.writer.write(b"0\r\n\r\n")  # the body's end
+        await self.conn.writer.drain()
+        self.ended(how)
+        return self.keep_alive
+
+    def ended(self, how: str) -> None:
+        with self.conn.state.lock:
+            self.completer.entry["stream_end"] = how
+
+
+def _chunks(body: dict[str, Any], usage: bool) -> list[dict[str, Any]]:
+    """A completion body as OpenAI streams it: the role first, then the reasoning, the
+    text (its logprobs with it), the refusal and each tool call (its id and name, then
+    its arguments) in pieces of a word or so, then the finish_reason, then the usage in
+    a chunk of its own when asked. Joined, the pieces give the body's own values."""
+    head = {
+        "id": body["id"],
+        "object": "chat.completion.chunk",
+        "created": body["created"],
+        "model": body["model"],
+    }
+
+    def chunk(delta: dict[str, Any], **more: Any) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None, **more}]}
+
+    out = []
+    for choice in body["choices"]:
+        message = choice["message"]
+        out.append(chunk({"role": "assistant", "content": ""}))
+        out += [chunk({"reasoning_content": p}) for p in _split(message.get("reasoning_content"))]
+        logprobs = (choice.get("logprobs") or {}).get("content")
+        for i, piece in enumerate(_split(message.get("content"))):
+            more = {"logprobs": {"content": [logprobs[i]], "refusal": None}} if logprobs else {}
+            out.append(chunk({"content": piece}, **more))
+        out += [chunk({"refusal": p}) for p in _split(message.get("refusal"))]
+        for index, call in enumerate(message.get("tool_calls") or []):
+            function = call["function"]
+            first = {"name": function["name"], "arguments": ""}
+            start = {"index": index, "id": call["id"], "type": "function", "function": first}
+            out.append(chunk({"tool_calls": [start]}))
+            for piece in _split(function["arguments"]):
+                fragment = {"index": index, "function": {"arguments": piece}}
+                out.append(chunk({"tool_calls": [fragment]}))
+        out.append(chunk({}, finish_reason=choice["finish_reason"]))
+    if usage:
+        out.append({**head, "choices": [], "usage": body["usage"]})
+    return out
+
+
+def _split(text: str | None) -> list[str]:
+    """`text` in pieces of a word or so (the pieces logprobs are given for)."""
+    return _PIECES.findall(text) if text else []
 
 
 def _countable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
