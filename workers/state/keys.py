@@ -73,6 +73,13 @@ def running(process: str) -> str:
     return f"{RUNNING_PREFIX}{process}"
 
 
+def stream(job_id: str) -> str:
+    """A job's streamed output (a Redis Stream): batches of deltas as its worker makes them,
+    then one final record; bounded in length, kept STREAM_KEEP_S after its last record
+    (workers/state/streams.py)."""
+    return f"{PREFIX}:stream:{job_id}"
+
+
 def inflight(job_id: str) -> str:
     """A job's provider calls in flight: hash '<message>:<delivery>' -> '<marked ms>|<JSON
     call>', one field per call (a delivery makes at most one), written as the call leaves
