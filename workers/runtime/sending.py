@@ -127,7 +127,6 @@ class _RedisBatch:
         topic = self.channel._get_publish_topic(EVENTS_EXCHANGE, "task.sent")
         # the fleet's transport files each job message as it is published (transport.py)
         put = getattr(self.channel, "put_commands", self._lpush)
-        merge = merged_publishes if hasattr(self.channel, "put_commands") else list
         for m in messages:
             headers, properties, body, sent = _task_message(self.app, m)
             properties["delivery_mode"] = 2
@@ -135,7 +134,7 @@ class _RedisBatch:
             writes += put(m.queue, _envelope(body, headers, properties, priority, "", m.queue))
             if sent:
                 writes.append(("publish", (topic, self._event(sent, m.queue))))
-        writes = _coalesce(merge(writes))
+        writes = _coalesce(merged_publishes(writes))
         policy = self.app.conf.task_publish_retry_policy or {}
         for wait in [*_backoff(policy), None]:
             try:
@@ -173,28 +172,18 @@ class _RedisBatch:
 
 def _coalesce(writes: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[str, tuple[Any, ...]]]:
     """The same writes in fewer commands: one LPUSH per list (LPUSH k a b is LPUSH k a then
-    LPUSH k b: the order on each list is kept), one HSET and one ZADD per key; the rest
-    as they come. Inside one MULTI/EXEC the order across keys does not matter; each
-    command costs the client a pack and a reply to parse, about as much as its payload."""
+    LPUSH k b: the order on each list is kept); the rest as they come. Inside one MULTI/EXEC
+    the order across keys does not matter; each command costs the client a pack and a reply
+    to parse, about as much as its payload. (The fleet's transport merges its filed
+    publishes per list itself: transport.merged_publishes.)"""
     pushes: dict[Any, list[Any]] = {}
-    fields: dict[Any, dict[Any, Any]] = {}
-    scores: dict[Any, dict[Any, Any]] = {}
     rest: list[tuple[str, tuple[Any, ...]]] = []
     for command, args in writes:
         if command == "lpush" and len(args) == 2:
             pushes.setdefault(args[0], []).append(args[1])
-        elif command == "hset" and len(args) == 3:
-            fields.setdefault(args[0], {})[args[1]] = args[2]
-        elif command == "zadd" and len(args) == 2:
-            scores.setdefault(args[0], {}).update(args[1])
         else:
             rest.append((command, args))
-    return [
-        *(("lpush", (key, *values)) for key, values in pushes.items()),
-        *(("hset", (key, None, None, mapping)) for key, mapping in fields.items()),
-        *(("zadd", (key, mapping)) for key, mapping in scores.items()),
-        *rest,
-    ]
+    return [*(("lpush", (key, *values)) for key, values in pushes.items()), *rest]
 
 
 def _backoff(policy: dict[str, Any]) -> list[float]:
