@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from router.catalog import Catalog, catalog_path, load_catalog
-from router.errors import BatchRefused, InvalidJob, JobFailed, NoRouteAvailable
+from router.errors import (
+    BatchRefused,
+    InvalidJob,
+    JobFailed,
+    NoRouteAvailable,
+    StreamInterrupted,
+)
 from router.jobs import Job, parse_job
 from router.policy import Hop, Route, route_job
-from router.results import Result
+from router.results import Delta, Result
 from router.slots import earliest, horizon
 
 _catalogs: dict[tuple[Path, float], Catalog] = {}
@@ -71,6 +77,35 @@ class JobHandle:
             return result
         return Result.model_validate(value)
 
+    def stream(self, timeout: float = 600.0) -> Iterator[Delta | Result]:
+        """The answer as it is written, then the Result: a job dispatched with
+        `"stream": True` yields its deltas as its model writes them (docs/streaming.md);
+        any other yields its whole answer as one Delta when it ends. A job that ends
+        without an answer raises JobFailed, as get() does. A stream that stops after part
+        of the answer went out (the model's stream broke, its worker died) raises
+        StreamInterrupted: nothing is repeated, and the job goes on unstreamed to a
+        Result that get() gives. TimeoutError when the job does not end in `timeout` s."""
+        from workers.state import streams
+        from workers.state.connections import redis_client
+
+        seen = False
+        for record in streams.follow(redis_client(), self.id, streams.START, timeout):
+            if record.delta is not None:
+                seen = True
+                yield record.delta
+            elif record.error is not None:
+                message = f"job {self.id}: the stream stopped: {record.error.get('message')}"
+                raise StreamInterrupted(message, {"job_id": self.id, **record.error})
+            elif record.end is not None:
+                job = self.job
+                result = stored_result(record.end, job.id, job.task_class, job.source)
+                if not result.ok:
+                    raise JobFailed(result.error or "job failed", result.summary())
+                if not seen and (result.text or result.reasoning or result.tool_calls):
+                    calls = tuple({"index": i, **c} for i, c in enumerate(result.tool_calls))
+                    yield Delta(result.text or "", result.reasoning or "", calls)
+                yield result
+
     def _wait(self, timeout: float | None) -> Any:
         """The job's final value. Celery wakes the wait when the final state is published;
         the stored state is also read again every LOOK_AGAIN_S, because the fleet
@@ -93,6 +128,22 @@ class JobHandle:
                     return meta["result"]
                 if deadline is not None and time.monotonic() >= deadline:
                     raise TimeoutError(f"job {self.id} not finished after {timeout} s") from None
+
+
+def stored_result(meta: dict[str, Any], job_id: str, task_class: str, source: str) -> Result:
+    """The Result a job's final stored state (Celery's meta, as the result key and its
+    stream's `end` record hold it) carries; for one that carries none (a job that ended
+    outside the fleet's code), a bare Result saying how it ended."""
+    value = meta.get("result")
+    if meta.get("status") == "SUCCESS" and isinstance(value, dict):
+        return Result.model_validate(value)
+    args = value.get("exc_message") if isinstance(value, dict) else None
+    if isinstance(args, list) and len(args) == 2 and isinstance(args[1], dict) and args[1]:
+        return Result.model_validate(args[1])
+    error = f"job {str(meta.get('status', 'ended')).lower()}"
+    if isinstance(args, list) and args:
+        error = f"{error}: {args[0]}"
+    return Result(job_id=job_id, task_class=task_class, source=source, ok=False, error=error)
 
 
 def _bare(job: Job, error: str) -> dict[str, Any]:

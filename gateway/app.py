@@ -1,9 +1,12 @@
 """The gateway's routes: an ASGI app on Starlette (served by uvicorn: gateway/serve.py).
 
-    POST   /v1/chat/completions   an OpenAI chat completion, answered when the job ends
+    POST   /v1/chat/completions   an OpenAI chat completion, answered when the job ends,
+                                  or streamed as it is written (`stream: true`)
     GET    /v1/models             every catalog model and route name
     POST   /v1/jobs               a fleet job nobody waits on: 202 and its id
     GET    /v1/jobs/{id}          its state, and its Result once it has one
+    GET    /v1/jobs/{id}/stream   its answer as server-sent events, from the start or
+                                  resumed after the record a Last-Event-ID names
     DELETE /v1/jobs/{id}          revoke it: at once if not yet delivered, else at its next
                                   step (a provider call in flight finishes)
 
@@ -11,11 +14,13 @@ Every route needs a bearer key (gateway/keys.py). A request is checked whole bef
 anything is queued: the body, the model, the key's classes, then its budget and request
 limit (one Redis script that also sets the worst case aside); only then is the job
 dispatched. A refused request leaves nothing behind. The job, once queued, runs to its
-end whether or not its caller waits.
+end whether or not its caller waits; a streamed chat request whose client goes away
+revokes its job, whose call stops at its next batch of tokens (docs/streaming.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -29,14 +34,16 @@ import anyio
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from client.dispatch import current_catalog
+from client.dispatch import current_catalog, stored_result
 from gateway import shapes
 from gateway.errors import APIError, invalid_job, no_route
 from gateway.keys import AppKey, KeyStore
 from gateway.sender import Sender
+from gateway.sse import Chunks, error_event
+from gateway.streaming import Follower, StreamHub, valid_cursor
 from gateway.waiter import ResultWaiter
 from router.catalog import Catalog
 from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
@@ -46,7 +53,7 @@ from router.results import Result
 from workers.config import fleet_urls
 from workers.ledger.store import Ledger
 from workers.runtime.resultstore import FleetRedisBackend
-from workers.state import apps, keys
+from workers.state import apps, keys, streams
 from workers.state.apps import Owner
 from workers.state.connections import redis_client
 
@@ -81,6 +88,8 @@ class Gateway:
         self.limiter = anyio.CapacityLimiter(SEND_THREADS)
         self.sender = Sender(self.redis, self.blocking)
         self.results = _results_backend()
+        self.hub = StreamHub(fleet_urls()[1], self.waiter.client)
+        self.leaving: set[asyncio.Task[Any]] = set()  # revokes of streams whose client left
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -191,34 +200,150 @@ async def chat_completions(request: Request) -> Response:
         raise _invalid(exc) from None
     if (idem := _idempotency(request, key.app)) is not None:
         job = job.model_copy(update={"idempotency_key": idem})
-    job = await gw.send(key, job, catalog)
+    if chat.stream:
+        job = job.model_copy(update={"stream": True})
+    sent = await gw.send(key, job, catalog)
     timeout = min(chat.timeout_s or gw.settings.timeout_s, gw.settings.timeout_s)
+    if chat.stream:
+        # The client is this job's only reader: when it goes away, the job stops. (One
+        # an Idempotency-Key led to an earlier job's stream leaves that job alone.)
+        owner = None
+        if sent.id == job.id and sent.reservation is not None:
+            owner = Owner(key.app, sent.reservation, sent.task_class, sent.source)
+        return await _stream(
+            gw,
+            _Streamed(sent.id, sent.task_class, sent.source, streams.START, chat.include_usage),
+            timeout,
+            stop_on_leave=owner,
+            door_dropped=chat.door_dropped,
+        )
+    job = sent
     meta = await gw.waiter.wait(job.id, max(0.0, timeout))
     if meta is None:
         message = (
             f"job {job.id} not finished after {timeout:g} s; it goes on: GET /v1/jobs/{job.id}"
         )
         raise APIError(504, message, code="timeout", extra={"job_id": job.id})
-    result = _result(meta, job.id, job.task_class, job.source)
+    result = stored_result(meta, job.id, job.task_class, job.source)
     if not result.ok:
         raise _failed(result)
     headers = shapes.fleet_headers(result, chat.door_dropped)
     return JSONResponse(shapes.completion(result, catalog), headers=headers)
 
 
-def _result(meta: dict[str, Any], job_id: str, task_class: str, source: str) -> Result:
-    """The Result a job's final stored state holds (one with none, a bare Result of the
-    job's id, class and source saying how it ended)."""
-    value = meta.get("result")
-    if meta.get("status") == "SUCCESS" and isinstance(value, dict):
-        return Result.model_validate(value)
-    args = value.get("exc_message") if isinstance(value, dict) else None
-    if isinstance(args, list) and len(args) == 2 and isinstance(args[1], dict) and args[1]:
-        return Result.model_validate(args[1])
-    error = f"job {meta.get('status', 'ended').lower()}"
-    if isinstance(args, list) and args:
-        error = f"{error}: {args[0]}"
-    return Result(job_id=job_id, task_class=task_class, source=source, ok=False, error=error)
+@dataclass(frozen=True)
+class _Streamed:
+    """A job's stream as one request follows it."""
+
+    job_id: str
+    task_class: str
+    source: str
+    cursor: str  # after which record it starts ("0-0": from the start)
+    include_usage: bool
+
+
+async def _stream(
+    gw: Gateway,
+    streamed: _Streamed,
+    timeout_s: float,
+    stop_on_leave: Owner | None = None,
+    door_dropped: list[str] | None = None,
+) -> Response:
+    """The job's stream as server-sent events. Nothing is committed before its first
+    record: a job that fails before any text answers with the status a request that does
+    not stream would get (502, 400, 504), and the headers name the model that streams."""
+    follower = gw.hub.follow(streamed.job_id, streamed.cursor)
+    try:
+        first = await follower.next(timeout_s)
+        if first is None:
+            message = (
+                f"job {streamed.job_id}: nothing streamed after {timeout_s:g} s; it goes on:"
+                f" GET /v1/jobs/{streamed.job_id}"
+            )
+            raise APIError(504, message, code="timeout", extra={"job_id": streamed.job_id})
+        result = None
+        if first.end is not None:
+            result = stored_result(first.end, streamed.job_id, streamed.task_class, streamed.source)
+            if not result.ok:
+                raise _failed(result)
+    except BaseException:
+        follower.close()
+        raise
+    heading = first.heading or {}
+    headers = {
+        "x-fleet-job-id": streamed.job_id,
+        "x-fleet-model": heading.get("model") or (result.model if result else "") or "",
+        "x-fleet-queue": heading.get("queue", ""),
+        "cache-control": "no-cache",
+        "x-accel-buffering": "no",  # a proxy in front passes each event on at once
+    }
+    if door_dropped:
+        headers["x-fleet-dropped"] = ",".join(door_dropped)
+    events = _events(gw, streamed, follower, first, timeout_s, stop_on_leave, headers)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+
+async def _events(
+    gw: Gateway,
+    streamed: _Streamed,
+    follower: Follower,
+    first: streams.Record,
+    timeout_s: float,
+    stop_on_leave: Owner | None,
+    headers: dict[str, str],
+) -> AsyncIterator[bytes]:
+    job_id = streamed.job_id
+    chunks = Chunks(job_id, headers["x-fleet-model"], streamed.include_usage)
+    seen = ended = False
+    record: streams.Record | None = first
+    try:
+        while record is not None:
+            if record.delta is not None:
+                seen = True
+                yield chunks.delta(record.id, record.delta)
+            elif record.error is not None:
+                ended = True
+                message = f"{record.error.get('message')}; the job goes on: GET /v1/jobs/{job_id}"
+                yield error_event(record.id, message, str(record.error.get("kind")), job_id)
+                return
+            elif record.end is not None:
+                ended = True
+                result = stored_result(record.end, job_id, streamed.task_class, streamed.source)
+                if result.ok:
+                    cost = shapes.cost_of(result, current_catalog())
+                    yield chunks.end(record.id, result, cost, seen)
+                else:
+                    error = result.error or "the job ended without an answer"
+                    yield error_event(record.id, error, "job_failed", job_id)
+                return
+            record = await follower.next(timeout_s)
+        message = f"nothing new for {timeout_s:g} s; the job goes on: GET /v1/jobs/{job_id}"
+        yield error_event(None, message, "timeout", job_id)
+    finally:
+        follower.close()
+        if not ended and stop_on_leave is not None:  # its client went away mid-stream
+            task = asyncio.get_running_loop().create_task(_revoke(gw, job_id, stop_on_leave))
+            gw.leaving.add(task)
+            task.add_done_callback(gw.leaving.discard)
+
+
+async def _revoke(gw: Gateway, job_id: str, owner: Owner) -> str:
+    """Revoke the job: 'REVOKED' (no worker had it), 'REVOKING' (its worker stops it at
+    its next step, or a streaming call at its next batch), or 'ENDED <status>'."""
+    revoked = Result(
+        job_id=job_id,
+        task_class=owner.task_class,
+        source=owner.source,
+        ok=False,
+        error=JobRevoked.MESSAGE,
+        finished_at=time.time(),
+    )
+    state = gw.results.revoked_state(revoked)
+    expires_s = gw.settings.result_expires_s
+    answer: str = await gw.blocking(
+        apps.revoke, gw.redis, job_id, state, expires_s, owner.app, owner.reservation
+    )
+    return answer
 
 
 def _failed(result: Result) -> APIError:
@@ -277,27 +402,29 @@ async def get_job(request: Request) -> Response:
     status = (meta or {}).get("status") or "PENDING"
     body: dict[str, Any] = {"id": job_id, "object": "fleet.job", "status": status.lower()}
     if status in ("SUCCESS", "FAILURE", "REVOKED"):
-        result = _result(meta or {}, job_id, owner.task_class, owner.source)
+        result = stored_result(meta or {}, job_id, owner.task_class, owner.source)
         body["result"] = result.summary()
     return JSONResponse(body)
+
+
+async def job_stream(request: Request) -> Response:
+    gw, job_id, owner = await _owned(request)
+    cursor = request.headers.get("last-event-id") or request.query_params.get("after") or ""
+    if cursor and not valid_cursor(cursor):
+        raise APIError(
+            400,
+            f"Last-Event-ID {cursor[:40]!r} is not an event id of this stream"
+            " (valid: an id it sent, like 1765000000000-0)",
+            code="invalid_header",
+        )
+    streamed = _Streamed(job_id, owner.task_class, owner.source, cursor or streams.START, True)
+    return await _stream(gw, streamed, gw.settings.timeout_s)
 
 
 async def delete_job(request: Request) -> Response:
     gw, job_id, owner = await _owned(request)
     # Its final state if no worker has taken it yet (else a worker's next step writes it)
-    revoked = Result(
-        job_id=job_id,
-        task_class=owner.task_class,
-        source=owner.source,
-        ok=False,
-        error=JobRevoked.MESSAGE,
-        finished_at=time.time(),
-    )
-    state = gw.results.revoked_state(revoked)
-    expires_s = gw.settings.result_expires_s
-    answer = await gw.blocking(
-        apps.revoke, gw.redis, job_id, state, expires_s, owner.app, owner.reservation
-    )
+    answer = await _revoke(gw, job_id, owner)
     if answer == "REVOKING":  # a worker holds it: its next step ends it, a call finishes
         return JSONResponse(
             {"id": job_id, "object": "fleet.job", "status": "revoking"}, status_code=202
@@ -342,6 +469,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
         try:
             yield
         finally:
+            await gateway.hub.close()
             await gateway.waiter.close()
 
     from starlette.exceptions import HTTPException
@@ -352,6 +480,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/jobs", create_job, methods=["POST"]),
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+            Route("/v1/jobs/{job_id}/stream", job_stream, methods=["GET"]),
             Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
         ],
         exception_handlers={

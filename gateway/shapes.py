@@ -92,6 +92,13 @@ class ChatRequest(BaseModel):
         return {k: v for k, v in extra.items() if k not in TUNING_FIELDS}
 
     @property
+    def include_usage(self) -> bool:
+        """Whether a stream's last chunk carries the usage (`stream_options`)."""
+        return bool(
+            isinstance(self.stream_options, dict) and self.stream_options.get("include_usage")
+        )
+
+    @property
     def door_dropped(self) -> list[str]:
         """The fields the door itself drops (sent to no provider)."""
         return [name for name in DOOR_DROPPED if getattr(self, name) is not None]
@@ -112,10 +119,21 @@ def chat_request(body: Any) -> ChatRequest:
         shown = repr(error.get("input"))[:80]
         message = f"field {field!r}: {error['msg'].lower()} (got {shown})"
         raise invalid(message, str(error["loc"][0]) if error["loc"] else None) from None
-    if request.stream not in (None, False):
+    if request.stream is not None and not isinstance(request.stream, bool):
         shown = repr(request.stream)[:80]
-        message = f"field 'stream': streaming is not supported yet (valid: false; got {shown})"
-        raise invalid(message, "stream")
+        raise invalid(
+            f"field 'stream': must be a boolean (valid: true, false; got {shown})", "stream"
+        )
+    options = request.stream_options
+    if options is not None and (
+        not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)
+    ):
+        shown = repr(options)[:80]
+        message = (
+            "field 'stream_options': must be an object whose 'include_usage' is a boolean"
+            f" (got {shown})"
+        )
+        raise invalid(message, "stream_options")
     if request.n not in (None, 1) or isinstance(request.n, bool):
         raise invalid(f"field 'n': only one choice is made (valid: 1; got {request.n!r})", "n")
     return request

@@ -120,3 +120,10 @@ class JobRevoked(JobFailed):
     final state (REVOKED) carries."""
 
     MESSAGE = "revoked by its app"
+
+
+class StreamInterrupted(JobFailed):
+    """A streaming job's stream stopped after part of its answer went out (the model's
+    stream broke, or the worker writing it died): no more of it comes, and none of it is
+    sent again. The job itself goes on down its chain, unstreamed: its Result comes from
+    `JobHandle.get()` (or the gateway's `GET /v1/jobs/{id}`). `result` holds `job_id`."""

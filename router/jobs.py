@@ -329,6 +329,9 @@ class Job(_Strict):
     metadata: dict[str, MetadataValue] = {}
     app: AppName | None = None  # who sent it (the gateway: the app its key names)
     reservation: Reservation | None = None
+    # Stream the answer as it is written, to the job's stream on Redis
+    # (workers/state/streams.py): `JobHandle.stream()` and the gateway read it.
+    stream: StrictBool | None = None
     # The rest of OpenAI's chat request (names and ranges as OpenAI's API has them).
     tools: Annotated[list[Tool], Field(min_length=1)] | None = None
     tool_choice: ToolChoice | None = None
@@ -385,8 +388,7 @@ class Job(_Strict):
         known = sorted(k for k in body if k in _FLEET_BODY or k in cls.model_fields)
         if known:
             raise _rule(
-                f"holds fields the job sets itself: {', '.join(known)} "
-                "(set them as job fields; stream is not supported)"
+                f"holds fields the job sets itself: {', '.join(known)} (set them as job fields)"
             )
         return body
 

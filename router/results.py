@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -10,6 +11,19 @@ from pydantic import BaseModel, ConfigDict
 # redelivery on estimated tokens (workers/runtime/orphans.py); it is in no Result, only in
 # the ledger.
 Outcome = Literal["ok", "error", "skipped", "orphaned"]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of an answer as it is written: text, reasoning, or tool-call fragments in
+    OpenAI's streaming shape (`{"index", "id"?, "type"?, "function": {"name"?,
+    "arguments"}}`: the first fragment of a call carries its id and name, the next ones
+    pieces of its arguments, which joined in order give the call's arguments). Providers
+    yield them; a streaming job's caller receives them (`JobHandle.stream()`)."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 class Attempt(BaseModel):

@@ -345,7 +345,7 @@ def test_each_refusal_names_its_field_as_param(gateway, fleet_env) -> None:
     key = new_key(fleet_env, "param-app")
     base = {"model": ROUTE, "messages": [{"role": "user", "content": "hi"}]}
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"stream": True}, "stream"),
+        ({"stream": "yes"}, "stream"),
         ({"n": 3}, "n"),
         ({"temperature": 9}, "temperature"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),

@@ -155,3 +155,60 @@ def test_calls_in_flight_when_their_worker_is_killed_are_billed_as_orphaned(
     line = next(x for x in done.stdout.splitlines() if x.startswith("orphaned calls"))
     orphan_cost = sum(rows[n]["cost_usd"] for n in rows if n > ORPHAN_ATTEMPTS_FROM)
     assert ": 2," in line and f"estimated cost ${orphan_cost:.6f}" in line
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_and_its_call_is_billed(
+    fleet, sim, fresh_redis
+) -> None:
+    import threading
+
+    from router.errors import StreamInterrupted
+    from router.results import Delta
+    from workers.state import streams
+
+    workers, env = fleet
+    worker = workers.by_label["orphans"]
+    # Given a streaming job whose provider writes a chunk every half second
+    sim.configure(models={UPSTREAM: {"chunk_ms": 500}})
+    handle = dispatch(
+        {
+            "task_class": "user_facing",
+            "model": KIMI,
+            "max_tokens": MAX_TOKENS,
+            "stream": True,
+            "messages": [{"role": "user", "content": "Summarise the quarter in a few words"}],
+        }
+    )
+    seen: list[Delta] = []
+    stopped: list[StreamInterrupted] = []
+
+    def read() -> None:
+        try:
+            seen.extend(p for p in handle.stream(timeout=60) if isinstance(p, Delta))
+        except StreamInterrupted as exc:
+            stopped.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    # When its worker is killed -9 once text has gone out, and comes back
+    wait_until(lambda: len(seen) >= 2, 30, "the first deltas")
+    workers.kill(worker)
+    sim.configure(models={UPSTREAM: {"chunk_ms": 0}})
+    workers.restart(worker)
+    reader.join(60)
+    # Then the reader is told the stream stopped, naming the job, and sees no text again
+    assert stopped and stopped[0].result["kind"] == "worker_lost"
+    assert stopped[0].result["job_id"] == handle.id
+    records = streams.read(fresh_redis, handle.id, block_ms=None)
+    written = "".join(r.delta.text for r in records if r.delta)
+    assert written == "".join(d.text for d in seen) and records[-1].error is not None
+    # And the job went on, unstreamed, to its Result
+    result = handle.get(timeout=VISIBILITY_S * 4)
+    assert result.ok and result.text and result.text.startswith(written)
+    assert [c["stream"] for c in calls_for(sim, handle.id)] == [True, False]
+    # And the killed call is billed, estimated, beside the call that answered
+    rows = ledger_rows(env, handle.id)
+    assert sorted(rows) == [1, ORPHAN_ATTEMPTS_FROM + 1]
+    orphan = rows[ORPHAN_ATTEMPTS_FROM + 1]
+    assert (orphan["outcome"], orphan["error_kind"]) == ("orphaned", "worker_lost")
+    assert orphan["tokens_estimated"] and orphan["completion_tokens"] > 0

@@ -114,6 +114,16 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
         assert submitted.returncode == 0, submitted.stderr
         result = json.loads(submitted.stdout)
         assert result["ok"] and result["model"] == "zai/glm-4.7"
+        # And `fleet submit --stream` prints the same answer as it is written
+        streamed = subprocess.run(
+            [FLEET, "submit", "--class", "user_facing", "hello there", "--stream"],
+            env=up_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert streamed.returncode == 0, streamed.stderr
+        assert streamed.stdout == result["text"] + "\n"
         assert info["broker_url"].startswith("redis://127.0.0.1:")
         assert info["flower"].endswith(f":{port}")
         # And the gateway answers at the URL it announced (a key is needed)

@@ -1,4 +1,5 @@
-"""`fleet submit`: enqueue one job through the client (and wait for its result)."""
+"""`fleet submit`: enqueue one job through the client (and wait for its result, or print
+its answer as it is written)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def add_submit(commands: Subcommands) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-tokens", type=positive_int)
     p.add_argument("--wait", action="store_true")
+    p.add_argument(
+        "--stream", action="store_true", help="print the answer as it is written (implies --wait)"
+    )
     p.add_argument("--timeout", type=float, default=300, help="seconds --wait waits")
     add_json_option(p)
     p.set_defaults(handler=run)
@@ -42,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         "source": args.source,
         **{k: v for k, v in _optional_fields(args).items() if v is not None},
     }
+    if args.stream:
+        job["stream"] = True
     handle = dispatch(job)
+    if args.stream:
+        return _print_stream(handle, args)
     if not args.wait:
         out = {"job_id": handle.id, **handle.route.as_dict()}
         print_json(out) if args.json else print(f"{handle.id} queued on {handle.route.queue}")
@@ -53,6 +61,33 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(result.text if result.ok else f"fleet: job failed: {result.error}")
     return 0 if result.ok else 1
+
+
+def _print_stream(handle: Any, args: argparse.Namespace) -> int:
+    """The answer's text as it comes (with --json, its Result at the end, as --wait's);
+    a stream that stops after text went out says so, and the job's Result follows once the
+    job, gone on unstreamed, ends."""
+    import sys
+
+    from router.errors import JobFailed, StreamInterrupted
+    from router.results import Result
+
+    try:
+        for piece in handle.stream(timeout=args.timeout):
+            if isinstance(piece, Result):
+                print_json(piece.summary()) if args.json else print()
+            elif not args.json:
+                sys.stdout.write(piece.text)
+                sys.stdout.flush()
+        return 0
+    except StreamInterrupted as exc:
+        print(f"\nfleet: {exc}; waiting for its result", file=sys.stderr)
+        result = handle.get(timeout=args.timeout, propagate=False)
+        print_json(result.summary()) if args.json else print(result.text or "")
+        return 0 if result.ok else 1
+    except JobFailed as exc:
+        print(f"fleet: job failed: {exc}", file=sys.stderr)
+        return 1
 
 
 def _optional_fields(args: argparse.Namespace) -> dict[str, Any]:

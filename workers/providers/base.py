@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 from urllib.parse import quote
 
+from router.results import Delta as Delta  # adapters yield them
+
 
 @dataclass(frozen=True)
 class CompletionRequest:
@@ -65,18 +67,6 @@ class Completion:
     refusal: str | None = None
     logprobs: dict[str, Any] | None = None  # the choice's logprobs object
     reasoning: str | None = None  # the message's reasoning_content (or reasoning)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A piece of an answer as it is written: text, reasoning, or tool-call fragments in
-    OpenAI's streaming shape (`{"index", "id"?, "type"?, "function": {"name"?,
-    "arguments"}}`: the first fragment of a call carries its id and name, the next ones
-    pieces of its arguments, which joined in order give the call's arguments)."""
-
-    text: str = ""
-    reasoning: str = ""
-    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 class Provider(Protocol):

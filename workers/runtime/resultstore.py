@@ -35,7 +35,7 @@ from celery.exceptions import BackendStoreError
 
 from router.errors import JobRevoked
 from router.results import Result
-from workers.state import beathealth, keys
+from workers.state import beathealth, keys, streams
 from workers.state.beathealth import BeatRun
 from workers.state.connections import script
 from workers.state.deadletter import NOT_FILED, Filing
@@ -57,6 +57,7 @@ class Bookkeeping:
     # the delivery storing it: its message's deliveries hash and its number (a later
     # delivery of the message supersedes it: store_result.lua stores nothing then)
     delivery: tuple[str, int] | None = None
+    stream: bool = False  # the job streams: its final state ends its stream too
 
 
 _attached: dict[str, Bookkeeping] = {}
@@ -159,6 +160,7 @@ class FleetRedisBackend(RedisBackend):
                 keys.inflight(job_id),
                 keys.running(this_process()),
                 extra.delivery[0] if extra.delivery else key,
+                keys.stream(job_id) if extra.stream else key,
                 *extra.settle_keys,
             ],
             args=[
@@ -174,6 +176,9 @@ class FleetRedisBackend(RedisBackend):
                 filing.max_age_s,
                 beat.encode() if beat else "",
                 extra.delivery[1] if extra.delivery else "",
+                "1" if extra.stream else "",
+                streams.MAX_RECORDS,
+                streams.STREAM_KEEP_S,
             ],
         )
         if beat and isinstance(reply, list):  # [event, the entry's health]

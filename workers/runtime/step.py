@@ -19,6 +19,13 @@ Each call carries the job's tuning fields (Job.tuning()) that the model can take
 whose capability (TUNING_NEEDS) the catalog does not give the model, or that the model's
 adapter cannot take, is left out, and the Result lists what its answering model was not
 sent (`dropped`).
+
+A streaming job's delivery hands its call's deltas to a Sink (workers/state/streams.py's
+StreamWriter) as they come. Until the first one, a failure moves down the chain as any
+other would; after it, the call's error ends the stream (the caller has part of an
+answer, and text from another model must not follow it), and the job goes on down its
+chain unstreamed. A call whose deltas reach a revoked job (its client went away) stops
+there: billed for what it wrote (estimated), the job ends revoked.
 """
 
 from __future__ import annotations
@@ -34,14 +41,17 @@ from router.costs import attempt_cost
 from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
 from router.jobs import TUNING_NEEDS, Job, parse_job
 from router.policy import route_job
-from router.results import Result
+from router.results import Delta, Result
 from router.slots import Block, earliest, horizon
+from router.tokens import estimate_tokens
 from router.travel import Attempt, Hop, TravellingState, travelling_state
 from workers.providers.base import (
     CapabilityRefused,
     Completion,
     CompletionRequest,
     ProviderError,
+    Retryable,
+    StreamBroken,
     Target,
     accepted_options,
     current_caller,
@@ -98,6 +108,17 @@ class Gate(Protocol):
     def rest_capability(self, model_id: str, capability: str) -> None: ...
 
 
+class Sink(Protocol):
+    """Where a streaming job's deltas go (workers/state/streams.py's StreamWriter)."""
+
+    @property
+    def streamed(self) -> bool: ...  # whether text went out
+    def start(self, model: str, queue: str) -> None: ...
+    def add(self, delta: Delta) -> None: ...  # raises JobRevoked: the job was revoked
+    def flush(self) -> None: ...
+    def broke(self, message: str, kind: str) -> None: ...
+
+
 class OpenGate:
     """No live state: every model always usable (unit tests, a fleet without limits)."""
 
@@ -133,17 +154,20 @@ def advance(
     gate: Gate | None = None,
     worker: str | None = None,
     admitted: Mapping[str, Slot | Block] | None = None,
+    sink: Sink | None = None,
     now: Callable[[], float] = time.time,
 ) -> Step:
     """Run this delivery of a job: at most one provider call. `admitted`: the answer to an
     admission already asked for (first_call's model, with the delivery's first round
-    trip), used instead of asking the gate again."""
+    trip), used instead of asking the gate again. `sink`: where a streaming job's call
+    sends its deltas (None: the call is made whole)."""
     started = _start(catalog, job_data, state, now())
     if isinstance(started, Failed):
         return started
     job, state = started
     delivery = _Delivery(catalog, job_data, job, state, gate or OpenGate(), now)
     delivery.admitted = dict(admitted or {})
+    delivery.sink = sink
     return delivery.run(here, providers, worker)
 
 
@@ -200,6 +224,7 @@ class _Delivery:
         self.needs = job.needs()
         self.passed: dict[str, Block] = {}  # models found blocked in this delivery, and why
         self.admitted: dict[str, Slot | Block] = {}  # admissions asked for before the walk
+        self.sink: Sink | None = None
 
     def run(self, here: str | None, providers: ProviderLookup, worker: str | None) -> Step:
         called = False
@@ -292,15 +317,31 @@ class _Delivery:
     def call(self, hop: Hop, target: Target, worker: str | None, slot: Slot) -> Step | None:
         call = self.in_flight(hop, worker)
         options, dropped = request_options(self.job, self.catalog, hop.model, target)
+        if self.sink is not None:
+            self.sink.start(hop.model, hop.queue)
         with on_send(lambda: self.gate.mark(call) if call else None):
             attempt, outcome = _try(
-                self.job, self.state, hop, len(self.attempts) + 1, target, worker, self.now, options
+                self.job,
+                self.state,
+                hop,
+                len(self.attempts) + 1,
+                target,
+                worker,
+                self.now,
+                options,
+                self.sink,
             )
         self.attempts.append(attempt)
         cost = attempt_cost(self.catalog.model(hop.model), attempt)
         self.gate.settle(hop.model, attempt, cost.usd, slot.probe)
         if isinstance(outcome, Completion):
             return Done(self.end(model=hop.model, dropped=dropped, **_answer(outcome)))
+        if isinstance(outcome, JobRevoked):
+            return Failed(self.end(error=REVOKED))
+        if self.sink is not None and self.sink.streamed:
+            # Part of an answer went out: end the stream; the job goes on unstreamed.
+            self.sink.broke(f"{hop.model}: {outcome.message}", outcome.kind)
+            self.sink = None
         if isinstance(outcome, CapabilityRefused):
             self.gate.rest_capability(hop.model, outcome.capability)
         if attempt.action == "fail":
@@ -375,7 +416,8 @@ def _try(
     worker: str | None,
     now: Callable[[], float],
     options: dict[str, Any],
-) -> tuple[Attempt, Completion | ProviderError]:
+    sink: Sink | None = None,
+) -> tuple[Attempt, Completion | ProviderError | JobRevoked]:
     response_format = options.get("response_format") or {}
     base: dict[str, Any] = {
         "number": number,
@@ -394,14 +436,37 @@ def _try(
         options=options,
     )
     clock = time.perf_counter()
+    written: list[str] = []  # a stream's text so far: what a stopped call is billed for
     try:
-        completion = target.provider.complete(request)
+        if sink is None:
+            completion = target.provider.complete(request)
+        else:
+            completion = _streamed(target.provider.stream(request), sink, written)
     except ProviderError as exc:
         latency = (time.perf_counter() - clock) * 1000
         failed = Attempt(
-            outcome="error", latency_ms=latency, started_at=started, **_error_fields(exc), **base
+            outcome="error",
+            latency_ms=latency,
+            started_at=started,
+            **_error_fields(exc),
+            **_partial_usage(exc),
+            **base,
         )
         return failed, exc
+    except JobRevoked as exc:  # its client went away mid-stream: the call was stopped
+        stopped = Attempt(
+            outcome="error",
+            error_kind="revoked",
+            error="revoked by its app mid-stream: the call was stopped",
+            action="fail",
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=estimate_tokens("".join(written)),
+            tokens_estimated=True,
+            latency_ms=(time.perf_counter() - clock) * 1000,
+            started_at=started,
+            **base,
+        )
+        return stopped, exc
     latency = (time.perf_counter() - clock) * 1000
     ok = Attempt(
         outcome="ok",
@@ -414,6 +479,38 @@ def _try(
         **base,
     )
     return ok, completion
+
+
+def _streamed(pieces: Iterator[Delta | Completion], sink: Sink, written: list[str]) -> Completion:
+    """Send a stream's deltas to `sink` as they come (keeping their text in `written`);
+    its Completion. Closing the stream on the way out ends the call (a revoked job's)."""
+    try:
+        for piece in pieces:
+            if isinstance(piece, Completion):
+                return piece
+            written.append(piece.text + piece.reasoning)
+            for call in piece.tool_calls:
+                written.append(str(call.get("function", {}).get("arguments", "")))
+            sink.add(piece)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
+        sink.flush()  # everything written goes out before the job's end
+    raise Retryable("malformed", "the stream ended without its answer")
+
+
+def _partial_usage(exc: ProviderError) -> dict[str, Any]:
+    """A broken stream's usage: the tokens it made before it broke are billed."""
+    if not isinstance(exc, StreamBroken):
+        return {}
+    partial = exc.partial
+    return {
+        "prompt_tokens": partial.prompt_tokens,
+        "completion_tokens": partial.completion_tokens,
+        "tokens_estimated": partial.tokens_estimated,
+        "provider_cost_usd": partial.provider_cost_usd,
+    }
 
 
 def _error_fields(exc: ProviderError) -> dict[str, Any]:

@@ -7,7 +7,9 @@ bill the calls earlier deliveries of its message left in flight when their worke
 as it leaves: workers/state/inflight.py), and turn the step into a Celery action: return
 the Result, forward the job to its next queue, or fail. A finished job's ledger rows and
 dead letter are attached to its final state, which the result store writes in one atomic
-script: nothing on the task's path writes a database.
+script: nothing on the task's path writes a database. A streaming job's delivery streams
+its call when no earlier delivery's text went out (workers/state/streams.py), and its
+final state ends its stream.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from workers.runtime.step import (
     poisoned,
     revoked,
 )
-from workers.state import apps, beathealth, deadletter, deliveries, keys
+from workers.state import apps, beathealth, deadletter, deliveries, keys, streams
 from workers.state.connections import preload, redis_client
 from workers.state.deadletter import NOT_FILED
 from workers.state.inflight import Superseded
@@ -211,6 +213,7 @@ def _bookkeeping(
         filing=deadletter.filing(job, _catalog().policy.dead_letters) if failed else NOT_FILED,
         beat=beathealth.run_of(job, result) if result.ok or failed else None,
         delivery=delivery,
+        stream=bool(job.get("stream")),
     )
 
 
@@ -248,11 +251,10 @@ def _forward(app: Any, job: dict[str, Any], step: Forward) -> None:
 
 
 def _end_revoked(
-    task: Task, job: dict[str, Any], state: TravellingState | None, delivery: tuple[str, int]
+    task: Task, job: dict[str, Any], result: Result, delivery: tuple[str, int]
 ) -> NoReturn:
-    """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made
-    before, and the settlement of its reservation), and end this delivery."""
-    result = revoked(job, state)
+    """Store REVOKED as the job's final state, with its bookkeeping (the attempts it made,
+    and the settlement of its reservation), and end this delivery."""
     attach(job["id"], _bookkeeping(job, result, result.summary(), delivery))
     backend = task.backend
     assert isinstance(backend, FleetRedisBackend)
@@ -272,6 +274,7 @@ def _step(
     sends = travel.sends if travel is not None else 0
     if delivery.poisoned:
         return poisoned(job, travel, delivery.count)
+    sink = _sink(job, first_message=sends == 0 and delivery.count == 1)
     # Its provider call says which job and delivery it is for, and which process makes it
     # (X-Fleet-Job).
     caller = Caller(job["id"], sends, delivery.count, deliveries.this_process())
@@ -286,9 +289,24 @@ def _step(
                 gate=_gate(),
                 worker=task.request.hostname,
                 admitted={first: delivery.admitted} if first and delivery.admitted else None,
+                sink=sink,
             )
     except Superseded:
         _superseded(job, sends, "before its call left")
+
+
+def _sink(job: dict[str, Any], first_message: bool) -> streams.StreamWriter | None:
+    """Where this delivery's call streams, for a streaming job whose stream holds no text
+    yet (None: the call is made whole; a Redis that cannot be reached makes it whole too,
+    and the job's final state still ends its stream)."""
+    if not job.get("stream"):
+        return None
+    try:
+        if streams.claim(redis_client(), job["id"], fresh=first_message):
+            return streams.StreamWriter(redis_client(), job["id"])
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("job %s: not streamed (%r)", job["id"], exc)
+    return None
 
 
 def _still_current(job_id: str, sends: int, count: int) -> bool:
@@ -348,8 +366,10 @@ def run_job(self: Task, job: dict[str, Any], state: dict[str, Any] | None = None
         raise Ignore()
     this = (keys.deliveries(job["id"], sends), delivery.count)
     if delivery.revoked:  # its app revoked it: end it here, with what it spent so far
-        _end_revoked(self, job, travel, this)
+        _end_revoked(self, job, revoked(job, travel), this)
     step = _step(self, job, travel, here, first, delivery)
+    if isinstance(step, Failed) and step.result.error == REVOKED:  # stopped mid-stream
+        _end_revoked(self, job, step.result, this)
     if isinstance(step, Done):
         summary = step.result.summary()
         attach(job["id"], _bookkeeping(job, step.result, summary, this))

@@ -2,13 +2,15 @@
 -- KEYS: the job's result key, the ledger spool, the dead-letter hash, the dead-letter index
 --   of the job's class, the dead-letter trimmed counts, the beat-health hash, the job's
 --   in-flight hash, the running set of the process storing it, the deliveries hash of
---   the message whose delivery stores it (any key when none)[, then, for a job an app's
---   budget reserved for: its settled marker, the app's day and month spend].
+--   the message whose delivery stores it (any key when none), the job's output stream
+--   (any key when it does not stream)[, then, for a job an app's budget reserved for:
+--   its settled marker, the app's day and month spend].
 -- ARGV: value (Celery's JSON), expiry in s (0: none), final ('1' for SUCCESS or FAILURE),
 --   the job's ledger rows ('' = none), job id, its dead letter ('' = none), the
 --   reservation's settlement (real cost minus reserved, USD; '' = none), the dead
 --   letter's class, that class's max count and max age in s, the beat run of a job beat
---   fired (JSON, beat.lua; '' = none), the storing delivery's number ('' = none).
+--   fired (JSON, beat.lua; '' = none), the storing delivery's number ('' = none), '1'
+--   for a job that streams (else ''), its stream's bound (MAXLEN ~) and TTL in s.
 -- SUCCESS is never replaced (Celery's own rule, which it checks with a read before the
 -- write), and a non-final state (STARTED, RETRY) never replaces FAILURE either: Celery
 -- writes them from different workers and they can land out of order
@@ -23,6 +25,8 @@
 -- A delivery superseded by a later delivery of its message (its worker's beat lapsed and
 -- the message went to another: workers/runtime/liveness.py) stores nothing: the later
 -- one answers, and bills this one's call, marked in flight, as orphaned.
+-- A streaming job's final state also ends its stream, as its `end` record, unless an
+-- `error` record ended it already (workers/state/streams.py).
 -- Returns 0 (not written), 1, or for a beat job {event, its entry's health}.
 --!include settle
 --!include deadletter
@@ -56,7 +60,18 @@ if ARGV[6] ~= '' and (not beat or beat[1] == 'failing' or beat[1] == 'another') 
     tonumber(ARGV[10]))
 end
 if ARGV[7] ~= '' and ARGV[3] == '1' then
-  settle(KEYS[10], KEYS[11], KEYS[12], tonumber(ARGV[7]))
+  settle(KEYS[11], KEYS[12], KEYS[13], tonumber(ARGV[7]))
+end
+if ARGV[13] == '1' and ARGV[3] == '1' then
+  local last = redis.call('XREVRANGE', KEYS[10], '+', '-', 'COUNT', 1)[1]
+  local ended = false
+  for i = 1, last and #last[2] or 0, 2 do
+    if last[2][i] == 'end' or last[2][i] == 'error' then ended = true end
+  end
+  if not ended then
+    redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[14], '*', 'end', ARGV[1])
+    redis.call('EXPIRE', KEYS[10], tonumber(ARGV[15]))
+  end
 end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
 return beat or 1
