@@ -65,7 +65,8 @@ def job_state(gateway: Gateway, key: str, job_id: str, until: tuple[str, ...]) -
 
 def events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
     """(id, data) of each server-sent event."""
-    event_id, data = None, []
+    event_id: str | None = None
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:
@@ -189,7 +190,7 @@ def test_an_upstream_error_mid_stream_ends_with_an_error_event_and_the_job_goes_
         model=ROUTE, messages=user(f"[[sim:{PRIMARY}=error-after:4]] go on"), stream=True
     )
     job_id = raw.headers["x-fleet-job-id"]
-    text = []
+    text: list[str] = []
     with pytest.raises(openai.APIError) as broke:
         for chunk in raw.parse():
             text.extend(c.delta.content or "" for c in chunk.choices)
