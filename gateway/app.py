@@ -88,7 +88,7 @@ class Gateway:
         self.limiter = anyio.CapacityLimiter(SEND_THREADS)
         self.sender = Sender(self.redis, self.blocking)
         self.results = _results_backend()
-        self.hub = StreamHub(fleet_urls()[1], self.waiter.client)
+        self.hub = StreamHub(fleet_urls()[1], self.waiter)
         self.leaving: set[asyncio.Task[Any]] = set()  # revokes of streams whose client left
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -252,7 +252,7 @@ async def _stream(
     """The job's stream as server-sent events. Nothing is committed before its first
     record: a job that fails before any text answers with the status a request that does
     not stream would get (502, 400, 504), and the headers name the model that streams."""
-    follower = gw.hub.follow(streamed.job_id, streamed.cursor)
+    follower = await gw.hub.follow(streamed.job_id, streamed.cursor)
     try:
         first = await follower.next(timeout_s)
         if first is None:

@@ -13,13 +13,14 @@ record is not held back by a long block.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from gateway.waiter import ResultWaiter
 from workers.state import keys, streams
 from workers.state.connections import CONNECT_TIMEOUT_S, HEALTH_CHECK_S
 from workers.state.streams import Record
@@ -27,7 +28,11 @@ from workers.state.streams import Record
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 5_000  # the loop's longest wait; a new follower wakes it sooner
-LOOK_AGAIN_S = 1.0  # a follower hearing nothing this long reads its job's stored state
+# How often the hub reads the stored states of every followed job, in one MGET: a final
+# state's publication (which wakes its followers at once) may have been missed while the
+# waiter's pub/sub reconnected.
+LOOK_AGAIN_S = 2.0
+MGET_KEYS = 500  # result keys per MGET
 
 
 def _order(record_id: str) -> tuple[int, int]:
@@ -44,14 +49,24 @@ def valid_cursor(value: str) -> bool:
 class Follower:
     """One request's view of a job's stream: the records after its cursor, in order."""
 
-    def __init__(self, hub: StreamHub, job_id: str, cursor: str) -> None:
+    def __init__(
+        self, hub: StreamHub, job_id: str, cursor: str, final: asyncio.Future[Any]
+    ) -> None:
         self.hub, self.job_id, self.cursor = hub, job_id, cursor
-        self.records: asyncio.Queue[Record] = asyncio.Queue()
+        self.final = final  # the job's final state, once published (gateway/waiter.py)
+        self.records: collections.deque[Record] = collections.deque()
+        self._wake: asyncio.Future[None] | None = None
+        final.add_done_callback(lambda _: self._signal())
 
     def offer(self, record: Record) -> None:
         if _order(record.id) > _order(self.cursor):
             self.cursor = record.id
-            self.records.put_nowait(record)
+            self.records.append(record)
+            self._signal()
+
+    def _signal(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def next(self, timeout_s: float) -> Record | None:
         """The next record, or None when none comes within `timeout_s`. A job that ended
@@ -60,54 +75,49 @@ class Follower:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            if self.records:
+                return self.records.popleft()
+            if self.final.done():
+                return await self.hub.ended(self)
             left = deadline - loop.time()
             if left <= 0:
                 return None
+            self._wake = loop.create_future()
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(self.records.get(), min(LOOK_AGAIN_S, left))
-            ended = await self.hub.ended(self)
-            if ended is not None:
-                return ended
-
-    async def each(self, timeout_s: float) -> AsyncIterator[Record]:
-        """Every record up to the last (an `end` or an `error`), each within `timeout_s`
-        of the one before (TimeoutError otherwise)."""
-        while True:
-            record = await self.next(timeout_s)
-            if record is None:
-                raise TimeoutError(f"job {self.job_id}: nothing new for {timeout_s:g} s")
-            yield record
-            if record.last:
-                return
+                await asyncio.wait_for(self._wake, left)
 
     def close(self) -> None:
         self.hub.leave(self)
 
 
 class StreamHub:
-    def __init__(self, url: str, client: aioredis.Redis) -> None:
+    def __init__(self, url: str, waiter: ResultWaiter) -> None:
         self.url = url
-        self.client = client  # the gateway's pooled client: wakes, stored states
+        self.waiter = waiter  # its pub/sub tells a follower its job's final state
+        self.client = waiter.client  # the gateway's pooled client: wakes, stored states
         self._reader: aioredis.Redis | None = None
         self._reader_id: int | None = None
         self._following: dict[str, set[Follower]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._looking: asyncio.Task[None] | None = None
         self._blocked = False  # the loop waits in XREAD now
         self._round = 0  # the loop's XREADs so far
         self._waking = False  # a wake is on its way
         self._idle = asyncio.Event()
         self._wakes: set[asyncio.Task[None]] = set()  # held: a task only weakly held may vanish
 
-    def follow(self, job_id: str, cursor: str = streams.START) -> Follower:
-        follower = Follower(self, job_id, cursor)
+    async def follow(self, job_id: str, cursor: str = streams.START) -> Follower:
+        follower = Follower(self, job_id, cursor, await self.waiter.watch(job_id))
         self._following.setdefault(keys.stream(job_id), set()).add(follower)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._looking = asyncio.get_running_loop().create_task(self._look_again())
         self._idle.set()
         self._wake()
         return follower
 
     def leave(self, follower: Follower) -> None:
+        self.waiter.unwatch(follower.job_id, follower.final)
         key = keys.stream(follower.job_id)
         found = self._following.get(key)
         if found is not None:
@@ -125,9 +135,33 @@ class StreamHub:
         for _key, entries in found or []:
             for raw_id, fields in entries:
                 follower.offer(streams.parse(raw_id, fields))
-        if not follower.records.empty():
-            return follower.records.get_nowait()
+        if follower.records:
+            return follower.records.popleft()
         return Record(id=follower.cursor, end=stored)
+
+    async def _look_again(self) -> None:
+        """Every LOOK_AGAIN_S, the stored states of the jobs whose final state no follower
+        has heard of, in MGETs: a final one is handed to its followers."""
+        while True:
+            await asyncio.sleep(LOOK_AGAIN_S)
+            waiting: dict[str, list[Follower]] = {}
+            for followers in list(self._following.values()):
+                for follower in followers:
+                    if not follower.final.done():
+                        waiting.setdefault(follower.job_id, []).append(follower)
+            jobs = list(waiting)
+            for start in range(0, len(jobs), MGET_KEYS):
+                part = jobs[start : start + MGET_KEYS]
+                try:
+                    found = await self.client.mget([keys.result(j) for j in part])
+                except Exception as exc:  # Redis away: the next look
+                    log.debug("stored states not read: %r", exc)
+                    break
+                for job_id, raw in zip(part, found, strict=True):
+                    stored = streams.final_state(raw)
+                    for follower in waiting[job_id] if stored is not None else ():
+                        if not follower.final.done():
+                            follower.final.set_result(stored)
 
     def _wake(self) -> None:
         if not self._blocked or self._waking or self._reader_id is None:
@@ -205,8 +239,9 @@ class StreamHub:
                 await reader.aclose()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._looking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         await self._drop_reader()

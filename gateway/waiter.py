@@ -55,14 +55,30 @@ class ResultWaiter:
         raw = await self.client.get(keys.result(job_id))
         return _meta(raw)
 
-    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
-        """The job's final stored state, or None if it is not final within `timeout_s`."""
-        channel = keys.result(job_id)
+    async def watch(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future that gets the job's final state when it is published (a reader of the
+        job's stream waits on it too: gateway/streaming.py). `unwatch` it when done."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        waiters = self._waiting.setdefault(channel, [])
-        waiters.append(future)
+        self._waiting.setdefault(keys.result(job_id), []).append(future)
         try:
             await self._start_reader()
+        except BaseException:
+            self.unwatch(job_id, future)
+            raise
+        return future
+
+    def unwatch(self, job_id: str, future: asyncio.Future[dict[str, Any]]) -> None:
+        channel = keys.result(job_id)
+        waiters = self._waiting.get(channel, [])
+        if future in waiters:
+            waiters.remove(future)
+        if not waiters:
+            self._waiting.pop(channel, None)
+
+    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
+        """The job's final stored state, or None if it is not final within `timeout_s`."""
+        future = await self.watch(job_id)
+        try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             while True:
@@ -75,9 +91,7 @@ class ResultWaiter:
                 with contextlib.suppress(TimeoutError):
                     return await asyncio.wait_for(asyncio.shield(future), min(LOOK_AGAIN_S, left))
         finally:
-            waiters.remove(future)
-            if not waiters:
-                del self._waiting[channel]
+            self.unwatch(job_id, future)
 
     async def _start_reader(self) -> None:
         # One subscription and one reader for the life of the process, from the first

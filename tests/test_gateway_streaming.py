@@ -6,6 +6,7 @@ the gateway, the test fleet's real workers, the simulator and the tiny MLX model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -352,3 +353,91 @@ def test_fuzzed_streaming_bodies_end_well_or_are_refused_whole(
     door()
     # Most were answered, streamed to their end
     assert outcomes.count("done") > len(outcomes) // 3, outcomes
+
+
+def redis_connections(pid: int, redis_port: int) -> int:
+    """The TCP connections process `pid` holds to `redis_port` (/proc: its socket inodes
+    matched against the kernel's TCP table)."""
+    import os
+    from pathlib import Path
+
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            parts = line.split()
+            remote_port = int(parts[2].rsplit(":", 1)[1], 16)
+            if parts[9] in inodes and remote_port == redis_port and parts[3] == "01":
+                count += 1
+    return count
+
+
+def threads_of(pid: int) -> int:
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("Threads:")).split()[1])
+
+
+def test_streams_held_at_once_take_no_thread_or_redis_connection_each(
+    gateway, key, fleet_env, simulator
+) -> None:
+    import asyncio
+    from urllib.parse import urlsplit
+
+    redis_port = int(urlsplit(fleet_env["FLEET_BROKER_URL"]).port or 6379)
+    pid = gateway.process.pid
+    headers = {"Authorization": f"Bearer {key}"}
+    many = 100
+    simulator.configure(default={"chunk_ms": 100})
+    try:
+        # A first stream warms the gateway's pools
+        with httpx.stream(
+            "POST",
+            f"{gateway.url}/chat/completions",
+            json={"model": ROUTE, "messages": user("warm up"), "stream": True},
+            headers=headers,
+            timeout=30,
+        ) as warm:
+            assert list(events(warm.iter_lines()))[-1][1] == "[DONE]"
+        before = (threads_of(pid), redis_connections(pid, redis_port))
+        during: list[tuple[int, int]] = []
+
+        async def one(client: httpx.AsyncClient, n: int) -> str:
+            body = {"model": ROUTE, "messages": user(f"stream number {n}"), "stream": True}
+            async with client.stream(
+                "POST", f"{gateway.url}/chat/completions", json=body, headers=headers
+            ) as reply:
+                lines = [line async for line in reply.aiter_lines()]
+            return "\n".join(lines)
+
+        async def watch(done: asyncio.Event) -> None:
+            while not done.is_set():
+                during.append((threads_of(pid), redis_connections(pid, redis_port)))
+                await asyncio.sleep(0.2)
+
+        async def main() -> list[str]:
+            limits = httpx.Limits(max_connections=many + 10)
+            async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+                done = asyncio.Event()
+                watcher = asyncio.create_task(watch(done))
+                replies = await asyncio.gather(*(one(client, n) for n in range(many)))
+                done.set()
+                await watcher
+                return replies
+
+        replies = asyncio.run(main())
+    finally:
+        simulator.reset()
+    # Every stream went to its end
+    assert all(r.rstrip().endswith("data: [DONE]") for r in replies)
+    # while the gateway's threads and Redis connections stayed what a few requests use
+    most_threads = max(t for t, _ in during)
+    most_connections = max(c for _, c in during)
+    assert most_threads <= before[0] + 10, (before, most_threads)
+    assert most_connections <= before[1] + 10, (before, most_connections)
