@@ -468,3 +468,23 @@ def test_streams_held_at_once_take_no_thread_or_redis_connection_each(
     most_connections = max(c for _, c in during)
     assert most_threads <= before[0] + 10, (before, most_threads)
     assert most_connections <= before[1] + 10, (before, most_connections)
+
+
+def test_reasoning_streams_as_reasoning_content_before_the_text(sdk) -> None:
+    from client.dispatch import current_catalog
+
+    reasoner = next(
+        m.id
+        for m in current_catalog().models
+        if m.supports("reasoning") and not m.id.startswith("local/")
+    )
+    stream = sdk.chat.completions.create(
+        model=reasoner, messages=user("Think first: 17 x 23?"), reasoning_effort="high", stream=True
+    )
+    reasoning, text = "", ""
+    for chunk in stream:
+        for choice in chunk.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            text += choice.delta.content or ""
+    assert reasoning.startswith("[sim ") and "thinking (high)" in reasoning
+    assert text.startswith("[sim ")
