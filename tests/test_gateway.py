@@ -74,12 +74,21 @@ class Gateway:
         self.log_file.close()
 
 
-@pytest.fixture(scope="module")
-def gateway(fleet_env, fleet_workers, tmp_path_factory) -> Iterator[Gateway]:
-    env = {**fleet_env, "FLEET_GATEWAY_TIMEOUT_S": "20"}
-    gw = Gateway(env, tmp_path_factory.mktemp("gateway") / "gateway.log")
-    yield gw
-    gw.stop()
+def gateway_fixture(name: str, timeout_s: int) -> Any:
+    """A module's `gateway` fixture: `fleet serve` in front of the test fleet, its chat
+    requests waiting at most `timeout_s`."""
+
+    @pytest.fixture(scope="module")
+    def gateway(fleet_env, fleet_workers, tmp_path_factory) -> Iterator[Gateway]:
+        env = {**fleet_env, "FLEET_GATEWAY_TIMEOUT_S": str(timeout_s)}
+        gw = Gateway(env, tmp_path_factory.mktemp(name) / "gateway.log")
+        yield gw
+        gw.stop()
+
+    return gateway
+
+
+gateway = gateway_fixture("gateway", 20)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +18,7 @@ import pytest
 from client.dispatch import current_catalog
 from router.catalog import Catalog
 from router.jobs import TUNING_NEEDS
-from tests.test_gateway import Gateway, client, new_key
+from tests.test_gateway import Gateway, client, gateway_fixture, new_key
 
 WEATHER: Any = {
     "type": "function",
@@ -65,12 +64,7 @@ ROUTE = "fleet/user_facing"
 SCHEMA_MODEL = "openrouter/deepseek/deepseek-chat"
 
 
-@pytest.fixture(scope="module")
-def gateway(fleet_env, fleet_workers, tmp_path_factory) -> Iterator[Gateway]:
-    env = {**fleet_env, "FLEET_GATEWAY_TIMEOUT_S": "30"}
-    gw = Gateway(env, tmp_path_factory.mktemp("gateway-chat") / "gateway.log")
-    yield gw
-    gw.stop()
+gateway = gateway_fixture("gateway-chat", 30)
 
 
 @pytest.fixture(scope="module")

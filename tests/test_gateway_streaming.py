@@ -16,19 +16,23 @@ import httpx
 import openai
 import pytest
 
-from tests.test_gateway import Gateway, client, new_key
+from tests.fixtures import reset_live_state
+from tests.test_gateway import Gateway, client, gateway_fixture, new_key
 from tests.test_gateway_chat_api import WEATHER
 
 ROUTE = "fleet/fast_general"
 PRIMARY = "MiniMax-M2.1"  # its first model (subscription queue)
 
 
-@pytest.fixture(scope="module")
-def gateway(fleet_env, fleet_workers, tmp_path_factory) -> Iterator[Gateway]:
-    env = {**fleet_env, "FLEET_GATEWAY_TIMEOUT_S": "30"}
-    gw = Gateway(env, tmp_path_factory.mktemp("gateway-stream") / "gateway.log")
-    yield gw
-    gw.stop()
+gateway = gateway_fixture("gateway-stream", 30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_faults(fleet_env) -> Iterator[None]:
+    """This module's scripted failures cool models down and open circuits: the modules
+    after it meet every model usable."""
+    yield
+    reset_live_state(fleet_env)
 
 
 @pytest.fixture(scope="module")
@@ -347,8 +351,9 @@ def test_fuzzed_streaming_bodies_end_well_or_are_refused_whole(
     )
     @given(body=body)
     def door(body: dict[str, Any]) -> None:
+        sent = json.dumps(body)  # (Infinity and NaN too: the gateway refuses them)
         with httpx.stream(
-            "POST", f"{gateway.url}/chat/completions", json=body, headers=headers, timeout=60
+            "POST", f"{gateway.url}/chat/completions", content=sent, headers=headers, timeout=60
         ) as reply:
             if reply.status_code != 200:
                 # Refused or failed before its first token: one JSON error, never a 500
