@@ -317,6 +317,7 @@ async def _events(
                     yield error_event(record.id, error, "job_failed", job_id)
                 return
             record = await follower.next(timeout_s)
+        ended = True  # (the client is still here: the job goes on, as the event says)
         message = f"nothing new for {timeout_s:g} s; the job goes on: GET /v1/jobs/{job_id}"
         yield error_event(None, message, "timeout", job_id)
     finally:
