@@ -127,7 +127,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="short runs (about 4 minutes)")
     parser.add_argument(
         "--only", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}"
     )

@@ -614,6 +614,12 @@ def _sweep_bench(quick: bool) -> Result:
     return sweep(quick)
 
 
+def _stream_bench(quick: bool) -> Result:
+    from bench.bench_stream import stream
+
+    return stream(quick)
+
+
 BENCHES: dict[str, Callable[[bool], Result]] = {
     "router": router,
     "enqueue": enqueue,
@@ -624,4 +630,5 @@ BENCHES: dict[str, Callable[[bool], Result]] = {
     "gateway": _gateway_bench,
     "transport": _transport_bench,
     "sweep": _sweep_bench,
+    "stream": _stream_bench,
 }
