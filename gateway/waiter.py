@@ -131,6 +131,7 @@ class ResultWaiter:
             await self.pubsub.aclose()
         await self._pubsub_client.aclose()
         await self.client.aclose()
+        await self.client.connection_pool.disconnect()  # (a pool given is not closed with it)
 
 
 def _meta(raw: Any) -> dict[str, Any] | None:

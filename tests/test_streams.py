@@ -176,3 +176,44 @@ def test_a_revoked_job_stops_its_stream_at_the_next_delta(fresh_redis: Any) -> N
     with pytest.raises(JobRevoked):
         writer.add(Delta(text="c"))
     assert text_of(streams.read(fresh_redis, "j8")) == "ab"
+
+
+def test_the_gateway_hub_hands_every_record_to_every_follower_across_readers(
+    fresh_redis: Any,
+) -> None:
+    """250 streams followed at once (three readers of at most 100), and a late follower of
+    a stream already read far, from its start: each gets exactly its records, in order."""
+    import asyncio
+
+    from gateway.streaming import STREAMS_PER_READER, StreamHub
+    from gateway.waiter import ResultWaiter
+
+    jobs = [f"h{n}" for n in range(250)]
+
+    async def main() -> None:
+        waiter = ResultWaiter(url_of(fresh_redis))
+        hub = StreamHub(url_of(fresh_redis), waiter)
+        try:
+            followers = {job: await hub.follow(job) for job in jobs}
+            assert len(hub._readers) == -(-len(jobs) // STREAMS_PER_READER)
+            writers = {job: StreamWriter(fresh_redis, job, clock=Clock()) for job in jobs}
+            for word in ("one ", "two ", "three"):
+                for job in jobs:
+                    writers[job].add(Delta(text=word))  # a record each (the clock stands still)
+                    writers[job].flush()
+            late = await hub.follow(jobs[0], START)  # joins once the stream is read
+            for job in jobs:
+                store_final(fresh_redis, job)
+            for job, follower in [*followers.items(), (jobs[0], late)]:
+                got = []
+                while not got or not got[-1].last:
+                    record = await follower.next(10)
+                    assert record is not None, job
+                    got.append(record)
+                assert text_of(got) == "one two three" and got[-1].end is not None, job
+                follower.close()
+        finally:
+            await hub.close()
+            await waiter.close()
+
+    asyncio.run(main())
