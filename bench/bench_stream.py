@@ -757,7 +757,7 @@ def _many_rows(many: Many, title: str) -> list[Any]:
         ),
         Row(
             "stream",
-            "  ... Redis's time per XREAD (a round of the gateway's reader over every stream)",
+            "  ... Redis's time per XREAD (a round of one gateway reader, over up to 100 streams)",
             xread["usec"] / max(xread["calls"], 1),
             unit="µs",
             load=load,
