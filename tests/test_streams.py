@@ -205,7 +205,7 @@ def test_the_gateway_hub_hands_every_record_to_every_follower_across_readers(
             for job in jobs:
                 store_final(fresh_redis, job)
             for job, follower in [*followers.items(), (jobs[0], late)]:
-                got = []
+                got: list[streams.Record] = []
                 while not got or not got[-1].last:
                     record = await follower.next(10)
                     assert record is not None, job
