@@ -21,12 +21,12 @@ def queue_status(app: Any, timeout_s: float = 1.0) -> list[dict[str, Any]]:
             consumers.setdefault(queue["name"], []).append(worker)
     with app.connection_for_read() as conn:
         return [
-            {"queue": queue, "waiting": _waiting(conn, queue), "workers": consumers[queue]}
+            {"queue": queue, "waiting": waiting(conn, queue), "workers": consumers[queue]}
             for queue in QUEUES
         ]
 
 
-def _waiting(conn: Any, queue: str) -> int:
+def waiting(conn: Any, queue: str) -> int:
     """Messages ready on `queue`; 0 for a queue no one has declared yet."""
     from kombu.exceptions import ChannelError
 

@@ -323,6 +323,26 @@ class FleetState:
 
     # --- for `fleet status` ---------------------------------------------------------------
 
+    def budget_status(self) -> list[dict[str, Any]]:
+        """Each budget of the policy in its current UTC day and month: cap and spent."""
+        now = datetime.now(UTC)
+        found = [
+            {
+                "scope": b.scope,
+                "name": b.name,
+                "period": period,
+                "cap_usd": cap,
+                "key": keys.spend(b.scope, b.name, period, _stamp(now, period)),
+            }
+            for b in self.catalog.policy.budgets
+            for period, cap in (("day", b.usd_per_day), ("month", b.usd_per_month))
+            if cap is not None
+        ]
+        spent = self.redis.mget([f.pop("key") for f in found]) if found else []
+        for figures, usd in zip(found, spent, strict=True):
+            figures["spent_usd"] = float(usd or 0)
+        return found
+
     def model_status(self, model_id: str) -> dict[str, Any]:
         model = self.catalog.model(model_id)
         windows = {}

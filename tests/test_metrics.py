@@ -1,0 +1,72 @@
+"""The fleet's Prometheus metrics (workers/ops/metrics.py), scraped as Prometheus does and
+read back with prometheus_client's own parser, against a real redis-server holding the
+fleet's queues and live state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fixtures import url_of
+from workers.ops.metrics import LiveStateCollector
+from workers.state import keys
+from workers.state.limits import FleetState
+
+
+def scrape(collector: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Each family's samples, by their labels, from the text Prometheus would read."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    return {
+        family.name: {tuple(sorted(s.labels.items())): s.value for s in family.samples}
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def test_live_state_metrics_count_queues_models_budgets_and_dead_letters(
+    fresh_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import dispatch_many
+    from client.dispatch import current_catalog
+    from workers.runtime.celery_app import create_app
+
+    monkeypatch.setenv("FLEET_BROKER_URL", url_of(fresh_redis))
+    catalog = current_catalog()
+    app = create_app({"FLEET_BROKER_URL": url_of(fresh_redis)})
+    state = FleetState(fresh_redis, catalog)
+    # Given jobs waiting on the free queue at three priorities, a model cooling down, one
+    # whose circuit is open, spend against the paid tier's budget, and a dead letter
+    job = {"task_class": "cost_free", "messages": [{"role": "user", "content": "x"}]}
+    dispatch_many([{**job, "priority": p} for p in (0, 5, 9, 9)], app=app)
+    cooling, broken = catalog.models[0].id, catalog.models[1].id
+    state.cool(cooling, 60, "test")
+    fresh_redis.set(keys.circuit_open(broken), "1", ex=60)
+    budget = next(b for b in state.budget_status() if b["period"] == "day")
+    state.redis.incrbyfloat(keys.spend(budget["scope"], budget["name"], "day", _today()), 1.25)
+    fresh_redis.zadd(keys.dead_letter_index("creative"), {"job-1": 1.0})
+    # When the metrics are scraped
+    found = scrape(LiveStateCollector(app, state, catalog))
+    # Then each is there, with few labels and the figures the state holds
+    assert found["fleet_queue_depth"][(("queue", "free"),)] == 4
+    assert found["fleet_queue_depth"][(("queue", "local"),)] == 0
+    states = found["fleet_model_state"]
+    assert states[(("model", cooling), ("state", "cooldown"))] == 1
+    assert states[(("model", cooling), ("state", "ok"))] == 0
+    assert states[(("model", broken), ("state", "circuit_open"))] == 1
+    assert sum(states.values()) == len(catalog.models)  # one state each
+    left = found["fleet_budget_remaining_usd"]
+    key = (("name", budget["name"]), ("period", "day"), ("scope", budget["scope"]))
+    assert left[key] == pytest.approx(budget["cap_usd"] - 1.25)
+    assert found["fleet_dead_letters"][(("task_class", "creative"),)] == 1
+    # No label carries a job id
+    assert not any("job" in name for f in found.values() for k in f for name, _ in k)
+
+
+def _today() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%d")

@@ -1,0 +1,94 @@
+"""The fleet's Prometheus metrics, read at scrape time from what the whole fleet shares:
+the broker's queues, the live state on the state Redis, and the ledger. So each figure is
+counted once fleet-wide, whichever worker did the work, and any process that can reach
+them (the gateway's `/metrics`, `fleet dashboard`) serves the same numbers.
+
+Labels are few and bounded: queue, model, tier, task class, state, scope; never a job
+id, an app's key or a prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.catalog import QUEUES, Catalog
+from workers.state import deadletter
+from workers.state.limits import FleetState
+
+MODEL_STATES = ("ok", "cooldown", "circuit_open")
+
+
+class LiveStateCollector(Collector):
+    """Queue depths, each model's state, budgets and subscription quota, dead letters."""
+
+    def __init__(self, app: Any, state: FleetState, catalog: Catalog) -> None:
+        self.app, self.state, self.catalog = app, state, catalog
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._queues()
+        yield from self._models()
+        yield self._budgets()
+        yield self._dead_letters()
+
+    def _queues(self) -> Metric:
+        from workers.ops.status import waiting
+
+        depth = GaugeMetricFamily(
+            "fleet_queue_depth",
+            "Jobs waiting on a queue, every priority counted",
+            labels=["queue"],
+        )
+        with self.app.connection_for_read() as conn:
+            for queue in QUEUES:
+                depth.add_metric([queue], waiting(conn, queue))
+        return depth
+
+    def _models(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "fleet_model_state",
+            "1 for the state each model is in now (ok, cooldown, circuit_open)",
+            labels=["model", "state"],
+        )
+        quota = GaugeMetricFamily(
+            "fleet_quota_remaining",
+            "What a model's limit window still allows (requests or tokens)",
+            labels=["model", "window"],
+        )
+        for model in self.catalog.models:
+            found = self.state.model_status(model.id)
+            now = (
+                "circuit_open"
+                if found["circuit_open"]
+                else "cooldown"
+                if found["cooldown"]
+                else "ok"
+            )
+            for name in MODEL_STATES:
+                state.add_metric([model.id, name], 1.0 if name == now else 0.0)
+            for window, figures in found["windows"].items():
+                quota.add_metric([model.id, window], max(0, figures["limit"] - figures["used"]))
+        yield state
+        yield quota
+
+    def _budgets(self) -> Metric:
+        remaining = GaugeMetricFamily(
+            "fleet_budget_remaining_usd",
+            "What a budget of the policy still allows this UTC day or month",
+            labels=["scope", "name", "period"],
+        )
+        for budget in self.state.budget_status():
+            left = max(0.0, budget["cap_usd"] - budget["spent_usd"])
+            remaining.add_metric([budget["scope"], budget["name"], budget["period"]], left)
+        return remaining
+
+    def _dead_letters(self) -> Metric:
+        held = GaugeMetricFamily(
+            "fleet_dead_letters", "Dead letters held per task class", labels=["task_class"]
+        )
+        for row in deadletter.summary(self.state.redis, self.catalog.policy.dead_letters):
+            held.add_metric([row["task_class"]], row["held"])
+        return held
