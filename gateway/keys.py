@@ -41,6 +41,7 @@ class AppKey:
     classes: frozenset[str] | None  # None: every task class
     created_at: datetime
     revoked_at: datetime | None = None
+    admin: bool = False  # sees the whole fleet on the dashboard and /metrics
 
     def as_dict(self) -> dict[str, object]:
         """What `fleet keys list` shows: never the key."""
@@ -53,6 +54,7 @@ class AppKey:
             "classes": sorted(self.classes) if self.classes is not None else None,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "admin": self.admin,
         }
 
 
@@ -86,9 +88,14 @@ class KeyStore:
         self._lock = threading.Lock()
 
     def create(
-        self, app: str, limits: AppLimits, classes: list[str] | None = None
+        self,
+        app: str,
+        limits: AppLimits,
+        classes: list[str] | None = None,
+        admin: bool = False,
     ) -> tuple[str, AppKey]:
-        """A new key for `app`: (the key, shown this once; what is stored of it)."""
+        """A new key for `app`: (the key, shown this once; what is stored of it). An
+        admin key also sees the whole fleet on the dashboard and /metrics."""
         check_app(app)
         allowed = check_classes(classes)
         for value, name in (
@@ -101,7 +108,7 @@ class KeyStore:
             raise InvalidJob(f"requests per min must be 1 or more (got {limits.requests_per_min})")
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}-{key_id}-{secrets.token_urlsafe(32)}"
-        row = AppKey(key_id, app, limits, allowed, datetime.now(UTC))
+        row = AppKey(key_id, app, limits, allowed, datetime.now(UTC), admin=admin)
         self.ledger.ensure_schema()
         with self.ledger.engine.connect() as conn:
             conn.execution_options(ledger_write=True)
@@ -116,6 +123,7 @@ class KeyStore:
                         requests_per_min=limits.requests_per_min,
                         classes=",".join(sorted(allowed)) if allowed is not None else None,
                         created_at=row.created_at,
+                        admin=admin or None,
                     )
                 )
         return key, row
@@ -195,6 +203,7 @@ def _key_of(row: object) -> AppKey:
         classes=frozenset(classes.split(",")) if classes else None,
         created_at=_aware(r["created_at"]),
         revoked_at=_aware(r["revoked_at"]) if r["revoked_at"] else None,
+        admin=bool(r.get("admin")),
     )
 
 

@@ -371,6 +371,13 @@ def test_keys_are_hashed_listed_without_the_key_and_revocable(gateway, fleet_env
     listed = json.loads(fleet(fleet_env, "keys", "list", "--json").stdout)
     mine = [k for k in listed if k["key_id"] == key_id]
     assert mine and mine[0]["app"] == "short-lived" and key not in json.dumps(listed)
+    assert mine[0]["admin"] is False
+    admin_id = new_key(fleet_env, "operators", "--admin").split("-")[1]
+    listed = json.loads(fleet(fleet_env, "keys", "list", "--json").stdout)
+    assert [k["admin"] for k in listed if k["key_id"] == admin_id] == [True]
+    lines = fleet(fleet_env, "keys", "list").stdout.splitlines()
+    assert [x.endswith("; admin") for x in lines if x.startswith(admin_id)] == [True]
+    assert not any(x.endswith("; admin") for x in lines if x.startswith(key_id))
     ledger = Path(fleet_env["FLEET_LEDGER_URL"].removeprefix("sqlite:///")).read_bytes()
     assert key.encode() not in ledger
     c = client(gateway, key)

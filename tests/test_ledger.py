@@ -22,7 +22,7 @@ from router.catalog import default_catalog_path
 from router.errors import ConfigError
 from tests.ledger_db import DATABASES, attempt, database, rows, simple_rows, write_concurrently
 from workers.ledger.rows import encode_rows
-from workers.ledger.schema import attempts, ledger_meta
+from workers.ledger.schema import SCHEMA_VERSION, attempts, ledger_meta
 from workers.ledger.store import CLAIM_PREFIX, CLAIMS_KEY, SPOOL_KEY, Ledger, database_url
 from workers.ops.redis_server import RedisServer, free_port
 from workers.state.connections import script
@@ -164,11 +164,14 @@ def test_urls_and_schema_version(url: str, tmp_path: Path) -> None:
     ledger.ensure_schema()
     ledger.ensure_schema()
     with ledger.engine.begin() as conn:
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [3]
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [
+            SCHEMA_VERSION
+        ]
         conn.execute(update(ledger_meta).values(schema_version=99))
     ledger.close()
     newer = open_ledger(url, tmp_path)
-    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 3"):
+    newer_than = f"schema version 99, newer than this modelfleet's {SCHEMA_VERSION}"
+    with pytest.raises(ConfigError, match=newer_than):
         newer.ensure_schema()
     newer.record(simple_rows("kept"))  # refused, but neither raised nor lost
     assert newer.pending() == 1
@@ -192,7 +195,7 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(url: str, tmp_path: P
     with upgraded.engine.connect() as conn:
         apps = conn.execute(select(attempts.c.job_id, attempts.c.app)).all()
         assert sorted(apps) == [("new", "billing"), ("old", None), ("old", None)]
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 3
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == SCHEMA_VERSION
     upgraded.close()
 
 
@@ -205,6 +208,7 @@ def test_a_version_2_ledger_gains_the_tools_and_json_schema_columns(
     with ledger.engine.begin() as conn:
         conn.execute(text("ALTER TABLE attempts DROP COLUMN tools"))
         conn.execute(text("ALTER TABLE attempts DROP COLUMN json_schema"))
+        conn.execute(text("ALTER TABLE app_keys DROP COLUMN admin"))
         conn.execute(update(ledger_meta).values(schema_version=2))
     ledger.close()
     # When this version opens it and records an attempt that used tools
@@ -216,7 +220,7 @@ def test_a_version_2_ledger_gains_the_tools_and_json_schema_columns(
             select(attempts.c.job_id, attempts.c.tools, attempts.c.json_schema)
         ).all()
         assert sorted(used) == [("new", True, False), ("old", None, None)]
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 3
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == SCHEMA_VERSION
     upgraded.close()
 
 

@@ -32,6 +32,9 @@ def add_keys(commands: Subcommands) -> None:
     q.add_argument("--usd-per-month", type=non_negative_float, metavar="Y")
     q.add_argument("--requests-per-min", type=positive_int, metavar="N")
     q.add_argument("--classes", metavar="C,...", help="task classes the key may use (all)")
+    q.add_argument(
+        "--admin", action="store_true", help="also sees the whole fleet: dashboard, /metrics"
+    )
     add_json_option(q)
     q.set_defaults(handler=create)
 
@@ -63,7 +66,7 @@ def create(args: argparse.Namespace) -> int:
     with _key_store() as store:
         limits = AppLimits(args.usd_per_day, args.usd_per_month, args.requests_per_min)
         classes = args.classes.split(",") if args.classes else None
-        key, row = store.create(args.app, limits, classes)
+        key, row = store.create(args.app, limits, classes, admin=args.admin)
         if args.json:
             print_json({**row.as_dict(), "key": key})
             return 0
@@ -90,7 +93,8 @@ def list_keys(args: argparse.Namespace) -> int:
             print_json(rows)
             return 0
         for r in rows:
-            print(f"{r['key_id']}  {r['app']:<20} {_state(r)} {_limits(r)}; {_classes(r)}")
+            admin = "; admin" if r["admin"] else ""
+            print(f"{r['key_id']}  {r['app']:<20} {_state(r)} {_limits(r)}; {_classes(r)}{admin}")
         return 0
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import (
     Table,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -69,6 +69,8 @@ app_keys = Table(
     Column("classes", String(1000)),  # comma-separated task classes; NULL: every class
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+    # an admin key sees the whole fleet on the dashboard and /metrics (NULL: an app's key)
+    Column("admin", Boolean),
     Index("ix_app_keys_app", "app"),
 )
 
@@ -79,6 +81,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE attempts ADD COLUMN tools BOOLEAN",
         "ALTER TABLE attempts ADD COLUMN json_schema BOOLEAN",
     ],
+    3: ["ALTER TABLE app_keys ADD COLUMN admin BOOLEAN"],
 }
 
 ledger_meta = Table(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -119,9 +120,25 @@ def _upgrade(conn: Connection, version: int) -> None:
     that checked it (a PostgreSQL advisory lock keeps two processes from racing)."""
     for step in range(version, SCHEMA_VERSION):
         for statement in MIGRATIONS.get(step, []):
-            conn.execute(text(statement))
+            if not _adds_a_column_there_already(conn, statement):
+                conn.execute(text(statement))
     if version < SCHEMA_VERSION:
         conn.execute(ledger_meta.update().values(schema_version=SCHEMA_VERSION))
+
+
+_ADD_COLUMN = re.compile(r"^ALTER TABLE (\w+) ADD COLUMN (\w+)", re.IGNORECASE)
+
+
+def _adds_a_column_there_already(conn: Connection, statement: str) -> bool:
+    """Whether `statement` adds a column its table already has: a table an older version
+    lacked is created whole, new columns included, before the migrations run."""
+    found = _ADD_COLUMN.match(statement)
+    if found is None:
+        return False
+    from sqlalchemy import inspect
+
+    table, column = found.groups()
+    return column in {c["name"] for c in inspect(conn).get_columns(table)}
 
 
 class Ledger:
