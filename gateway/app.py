@@ -9,6 +9,7 @@
                                   resumed after the record a Last-Event-ID names
     DELETE /v1/jobs/{id}          revoke it: at once if not yet delivered, else at its next
                                   step (a provider call in flight finishes)
+    GET    /metrics               the fleet's Prometheus metrics (an admin key)
 
 Every route needs a bearer key (gateway/keys.py). A request is checked whole before
 anything is queued: the body, the model, the key's classes, then its budget and request
@@ -438,6 +439,35 @@ async def delete_job(request: Request) -> Response:
     return JSONResponse({"id": job_id, "object": "fleet.job", "status": "revoked"})
 
 
+async def metrics(request: Request) -> Response:
+    """The fleet's Prometheus metrics (gateway/metrics.py), for an admin key."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    gw = _gateway(request)
+    key = await gw.key_of(request)
+    if not key.admin:
+        raise APIError(
+            403,
+            "this key may not read the fleet's metrics: an admin key may"
+            " (fleet keys create NAME --admin)",
+            code="admin_only",
+        )
+    return Response(await gw.blocking(_exposition), media_type=CONTENT_TYPE_LATEST)
+
+
+def _exposition() -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from gateway.metrics import LiveStateCollector
+    from workers.runtime.celery_app import get_app
+    from workers.state.limits import FleetState
+
+    catalog = current_catalog()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(LiveStateCollector(get_app(), FleetState(redis_client(), catalog), catalog))
+    return generate_latest(registry)
+
+
 async def _api_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
     return exc.response()
@@ -479,6 +509,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/jobs", create_job, methods=["POST"]),
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
             Route("/v1/jobs/{job_id}/stream", job_stream, methods=["GET"]),

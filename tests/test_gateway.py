@@ -391,6 +391,21 @@ def test_keys_are_hashed_listed_without_the_key_and_revocable(gateway, fleet_env
     assert key not in gateway.log()
 
 
+def test_metrics_are_for_admin_keys_and_parse_as_prometheus_text(gateway, fleet_env) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = gateway.url.removesuffix("/v1") + "/metrics"
+    app_key, admin_key = new_key(fleet_env, "no-metrics"), new_key(fleet_env, "ops", "--admin")
+    assert httpx.get(url).status_code == 401
+    refused = httpx.get(url, headers={"Authorization": f"Bearer {app_key}"})
+    assert refused.status_code == 403 and "--admin" in refused.json()["error"]["message"]
+    scraped = httpx.get(url, headers={"Authorization": f"Bearer {admin_key}"})
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(scraped.text)}
+    assert {"fleet_queue_depth", "fleet_model_state", "fleet_dead_letters"} <= names
+    assert admin_key not in scraped.text and app_key not in scraped.text
+
+
 def test_the_gateway_binds_to_loopback_by_default() -> None:
     help_text = subprocess.run([FLEET, "serve", "--help"], capture_output=True, text=True)
     assert "default loopback" in help_text.stdout

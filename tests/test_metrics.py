@@ -1,4 +1,4 @@
-"""The fleet's Prometheus metrics (workers/ops/metrics.py), scraped as Prometheus does and
+"""The fleet's Prometheus metrics (gateway/metrics.py), scraped as Prometheus does and
 read back with prometheus_client's own parser, against a real redis-server holding the
 fleet's queues and live state."""
 
@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.metrics import LiveStateCollector
 from tests.fixtures import url_of
-from workers.ops.metrics import LiveStateCollector
 from workers.state import keys
 from workers.state.limits import FleetState
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from router.catalog import QUEUES, Catalog
+from workers.runtime.celery_app import queue_depths
 from workers.state import beathealth, deadletter
 from workers.state.limits import FleetState
 
@@ -19,24 +20,10 @@ def queue_status(app: Any, timeout_s: float = 1.0) -> list[dict[str, Any]]:
     for worker, queues in sorted(replies.items()):
         for queue in queues:
             consumers.setdefault(queue["name"], []).append(worker)
-    with app.connection_for_read() as conn:
-        return [
-            {"queue": queue, "waiting": waiting(conn, queue), "workers": consumers[queue]}
-            for queue in QUEUES
-        ]
-
-
-def waiting(conn: Any, queue: str) -> int:
-    """Messages ready on `queue`; 0 for a queue no one has declared yet."""
-    from kombu.exceptions import ChannelError
-
-    channel = conn.channel()  # a failed passive declare closes its channel on AMQP
-    try:
-        return int(channel.queue_declare(queue=queue, passive=True).message_count)
-    except ChannelError:
-        return 0
-    finally:
-        channel.close()
+    depths = queue_depths(app)
+    return [
+        {"queue": queue, "waiting": depths[queue], "workers": consumers[queue]} for queue in QUEUES
+    ]
 
 
 def model_status(state: FleetState, catalog: Catalog) -> list[dict[str, Any]]:

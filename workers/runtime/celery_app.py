@@ -233,6 +233,24 @@ def create_app(environ: Mapping[str, str] = os.environ) -> Celery:
 _apps: dict[tuple[str, str, str], Celery] = {}
 
 
+def queue_depths(app: Celery) -> dict[str, int]:
+    """Messages ready on each of the fleet's queues, every priority counted (any broker
+    kombu speaks: a passive declare's message count); 0 for a queue none has declared."""
+    from kombu.exceptions import ChannelError
+
+    depths = {}
+    with app.connection_for_read() as conn:
+        for queue in QUEUES:
+            channel = conn.channel()  # a failed passive declare closes its channel on AMQP
+            try:
+                depths[queue] = int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except ChannelError:
+                depths[queue] = 0
+            finally:
+                channel.close()
+    return depths
+
+
 def get_app(environ: Mapping[str, str] = os.environ) -> Celery:
     """The app for the current FLEET_* settings, built once per broker, state and transport."""
     key = (*fleet_urls(environ), environ.get("FLEET_BROKER_TRANSPORT") or "fleet")

@@ -15,7 +15,8 @@ from typing import Any
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.catalog import QUEUES, Catalog
+from router.catalog import Catalog
+from workers.runtime.celery_app import queue_depths
 from workers.state import deadletter
 from workers.state.limits import FleetState
 
@@ -35,16 +36,13 @@ class LiveStateCollector(Collector):
         yield self._dead_letters()
 
     def _queues(self) -> Metric:
-        from workers.ops.status import waiting
-
         depth = GaugeMetricFamily(
             "fleet_queue_depth",
             "Jobs waiting on a queue, every priority counted",
             labels=["queue"],
         )
-        with self.app.connection_for_read() as conn:
-            for queue in QUEUES:
-                depth.add_metric([queue], waiting(conn, queue))
+        for queue, waiting in queue_depths(self.app).items():
+            depth.add_metric([queue], waiting)
         return depth
 
     def _models(self) -> Iterator[Metric]:
