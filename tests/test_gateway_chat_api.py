@@ -18,6 +18,7 @@ import pytest
 from client.dispatch import current_catalog
 from router.catalog import Catalog
 from router.jobs import TUNING_NEEDS
+from tests.fixtures import reset_live_state
 from tests.test_gateway import Gateway, client, gateway_fixture, new_key
 
 WEATHER: Any = {
@@ -65,6 +66,13 @@ SCHEMA_MODEL = "openrouter/deepseek/deepseek-chat"
 
 
 gateway = gateway_fixture("gateway-chat", 30)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _every_model_usable(fleet_env) -> None:
+    """The modules before this one cool models down and open circuits with their
+    scripted failures: this one's requests each expect their model to answer."""
+    reset_live_state(fleet_env)
 
 
 @pytest.fixture(scope="module")
