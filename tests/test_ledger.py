@@ -164,11 +164,11 @@ def test_urls_and_schema_version(url: str, tmp_path: Path) -> None:
     ledger.ensure_schema()
     ledger.ensure_schema()
     with ledger.engine.begin() as conn:
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [3]
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalars().all() == [4]
         conn.execute(update(ledger_meta).values(schema_version=99))
     ledger.close()
     newer = open_ledger(url, tmp_path)
-    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 3"):
+    with pytest.raises(ConfigError, match="schema version 99, newer than this modelfleet's 4"):
         newer.ensure_schema()
     newer.record(simple_rows("kept"))  # refused, but neither raised nor lost
     assert newer.pending() == 1
@@ -188,11 +188,11 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(url: str, tmp_path: P
     # When this version opens it
     upgraded = open_ledger(url, tmp_path)
     upgraded.record([{**row, "app": "billing"} for row in simple_rows("new", 1)])
-    # Then the old rows are there, the new ones carry their app, and the version is 3
+    # Then the old rows are there, the new ones carry their app, and the version is 4
     with upgraded.engine.connect() as conn:
         apps = conn.execute(select(attempts.c.job_id, attempts.c.app)).all()
         assert sorted(apps) == [("new", "billing"), ("old", None), ("old", None)]
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 3
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 4
     upgraded.close()
 
 
@@ -216,7 +216,7 @@ def test_a_version_2_ledger_gains_the_tools_and_json_schema_columns(
             select(attempts.c.job_id, attempts.c.tools, attempts.c.json_schema)
         ).all()
         assert sorted(used) == [("new", True, False), ("old", None, None)]
-        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 3
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == 4
     upgraded.close()
 
 

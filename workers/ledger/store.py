@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from router.errors import ConfigError
 from workers.config import data_dir, fleet_urls
+from workers.ledger import rollup
 from workers.ledger.rows import decode_rows, encode_rows
 from workers.ledger.schema import (
     COLUMNS,
@@ -119,9 +120,34 @@ def _upgrade(conn: Connection, version: int) -> None:
     that checked it (a PostgreSQL advisory lock keeps two processes from racing)."""
     for step in range(version, SCHEMA_VERSION):
         for statement in MIGRATIONS.get(step, []):
-            conn.execute(text(statement))
+            if isinstance(statement, str):
+                conn.execute(text(statement))
+            else:
+                statement(conn)
     if version < SCHEMA_VERSION:
         conn.execute(ledger_meta.update().values(schema_version=SCHEMA_VERSION))
+
+
+def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert-or-ignore `rows` and add the ones inserted to the rollups, in `conn`'s
+    transaction; how many were new."""
+    module = postgresql if conn.dialect.name == "postgresql" else sqlite
+    # RETURNING names exactly the rows this statement inserted (a row already there is
+    # ignored and not returned), as stored: only those are added to the rollups.
+    stmt = (
+        module.insert(attempts)
+        .on_conflict_do_nothing(index_elements=["job_id", "attempt"])
+        .returning(*rollup.ROW_COLUMNS)
+    )
+    # In key order, so that two writers' overlapping batches wait on each other rather
+    # than deadlock.
+    values = sorted(
+        ({k: row.get(k) for k in COLUMNS} for row in rows),
+        key=lambda v: (str(v["job_id"]), v["attempt"] or 0),
+    )
+    inserted = conn.execute(stmt, values).mappings().all()
+    rollup.add(conn, inserted)
+    return len(inserted)
 
 
 class Ledger:
@@ -232,29 +258,28 @@ class Ledger:
                         _upgrade(conn, version)
             self._ready = True
 
-    def insert(self, rows: list[dict[str, Any]]) -> None:
-        """Insert-or-ignore `rows` in one transaction; raises on a database error."""
+    def insert(self, rows: list[dict[str, Any]]) -> int:
+        """Insert-or-ignore `rows` and add the ones inserted to the rollups, in one
+        transaction; how many were new. Raises on a database error."""
         if not rows:
-            return
+            return 0
         for attempt in range(LOCKED_RETRIES + 1):
             try:
-                self._insert_once(rows)
-                return
+                return self._insert_once(rows)
             except OperationalError as exc:
                 # SQLite can answer 'database is locked' without waiting out its busy
                 # timeout (a writer racing a checkpoint): that is contention, not an outage.
                 if "locked" not in str(exc) or attempt == LOCKED_RETRIES:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable: the last try raises")
 
-    def _insert_once(self, rows: list[dict[str, Any]]) -> None:
+    def _insert_once(self, rows: list[dict[str, Any]]) -> int:
         self.ensure_schema()
-        module = postgresql if self.dialect == "postgresql" else sqlite
-        stmt = module.insert(attempts).on_conflict_do_nothing(index_elements=["job_id", "attempt"])
         with self.engine.connect() as conn:
             conn.execution_options(ledger_write=True)
             with conn.begin():
-                conn.execute(stmt, [{k: row.get(k) for k in COLUMNS} for row in rows])
+                return insert_rows(conn, rows)
 
     def count(self) -> int:
         """How many attempts the ledger holds."""
