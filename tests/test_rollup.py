@@ -34,6 +34,7 @@ from workers.ledger.rows import attempt_row
 from workers.ledger.schema import (
     LATENCY_COLUMNS,
     ROLLUP_KEYS,
+    escalations_daily,
     escalations_hourly,
     ledger_meta,
     usage_daily,
@@ -219,8 +220,9 @@ class Expected:
         return self.usage.setdefault(k, defaultdict(float))
 
 
-def stored_rollups(ledger: Ledger) -> tuple[dict, dict, dict]:
-    """The rollup tables' rows that are not all zero: hourly, daily, escalations."""
+def stored_rollups(ledger: Ledger) -> tuple[dict, dict, dict, dict]:
+    """The rollup tables' rows that are not all zero: usage hourly and daily, escalations
+    hourly and daily."""
 
     def read(table, grain: str) -> dict:
         keys = (grain, *ROLLUP_KEYS)
@@ -233,13 +235,16 @@ def stored_rollups(ledger: Ledger) -> tuple[dict, dict, dict]:
             if any(r[m] for m in measures)
         }
 
-    hourly = read(usage_hourly, "hour")
-    daily = read(usage_daily, "day")
-    with ledger.engine.connect() as conn:
-        escalations = {
-            tuple(r[:-1]): r[-1] for r in conn.execute(select(escalations_hourly)) if r[-1]
-        }
-    return hourly, daily, escalations
+    def counts(table) -> dict:
+        with ledger.engine.connect() as conn:
+            return {tuple(r[:-1]): r[-1] for r in conn.execute(select(table)) if r[-1]}
+
+    return (
+        read(usage_hourly, "hour"),
+        read(usage_daily, "day"),
+        counts(escalations_hourly),
+        counts(escalations_daily),
+    )
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -259,10 +264,14 @@ def by_day(hourly: dict) -> dict:
 
 
 def assert_rollups_are(ledger: Ledger, expected: Expected) -> None:
-    hourly, daily, escalations = stored_rollups(ledger)
+    hourly, daily, escalations, escalations_by_day = stored_rollups(ledger)
     assert_same(hourly, expected.usage)
     assert_same(daily, by_day(expected.usage))
     assert escalations == {k: v for k, v in expected.escalations.items() if v}
+    days: dict[tuple, int] = defaultdict(int)
+    for (h, *rest), n in expected.escalations.items():
+        days[(h // 24, *rest)] += n
+    assert escalations_by_day == {k: v for k, v in days.items() if v}
 
 
 # --- the rollups equal the rows ----------------------------------------------------------
@@ -307,6 +316,7 @@ def test_a_rollup_that_fell_behind_is_rebuilt_to_the_rows(ledger: Ledger) -> Non
         conn.execute(usage_hourly.delete().where(usage_hourly.c.hour % 3 == 0))
         conn.execute(update(usage_daily).values(jobs=usage_daily.c.jobs + 5))
         conn.execute(escalations_hourly.delete())
+        conn.execute(escalations_daily.delete().where(escalations_daily.c.day % 2 == 0))
     # When it is rebuilt, then it is the rows' sums again
     rebuild(ledger)
     assert_rollups_are(ledger, Expected.of(all_rows))
@@ -410,7 +420,7 @@ def test_the_version_4_migration_fills_the_rollups_from_the_rows(
     for batch in batches:
         ledger.insert(batch)
     with ledger.engine.begin() as conn:
-        for table in ("usage_hourly", "usage_daily", "escalations_hourly"):
+        for table in ("usage_hourly", "usage_daily", "escalations_hourly", "escalations_daily"):
             conn.execute(text(f"DROP TABLE {table}"))
         conn.execute(update(ledger_meta).values(schema_version=3))
     # When this version opens it

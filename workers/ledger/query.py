@@ -44,6 +44,7 @@ from workers.ledger.filters import (
     Prices,
     day_label,
     hour_label,
+    parse_since,
     reference_prices,
 )
 from workers.ledger.rollup import ROW_COLUMNS, Tally, group_by_job
@@ -55,6 +56,7 @@ from workers.ledger.schema import (
     ROLLUP_KEYS,
     USAGE_MEASURES,
     attempts,
+    escalations_daily,
     escalations_hourly,
     usage_daily,
     usage_hourly,
@@ -62,6 +64,20 @@ from workers.ledger.schema import (
 
 if TYPE_CHECKING:
     from workers.ledger.store import Ledger
+
+__all__ = [
+    "GROUPS",
+    "QUANTILES",
+    "REFERENCE_MODEL",
+    "TIERS",
+    "Filters",
+    "Usage",
+    "figures",
+    "parse_since",
+    "percentile_ms",
+    "reference_prices",
+    "segments",
+]
 
 GROUPS: tuple[str, ...] = (*ROLLUP_KEYS, "day", "hour")
 TIERS = ("local", "free", "subscription", "paid")  # cheapest first
@@ -191,8 +207,8 @@ _ESCALATIONS = _Family(
     ESCALATION_KEYS,
     ("escalations",),
     escalations_hourly,
-    None,
-    lambda t: {k: [n] for k, n in t.escalations.items()},
+    escalations_daily,
+    Tally.escalation_counts,
     ("from_model", "to_model"),
 )
 
@@ -205,8 +221,10 @@ def _sql_sums(
     seg: Segment,
     filters: Filters,
     by: Sequence[str],
-    aggs: Sequence[Agg],
+    measures: Sequence[str],
 ) -> Sums:
+    """The plain sums of `measures` per group of `by` (and per outcome, when `by` names
+    it) over a segment's rollup rows: no CASE per row, which SQLite evaluates slowly."""
     table = family.daily if seg.grain == "day" and family.daily is not None else family.hourly
     when = table.c[seg.grain]
     groups: list[ColumnElement[Any]] = []
@@ -215,13 +233,8 @@ def _sql_sums(
             groups.append(when if seg.grain == "day" else when // 24)
         else:
             groups.append(when if key == "hour" else table.c[key])
-    measures = [
-        func.sum(table.c[a.measure])
-        if not a.outcomes
-        else func.sum(case((table.c.outcome.in_(a.outcomes), table.c[a.measure]), else_=0))
-        for a in aggs
-    ]
-    query = select(*groups, *measures).where(*_where(table, family, seg, filters))
+    sums = [func.sum(table.c[m]) for m in measures]
+    query = select(*groups, *sums).where(*_where(table, family, seg, filters))
     if groups:
         query = query.group_by(*groups)
     out: Sums = {}
@@ -254,30 +267,43 @@ def _where(table: Table, family: _Family, seg: Segment, filters: Filters) -> lis
 
 
 def _tally_sums(
-    tally: Tally, family: _Family, filters: Filters, by: Sequence[str], aggs: Sequence[Agg]
+    tally: Tally, family: _Family, filters: Filters, by: Sequence[str], measures: Sequence[str]
 ) -> Sums:
-    """_sql_sums over a Tally's rows (the raw edges of a window): the same figures."""
+    """_sql_sums over a Tally's rows (the raw edges of a window): the same sums."""
     at = {k: i + 1 for i, k in enumerate(family.keys)}  # a key's place after the hour
-    measure_at = {m: i for i, m in enumerate(family.measures)}
+    measure_at = [family.measures.index(m) for m in measures]
     wanted = [
         (at[k], v)
         for k, v in (("task_class", filters.task_class), ("app", filters.app))
         if v is not None
     ]
     out: Sums = {}
-    for key, measures in family.entries(tally).items():
+    for key, values in family.entries(tally).items():
         if any(key[i] != v for i, v in wanted):
             continue
-        if filters.model is not None and all(
-            key[at[k]] != filters.model for k in family.model_keys
-        ):
+        model = filters.model
+        if model is not None and all(key[at[k]] != model for k in family.model_keys):
             continue
         hour = key[0]
         group = tuple(hour // 24 if k == "day" else hour if k == "hour" else key[at[k]] for k in by)
-        sums = out.setdefault(group, [0] * len(aggs))
+        sums = out.setdefault(group, [0] * len(measures))
+        for i, m in enumerate(measure_at):
+            sums[i] += values[m]
+    return out
+
+
+def _fold(raw: Sums, grouped: int, measures: Sequence[str], aggs: Sequence[Agg]) -> Sums:
+    """The aggregates per group from sums per group and outcome (the outcome last in a
+    key of `raw` that is longer than `grouped`)."""
+    measure_at = {m: i for i, m in enumerate(measures)}
+    by_outcome = any(a.outcomes for a in aggs)
+    out: Sums = {}
+    for key, sums in raw.items():
+        group, outcome = (key[:grouped], key[grouped]) if by_outcome else (key, None)
+        into = out.setdefault(group, [0] * len(aggs))
         for i, agg in enumerate(aggs):
-            if not agg.outcomes or key[at["outcome"]] in agg.outcomes:
-                sums[i] += measures[measure_at[agg.measure]]
+            if not agg.outcomes or outcome in agg.outcomes:
+                into[i] += sums[measure_at[agg.measure]]
     return out
 
 
@@ -388,18 +414,21 @@ class Usage:
                 valid = ", ".join((*family.keys, "day", "hour"))
                 raise ConfigError(f"cannot group by {key!r} (valid: {valid})")
         days = family.daily is not None and "hour" not in by
-        out: Sums = {}
+        measures = list(dict.fromkeys(a.measure for a in aggs))
+        # Figures of some outcomes only are summed per outcome, then folded here.
+        keys = [*by, "outcome"] if any(a.outcomes for a in aggs) else list(by)
+        raw: Sums = {}
         with self._connection() as conn:
             for seg in segments(self.filters.since, self.filters.until, days):
                 if seg.grain == "raw":
                     tally = self._edges.get((seg.lo, seg.hi))
                     if tally is None:
                         tally = self._edges[(seg.lo, seg.hi)] = _edge_tally(conn, seg.lo, seg.hi)
-                    part = _tally_sums(tally, family, self.filters, by, aggs)
+                    part = _tally_sums(tally, family, self.filters, keys, measures)
                 else:
-                    part = _sql_sums(conn, family, seg, self.filters, by, aggs)
-                _merge(out, part)
-        return out
+                    part = _sql_sums(conn, family, seg, self.filters, keys, measures)
+                _merge(raw, part)
+        return _fold(raw, len(by), measures, aggs)
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:

@@ -1,5 +1,6 @@
-"""The ledger's rollups (schema.py: `usage_hourly`, `usage_daily`, `escalations_hourly`):
-additive sums of the `attempts` rows, kept in the transaction that inserts the rows.
+"""The ledger's rollups (schema.py: `usage_hourly`, `usage_daily`, `escalations_hourly`,
+`escalations_daily`): additive sums of the `attempts` rows, kept in the transaction that
+inserts the rows.
 
 What a row adds, at the UTC hour (and day) its attempt started:
 - every row: one attempt, its tokens, whether they were estimated, its cost; a call (outcome
@@ -27,15 +28,17 @@ from datetime import UTC, datetime
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, delete, select, text
+from sqlalchemy import String, Table, any_, bindparam, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from workers.ledger.schema import (
+    ESCALATION_KEYS,
     LATENCY_BOUNDS_MS,
     ROLLUP_KEYS,
     USAGE_MEASURES,
     attempts,
+    escalations_daily,
     escalations_hourly,
     usage_daily,
     usage_hourly,
@@ -141,18 +144,8 @@ class Tally:
                 )
                 self.escalations[key] += sign
 
-    def daily(self) -> dict[UsageKey, list[float]]:
-        """The usage rows summed by UTC day."""
-        days: dict[UsageKey, list[float]] = {}
-        for (hour, *rest), measures in self.usage.items():
-            key = (hour // 24, *rest)
-            found = days.get(key)
-            if found is None:
-                days[key] = list(measures)
-            else:
-                for i, value in enumerate(measures):
-                    found[i] += value
-        return days
+    def escalation_counts(self) -> dict[EscalationKey, list[float]]:
+        return {key: [n] for key, n in self.escalations.items()}
 
     def prune(self) -> None:
         """Drop what sums to nothing (a job's figures taken off and put back alike)."""
@@ -192,10 +185,15 @@ def add(conn: Connection, inserted: Sequence[Row]) -> None:
 def _job_rows(conn: Connection, job_ids: Sequence[str]) -> Iterator[tuple[str, list[Row]]]:
     """Each job's stored rows that are not orphaned calls, in attempt order."""
     for start in range(0, len(job_ids), _JOBS_IN):
-        chunk = job_ids[start : start + _JOBS_IN]
+        chunk = list(job_ids[start : start + _JOBS_IN])
+        if conn.dialect.name == "postgresql":  # one array parameter, not one per id
+            ids = bindparam("ids", chunk, type_=postgresql.ARRAY(String))
+            among = attempts.c.job_id == any_(ids)
+        else:
+            among = attempts.c.job_id.in_(chunk)
         query = (
             select(*ROW_COLUMNS)
-            .where(attempts.c.job_id.in_(chunk), attempts.c.outcome != ORPHANED)
+            .where(among, attempts.c.outcome != ORPHANED)
             .order_by(attempts.c.job_id, attempts.c.attempt)
         )
         yield from group_by_job(conn.execute(query).mappings())
@@ -215,14 +213,31 @@ def group_by_job(rows: Iterable[Row]) -> Iterator[tuple[str, list[Row]]]:
         yield str(job_id), group
 
 
+def by_day(hourly: Mapping[tuple[Any, ...], Sequence[float]]) -> dict[tuple[Any, ...], list[float]]:
+    """Rollup rows keyed by hour (first), summed by UTC day."""
+    days: dict[tuple[Any, ...], list[float]] = {}
+    for (hour, *rest), measures in hourly.items():
+        key = (hour // 24, *rest)
+        found = days.get(key)
+        if found is None:
+            days[key] = list(measures)
+        else:
+            for i, value in enumerate(measures):
+                found[i] += value
+    return days
+
+
 def write(conn: Connection, tally: Tally) -> None:
     """Add `tally` to the rollup tables (upserts, in key order so that concurrent writers
     never deadlock)."""
     _upsert(conn, usage_hourly, ("hour", *ROLLUP_KEYS), USAGE_MEASURES, tally.usage)
-    _upsert(conn, usage_daily, ("day", *ROLLUP_KEYS), USAGE_MEASURES, tally.daily())
-    escalation_columns = tuple(c.name for c in escalations_hourly.primary_key.columns)
-    counts = {k: [n] for k, n in tally.escalations.items()}
-    _upsert(conn, escalations_hourly, escalation_columns, ("escalations",), counts)
+    _upsert(conn, usage_daily, ("day", *ROLLUP_KEYS), USAGE_MEASURES, by_day(tally.usage))
+    counts = tally.escalation_counts()
+    for table, grain, rows in (
+        (escalations_hourly, "hour", counts),
+        (escalations_daily, "day", by_day(counts)),
+    ):
+        _upsert(conn, table, (grain, *ESCALATION_KEYS), ("escalations",), rows)
 
 
 def _upsert(
@@ -234,17 +249,30 @@ def _upsert(
 ) -> None:
     if not rows:
         return
-    module = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = module.insert(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=list(keys),
-        set_={m: table.c[m] + stmt.excluded[m] for m in measures},
-    )
+    stmt = _upsert_statement(conn.dialect.name, table, keys, measures)
     values = [
         {**dict(zip(keys, key, strict=True)), **dict(zip(measures, sums, strict=True))}
         for key, sums in sorted(rows.items())
     ]
     conn.execute(stmt, values)
+
+
+_UPSERTS: dict[tuple[str, str], Any] = {}
+
+
+def _upsert_statement(
+    dialect: str, table: Table, keys: tuple[str, ...], measures: tuple[str, ...]
+) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE SET m = m + excluded.m, built once per table."""
+    made = _UPSERTS.get((dialect, table.name))
+    if made is None:
+        module = postgresql if dialect == "postgresql" else sqlite
+        stmt = module.insert(table)
+        made = _UPSERTS[(dialect, table.name)] = stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={m: table.c[m] + stmt.excluded[m] for m in measures},
+        )
+    return made
 
 
 # --- rebuilt from the rows ---------------------------------------------------------------
@@ -274,6 +302,7 @@ def rebuild_in(
         (usage_hourly, "hour", first_hour),
         (usage_daily, "day", first_day),
         (escalations_hourly, "hour", first_hour),
+        (escalations_daily, "day", first_day),
     ):
         gone = delete(table)
         if start is not None:

@@ -1,8 +1,8 @@
 """The ledger's tables: `attempts`, one row per attempt keyed by (job_id, attempt);
-its rollups `usage_hourly`, `usage_daily` and `escalations_hourly` (additive sums kept
-with every insert: workers/ledger/rollup.py); `app_keys`, the gateway's keys per app
-(hashed, never in clear); and `ledger_meta`, the schema version (a database of a newer
-version is refused; an older one is upgraded: MIGRATIONS)."""
+its rollups `usage_hourly`, `usage_daily`, `escalations_hourly` and `escalations_daily`
+(additive sums kept with every insert: workers/ledger/rollup.py); `app_keys`, the
+gateway's keys per app (hashed, never in clear); and `ledger_meta`, the schema version (a
+database of a newer version is refused; an older one is upgraded: MIGRATIONS)."""
 
 from __future__ import annotations
 
@@ -143,21 +143,29 @@ def _usage_rollup(name: str, grain: str) -> Table:
 usage_hourly = _usage_rollup("usage_hourly", "hour")
 usage_daily = _usage_rollup("usage_daily", "day")
 
-# One row per (hour, class, app, from model, to model, reason): how many times a job went
-# from one model to the next (a different model; orphans aside) because the first failed
-# with that error kind (or was skipped: the kind, else its outcome), at the second's hour.
+# One row per (hour or day, class, app, from model, to model, reason): how many times a job
+# went from one model to the next (a different model; orphans aside) because the first
+# failed with that error kind (or was skipped: the kind, else its outcome), at the second's
+# time.
 ESCALATION_KEYS: tuple[str, ...] = ("task_class", "app", "from_model", "to_model", "reason")
-escalations_hourly = Table(
-    "escalations_hourly",
-    metadata,
-    Column("hour", Integer, primary_key=True, autoincrement=False),
-    Column("task_class", String(64), primary_key=True),
-    Column("app", String(64), primary_key=True),
-    Column("from_model", String(300), primary_key=True),
-    Column("to_model", String(300), primary_key=True),
-    Column("reason", String(64), primary_key=True),
-    Column("escalations", Integer, nullable=False),
-)
+
+
+def _escalation_rollup(name: str, grain: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column(grain, Integer, primary_key=True, autoincrement=False),
+        Column("task_class", String(64), primary_key=True),
+        Column("app", String(64), primary_key=True),
+        Column("from_model", String(300), primary_key=True),
+        Column("to_model", String(300), primary_key=True),
+        Column("reason", String(64), primary_key=True),
+        Column("escalations", Integer, nullable=False),
+    )
+
+
+escalations_hourly = _escalation_rollup("escalations_hourly", "hour")
+escalations_daily = _escalation_rollup("escalations_daily", "day")
 
 
 def _backfill_rollups(conn: Connection) -> None:
