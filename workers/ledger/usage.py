@@ -77,6 +77,7 @@ class Report:
     since: datetime
     rows: list[dict[str, Any]]  # one per group
     total: dict[str, Any]  # the same keys, `by` = "total"; the sum of the groups
+    until: datetime | None = None
 
 
 def usage_report(
@@ -97,16 +98,16 @@ def usage_report(
     usage = Usage(ledger, window, catalog)
     rows = [{by: row[by], **{k: row[k] for k in REPORTED}} for row in usage.by(by)]
     totals = usage.totals()
-    return Report(
-        by, window.since or since, rows, {by: "total", **{k: totals[k] for k in REPORTED}}
-    )
+    total = {by: "total", **{k: totals[k] for k in REPORTED}}
+    return Report(by, window.since or since, rows, total, window.until)
 
 
 def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = f"usage since {report.since:%Y-%m-%d %H:%M} UTC by {report.by}"
+    until = f" until {report.until:%Y-%m-%d %H:%M}" if report.until else ""
+    title = f"usage since {report.since:%Y-%m-%d %H:%M}{until} UTC by {report.by}"
     if not report.rows:
         print(f"{title}: no attempts in the ledger")
         return
