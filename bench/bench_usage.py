@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import sys
@@ -388,21 +389,24 @@ def run_one(kind: str, size: int, args: argparse.Namespace, work: Path) -> dict[
             "rebuild, s": rebuild_s,
             "medians, ms": {},
         }
+        load_before = os.getloadavg()[0]
         for name, fn in queries(ledger, catalog, now).items():
             rounds = 1 if name.startswith("ref:") and size >= 1_000_000 else args.rounds
             result["medians, ms"][name] = statistics.median(timed(fn, rounds))
         result["writer"] = writer_cost(ledger, generator, args.rounds)
+        result["load 1m"] = (load_before, os.getloadavg()[0])
     return result
 
 
 def print_result(result: dict[str, Any]) -> None:
     page = result["medians, ms"]["page, 30 d"]
     met = "yes" if page < TARGET_MS else "NO"
+    load = "→".join(f"{x:.1f}" for x in result["load 1m"])
     print(
         f"\n{result['database']}, {result['rows']:,} rows"
         f" (rollups: {result['usage_hourly rows']:,} hourly, {result['usage_daily rows']:,}"
         f" daily rows); bulk load {result['bulk load, s']:.1f} s,"
-        f" rebuild {result['rebuild, s']:.1f} s"
+        f" rebuild {result['rebuild, s']:.1f} s; load 1m {load} while timed"
     )
     for name, ms in result["medians, ms"].items():
         print(f"  {name:<34}{ms:>10.1f} ms")
