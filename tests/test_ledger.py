@@ -191,7 +191,7 @@ def test_a_version_1_ledger_is_upgraded_and_keeps_its_rows(url: str, tmp_path: P
     # When this version opens it
     upgraded = open_ledger(url, tmp_path)
     upgraded.record([{**row, "app": "billing"} for row in simple_rows("new", 1)])
-    # Then the old rows are there, the new ones carry their app, and the version is 3
+    # Then the old rows are there, the new ones carry their app, and the version is 4
     with upgraded.engine.connect() as conn:
         apps = conn.execute(select(attempts.c.job_id, attempts.c.app)).all()
         assert sorted(apps) == [("new", "billing"), ("old", None), ("old", None)]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.ledger_db import DATABASES, attempt, catalog, database, rows
+from workers.ledger.filters import Filters
+from workers.ledger.query import Usage
 from workers.ledger.rows import attempt_row
 from workers.ledger.store import Ledger
 from workers.ledger.usage import parse_since
@@ -133,7 +135,10 @@ def test_usage_by_model_over_the_last_24h(ledger_env: dict[str, str]) -> None:
     }
     assert strip(got["litellm/kimi"]) == figures(1, 1, 1_000_000, 500_000, 2.03)
     assert got["litellm/kimi"]["saving_usd"] == 0
-    assert strip(got["zai/glm-4.7"]) == figures(2, 2, 300, 70, 0.0)
+    # A job counts once, under its final attempt's model: the escalated job's failed
+    # attempt on zai/glm-4.7 is an attempt there, not a job.
+    assert strip(got["zai/glm-4.7"]) == figures(2, 1, 300, 70, 0.0)
+    assert sum(row["jobs"] for row in got.values()) == 4
     free = got["openrouter/meta-llama/llama-3.1-405b-instruct:free"]
     assert strip(free) == figures(1, 1, 2_000, 1_000, 0.0)
     assert free["saving_usd"] == pytest.approx(0.00406, abs=1e-12)
@@ -148,7 +153,7 @@ def test_usage_by_model_over_the_last_24h(ledger_env: dict[str, str]) -> None:
 def test_usage_by_tier_and_since(ledger_env: dict[str, str]) -> None:
     day = usage_json("--by", "tier", env=ledger_env)
     assert set(day) == {"paid", "subscription", "free"}
-    assert strip(day["subscription"]) == figures(2, 2, 300, 70, 0.0)
+    assert strip(day["subscription"]) == figures(2, 1, 300, 70, 0.0)
     assert strip(day["free"]) == figures(2, 2, 12_000, 3_000, 0.01)
     week = usage_json("--by", "tier", "--since", "7d", env=ledger_env)
     assert strip(week["local"]) == figures(1, 1, 40, 8, 0.0)
@@ -213,6 +218,36 @@ def test_orphaned_calls_are_counted_and_shown_apart_as_estimated(kind: str, tmp_
 def test_no_orphaned_line_without_orphaned_calls(ledger_env: dict[str, str]) -> None:
     done = usage(env=ledger_env)
     assert done.returncode == 0 and "orphaned" not in done.stdout
+
+
+def test_usage_json_is_the_query_layers_for_the_same_filters(ledger_env: dict[str, str]) -> None:
+    # The CLI and the dashboard's query layer agree by construction: same filters, same rows
+    ledger = Ledger(ledger_env["FLEET_LEDGER_URL"], redis_url=None)
+    since = datetime.now(UTC) - timedelta(days=7)
+    for args, filters, by in [
+        ([], Filters(), "model"),
+        (["--class", "user_facing"], Filters(task_class="user_facing"), "tier"),
+        (["--model", "zai/glm-4.7"], Filters(model="zai/glm-4.7"), "source"),
+        (["--app", "nobody"], Filters(app="nobody"), "model"),
+    ]:
+        iso = since.isoformat()
+        got = usage_json("--since", iso, "--by", by, *args, env=ledger_env)
+        window = Filters(since, None, filters.task_class, filters.app, filters.model)
+        want = Usage(ledger, window, catalog()).by(by)
+        assert got == {row[by]: {k: row[k] for k in JSON_KEYS | {by}} for row in want}, args
+    ledger.close()
+
+
+def test_usage_until_and_utc_days(ledger_env: dict[str, str]) -> None:
+    old_day = datetime.fromtimestamp(DAYS_AGO_3, UTC)
+    day = old_day.strftime("%Y-%m-%d")
+    next_day = (old_day + timedelta(days=1)).strftime("%Y-%m-%d")
+    # One UTC day, midnight to midnight: the three-day-old job's, and nothing of the days
+    # around it
+    got = usage_json("--since", day, "--until", next_day, "--by", "day", env=ledger_env)
+    assert list(got) == [day] and strip(got[day]) == figures(1, 1, 40, 8, 0.0)
+    shown = usage("--since", day, "--until", next_day, env=ledger_env)
+    assert shown.returncode == 0 and f"until {next_day} 00:00 UTC" in shown.stdout
 
 
 @pytest.mark.parametrize(

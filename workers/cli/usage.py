@@ -1,4 +1,5 @@
-"""`fleet usage`: tokens, cost and saving per model (or other group), read from the ledger."""
+"""`fleet usage`: tokens, cost and saving per model (or other group), read from the ledger
+through its query layer (workers/ledger/query.py), the one the dashboard reads."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ JSON_HELP = (
     "a JSON list, one object per group with keys <by>, attempts, jobs, prompt_tokens,"
     " completion_tokens, cost_usd, saving_usd, orphaned (calls in flight when their worker"
     " died, counted in the others), orphaned_cost_usd (their estimated cost); no total row"
-    " (sum the groups; a job met in several groups counts in each)"
+    " (sum the groups: a job counts once, in the group of its final attempt)"
 )
 
 
@@ -36,7 +37,11 @@ def add_usage(commands: Subcommands) -> None:
         f" saving is what the same tokens would cost on {REFERENCE_MODEL} minus what they cost.",
     )
     p.add_argument("--since", type=since, default="24h", help=f"{SINCE_HELP} (default 24h)")
+    p.add_argument("--until", type=since, help=f"up to (excluded): {SINCE_HELP} (default: now)")
     p.add_argument("--by", choices=GROUPS, default="model", help="group by (default model)")
+    p.add_argument("--class", dest="task_class", metavar="CLASS", help="only this task class")
+    p.add_argument("--app", help="only the jobs of this app")
+    p.add_argument("--model", help="only the attempts of this model")
     add_json_option(p, JSON_HELP)
     p.set_defaults(handler=run)
 
@@ -44,6 +49,7 @@ def add_usage(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
+    from workers.ledger.filters import Filters
     from workers.ledger.store import Ledger, redacted
     from workers.ledger.usage import print_report, usage_report
 
@@ -55,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if known:
             ledger.drain()
-        report = usage_report(ledger, args.since, args.by, load_catalog())
+        only = Filters(until=args.until, task_class=args.task_class, app=args.app, model=args.model)
+        report = usage_report(ledger, args.since, args.by, load_catalog(), only)
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         print(f"fleet: cannot read the ledger at {redacted(ledger.url)}: {reason}", file=sys.stderr)

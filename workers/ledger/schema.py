@@ -1,11 +1,15 @@
 """The ledger's tables: `attempts`, one row per attempt keyed by (job_id, attempt);
-`app_keys`, the gateway's keys per app (hashed, never in clear); and `ledger_meta`, the
-schema version (a database of a newer version is refused; an older one is upgraded:
-MIGRATIONS)."""
+its rollups `usage_hourly`, `usage_daily`, `escalations_hourly` and `escalations_daily`
+(additive sums kept with every insert: workers/ledger/rollup.py); `app_keys`, the
+gateway's keys per app (hashed, never in clear); and `ledger_meta`, the schema version (a
+database of a newer version is refused; an older one is upgraded: MIGRATIONS)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -16,8 +20,9 @@ from sqlalchemy import (
     String,
     Table,
 )
+from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -74,14 +79,115 @@ app_keys = Table(
     Index("ix_app_keys_app", "app"),
 )
 
-# What takes a database of version N to N + 1 (tables that are new are created as such).
-MIGRATIONS: dict[int, list[str]] = {
+# --- the rollups (workers/ledger/rollup.py keeps them; workers/ledger/query.py reads them)
+#
+# A rollup row sums the attempts that share its key. Its time is a whole number of UTC hours
+# (or days) since 1970-01-01T00:00Z: the attempt's started_at, floored. The keys' NULLs
+# (app, focus, profile, error_kind) are stored as '' so that the key is a primary key both
+# databases can upsert on.
+
+ROLLUP_KEYS: tuple[str, ...] = (
+    "model",
+    "provider",
+    "tier",
+    "queue",
+    "task_class",
+    "app",
+    "source",
+    "focus",
+    "profile",
+    "outcome",
+    "error_kind",
+)
+NULLABLE_KEYS = frozenset({"app", "focus", "profile", "error_kind"})
+
+# Latency of the calls (outcome ok or error) in fixed log-spaced buckets, 6 a decade:
+# bucket 0 holds < 1 ms, bucket i (1..36) [10^((i-1)/6), 10^(i/6)) ms, bucket 37 >= 1,000 s.
+LATENCY_BUCKETS_PER_DECADE = 6
+LATENCY_BOUNDS_MS: tuple[float, ...] = tuple(
+    10 ** (i / LATENCY_BUCKETS_PER_DECADE) for i in range(6 * LATENCY_BUCKETS_PER_DECADE + 1)
+)
+LATENCY_COLUMNS: tuple[str, ...] = tuple(
+    f"latency_{i:02d}" for i in range(len(LATENCY_BOUNDS_MS) + 1)
+)
+
+# The additive measures of a usage rollup row, in the order rollup.py keeps them.
+USAGE_MEASURES: tuple[str, ...] = (
+    "attempts",  # rows
+    "jobs",  # jobs whose final attempt (highest-numbered, orphans aside) has this key
+    "escalated_jobs",  # of those, jobs whose final model is not their first attempt's
+    "prompt_tokens",
+    "completion_tokens",
+    "tokens_estimated",  # rows whose tokens were estimated
+    "cost_usd",
+    "latency_ms_sum",  # of the calls (outcome ok or error), as the histogram
+    *LATENCY_COLUMNS,
+)
+_BIG = frozenset({"prompt_tokens", "completion_tokens"})
+_REAL = frozenset({"cost_usd", "latency_ms_sum"})
+_KEY_LENGTHS = {c.name: c.type.length for c in attempts.columns if c.name in ROLLUP_KEYS}  # type: ignore[attr-defined]
+
+
+def _usage_rollup(name: str, grain: str) -> Table:
+    measures = [
+        Column(m, BigInteger if m in _BIG else Float if m in _REAL else Integer, nullable=False)
+        for m in USAGE_MEASURES
+    ]
+    return Table(
+        name,
+        metadata,
+        Column(grain, Integer, primary_key=True, autoincrement=False),
+        *(Column(k, String(_KEY_LENGTHS[k]), primary_key=True) for k in ROLLUP_KEYS),
+        *measures,
+    )
+
+
+usage_hourly = _usage_rollup("usage_hourly", "hour")
+usage_daily = _usage_rollup("usage_daily", "day")
+
+# One row per (hour or day, class, app, from model, to model, reason): how many times a job
+# went from one model to the next (a different model; orphans aside) because the first
+# failed with that error kind (or was skipped: the kind, else its outcome), at the second's
+# time.
+ESCALATION_KEYS: tuple[str, ...] = ("task_class", "app", "from_model", "to_model", "reason")
+
+
+def _escalation_rollup(name: str, grain: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column(grain, Integer, primary_key=True, autoincrement=False),
+        Column("task_class", String(64), primary_key=True),
+        Column("app", String(64), primary_key=True),
+        Column("from_model", String(300), primary_key=True),
+        Column("to_model", String(300), primary_key=True),
+        Column("reason", String(64), primary_key=True),
+        Column("escalations", Integer, nullable=False),
+    )
+
+
+escalations_hourly = _escalation_rollup("escalations_hourly", "hour")
+escalations_daily = _escalation_rollup("escalations_daily", "day")
+
+
+def _backfill_rollups(conn: Connection) -> None:
+    """Version 4's step: fill the new rollups from the rows the ledger already holds."""
+    from workers.ledger.rollup import rebuild_in  # rollup.py imports this module
+
+    rebuild_in(conn)
+
+
+# What takes a database of version N to N + 1: SQL, or a function of the connection (tables
+# that are new are created as such before the steps run, in the same transaction).
+Migration = str | Callable[[Connection], None]
+MIGRATIONS: dict[int, list[Migration]] = {
     1: ["ALTER TABLE attempts ADD COLUMN app VARCHAR(64)"],
     2: [
         "ALTER TABLE attempts ADD COLUMN tools BOOLEAN",
         "ALTER TABLE attempts ADD COLUMN json_schema BOOLEAN",
     ],
     3: ["ALTER TABLE app_keys ADD COLUMN admin BOOLEAN"],
+    4: [_backfill_rollups],
 }
 
 ledger_meta = Table(

@@ -21,6 +21,7 @@ drainer goes back to the spool after CLAIM_STALE_S.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import re
@@ -28,16 +29,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, func, select, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL, Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 
 from router.errors import ConfigError
 from workers.config import data_dir, fleet_urls
+from workers.ledger import rollup
 from workers.ledger.rows import decode_rows, encode_rows
 from workers.ledger.schema import (
     COLUMNS,
@@ -120,8 +123,11 @@ def _upgrade(conn: Connection, version: int) -> None:
     that checked it (a PostgreSQL advisory lock keeps two processes from racing)."""
     for step in range(version, SCHEMA_VERSION):
         for statement in MIGRATIONS.get(step, []):
-            if not _adds_a_column_there_already(conn, statement):
-                conn.execute(text(statement))
+            if isinstance(statement, str):
+                if not _adds_a_column_there_already(conn, statement):
+                    conn.execute(text(statement))
+            else:
+                statement(conn)
     if version < SCHEMA_VERSION:
         conn.execute(ledger_meta.update().values(schema_version=SCHEMA_VERSION))
 
@@ -139,6 +145,48 @@ def _adds_a_column_there_already(conn: Connection, statement: str) -> bool:
 
     table, column = found.groups()
     return column in {c["name"] for c in inspect(conn).get_columns(table)}
+
+
+def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> int:
+    """Insert-or-ignore `rows` and add the ones inserted to the rollups, in `conn`'s
+    transaction; how many were new."""
+    # In key order, so that two writers' overlapping batches wait on each other rather
+    # than deadlock.
+    values = sorted(
+        ({k: row.get(k) for k in COLUMNS} for row in rows),
+        key=lambda v: (str(v["job_id"]), v["attempt"] or 0),
+    )
+    # RETURNING names exactly the rows this statement inserted (a row already there is
+    # ignored and not returned), as stored: only those are added to the rollups.
+    if conn.dialect.name == "postgresql":
+        batch = json.dumps(values, default=_json_value, separators=(",", ":"))
+        inserted = conn.execute(_PG_INSERT, {"rows": batch}).mappings().all()
+    else:
+        inserted = conn.execute(_SQLITE_INSERT, values).mappings().all()
+    rollup.add(conn, inserted)
+    return len(inserted)
+
+
+_SQLITE_INSERT = (
+    sqlite.insert(attempts)
+    .on_conflict_do_nothing(index_elements=["job_id", "attempt"])
+    .returning(*rollup.ROW_COLUMNS)
+)
+# PostgreSQL gets the batch as one JSON parameter: a multi-row VALUES of thousands of
+# parameters costs psycopg more to prepare (it parses the statement's text) than the
+# insert itself costs the server.
+_PG_INSERT = text(
+    f"INSERT INTO attempts ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)}"
+    " FROM jsonb_populate_recordset(NULL::attempts, CAST(:rows AS jsonb))"
+    " ON CONFLICT (job_id, attempt) DO NOTHING"
+    f" RETURNING {', '.join(c.name for c in rollup.ROW_COLUMNS)}"
+).columns(*rollup.ROW_COLUMNS)
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"a ledger row holds a {type(value).__name__}, which JSON cannot carry")
 
 
 class Ledger:
@@ -249,29 +297,28 @@ class Ledger:
                         _upgrade(conn, version)
             self._ready = True
 
-    def insert(self, rows: list[dict[str, Any]]) -> None:
-        """Insert-or-ignore `rows` in one transaction; raises on a database error."""
+    def insert(self, rows: list[dict[str, Any]]) -> int:
+        """Insert-or-ignore `rows` and add the ones inserted to the rollups, in one
+        transaction; how many were new. Raises on a database error."""
         if not rows:
-            return
+            return 0
         for attempt in range(LOCKED_RETRIES + 1):
             try:
-                self._insert_once(rows)
-                return
+                return self._insert_once(rows)
             except OperationalError as exc:
                 # SQLite can answer 'database is locked' without waiting out its busy
                 # timeout (a writer racing a checkpoint): that is contention, not an outage.
                 if "locked" not in str(exc) or attempt == LOCKED_RETRIES:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable: the last try raises")
 
-    def _insert_once(self, rows: list[dict[str, Any]]) -> None:
+    def _insert_once(self, rows: list[dict[str, Any]]) -> int:
         self.ensure_schema()
-        module = postgresql if self.dialect == "postgresql" else sqlite
-        stmt = module.insert(attempts).on_conflict_do_nothing(index_elements=["job_id", "attempt"])
         with self.engine.connect() as conn:
             conn.execution_options(ledger_write=True)
             with conn.begin():
-                conn.execute(stmt, [{k: row.get(k) for k in COLUMNS} for row in rows])
+                return insert_rows(conn, rows)
 
     def count(self) -> int:
         """How many attempts the ledger holds."""

@@ -1,7 +1,9 @@
 """`fleet usage`: what the ledger says was spent, per group, and what was saved.
 
-The saving of a group is what its tokens would have cost on the paid primary
-(`litellm/kimi`, at the catalog's prices) minus what they did cost.
+Its figures are the query layer's (workers/ledger/query.py), the dashboard's too: a job
+counts once, in the group of its final attempt; the saving of a group is what its tokens
+would have cost on the paid primary (`litellm/kimi`, at the catalog's prices) minus what
+they did cost; days are UTC.
 
 Orphaned calls (in flight when their worker died: workers/runtime/orphans.py) count in
 every figure like any call, on their estimated tokens and cost, and are also shown apart:
@@ -10,19 +12,36 @@ how many, and their estimated cost.
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from router.catalog import Catalog
 from router.errors import ConfigError
+from workers.ledger.filters import (
+    REFERENCE_MODEL,
+    REFERENCE_PRICES,
+    SINCE_HELP,
+    Filters,
+    parse_since,
+    reference_prices,
+)
 
 if TYPE_CHECKING:
-    from sqlalchemy import ColumnElement
-
     from workers.ledger.store import Ledger
+
+__all__ = [
+    "GROUPS",
+    "REFERENCE_MODEL",
+    "REFERENCE_PRICES",
+    "SINCE_HELP",
+    "Report",
+    "parse_since",
+    "print_report",
+    "reference_prices",
+    "usage_report",
+]
 
 GROUPS: tuple[str, ...] = (
     "model",
@@ -32,40 +51,24 @@ GROUPS: tuple[str, ...] = (
     "task_class",
     "source",
     "app",
+    "focus",
+    "profile",
+    "outcome",
+    "error_kind",
     "day",
+    "hour",
 )
-REFERENCE_MODEL = "litellm/kimi"
-REFERENCE_PRICES: tuple[float, float] = (
-    0.56,
-    2.94,
-)  # $/1M tokens in, out: when the catalog has no litellm/kimi
-DIGITS = 9  # USD figures are rounded to a billionth of a dollar
-
-_AGE = re.compile(r"^(\d+)([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-SINCE_HELP = "an age like 30m, 24h, 7d (units s, m, h, d, w) or a UTC date like 2025-01-31"
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """The UTC instant `text` names: an age back from now, or a date/time (UTC if naive)."""
-    now = now or datetime.now(UTC)
-    value = text.strip()
-    age = _AGE.match(value)
-    if age:
-        return now - timedelta(seconds=int(age.group(1)) * _UNIT_S[age.group(2)])
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"{text!r} is neither an age nor a date: give {SINCE_HELP}") from None
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-Prices = tuple[float, float]
-
-
-def reference_prices(catalog: Catalog | None) -> Prices:
-    model = catalog.by_id.get(REFERENCE_MODEL) if catalog else None
-    return (model.usd_per_mtok_in, model.usd_per_mtok_out) if model else REFERENCE_PRICES
+# The figures of a group that `fleet usage` shows (--json: these keys and the group's).
+REPORTED = (
+    "attempts",
+    "jobs",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "saving_usd",
+    "orphaned",
+    "orphaned_cost_usd",
+)
 
 
 @dataclass(frozen=True)
@@ -73,86 +76,38 @@ class Report:
     by: str
     since: datetime
     rows: list[dict[str, Any]]  # one per group
-    total: dict[str, Any]  # the same keys, `by` = "total"; jobs counted once across groups
-
-
-def _group_key(ledger: Ledger, by: str) -> ColumnElement[Any]:
-    from sqlalchemy import func
-
-    from workers.ledger.schema import attempts
-
-    if by != "day":
-        return attempts.c[by]
-    if ledger.dialect == "postgresql":
-        return func.to_char(func.timezone("UTC", attempts.c.started_at), "YYYY-MM-DD")
-    return func.date(attempts.c.started_at)
-
-
-def _figures(
-    attempts_: Any,
-    jobs: Any,
-    tokens_in: Any,
-    tokens_out: Any,
-    cost: Any,
-    orphaned: Any,
-    orphaned_cost: Any,
-    *,
-    prices: Prices,
-) -> dict[str, Any]:
-    tokens_in, tokens_out, cost = int(tokens_in or 0), int(tokens_out or 0), float(cost or 0)
-    reference = (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
-    return {
-        "attempts": int(attempts_ or 0),
-        "jobs": int(jobs or 0),
-        "prompt_tokens": tokens_in,
-        "completion_tokens": tokens_out,
-        "cost_usd": round(cost, DIGITS),
-        "saving_usd": round(reference - cost, DIGITS),
-        "orphaned": int(orphaned or 0),
-        "orphaned_cost_usd": round(float(orphaned_cost or 0), DIGITS),  # estimated
-    }
+    total: dict[str, Any]  # the same keys, `by` = "total"; the sum of the groups
+    until: datetime | None = None
 
 
 def usage_report(
-    ledger: Ledger, since: datetime, by: str = "model", catalog: Catalog | None = None
+    ledger: Ledger,
+    since: datetime,
+    by: str = "model",
+    catalog: Catalog | None = None,
+    filters: Filters | None = None,
 ) -> Report:
-    """Per-group attempts, jobs, tokens, cost and saving of the attempts started since."""
-    from sqlalchemy import case, distinct, func, select
-
-    from workers.ledger.schema import attempts
+    """Per-group attempts, jobs, tokens, cost and saving of the attempts started since
+    (and matching `filters`' until, class, app and model, when given)."""
+    from workers.ledger.query import Usage
 
     if by not in GROUPS:
         raise ConfigError(f"unknown --by {by!r} (valid: {', '.join(GROUPS)})")
-    prices = reference_prices(catalog)
-    orphaned = attempts.c.outcome == "orphaned"
-    measures = (
-        func.count(),
-        func.count(distinct(attempts.c.job_id)),
-        func.sum(attempts.c.prompt_tokens),
-        func.sum(attempts.c.completion_tokens),
-        func.sum(attempts.c.cost_usd),
-        func.sum(case((orphaned, 1), else_=0)),
-        func.sum(case((orphaned, attempts.c.cost_usd), else_=0.0)),
-    )
-    recent = attempts.c.started_at >= since
-    key = _group_key(ledger, by).label("key")
-    ledger.ensure_schema()
-    with ledger.engine.connect() as conn:
-        grouped = conn.execute(select(key, *measures).where(recent).group_by(key)).all()
-        overall = conn.execute(select(*measures).where(recent)).one()
-    rows = [{by: row[0], **_figures(*row[1:], prices=prices)} for row in grouped]
-    if by == "day":
-        rows.sort(key=lambda r: str(r[by]))
-    else:
-        rows.sort(key=lambda r: (-r["cost_usd"], -r["attempts"], str(r[by])))
-    return Report(by, since, rows, {by: "total", **_figures(*overall, prices=prices)})
+    base = filters or Filters()
+    window = Filters(since, base.until, base.task_class, base.app, base.model)
+    usage = Usage(ledger, window, catalog)
+    rows = [{by: row[by], **{k: row[k] for k in REPORTED}} for row in usage.by(by)]
+    totals = usage.totals()
+    total = {by: "total", **{k: totals[k] for k in REPORTED}}
+    return Report(by, window.since or since, rows, total, window.until)
 
 
 def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    title = f"usage since {report.since:%Y-%m-%d %H:%M} UTC by {report.by}"
+    until = f" until {report.until:%Y-%m-%d %H:%M}" if report.until else ""
+    title = f"usage since {report.since:%Y-%m-%d %H:%M}{until} UTC by {report.by}"
     if not report.rows:
         print(f"{title}: no attempts in the ledger")
         return
