@@ -452,19 +452,20 @@ async def metrics(request: Request) -> Response:
             " (fleet keys create NAME --admin)",
             code="admin_only",
         )
-    return Response(await gw.blocking(_exposition), media_type=CONTENT_TYPE_LATEST)
+    return Response(await gw.blocking(_exposition, gw.keys.ledger), media_type=CONTENT_TYPE_LATEST)
 
 
-def _exposition() -> bytes:
+def _exposition(ledger: Ledger) -> bytes:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from gateway.metrics import LiveStateCollector
+    from gateway.metrics import LedgerCollector, LiveStateCollector
     from workers.runtime.celery_app import get_app
     from workers.state.limits import FleetState
 
     catalog = current_catalog()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(LiveStateCollector(get_app(), FleetState(redis_client(), catalog), catalog))
+    registry.register(LedgerCollector(ledger, catalog))
     return generate_latest(registry)
 
 

@@ -1,7 +1,8 @@
 """The fleet's Prometheus metrics, read at scrape time from what the whole fleet shares:
-the broker's queues, the live state on the state Redis, and the ledger. So each figure is
-counted once fleet-wide, whichever worker did the work, and any process that can reach
-them (the gateway's `/metrics`, `fleet dashboard`) serves the same numbers.
+the broker's queues, the live state on the state Redis, and the ledger's rollups
+(workers/ledger/query.py). So each figure is counted once fleet-wide, whichever worker
+did the work, and any process that can reach them (the gateway's `/metrics`, `fleet
+dashboard`) serves the same numbers. The ledger's are counters: its totals since it began.
 
 Labels are few and bounded: queue, model, tier, task class, state, scope; never a job
 id, an app's key or a prompt.
@@ -12,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from router.catalog import Catalog
+from workers.ledger.query import Usage
+from workers.ledger.store import Ledger
 from workers.runtime.celery_app import queue_depths
 from workers.state import deadletter
 from workers.state.limits import FleetState
@@ -90,3 +93,62 @@ class LiveStateCollector(Collector):
         for row in deadletter.summary(self.state.redis, self.catalog.policy.dead_letters):
             held.add_metric([row["task_class"]], row["held"])
         return held
+
+
+class LedgerCollector(Collector):
+    """Jobs, attempts, tokens, spend and escalations, from the ledger since it began.
+
+    A job counts once, under its final attempt's queue and outcome (the query layer's
+    definition); an attempt under its model, outcome and error kind."""
+
+    def __init__(self, ledger: Ledger, catalog: Catalog) -> None:
+        self.ledger, self.catalog = ledger, catalog
+
+    def collect(self) -> Iterator[Metric]:
+        usage = Usage(self.ledger, catalog=self.catalog)
+        jobs = CounterMetricFamily(
+            "fleet_jobs",
+            "Jobs ended, by class and their final attempt's queue and outcome",
+            labels=["task_class", "queue", "outcome"],
+        )
+        for row in usage.by("task_class", "queue", "outcome"):
+            if row["jobs"]:
+                jobs.add_metric([row["task_class"], row["queue"], row["outcome"]], row["jobs"])
+        yield jobs
+        attempts = CounterMetricFamily(
+            "fleet_attempts",
+            "Attempts by model, outcome (ok, error, skipped, orphaned) and error kind",
+            labels=["model", "outcome", "error_kind"],
+        )
+        for row in usage.by("model", "outcome", "error_kind"):
+            labels = [row["model"], row["outcome"], row["error_kind"] or ""]
+            attempts.add_metric(labels, row["attempts"])
+        yield attempts
+        tokens = CounterMetricFamily(
+            "fleet_tokens",
+            "Tokens by model, tier and direction",
+            labels=["model", "tier", "direction"],
+        )
+        spend = CounterMetricFamily(
+            "fleet_spend_usd", "Spend in USD by model and tier", labels=["model", "tier"]
+        )
+        for row in usage.by("model", "tier"):
+            tokens.add_metric([row["model"], row["tier"], "prompt"], row["prompt_tokens"])
+            tokens.add_metric([row["model"], row["tier"], "completion"], row["completion_tokens"])
+            spend.add_metric([row["model"], row["tier"]], row["cost_usd"])
+        yield tokens
+        yield spend
+        saving = GaugeMetricFamily(
+            "fleet_saving_usd",
+            "What the ledger's tokens would have cost on the paid primary, minus their cost",
+        )
+        saving.add_metric([], usage.totals()["saving_usd"])
+        yield saving
+        escalations = CounterMetricFamily(
+            "fleet_escalations",
+            "Jobs moved from one model to the next",
+            labels=["from_model", "to_model"],
+        )
+        for row in usage.escalations(by=("from_model", "to_model")):
+            escalations.add_metric([row["from_model"], row["to_model"]], row["escalations"])
+        yield escalations

@@ -403,7 +403,37 @@ def test_metrics_are_for_admin_keys_and_parse_as_prometheus_text(gateway, fleet_
     assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
     names = {f.name for f in text_string_to_metric_families(scraped.text)}
     assert {"fleet_queue_depth", "fleet_model_state", "fleet_dead_letters"} <= names
+    assert {"fleet_jobs", "fleet_attempts", "fleet_tokens", "fleet_escalations"} <= names
     assert admin_key not in scraped.text and app_key not in scraped.text
+    # and after a paid call, its spend is the ledger's (read before and after the scrape:
+    # other tests' jobs may still be ending)
+    from workers.ledger.query import Filters, Usage
+    from workers.ledger.store import Ledger
+
+    paid = client(gateway, app_key).chat.completions.create(
+        model="litellm/kimi", messages=ask("a paid call"), max_tokens=20
+    )
+    ledger = Ledger(fleet_env["FLEET_LEDGER_URL"], redis_url=None)
+    try:
+        deadline = time.monotonic() + 20
+        while not Usage(ledger, Filters(app="no-metrics")).totals()["cost_usd"]:
+            assert time.monotonic() < deadline, f"{paid.id} not in the ledger"
+            time.sleep(0.2)
+        for _ in range(20):
+            before = Usage(ledger).totals()["cost_usd"]
+            scraped = httpx.get(url, headers={"Authorization": f"Bearer {admin_key}"})
+            if Usage(ledger).totals()["cost_usd"] == before:
+                break
+            time.sleep(0.5)
+    finally:
+        ledger.close()
+    spend = [
+        s.value
+        for f in text_string_to_metric_families(scraped.text)
+        if f.name == "fleet_spend_usd"
+        for s in f.samples
+    ]
+    assert before > 0 and sum(spend) == pytest.approx(before, abs=1e-6)
 
 
 def test_the_gateway_binds_to_loopback_by_default() -> None:

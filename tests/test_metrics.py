@@ -70,3 +70,37 @@ def _today() -> str:
     from datetime import UTC, datetime
 
     return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def test_ledger_metrics_sum_to_the_ledgers_rows(tmp_path: Any) -> None:
+    from collections import Counter
+
+    from client.dispatch import current_catalog
+    from gateway.metrics import LedgerCollector
+    from tests.test_rollup import generated
+    from workers.ledger.store import Ledger
+
+    # Given a ledger of generated jobs (escalations, orphans, duplicates delivered twice)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", redis_url=None, spool_dir=tmp_path)
+    rows, batches = generated(11, jobs=200)
+    for batch in batches:
+        ledger.insert(batch)
+    # When its metrics are scraped
+    found = scrape(LedgerCollector(ledger, current_catalog()))
+    ledger.close()
+    # Then spend, tokens, attempts and jobs are the rows' own sums
+    unique = {(r["job_id"], r["attempt"]): r for r in rows}.values()
+    assert sum(found["fleet_spend_usd"].values()) == pytest.approx(
+        sum(r["cost_usd"] for r in unique), abs=1e-6
+    )
+    tokens = found["fleet_tokens"]
+    assert sum(v for k, v in tokens.items() if ("direction", "prompt") in k) == sum(
+        r["prompt_tokens"] for r in unique
+    )
+    assert sum(found["fleet_attempts"].values()) == len(unique)
+    assert sum(found["fleet_jobs"].values()) == len({r["job_id"] for r in unique})
+    by_outcome: Counter[str] = Counter()
+    for labels, value in found["fleet_attempts"].items():
+        by_outcome[dict(labels)["outcome"]] += int(value)
+    assert by_outcome == Counter(r["outcome"] for r in unique)
+    assert "fleet_escalations" in found and "fleet_saving_usd" in found
