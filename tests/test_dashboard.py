@@ -307,3 +307,36 @@ def test_a_session_ends_when_its_key_is_revoked(run, fleet_env) -> None:
 def test_no_key_reaches_the_gateways_log(run) -> None:
     log = run.gw.log()
     assert all(key not in log for key in run.every_key)
+
+
+def test_fleet_dashboard_serves_the_page_where_no_gateway_runs(run, fleet_env, tmp_path) -> None:
+    # When `fleet dashboard` starts on a free port
+    import subprocess
+
+    from tests.test_gateway import FLEET
+
+    with open(tmp_path / "dashboard.log", "w+") as log:
+        process = subprocess.Popen(
+            [FLEET, "dashboard", "--port", "0"],
+            env=fleet_env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            # Then it names the dashboard's URL, on loopback
+            assert line.startswith("dashboard: serving on http://127.0.0.1:"), line
+            url = line.split()[-1]
+            assert url.endswith("/dashboard")
+            # And serves the login form, and the page to an admin's bearer key
+            assert httpx.get(url, timeout=30).status_code == 401
+            page = httpx.get(url, headers={"Authorization": f"Bearer {run.admin}"}, timeout=30)
+            assert page.status_code == 200 and 'id="total-cost"' in page.text
+        finally:
+            process.terminate()
+            process.wait(20)
+            if process.stdout is not None:
+                process.stdout.close()
