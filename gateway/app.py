@@ -10,6 +10,7 @@
     DELETE /v1/jobs/{id}          revoke it: at once if not yet delivered, else at its next
                                   step (a provider call in flight finishes)
     GET    /metrics               the fleet's Prometheus metrics (an admin key)
+    GET    /dashboard, /api/usage the cost dashboard and its JSON (gateway/dashboard.py)
 
 Every route needs a bearer key (gateway/keys.py). A request is checked whole before
 anything is queued: the body, the model, the key's classes, then its budget and request
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from client.dispatch import current_catalog, stored_result
-from gateway import shapes
+from gateway import dashboard, shapes
 from gateway.errors import APIError, invalid_job, no_route
 from gateway.keys import AppKey, KeyStore
 from gateway.sender import Sender
@@ -515,6 +516,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
             Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
             Route("/v1/jobs/{job_id}/stream", job_stream, methods=["GET"]),
             Route("/v1/jobs/{job_id}", delete_job, methods=["DELETE"]),
+            *dashboard.routes(),  # /dashboard, its login and logout, /api/usage
         ],
         exception_handlers={
             APIError: _api_error,

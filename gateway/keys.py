@@ -177,6 +177,14 @@ class KeyStore:
             return None
         return stored[1]
 
+    def active(self, key_id: str) -> AppKey | None:
+        """The key of this id if it is not revoked (a dashboard session holds the id, not
+        the key): read through the same cache, so a revoke takes effect within CACHE_S."""
+        stored = self._stored(key_id)
+        if stored is None or stored[1].revoked_at is not None:
+            return None
+        return stored[1]
+
     def _stored(self, key_id: str) -> tuple[str, AppKey] | None:
         now = time.monotonic()
         with self._lock:

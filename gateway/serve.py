@@ -1,4 +1,5 @@
-"""`fleet serve`: the gateway under uvicorn, on loopback unless told otherwise."""
+"""`fleet serve`: the gateway under uvicorn, on loopback unless told otherwise. `fleet
+dashboard` serves the same app where no gateway runs, and names its dashboard's URL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ PORT = 8080
 READY = "gateway: serving on"  # the line `fleet up` waits for
 
 
-def serve(host: str = HOST, port: int = PORT, out: TextIO = sys.stdout) -> int:
+def serve(
+    host: str = HOST,
+    port: int = PORT,
+    out: TextIO = sys.stdout,
+    ready: str = READY,
+    path: str = "/v1",
+) -> int:
+    """Serve until stopped; once listening, print `ready` and the URL of `path`."""
     import uvicorn
 
     from gateway.app import create_app
@@ -32,7 +40,7 @@ def serve(host: str = HOST, port: int = PORT, out: TextIO = sys.stdout) -> int:
         await original_startup(sockets)
         if server.started:
             bound = server.servers[0].sockets[0].getsockname()[1]  # port 0: the one given
-            print(f"{READY} http://{host}:{bound}/v1", file=out, flush=True)
+            print(f"{ready} http://{host}:{bound}{path}", file=out, flush=True)
 
     server.startup = startup  # type: ignore[method-assign]
     server.run()

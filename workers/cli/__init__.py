@@ -25,6 +25,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     processes.add_up,
     processes.add_ledger_writer,
     processes.add_serve,
+    processes.add_dashboard,
     keys.add_keys,
     dead_letter.add_dead_letter,
     status.add_status,

@@ -1,5 +1,5 @@
 """The commands that run a fleet's long-lived processes: `fleet up` (all of them, supervised),
-`fleet worker`, `fleet ledger-writer` and `fleet serve` (the gateway)."""
+`fleet worker`, `fleet ledger-writer`, `fleet serve` (the gateway) and `fleet dashboard`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,23 @@ def run_serve(args: argparse.Namespace) -> int:
 
     os.environ.update(broker_env())
     return serve(args.host, args.port)
+
+
+def add_dashboard(commands: Subcommands) -> None:
+    p = commands.add_parser(
+        "dashboard",
+        help="serve the cost dashboard (the gateway's /dashboard) where no gateway runs",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=port, default=8081)
+    p.set_defaults(handler=run_dashboard)
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from gateway.serve import serve
+
+    os.environ.update(broker_env())
+    return serve(args.host, args.port, ready="dashboard: serving on", path="/dashboard")
 
 
 def add_worker(commands: Subcommands) -> None:

@@ -184,3 +184,10 @@ def owner(job_id: str) -> str:
     """The app that sent a job through the gateway (only it may read or revoke the job);
     kept a day."""
     return f"{PREFIX}:gateway:owner:{job_id}"
+
+
+def dashboard_session(digest: str) -> str:
+    """A dashboard session (gateway/dashboard.py): the key id it was opened with, under the
+    SHA-256 of its cookie's random id (so the state Redis holds no usable cookie); expires
+    with the session."""
+    return f"{PREFIX}:gateway:session:{digest}"
