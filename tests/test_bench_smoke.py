@@ -6,6 +6,7 @@ percentiles."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,25 @@ def test_interleaved_samples_take_turns_and_pair_by_round() -> None:
     assert {side: len(v) for side, v in samples.items()} == {"fleet": 3, "ref": 3}
     # the order flips every round, so neither side always goes first
     assert calls == ["fleet", "ref", "ref", "fleet", "fleet", "ref", "ref", "fleet"]
+
+
+def test_bench_usage_times_the_dashboard_page_over_http_on_both_databases() -> None:
+    """bench_usage on a tiny ledger of each kind: its gateway serves the admin key's page
+    (a 200, or the run fails) for every window, each figure printed."""
+    from tests.ledger_db import PG_URL
+
+    argv = ["--rows", "500", "--rounds", "1", "--pg-url", PG_URL]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_usage", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for database in ("sqlite", "postgresql"):
+        assert f"\n{database}, " in proc.stdout
+    for window in ("30d", "7d", "24h"):
+        figures = re.findall(rf"page over HTTP, {window} +[\d.]+ ms", proc.stdout)
+        assert len(figures) == 2, proc.stdout
+    assert proc.stdout.count("dropped for an inspect broadcast") == 2
