@@ -23,7 +23,7 @@ from workers.runtime.celery_app import queue_depths
 from workers.state import deadletter
 from workers.state.limits import FleetState
 
-MODEL_STATES = ("ok", "cooldown", "circuit_open")
+MODEL_STATES = ("ok", "no_key", "cooldown", "circuit_open")
 
 
 class LiveStateCollector(Collector):
@@ -51,7 +51,8 @@ class LiveStateCollector(Collector):
     def _models(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
             "fleet_model_state",
-            "1 for the state each model is in now (ok, cooldown, circuit_open)",
+            "1 for the state each model is in now (ok, no_key: a worker skipped it lately"
+            " for want of its key, cooldown, circuit_open)",
             labels=["model", "state"],
         )
         quota = GaugeMetricFamily(
@@ -61,13 +62,13 @@ class LiveStateCollector(Collector):
         )
         for model in self.catalog.models:
             found = self.state.model_status(model.id)
-            now = (
-                "circuit_open"
-                if found["circuit_open"]
-                else "cooldown"
-                if found["cooldown"]
-                else "ok"
-            )
+            now = "ok"
+            if found["circuit_open"]:
+                now = "circuit_open"
+            elif found["cooldown"]:
+                now = "cooldown"
+            elif found["no_key"]:
+                now = "no_key"
             for name in MODEL_STATES:
                 state.add_metric([model.id, name], 1.0 if name == now else 0.0)
             for window, figures in found["windows"].items():

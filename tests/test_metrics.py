@@ -104,3 +104,36 @@ def test_ledger_metrics_sum_to_the_ledgers_rows(tmp_path: Any) -> None:
         by_outcome[dict(labels)["outcome"]] += int(value)
     assert by_outcome == Counter(r["outcome"] for r in unique)
     assert "fleet_escalations" in found and "fleet_saving_usd" in found
+
+
+def test_a_model_a_worker_skipped_for_want_of_its_key_shows_no_key(
+    fresh_redis: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.dispatch import current_catalog
+    from workers.providers.base import ModelUnusable, Target
+    from workers.runtime.celery_app import create_app
+    from workers.runtime.step import Forward, advance
+
+    monkeypatch.setenv("FLEET_BROKER_URL", url_of(fresh_redis))
+    catalog = current_catalog()
+    state = FleetState(fresh_redis, catalog)
+
+    def no_keys_here(model: str) -> Target:
+        raise ModelUnusable("no_key", f"{model}: its key variable is unset on this worker")
+
+    # Given a worker without keys taking a job of a class whose chain starts on its queue
+    job = {"id": "k1", "task_class": "cost_free", "messages": [{"role": "user", "content": "x"}]}
+    step = advance(
+        catalog, job, None, here="free", providers=no_keys_here, gate=state, worker="keyless@host"
+    )
+    attempts = step.state.attempts if isinstance(step, Forward) else step.result.attempts
+    skipped = [a for a in attempts if a.outcome == "skipped"]
+    first = skipped[0].model if skipped else None
+    assert first is not None and skipped[0].error_kind == "no_key"
+    # Then the fleet's live state says which worker lacks it, where it said "ok"
+    assert state.model_status(first)["no_key"] == "keyless@host"
+    found = scrape(
+        LiveStateCollector(create_app({"FLEET_BROKER_URL": url_of(fresh_redis)}), state, catalog)
+    )
+    assert found["fleet_model_state"][(("model", first), ("state", "no_key"))] == 1
+    assert found["fleet_model_state"][(("model", first), ("state", "ok"))] == 0

@@ -60,6 +60,8 @@ def _print_status(status: dict[str, Any]) -> None:
         models.add_column(col)
     for m in status["models"]:
         state = m["cooldown"] or ("circuit open" if m["circuit_open"] else "ok")
+        if state == "ok" and m.get("no_key"):
+            state = f"no key on {m['no_key']}"
         if m.get("refused"):  # resting for these capabilities only
             state += f"; refused {', '.join(m['refused'])}"
         windows = ", ".join(f"{k} {v['used']}/{v['limit']}" for k, v in m["windows"].items())

@@ -301,18 +301,19 @@ class _Delivery:
         )
 
     def skip(self, hop: Hop, exc: ProviderError, worker: str | None) -> None:
-        self.attempts.append(
-            Attempt(
-                number=len(self.attempts) + 1,
-                model=hop.model,
-                queue=hop.queue,
-                tier=hop.tier,
-                outcome="skipped",
-                worker=worker,
-                started_at=self.now(),
-                **_error_fields(exc),
-            )
+        skipped = Attempt(
+            number=len(self.attempts) + 1,
+            model=hop.model,
+            queue=hop.queue,
+            tier=hop.tier,
+            outcome="skipped",
+            worker=worker,
+            started_at=self.now(),
+            **_error_fields(exc),
         )
+        self.attempts.append(skipped)
+        if exc.kind == "no_key":  # said fleet-wide: status, dashboard, metrics
+            self.gate.settle(hop.model, skipped, 0.0, False)
 
     def call(self, hop: Hop, target: Target, worker: str | None, slot: Slot) -> Step | None:
         call = self.in_flight(hop, worker)

@@ -31,6 +31,13 @@ def lacks(model: str, capability: str) -> str:
     return f"{PREFIX}:lacks:{model}:{capability}"
 
 
+def no_key(model: str) -> str:
+    """A model a worker skipped lately because its key is unset there (the worker's name;
+    NO_KEY_S in workers/state/limits.py): `fleet status`, the dashboard and /metrics say
+    "no key" instead of "ok"."""
+    return f"{PREFIX}:nokey:{model}"
+
+
 def failures(model: str) -> str:
     """Recent transient failures (sorted set by ms): enough of them open the circuit."""
     return f"{PREFIX}:circuit:failures:{model}"

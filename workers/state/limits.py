@@ -51,6 +51,8 @@ MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 PROBE_TTL_MS = 120_000  # a probe call holds the half-open circuit at most this long
 UNUSABLE_COOLDOWN_S = 300.0  # a bad key or unknown model: no point calling it for a while
+# A worker's skip for want of its key is shown this long after ("no key" in status).
+NO_KEY_S = 600
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,9 @@ class FleetState:
         self, batch: Pipeline, model_id: str, attempt: Attempt, cost_usd: float, probe: bool
     ) -> None:
         """Queue settle()'s writes in `batch`."""
+        if attempt.outcome == "skipped":  # no call: only a missing key is worth saying
+            self._skipped_in(batch, model_id, attempt)
+            return
         model = self.catalog.model(model_id)
         self._count_tokens(batch.pipe, model, attempt.completion_tokens, attempt.prompt_tokens)
         if cost_usd > 0:
@@ -264,6 +269,11 @@ class FleetState:
             self._cool_in(batch, model_id, UNUSABLE_COOLDOWN_S, attempt.error_kind or "unusable")
         elif attempt.action == "retry":
             self._fail_in(batch, model_id)
+
+    @staticmethod
+    def _skipped_in(batch: Pipeline, model_id: str, attempt: Attempt) -> None:
+        if attempt.error_kind == "no_key":
+            batch.pipe.set(keys.no_key(model_id), attempt.worker or "a worker", ex=NO_KEY_S)
 
     def rest_capability(self, model_id: str, capability: str) -> None:
         """Rest `model_id` fleet-wide for jobs that need `capability` (its provider refused
@@ -365,8 +375,11 @@ class FleetState:
             )
             for period in ("day", "month")
         }
+        no_key = self.redis.get(keys.no_key(model_id))
         return {
             "model": model_id,
+            # the worker that skipped it lately for want of its key (None: none did)
+            "no_key": no_key.decode() if isinstance(no_key, bytes) else no_key,
             "cooldown": cooldown.reason if cooldown else None,
             "cooldown_until": cooldown.until if cooldown else None,
             "circuit_open": bool(self.redis.exists(keys.circuit_open(model_id))),
