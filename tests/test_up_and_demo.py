@@ -50,9 +50,18 @@ def test_demo_json_runs_the_whole_fleet_and_exits_0(tmp_path: Path) -> None:
     assert cron and all(set(r["queue_path"]) <= {"free", "local"} for r in cron)
     assert len({r["job_id"] for r in rows}) == len(rows)
 
-    # `fleet usage` afterwards shows every demo attempt, and its totals match the demo's
+    # The user's own ledger holds none of the demo's made-up spend
+    mine = subprocess.run(
+        [FLEET, "usage", "--json"], capture_output=True, text=True, env=env, check=True
+    )
+    assert json.loads(mine.stdout) == []
+    # `fleet usage` on the demo's ledger shows every demo attempt, its totals the demo's
+    demo_ledger = f"sqlite:///{tmp_path / 'data' / 'demo' / 'ledger.db'}"
     usage = subprocess.run(
-        [FLEET, "usage", "--by", "task_class", "--json"], capture_output=True, text=True, env=env
+        [FLEET, "usage", "--by", "task_class", "--json"],
+        capture_output=True,
+        text=True,
+        env={**env, "FLEET_LEDGER_URL": demo_ledger},
     )
     assert usage.returncode == 0, usage.stderr
     groups = json.loads(usage.stdout)

@@ -89,6 +89,16 @@ def demo_jobs() -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def demo_ledger_url() -> str:
+    """The demo's own ledger, beside the user's (the data dir's `demo/`): its simulated
+    calls and spend stay out of the user's `fleet usage` and dashboard."""
+    from workers.config import data_dir
+
+    path = data_dir() / "demo" / "ledger.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
 @contextmanager
 def demo_fleet(out: TextIO, workdir: Path) -> Iterator[dict[str, str]]:
     """Simulator, tiny model, private Redis and one worker per queue; yields their env."""
@@ -109,6 +119,8 @@ def demo_fleet(out: TextIO, workdir: Path) -> Iterator[dict[str, str]]:
             "FLEET_BROKER_URL": redis.url,
             "HF_HUB_OFFLINE": "1",
             **simulated_env(sim.url, model_dir, workdir, DEMO_PROVIDER_TIMEOUT_S),
+            # Its made-up spend in a ledger of its own, never in the user's
+            "FLEET_LEDGER_URL": demo_ledger_url(),
         }
         env.pop("FLEET_STATE_URL", None)
         sup = Supervisor(workdir / "logs", env)
@@ -199,9 +211,10 @@ def _print_table(out: TextIO, rows: list[tuple[str, Result]], elapsed: float) ->
     tokens_out = sum(r.completion_tokens for _, r in rows)
     console.print(f"{answered}/{len(rows)} jobs answered in {elapsed:.1f} s (start-up included)")
     console.print(
-        f"{attempts} attempts, {tokens_in:,} tokens in, {tokens_out:,} out: all in the ledger"
-        " (`fleet usage` shows them)"
+        f"{attempts} attempts, {tokens_in:,} tokens in, {tokens_out:,} out: in the demo's own"
+        " ledger, apart from yours; to see them:"
     )
+    console.print(f"  FLEET_LEDGER_URL={demo_ledger_url()} .venv/bin/fleet usage", soft_wrap=True)
 
 
 def _progress(out: TextIO) -> Callable[[str], None]:
