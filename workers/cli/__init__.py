@@ -14,7 +14,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from router.errors import FleetError
-from workers.cli import catalog, dead_letter, demo, keys, processes, route, status, submit, usage
+from workers.cli import (
+    catalog,
+    dead_letter,
+    demo,
+    doctor,
+    keys,
+    processes,
+    route,
+    status,
+    submit,
+    usage,
+)
 from workers.cli.options import EXIT_USAGE, Handler, Parser, Subcommands, subcommands
 
 # In the order `fleet --help` lists them.
@@ -29,6 +40,7 @@ COMMANDS: tuple[Callable[[Subcommands], None], ...] = (
     keys.add_keys,
     dead_letter.add_dead_letter,
     status.add_status,
+    doctor.add_doctor,
     processes.add_worker,
     submit.add_submit,
     catalog.add_check_config,
