@@ -30,9 +30,7 @@ def bare_env(tmp_path: Path) -> dict[str, str]:
     drop = {p.api_key_env for p in catalog.providers.values()}
     drop |= {p.base_url_env for p in catalog.providers.values()}
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in drop and not k.startswith(("FLEET_", "HF_"))
+        k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("FLEET_", "HF_"))
     }
     (tmp_path / "hf").mkdir()
     return {

@@ -148,6 +148,8 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
         out, _ = up.communicate(timeout=60)
     assert up.returncode == 0, out
     assert "stopping" in out
+    # `fleet doctor`'s summary, run at start: every class has a usable model
+    assert "doctor: 9 of 9 task classes usable, 23 of 23 models can serve" in out
     pids = [int(p) for p in re.findall(r" pid (\d+) ", out)]
     assert len(pids) == 9  # a worker per queue, the ledger writer, beat, flower, gateway
     assert [pid for pid in pids if _alive(pid)] == []

@@ -352,10 +352,10 @@ def _reach_redis(url: str) -> str | None:
 def _reach_broker(url: str) -> str | None:
     if url.startswith(("redis://", "rediss://", "redis+socket://")):
         return _reach_redis(url)
-    from kombu import Connection
+    from kombu.connection import Connection
 
     try:
-        with Connection(url, connect_timeout=SERVICE_TIMEOUT_S) as conn:
+        with Connection(url, connect_timeout=SERVICE_TIMEOUT_S) as conn:  # type: ignore[no-untyped-call]
             conn.ensure_connection(max_retries=1, timeout=SERVICE_TIMEOUT_S)
         return None
     except Exception as exc:  # whatever the transport's library raises

@@ -126,6 +126,7 @@ def run_up(
                 info["gateway"] = _gateway_url(sup)
             (directory / "up.json").write_text(json.dumps(info))
             _print_banner(out, directory, sup, info)
+            _print_doctor(out, env)
             while not stopping and not sup.dead():
                 time.sleep(0.2)
             dead = sup.dead()
@@ -140,6 +141,20 @@ def run_up(
                 redis.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _print_doctor(out: TextIO, env: Mapping[str, str]) -> None:
+    """`fleet doctor`'s summary, without its probe: a few seconds at most (its TCP connects
+    and Celery's inspect have short timeouts). A failing check never stops the fleet."""
+    from router.catalog import load_catalog
+    from workers.ops.doctor import diagnose, summary
+
+    try:
+        lines = summary(diagnose(load_catalog(), env))
+    except Exception as exc:  # the fleet is up either way: say why there is no summary
+        lines = [f"doctor: could not run: {type(exc).__name__}: {exc}"]
+    for line in lines:
+        print(line, file=out, flush=True)
 
 
 def _gateway_url(sup: Supervisor) -> str:
