@@ -72,8 +72,10 @@ def _models_table(report: dict[str, Any]) -> Table:
 
     models = Table(title="models", title_justify="left")
     models.add_column("model", no_wrap=True)  # whole, never cut: a user copies it
-    for col in ("key", "probe" if report["probe"] else "reach", "state", "fix"):
+    for col in ("key", "probe" if report["probe"] else "reach"):
         models.add_column(col)
+    for col in ("state", "fix"):  # a long repo id folds onto the next line, never cut
+        models.add_column(col, overflow="fold")
     for m in report["models"]:
         key = "-" if not m["key"] else ("set" if m["key_set"] else "unset")
         state = "ok" if m["usable"] else "; ".join(p["problem"] for p in m["problems"])
