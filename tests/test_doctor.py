@@ -90,6 +90,10 @@ def test_the_simulated_fleet_serves_every_class_and_probe_calls_each_model_once(
     table = doctor(fleet_env)
     assert table.returncode == 0, table.stdout + table.stderr
     assert "9 of 9 task classes have a usable model." in table.stdout
+    # and, without loading them, the local models read as loadable: this leans on mlx-lm's
+    # private _get_classes (workers/ops/doctor.py), and fails if mlx-lm changes it
+    plain = json.loads(doctor(fleet_env, "--json").stdout)
+    assert all(m["usable"] for m in plain["models"]), plain["models"]
     # And with --probe --json, one call per model reaches its provider
     done = doctor(fleet_env, "--probe", "--json")
     assert done.returncode == 0, done.stdout + done.stderr
