@@ -30,16 +30,24 @@ def text_of(records: list[streams.Record]) -> str:
     return "".join(r.delta.text for r in records if r.delta)
 
 
-def store_final(redis: Any, job_id: str, stream: bool = True) -> dict[str, Any]:
+def store_final(
+    redis: Any, job_id: str, stream: bool = True, backend: Any = None
+) -> dict[str, Any]:
     """The job's final state stored as a worker stores it (store_result.lua)."""
-    from workers.runtime.celery_app import create_app
     from workers.runtime.resultstore import Bookkeeping, attach
 
-    backend = create_app({"FLEET_BROKER_URL": url_of(redis)}).backend
+    backend = backend or backend_of(redis)
     attach(job_id, Bookkeeping(stream=stream))
     backend.store_result(job_id, {"ok": True, "job_id": job_id}, states.SUCCESS)
     meta: dict[str, Any] = json.loads(redis.get(keys.result(job_id)))
     return meta
+
+
+def backend_of(redis: Any) -> Any:
+    """The fleet's result backend on `redis` (a Celery app made for it: not cheap)."""
+    from workers.runtime.celery_app import create_app
+
+    return create_app({"FLEET_BROKER_URL": url_of(redis)}).backend
 
 
 def test_deltas_go_in_batches_not_one_command_per_token(fresh_redis: Any) -> None:
@@ -202,8 +210,9 @@ def test_the_gateway_hub_hands_every_record_to_every_follower_across_readers(
                     writers[job].add(Delta(text=word))  # a record each (the clock stands still)
                     writers[job].flush()
             late = await hub.follow(jobs[0], START)  # joins once the stream is read
+            backend = backend_of(fresh_redis)  # (one app for the 250 jobs)
             for job in jobs:
-                store_final(fresh_redis, job)
+                store_final(fresh_redis, job, backend=backend)
             for job, follower in [*followers.items(), (jobs[0], late)]:
                 got: list[streams.Record] = []
                 while not got or not got[-1].last:
