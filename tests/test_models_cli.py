@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from router.catalog import Model, load_catalog
+from tests.hub_stand_in import HubStandIn
 from workers.ops.models import local_models
 from workers.ops.redis_server import free_port
 
@@ -120,3 +121,32 @@ def test_list_shows_the_cached_model_present_sized_and_loadable(
     assert "yes" in line and f"{size / 1000:.1f} KB" in line, line
     for model in missing:
         assert f"fleet models pull {model.id}" in table.stdout
+
+
+def test_pull_fetches_a_model_from_a_hub_stand_in_and_list_then_finds_it(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # Given a stand-in Hub serving the tiny model under one local model's hub id
+    model = local_models(load_catalog())[-1]
+    with HubStandIn(model.upstream, tiny_model_dir, COMMIT) as hub:
+        env = hub_env(tmp_path, HF_ENDPOINT=hub.url)
+        # When `fleet models pull ID` runs
+        done = fleet(env, "pull", model.id)
+        # Then it exits 0, naming the snapshot it fetched, with its progress on stderr
+        assert done.returncode == 0, done.stdout + done.stderr
+        snapshot = tmp_path / "hf" / "hub" / ("models--" + model.upstream.replace("/", "--"))
+        assert done.stdout.strip() == f"{model.id}: {snapshot / 'snapshots' / COMMIT}"
+        assert "100%" in done.stderr
+        assert any(r.startswith("GET /api/models/") for r in hub.requests), hub.requests
+        # And every file is there, whole
+        for f in tiny_model_dir.iterdir():
+            if f.is_file():
+                assert (snapshot / "snapshots" / COMMIT / f.name).read_bytes() == f.read_bytes()
+        # And a second pull fetches no file again
+        downloads = sum(r.startswith("GET /" + model.upstream) for r in hub.requests)
+        assert fleet(env, "pull", model.id, "--json").returncode == 0
+        assert sum(r.startswith("GET /" + model.upstream) for r in hub.requests) == downloads
+    # And `fleet models list`, offline now, shows it present and loadable
+    listed = fleet({**env, "HF_HUB_OFFLINE": "1"}, "list", "--json")
+    row = next(r for r in json.loads(listed.stdout) if r["model"] == model.id)
+    assert row["present"] is True and row["loadable"] is True, row
