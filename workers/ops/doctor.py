@@ -47,10 +47,9 @@ PROBE_MESSAGES = [{"role": "user", "content": "Reply with OK."}]
 PROBE_TASK_CLASS = "doctor"  # the ledger's task_class of a probe call
 
 
-def fetch_command(upstream: str) -> str:
-    """The command that puts a hub model in the local hub cache. (`fleet models pull`
-    will do it for the catalog's ids: issue 19, item 3.)"""
-    return f"hf download {upstream}"
+def fetch_command(model_id: str) -> str:
+    """The command that puts a catalog's local model in the hub cache."""
+    return f"fleet models pull {model_id}"
 
 
 @dataclass
@@ -135,35 +134,40 @@ def _check_local(check: ModelCheck, upstream: str, environ: Mapping[str, str]) -
             )
             return
     else:
-        found = _in_hub_cache(upstream, environ)
+        found = in_hub_cache(upstream, environ)
         if found is None:
-            check.fail(f"{upstream} is not in the hub cache", fetch_command(upstream))
+            check.fail(f"{upstream} is not in the hub cache", fetch_command(check.model))
             return
         path = found
     check.local = str(path)
-    problem = _unloadable(path)
+    problem = unloadable(path)
     check.loadable = problem is None
     if problem is not None:
-        fix = "fetch it again: " + fetch_command(upstream) if path != Path(upstream) else ""
+        fix = "fetch it again: " + fetch_command(check.model) if path != Path(upstream) else ""
         check.fail(problem, fix or "replace the model at that path")
 
 
-def _in_hub_cache(repo_id: str, environ: Mapping[str, str]) -> Path | None:
+def hub_cache_dir(environ: Mapping[str, str]) -> str | None:
+    """The hub cache `environ` names (HF_HUB_CACHE, else HF_HOME/hub); None: the default
+    huggingface_hub reads from the process's own environment."""
+    return environ.get("HF_HUB_CACHE") or (
+        str(Path(environ["HF_HOME"]) / "hub") if environ.get("HF_HOME") else None
+    )
+
+
+def in_hub_cache(repo_id: str, environ: Mapping[str, str]) -> Path | None:
     """The snapshot directory of `repo_id` in the hub cache (HF_HOME / HF_HUB_CACHE as
     huggingface_hub reads them), never asking the hub."""
     from huggingface_hub import try_to_load_from_cache
 
-    cache_dir = environ.get("HF_HUB_CACHE") or (
-        str(Path(environ["HF_HOME"]) / "hub") if environ.get("HF_HOME") else None
-    )
     try:
-        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(environ))
     except ValueError:  # not a valid repo id
         return None
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _unloadable(path: Path) -> str | None:
+def unloadable(path: Path) -> str | None:
     """Why mlx-lm could not load the model at `path`, short of loading it: its config,
     an architecture mlx-lm knows, its weights. None when nothing is in the way."""
     try:
