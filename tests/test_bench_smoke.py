@@ -101,3 +101,4 @@ def test_bench_usage_times_the_dashboard_page_over_http_on_both_databases() -> N
         figures = re.findall(rf"page over HTTP, {window} +[\d.]+ ms", proc.stdout)
         assert len(figures) == 2, proc.stdout
     assert proc.stdout.count("dropped for an inspect broadcast") == 2
+    assert proc.stdout.count("page, 30 d under 500 ms: yes") == 2  # the query layer's

@@ -10,8 +10,6 @@ own (`Expected`), not by the code under test."""
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,7 +26,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
 from router.catalog import load_catalog
-from tests.ledger_db import DATABASES, PG_URL, attempt, catalog, database, rows
+from tests.ledger_db import DATABASES, attempt, catalog, database, rows
 from workers.ledger.filters import Filters
 from workers.ledger.query import Usage, percentile_ms, segments
 from workers.ledger.rollup import latency_bucket, rebuild
@@ -631,21 +629,3 @@ def test_percentiles_from_a_histogram() -> None:
     assert median is not None and 215 <= median <= 316  # within 250 ms's bucket
     buckets[-1] = 1_000  # past the last bound
     assert percentile_ms(buckets, 0.99) == 1_000_000
-
-
-def test_the_usage_bench_runs_on_both_databases() -> None:
-    # bench/bench_usage.py, tiny: its figures come from full runs (bench/README.md)
-    root = Path(__file__).resolve().parents[1]
-    tiny = ["--rows", "3000", "--rounds", "1", "--pg-url", PG_URL]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_usage", *tiny],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for kind in ("sqlite", "postgresql"):
-        assert f"{kind}, 3,0" in done.stdout
-    assert done.stdout.count("page, 30 d under 500 ms: yes") == 2
