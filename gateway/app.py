@@ -404,7 +404,7 @@ async def get_job(request: Request) -> Response:
     meta = await gw.waiter.stored(job_id)
     status = (meta or {}).get("status") or "PENDING"
     body: dict[str, Any] = {"id": job_id, "object": "fleet.job", "status": status.lower()}
-    if status in ("SUCCESS", "FAILURE", "REVOKED"):
+    if status in streams.FINAL_STATES:
         result = stored_result(meta or {}, job_id, owner.task_class, owner.source)
         body["result"] = result.summary()
     return JSONResponse(body)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from workers.state import keys
 from workers.state.connections import CONNECT_TIMEOUT_S, HEALTH_CHECK_S, SOCKET_TIMEOUT_S
+from workers.state.streams import final_state, stored_state
 
-FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 LOOK_AGAIN_S = 1.0
 CONNECTIONS = 32  # to the state Redis, shared by every waiting request
 
@@ -53,7 +52,7 @@ class ResultWaiter:
     async def stored(self, job_id: str) -> dict[str, Any] | None:
         """The job's stored state (Celery's meta), or None."""
         raw = await self.client.get(keys.result(job_id))
-        return _meta(raw)
+        return stored_state(raw)
 
     async def watch(self, job_id: str) -> asyncio.Future[dict[str, Any]]:
         """A future that gets the job's final state when it is published (a reader of the
@@ -82,8 +81,8 @@ class ResultWaiter:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             while True:
-                meta = await self.stored(job_id)
-                if meta is not None and meta.get("status") in FINAL:
+                meta = final_state(await self.client.get(keys.result(job_id)))
+                if meta is not None:
                     return meta
                 left = deadline - loop.time()
                 if left <= 0:
@@ -117,8 +116,8 @@ class ResultWaiter:
                 continue
             channel = message["channel"]
             channel = channel.decode() if isinstance(channel, bytes) else channel
-            meta = _meta(message["data"])
-            if meta is None or meta.get("status") not in FINAL:
+            meta = final_state(message["data"])
+            if meta is None:
                 continue
             for future in self._waiting.get(channel, []):
                 if not future.done():
@@ -132,13 +131,3 @@ class ResultWaiter:
         await self._pubsub_client.aclose()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()  # (a pool given is not closed with it)
-
-
-def _meta(raw: Any) -> dict[str, Any] | None:
-    if not raw:
-        return None
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        return None
-    return meta if isinstance(meta, dict) else None

@@ -237,15 +237,22 @@ def follow(
     raise TimeoutError(f"job {job_id}: its stream did not end within {timeout_s:g} s")
 
 
-def final_state(raw: Any) -> dict[str, Any] | None:
-    """A stored state (the result key's value) when it is final, else None."""
+FINAL_STATES = ("SUCCESS", "FAILURE", "REVOKED")
+
+
+def stored_state(raw: Any) -> dict[str, Any] | None:
+    """A stored state (the result key's value, Celery's meta) decoded, or None."""
     try:
         meta = json.loads(raw) if raw else None
     except ValueError:
         return None
-    if isinstance(meta, dict) and meta.get("status") in ("SUCCESS", "FAILURE", "REVOKED"):
-        return meta
-    return None
+    return meta if isinstance(meta, dict) else None
+
+
+def final_state(raw: Any) -> dict[str, Any] | None:
+    """A stored state when it is final, else None."""
+    meta = stored_state(raw)
+    return meta if meta is not None and meta.get("status") in FINAL_STATES else None
 
 
 def _text(value: bytes | str) -> str:
