@@ -177,6 +177,9 @@ class StreamHub:
                             follower.final.set_result(stored)
 
     async def close(self) -> None:
+        for reader in self._readers:
+            reader.closed = True
+            reader._idle.set()
         tasks = [r.task for r in self._readers] + [self._looking]
         for task in tasks:
             if task is not None:
@@ -194,6 +197,7 @@ class _Reader:
         self.hub = hub
         self.read_at: dict[str, str] = {}  # stream key -> the cursor its next XREAD reads from
         self.task: asyncio.Task[None] | None = None
+        self.closed = False  # the hub closes: the loop ends, whatever became of its cancel
         self._connection: aioredis.Redis | None = None
         self._client_id: int | None = None
         self._blocked = False  # the loop waits in XREAD now
@@ -237,13 +241,17 @@ class _Reader:
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.closed:
             started = loop.time()
             try:
                 got = await self._read()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: followers hear of final states meanwhile
+                if self.closed:
+                    # A cancel that met redis-py's connect timeout comes out of it as a
+                    # TimeoutError (Python 3.11's asyncio.timeout): the loop ends anyway.
+                    break
                 log.warning("stream reader: %r", exc)
                 await self.disconnect()
                 await asyncio.sleep(0.2)
@@ -255,6 +263,8 @@ class _Reader:
         if not self.read_at:
             self._idle.clear()
             await self._idle.wait()
+            if self.closed:
+                return False
         connection = await self._connect()
         self._blocked, self._waking = True, False
         self._round += 1

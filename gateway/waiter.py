@@ -48,6 +48,7 @@ class ResultWaiter:
         self._subscribing = asyncio.Lock()
         self._waiting: dict[str, list[asyncio.Future[dict[str, Any]]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._closed = False  # its reader ends, whatever became of its cancel
 
     async def stored(self, job_id: str) -> dict[str, Any] | None:
         """The job's stored state (Celery's meta), or None."""
@@ -103,7 +104,9 @@ class ResultWaiter:
                 self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
-        while True:
+        # (A cancel that meets redis-py's timeouts may come out as a TimeoutError:
+        # gateway/streaming.py's readers end on the same flag.)
+        while not self._closed:
             if not self.pubsub.subscribed:
                 await asyncio.sleep(0.01)
                 continue
@@ -124,6 +127,7 @@ class ResultWaiter:
                     future.set_result(meta)
 
     async def close(self) -> None:
+        self._closed = True
         if self._reader is not None:
             self._reader.cancel()
         with contextlib.suppress(Exception):

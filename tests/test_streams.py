@@ -226,3 +226,42 @@ def test_the_gateway_hub_hands_every_record_to_every_follower_across_readers(
             await waiter.close()
 
     asyncio.run(main())
+
+
+def test_the_hub_closes_when_a_reader_cancelled_mid_read_says_timeout(
+    fresh_redis: Any, monkeypatch: Any
+) -> None:
+    """Under load, cancelling a reader inside redis-py's connect can come out as a
+    TimeoutError (Python 3.11's asyncio.timeout), not a CancelledError: close() still
+    ends the reader's loop, instead of leaving it to wait for followers for ever."""
+    import asyncio
+
+    from gateway import streaming
+    from gateway.waiter import ResultWaiter
+
+    async def read_then_swallow_the_cancel(self: Any) -> bool:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            raise TimeoutError("Timeout connecting to server") from None
+        return False
+
+    monkeypatch.setattr(streaming._Reader, "_read", read_then_swallow_the_cancel)
+
+    async def main() -> bool:
+        waiter = ResultWaiter(url_of(fresh_redis))
+        hub = streaming.StreamHub(url_of(fresh_redis), waiter)
+        follower = await hub.follow("c1")
+        await asyncio.sleep(0.05)  # the reader is in its read
+        follower.close()
+        closing = asyncio.get_running_loop().create_task(hub.close())
+        done, _ = await asyncio.wait({closing}, timeout=5)
+        await waiter.close()
+        return bool(done)
+
+    # (not asyncio.run: its clean-up would wait for a reader that never ends)
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(main()), "the hub's close() waits for its reader"
+    finally:
+        loop.close()
