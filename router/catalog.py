@@ -46,6 +46,8 @@ Capability = Literal[
     "json_schema",  # response_format {"type": "json_schema", ...}
     "logprobs",  # logprobs / top_logprobs
     "seed",
+    # An embedding model: it serves the embedding class only, and no chat job goes to it.
+    "embedding",
 ]
 TaskClass = Literal[
     "complex_reasoning",
@@ -57,6 +59,7 @@ TaskClass = Literal[
     "cost_free",
     "reasoning_free",
     "heartbeat",
+    "embedding",  # vectors for texts (Job.input), not a chat
 ]
 Source = Literal["app", "cron", "heartbeat", "sub-agent"]
 
@@ -65,6 +68,9 @@ TIERS: tuple[str, ...] = get_args(Tier)
 TASK_CLASSES: tuple[str, ...] = get_args(TaskClass)
 SOURCES: tuple[str, ...] = get_args(Source)
 CAPABILITIES: tuple[str, ...] = get_args(Capability)
+# Classes a catalog may leave without a chain (a copy made before the class existed): a job
+# of one is refused at the door, naming the missing chain.
+OPTIONAL_CLASSES: frozenset[str] = frozenset({"embedding"})
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -265,7 +271,7 @@ class Policy(_Strict):
     @model_validator(mode="after")
     def _every_class_has_a_chain(self) -> Policy:
         present = {cls for cls, chain in self.chains.items() if chain}
-        missing = [c for c in TASK_CLASSES if c not in present]
+        missing = [c for c in TASK_CLASSES if c not in present and c not in OPTIONAL_CLASSES]
         if missing:
             raise ValueError(f"chains missing for task classes: {', '.join(missing)}")
         return self
@@ -298,6 +304,14 @@ class Catalog(_Strict):
         for where, model_id in self._policy_references():
             if model_id not in seen:
                 raise ValueError(f"{where}: unknown model {model_id!r} (valid: {choices(seen)})")
+            # An embedding model answers the embedding class only; that class only them.
+            embeds = self.by_id[model_id].supports("embedding")
+            if embeds != where.startswith("policy.chains.embedding."):
+                kind = "an embedding model" if embeds else "not an embedding model"
+                raise ValueError(
+                    f"{where}: {model_id!r} is {kind}: embedding models serve the embedding"
+                    " chain, and only they do"
+                )
         return self
 
     def _scope_names(self, scope: str) -> set[str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import sys
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,6 +53,13 @@ class Attempt(BaseModel):
     started_at: float = 0.0  # unix seconds
     tools: bool = False  # the call was sent tool definitions
     json_schema: bool = False  # the call asked for a JSON schema (response_format)
+    # An embedding job's attempt: the inputs the call embedded, and those the fleet's
+    # cache answered for this model instead, with the prompt tokens the cache saved
+    # (what those inputs cost when they were embedded). A job answered wholly from the
+    # cache has one "ok" attempt with no call: items 0, prompt_tokens 0.
+    items: int = 0
+    cached_items: int = 0
+    cached_tokens: int = 0
 
 
 class Result(BaseModel):
@@ -72,10 +83,20 @@ class Result(BaseModel):
     logprobs: dict[str, Any] | None = None
     reasoning: str | None = None
     dropped: list[str] = []  # the job's request fields the answering model was not sent
+    # An embedding job's answer: one vector per input, in order, each as OpenAI's base64
+    # encoding (little-endian float32): a quarter of the JSON floats' size in the result
+    # store. `embeddings()` gives them as lists of floats.
+    vectors: list[str] | None = None
     attempts: list[Attempt] = []
     metadata: dict[str, str | int | float | bool | None] = {}  # the job's, echoed back
     dispatched_at: float | None = None  # unix seconds
     finished_at: float | None = None
+
+    def embeddings(self) -> list[list[float]] | None:
+        """An embedding job's vectors as lists of floats (None for a chat job)."""
+        if self.vectors is None:
+            return None
+        return [decode_vector(v) for v in self.vectors]
 
     @property
     def latency_ms(self) -> float | None:
@@ -110,3 +131,19 @@ class Result(BaseModel):
             "queue_path": self.queue_path,
             "latency_ms": self.latency_ms,
         }
+
+
+def encode_vector(vector: Sequence[float]) -> str:
+    """A vector as OpenAI's `encoding_format: "base64"` gives it: little-endian float32."""
+    packed = array("f", vector)
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def decode_vector(encoded: str) -> list[float]:
+    packed = array("f")
+    packed.frombytes(base64.b64decode(encoded))
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tolist()

@@ -69,8 +69,35 @@ class Completion:
     reasoning: str | None = None  # the message's reasoning_content (or reasoning)
 
 
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """What an embedding model is asked: vectors for `input`, in order (docs/embeddings.md)."""
+
+    model: str  # the provider's own name for the model (catalog `upstream`)
+    input: list[str]  # one or more texts; none empty
+    dimensions: int | None = None  # shorter vectors (Matryoshka): the first n, normalised
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """An embedding model's answer: one vector per input, in the input's order, each of
+    the `dimensions` asked for (when asked), with the call's usage."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
+    tokens_estimated: bool = False  # True when the provider returned no usage
+    provider_cost_usd: float | None = None
+    raw_model: str | None = None
+
+
 class Provider(Protocol):
     def complete(self, request: CompletionRequest) -> Completion: ...
+
+    def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Vectors for the request's texts. Raises the ProviderError tree as complete()
+        does; a model that cannot embed raises ModelUnusable (kind "unsupported")."""
+        ...
 
     def stream(self, request: CompletionRequest) -> Iterator[Delta | Completion]:
         """Deltas as they come, then exactly one Completion: the whole answer with its
