@@ -251,6 +251,15 @@ class DeadLetters(_Strict):
         return count, days
 
 
+class EmbeddingCache(_Strict):
+    """How long the fleet keeps a text's vector, and how many it keeps at most
+    (workers/state/vector_cache.py). A 1,024-float vector takes about 4 KB of Redis."""
+
+    enabled: bool = True
+    ttl_s: Annotated[float, Field(gt=0)] = 30 * 86400.0
+    max_entries: PositiveInt = 100_000
+
+
 class Policy(_Strict):
     long_context_above_tokens: PositiveInt = 200_000
     cost_restricted: CostRestriction = CostRestriction()
@@ -267,6 +276,7 @@ class Policy(_Strict):
     # (or until its deadline); beyond it the job fails with every model's reason.
     max_wait_s: Annotated[float, Field(ge=0)] = 600.0
     dead_letters: DeadLetters = DeadLetters()
+    embedding_cache: EmbeddingCache = EmbeddingCache()
 
     @model_validator(mode="after")
     def _every_class_has_a_chain(self) -> Policy:

@@ -307,6 +307,19 @@ TUNING_NEEDS: dict[str, str] = {
     "parallel_tool_calls": "parallel_tool_calls",
 }
 
+EMBEDDING = "embedding"  # the task class whose jobs carry `input`, not messages
+MAX_INPUTS = 2048  # texts in one embedding job (OpenAI's limit for one request)
+# Fields an embedding job cannot set: they shape a chat.
+CHAT_ONLY_FIELDS = (
+    "stream",
+    "temperature",
+    "max_tokens",
+    "focus",
+    "profile",
+    "tools",
+    "response_format",
+)
+
 # Body fields the fleet sets itself: extra_body cannot carry them.
 _FLEET_BODY = {"model", "messages", "stream", "stream_options", "temperature", "max_tokens"}
 
@@ -316,7 +329,19 @@ class Job(_Strict):
         default_factory=lambda: uuid.uuid4().hex
     )
     task_class: TaskClass
-    messages: Annotated[list[Message], Field(min_length=1)]
+    # An embedding job's texts (one string or a list of them, none empty), and the length
+    # of vectors it wants (docs/embeddings.md); every other class takes messages instead.
+    input: (
+        str
+        | Annotated[
+            list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_INPUTS)
+        ]
+        | None
+    ) = Field(default=None, validate_default=True)
+    dimensions: Annotated[int, Field(gt=0), NotBool] | None = None
+    messages: Annotated[list[Message], Field(min_length=1)] | None = Field(
+        default=None, validate_default=True
+    )
     focus: str | None = None
     profile: str | None = None
     model: str | None = None
@@ -350,6 +375,47 @@ class Job(_Strict):
     # Request fields the fleet does not know, passed on unchanged to OpenAI-compatible
     # providers (dropped, and listed in the Result, for models that cannot take them).
     extra_body: dict[str, Any] = Field(default={}, validate_default=True)
+
+    @field_validator("input")
+    @classmethod
+    def _input_for_embedding(cls, value: Any, info: ValidationInfo) -> Any:
+        task_class = info.data.get("task_class")
+        if task_class is None:
+            return value  # the class was refused already
+        if task_class == EMBEDDING and value is None:
+            raise _rule("is required for an embedding job (one text or a list of texts)")
+        if task_class != EMBEDDING and value is not None:
+            raise _rule(f"is for embedding jobs: a {task_class} job takes messages")
+        if isinstance(value, str):
+            if not value:
+                raise _rule("must not be empty")
+            return [value]
+        return value
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions_for_embedding(cls, value: Any, info: ValidationInfo) -> Any:
+        task_class = info.data.get("task_class")
+        if value is not None and task_class not in (None, EMBEDDING):
+            raise _rule(f"is for embedding jobs, not a {task_class} job")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_for_chat(cls, value: Any, info: ValidationInfo) -> Any:
+        task_class = info.data.get("task_class")
+        if task_class == EMBEDDING and value is not None:
+            raise _rule("is for chat jobs: an embedding job takes input")
+        if task_class not in (None, EMBEDDING) and value is None:
+            raise _rule("is required")
+        return value
+
+    @field_validator(*CHAT_ONLY_FIELDS)
+    @classmethod
+    def _chat_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value is not False and info.data.get("task_class") == EMBEDDING:
+            raise _rule("is for chat jobs, not an embedding job")
+        return value
 
     @field_validator("tool_choice")
     @classmethod
@@ -400,14 +466,21 @@ class Job(_Strict):
     def has_video(self) -> bool:
         return any(isinstance(part, VideoPart) for part in self._parts())
 
+    @property
+    def texts(self) -> list[str]:
+        """An embedding job's inputs ([] for a chat job)."""
+        return list(self.input or ())
+
     def _parts(self) -> typing.Iterator[Any]:
-        for message in self.messages:
+        for message in self.messages or ():
             if isinstance(message.content, list):
                 yield from message.content
 
     def needs(self) -> frozenset[str]:
         """The capabilities a model must have to serve this job (catalog `capabilities`):
         routing skips the models that lack one. Every other field only tunes."""
+        if self.task_class == EMBEDDING:
+            return frozenset({"embedding"})
         needs = set()
         if self.tools and self.tool_choice != "none":
             needs.add("tools")
@@ -432,11 +505,14 @@ class Job(_Strict):
 
     def wire_messages(self) -> list[dict[str, Any]]:
         """The messages as a provider is sent them."""
-        return [m.wire() for m in self.messages]
+        return [m.wire() for m in self.messages or ()]
 
     def prompt_tokens(self) -> int:
         """Estimated prompt tokens: the messages (tool calls and results included), the
-        tool definitions and a response schema, which providers put in the prompt."""
+        tool definitions and a response schema, which providers put in the prompt. An
+        embedding job's: its inputs'."""
+        if self.input is not None:
+            return sum(estimate_tokens(text) for text in self.input)
         tools = [t.model_dump(mode="json", exclude_none=True) for t in self.tools or ()]
         total = estimate_message_tokens(self.wire_messages(), tools=tools)
         if isinstance(self.response_format, JsonSchemaFormat):

@@ -30,7 +30,8 @@ from typing import Any
 
 from router.catalog import CAPABILITIES, SOURCES, TASK_CLASSES, Catalog, Model
 from router.errors import CapabilityUnavailable, InvalidJob, NoRouteAvailable, choices
-from router.jobs import Job
+from router.jobs import EMBEDDING, Job
+from router.tokens import estimate_tokens
 
 # The order in which a model's missing needs are named: the first is its reason.
 NEED_ORDER = ("vision", "video", "tools", "json_schema", "json_object")
@@ -51,6 +52,9 @@ class RouteQuery:
     temperature: float | None = None
     max_tokens: int | None = None
     needs: frozenset[str] = frozenset()  # capabilities a model must have (Job.needs())
+    # An embedding job's longest input in tokens: a model's context window holds one
+    # input at a time, not the batch.
+    longest_input: int | None = None
 
     @property
     def visual(self) -> bool:
@@ -79,6 +83,7 @@ class RouteQuery:
             temperature=job.temperature,
             max_tokens=job.max_tokens,
             needs=job.needs(),
+            longest_input=max(map(estimate_tokens, job.texts)) if job.input else None,
         )
 
 
@@ -180,6 +185,11 @@ def _check_query(catalog: Catalog, query: RouteQuery) -> None:
             raise InvalidJob(f"unknown {name} {value!r} (valid: {choices(valid)})")
     if query.prompt_tokens < 0:
         raise InvalidJob(f"prompt tokens must be 0 or more (got {query.prompt_tokens})")
+    if query.task_class not in policy.chains:
+        raise InvalidJob(
+            f"the catalog has no chain for task class {query.task_class!r}: add"
+            f" policy.chains.{query.task_class} (the shipped router/catalog.yaml has one)"
+        )
     unknown = sorted(query.needs - set(CAPABILITIES))
     if unknown:
         raise InvalidJob(f"unknown capability {unknown[0]!r} (valid: {choices(CAPABILITIES)})")
@@ -196,7 +206,9 @@ def _preferred_chain(catalog: Catalog, query: RouteQuery) -> list[str]:
         rest = policy.fallbacks
     else:
         primary, rest = None, policy.chains[query.task_class]  # type: ignore[index]
-    if query.visual:
+    if query.task_class == EMBEDDING:
+        pass  # a batch of texts: neither rule switches its chain
+    elif query.visual:
         rest = policy.chains["vision"]
     elif query.prompt_tokens > policy.long_context_above_tokens:
         rest = policy.chains["long_context"]
@@ -213,7 +225,12 @@ def _constraint_broken(
         return "no vision: the job has an image"
     if missing is not None:
         return f"lacks {missing}"
-    needed = query.prompt_tokens + (max_tokens or 0)
+    if model.supports("embedding") and query.task_class != EMBEDDING:
+        return "an embedding model: it does not chat"
+    if query.longest_input is not None:
+        needed = query.longest_input
+    else:
+        needed = query.prompt_tokens + (max_tokens or 0)
     if needed > model.context_window:
         return f"context too small: {model.context_window:,} < {needed:,} tokens needed"
     if is_cost_restricted(catalog, query.source, query.task_class):

@@ -135,10 +135,20 @@ class Result(BaseModel):
 
 def encode_vector(vector: Sequence[float]) -> str:
     """A vector as OpenAI's `encoding_format: "base64"` gives it: little-endian float32."""
+    return encode_bytes(pack_vector(vector))
+
+
+def pack_vector(vector: Sequence[float]) -> bytes:
+    """A vector as little-endian float32 bytes (how the fleet keeps and sends vectors)."""
     packed = array("f", vector)
     if sys.byteorder != "little":
         packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
+    return packed.tobytes()
+
+
+def encode_bytes(packed: bytes) -> str:
+    """Little-endian float32 bytes as base64 text."""
+    return base64.b64encode(packed).decode("ascii")
 
 
 def decode_vector(encoded: str) -> list[float]:

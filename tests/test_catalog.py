@@ -38,17 +38,23 @@ SEED_MODELS = {
     "litellm/gpt-oss-small-free",
     "litellm/kimi",
     "litellm/kimi-k2-thinking",
+    # cost audit, recommendation 4: embeddings (the local and free ones not in seeds)
+    "ollama/nomic-embed-text",
+    "local/qwen3-embedding",
+    "litellm/embedding-free",
 }
 
 
 def test_default_catalog_holds_every_seed_model_and_provider() -> None:
     catalog = load_catalog()
     assert set(catalog.by_id) == SEED_MODELS
-    providers = {"zai", "minimax", "openrouter", "moonshot", "litellm", "local"}
+    providers = {"zai", "minimax", "openrouter", "moonshot", "litellm", "ollama", "local"}
     assert set(catalog.providers) == providers
     assert catalog.providers["litellm"].base_url_env == "LITELLM_BASE_URL"
     assert catalog.providers["local"].kind == "mlx"
-    assert all(p.api_key_env for n, p in catalog.providers.items() if n != "local")
+    # Ollama on this machine takes no key; every remote provider names its key's variable
+    keyless = {"local", "ollama"}
+    assert all(p.api_key_env for n, p in catalog.providers.items() if n not in keyless)
 
 
 def test_seed_figures() -> None:

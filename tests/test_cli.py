@@ -89,7 +89,7 @@ def test_route_json_schema_and_tools_compose_with_image() -> None:
 def test_catalog_json() -> None:
     done = fleet("catalog", "--json")
     rows = json.loads(done.stdout)
-    assert len(rows) == 23
+    assert len(rows) == 26
     keys = {"id", "provider", "queue", "tier", "context_window", "capabilities"}
     assert set(rows[0]) == keys | {"usd_per_mtok_in", "usd_per_mtok_out"}
     kimi = next(r for r in rows if r["id"] == "litellm/kimi")
@@ -102,7 +102,7 @@ def test_check_config(tmp_path: Path) -> None:
     from router.catalog import default_catalog_path
 
     ok = fleet("check-config", str(default_catalog_path()))
-    assert ok.returncode == 0 and "ok (6 providers, 23 models, 9 chains)" in ok.stdout
+    assert ok.returncode == 0 and "ok (7 providers, 26 models, 10 chains)" in ok.stdout
     broken = tmp_path / "c.yaml"
     broken.write_text(default_catalog_path().read_text().replace("tier: paid", "tier: pricey", 1))
     bad = fleet("check-config", str(broken))

@@ -73,7 +73,7 @@ def test_defaults() -> None:
             {"colour": "red"},
             [
                 "'colour' is unknown",
-                "valid: app, deadline, extra_body, focus, frequency_penalty, id",
+                "valid: app, deadline, dimensions, extra_body, focus, frequency_penalty, id",
             ],
         ),
         ({"metadata": {"k": [1]}}, ["'metadata.k"]),

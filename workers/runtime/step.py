@@ -41,7 +41,7 @@ from router.costs import attempt_cost
 from router.errors import InvalidJob, JobRevoked, NoRouteAvailable
 from router.jobs import TUNING_NEEDS, Job, parse_job
 from router.policy import route_job
-from router.results import Delta, Result
+from router.results import Delta, Result, encode_bytes
 from router.slots import Block, earliest, horizon
 from router.tokens import estimate_tokens
 from router.travel import Attempt, Hop, TravellingState, travelling_state
@@ -57,8 +57,10 @@ from workers.providers.base import (
     current_caller,
     on_send,
 )
+from workers.runtime.embedding_call import Cache, cached_attempt, fresh_entries, try_embedding
 from workers.state.inflight import Call
 from workers.state.limits import Slot
+from workers.state.vector_cache import Cached
 
 TRIES_PER_MODEL = 2
 RETRY_BACKOFF_S = 1.0  # before a second try of a model that gave no Retry-After
@@ -155,12 +157,14 @@ def advance(
     worker: str | None = None,
     admitted: Mapping[str, Slot | Block] | None = None,
     sink: Sink | None = None,
+    cache: Cache | None = None,
     now: Callable[[], float] = time.time,
 ) -> Step:
     """Run this delivery of a job: at most one provider call. `admitted`: the answer to an
     admission already asked for (first_call's model, with the delivery's first round
     trip), used instead of asking the gate again. `sink`: where a streaming job's call
-    sends its deltas (None: the call is made whole)."""
+    sends its deltas (None: the call is made whole). `cache`: an embedding job's vectors
+    known already (workers/runtime/embedding_call.py)."""
     started = _start(catalog, job_data, state, now())
     if isinstance(started, Failed):
         return started
@@ -168,6 +172,7 @@ def advance(
     delivery = _Delivery(catalog, job_data, job, state, gate or OpenGate(), now)
     delivery.admitted = dict(admitted or {})
     delivery.sink = sink
+    delivery.cache = cache
     return delivery.run(here, providers, worker)
 
 
@@ -225,6 +230,8 @@ class _Delivery:
         self.passed: dict[str, Block] = {}  # models found blocked in this delivery, and why
         self.admitted: dict[str, Slot | Block] = {}  # admissions asked for before the walk
         self.sink: Sink | None = None
+        self.cache: Cache | None = None
+        self.known: dict[str, list[Cached | None]] = {}  # an embedding job's, per model
 
     def run(self, here: str | None, providers: ProviderLookup, worker: str | None) -> Step:
         called = False
@@ -236,6 +243,9 @@ class _Delivery:
                 return self.wait_or_fail()
             hop, countdown = pick
             model = hop.model
+            cached = self.from_cache(hop, worker)  # vectors the cache holds need no call
+            if cached is not None:
+                return Done(cached)
             # One provider call per delivery: a further try travels as a new message. It
             # is sent where it can be served: a look (no slot taken) skips a blocked model.
             if called or hop.queue != here or countdown > 0:
@@ -256,6 +266,27 @@ class _Delivery:
             if step is not None:
                 return step
             called = True
+
+    def look_up(self, model: str) -> list[Cached | None]:
+        """The vectors the cache holds for this job's texts from `model` (once a delivery)."""
+        if model not in self.known:
+            texts = self.job.texts
+            self.known[model] = (
+                self.cache.get(model, self.job.dimensions, texts)
+                if self.cache is not None
+                else [None] * len(texts)
+            )
+        return self.known[model]
+
+    def from_cache(self, hop: Hop, worker: str | None) -> Result | None:
+        """An embedding job's answer when the cache holds every vector for `hop`'s model."""
+        if self.job.input is None:
+            return None
+        hits = [f for f in self.look_up(hop.model) if f is not None]
+        if len(hits) < len(self.job.texts):
+            return None
+        self.attempts.append(cached_attempt(hop, len(self.attempts) + 1, hits, worker, self.now()))
+        return self.end(model=hop.model, vectors=[encode_bytes(f.vector) for f in hits])
 
     def blocked(self, model: str) -> bool:
         """Whether `model` cannot take the job now (a look: no slot taken); why is noted."""
@@ -320,6 +351,15 @@ class _Delivery:
         options, dropped = request_options(self.job, self.catalog, hop.model, target)
         if self.sink is not None:
             self.sink.start(hop.model, hop.queue)
+        if self.job.input is not None:
+            with on_send(lambda: self.gate.mark(call) if call else None):
+                attempt, embedded = self.embed(hop, target, worker)
+            self.attempts.append(attempt)
+            self.gate.settle(hop.model, attempt, self._cost(hop, attempt), slot.probe)
+            if not isinstance(embedded, ProviderError):
+                vectors = [encode_bytes(v) for v in embedded]
+                return Done(self.end(model=hop.model, vectors=vectors))
+            return self.failed_call(hop, attempt, embedded)
         with on_send(lambda: self.gate.mark(call) if call else None):
             attempt, outcome = _try(
                 self.job,
@@ -333,8 +373,7 @@ class _Delivery:
                 self.sink,
             )
         self.attempts.append(attempt)
-        cost = attempt_cost(self.catalog.model(hop.model), attempt)
-        self.gate.settle(hop.model, attempt, cost.usd, slot.probe)
+        self.gate.settle(hop.model, attempt, self._cost(hop, attempt), slot.probe)
         if isinstance(outcome, Completion):
             return Done(self.end(model=hop.model, dropped=dropped, **_answer(outcome)))
         if isinstance(outcome, JobRevoked):
@@ -343,6 +382,27 @@ class _Delivery:
             # Part of an answer went out: end the stream; the job goes on unstreamed.
             self.sink.broke(f"{hop.model}: {outcome.message}", outcome.kind)
             self.sink = None
+        return self.failed_call(hop, attempt, outcome)
+
+    def _cost(self, hop: Hop, attempt: Attempt) -> float:
+        return attempt_cost(self.catalog.model(hop.model), attempt).usd
+
+    def embed(
+        self, hop: Hop, target: Target, worker: str | None
+    ) -> tuple[Attempt, list[bytes] | ProviderError]:
+        """An embedding job's call for the texts the cache lacks; the new vectors kept."""
+        found = self.look_up(hop.model)
+        number = len(self.attempts) + 1
+        attempt, embedded = try_embedding(
+            self.job, hop, number, target, worker, self.now, found, _error_fields
+        )
+        if self.cache is not None and not isinstance(embedded, ProviderError):
+            texts, entries = fresh_entries(self.job, found, embedded, attempt.prompt_tokens)
+            self.cache.put(hop.model, self.job.dimensions, texts, entries)
+        return attempt, embedded
+
+    def failed_call(self, hop: Hop, attempt: Attempt, outcome: ProviderError) -> Step | None:
+        """After a failed call: rest a refused capability; end the job if it must."""
         if isinstance(outcome, CapabilityRefused):
             self.gate.rest_capability(hop.model, outcome.capability)
         if attempt.action == "fail":

@@ -56,6 +56,7 @@ from workers.state.connections import preload, redis_client
 from workers.state.deadletter import NOT_FILED
 from workers.state.inflight import Superseded
 from workers.state.limits import FailOpen, FleetState
+from workers.state.vector_cache import VectorCache
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -168,6 +169,14 @@ def _gate() -> Gate:
         if _process.gate is None:
             _process.gate = FailOpen(state)
         return _process.gate
+
+
+def _vector_cache() -> VectorCache | None:
+    """The fleet's embedding cache on the state Redis (None when the catalog turns it off)."""
+    config = _catalog().policy.embedding_cache
+    if not config.enabled:
+        return None
+    return VectorCache(_state().redis, config.ttl_s, config.max_entries)
 
 
 class Reply:
@@ -290,6 +299,7 @@ def _step(
                 worker=task.request.hostname,
                 admitted={first: delivery.admitted} if first and delivery.admitted else None,
                 sink=sink,
+                cache=_vector_cache() if "input" in job else None,
             )
     except Superseded:
         _superseded(job, sends, "before its call left")

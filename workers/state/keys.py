@@ -198,3 +198,18 @@ def dashboard_session(digest: str) -> str:
     SHA-256 of its cookie's random id (so the state Redis holds no usable cookie); expires
     with the session."""
     return f"{PREFIX}:gateway:session:{digest}"
+
+
+# --- embedding cache (workers/state/vector_cache.py) ------------------------------------
+
+
+def vector(model: str, dimensions: int | None, digest: str) -> str:
+    """One text's vector from one model at one length: its token count (4 bytes) and the
+    vector (little-endian float32). Expires after policy.embedding_cache.ttl_s."""
+    return f"{PREFIX}:vec:{model}:{dimensions or 0}:{digest}"
+
+
+def vector_index() -> str:
+    """Every cached vector's key by its last use (ms): past max_entries, the least
+    recently used go."""
+    return f"{PREFIX}:vec:index"
