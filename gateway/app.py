@@ -2,6 +2,8 @@
 
     POST   /v1/chat/completions   an OpenAI chat completion, answered when the job ends,
                                   or streamed as it is written (`stream: true`)
+    POST   /v1/embeddings         OpenAI's embeddings, through the embedding chain and the
+                                  fleet's cache of vectors (gateway/embeddings.py)
     GET    /v1/models             every catalog model and route name
     POST   /v1/jobs               a fleet job nobody waits on: 202 and its id
     GET    /v1/jobs/{id}          its state, and its Result once it has one
@@ -41,6 +43,7 @@ from starlette.routing import Route
 
 from client.dispatch import current_catalog, stored_result
 from gateway import dashboard, shapes
+from gateway.embeddings import embedding_job, embedding_list
 from gateway.errors import APIError, invalid_job, no_route
 from gateway.keys import AppKey, KeyStore
 from gateway.sender import Sender
@@ -143,7 +146,8 @@ class Gateway:
         except InvalidJob as exc:  # no model of the chain can serve what the job needs
             raise invalid_job(exc) from None
         worst = shapes.worst_cost(catalog, decision)
-        if worst > 0 and decision.max_tokens is None:  # bound what the reservation covers
+        if worst > 0 and decision.max_tokens is None and job.input is None:
+            # bound what the reservation covers (an embedding job writes nothing)
             job = job.model_copy(update={"max_tokens": shapes.DEFAULT_MAX_TOKENS})
         return await self.sender.send(key, job, worst)
 
@@ -219,7 +223,14 @@ async def chat_completions(request: Request) -> Response:
             stop_on_leave=owner,
             door_dropped=chat.door_dropped,
         )
-    job = sent
+    result = await _answer(gw, sent, timeout)
+    headers = shapes.fleet_headers(result, chat.door_dropped)
+    return JSONResponse(shapes.completion(result, catalog), headers=headers)
+
+
+async def _answer(gw: Gateway, job: Job, timeout: float) -> Result:
+    """The job's Result with its answer, waited for up to `timeout`: a 504 after it (the
+    job goes on), the job's failure as an APIError."""
     meta = await gw.waiter.wait(job.id, max(0.0, timeout))
     if meta is None:
         message = (
@@ -229,8 +240,24 @@ async def chat_completions(request: Request) -> Response:
     result = stored_result(meta, job.id, job.task_class, job.source)
     if not result.ok:
         raise _failed(result)
-    headers = shapes.fleet_headers(result, chat.door_dropped)
-    return JSONResponse(shapes.completion(result, catalog), headers=headers)
+    return result
+
+
+async def embeddings(request: Request) -> Response:
+    gw = _gateway(request)
+    key = await gw.key_of(request)
+    body = await gw.body(request)
+    catalog = current_catalog()
+    try:
+        job, encoding = embedding_job(body, key.app, catalog)
+    except InvalidJob as exc:
+        raise _invalid(exc) from None
+    if (idem := _idempotency(request, key.app)) is not None:
+        job = job.model_copy(update={"idempotency_key": idem})
+    result = await _answer(gw, await gw.send(key, job, catalog), gw.settings.timeout_s)
+    return JSONResponse(
+        embedding_list(result, encoding, catalog), headers=shapes.fleet_headers(result)
+    )
 
 
 @dataclass(frozen=True)
@@ -510,6 +537,7 @@ def create_app(settings: Settings | None = None, ledger: Ledger | None = None) -
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/jobs", create_job, methods=["POST"]),
