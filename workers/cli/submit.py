@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from router.catalog import SOURCES, TASK_CLASSES
+from router.jobs import EMBEDDING
 from workers.cli.connection import broker_env
 from workers.cli.options import Subcommands, add_json_option, positive_int
 from workers.cli.output import print_json
@@ -24,6 +25,7 @@ def add_submit(commands: Subcommands) -> None:
     p.add_argument("--source", choices=SOURCES, default="app")
     p.add_argument("--temperature", type=float)
     p.add_argument("--max-tokens", type=positive_int)
+    p.add_argument("--dimensions", type=positive_int, help="an embedding job's vector length")
     p.add_argument("--wait", action="store_true")
     p.add_argument(
         "--stream", action="store_true", help="print the answer as it is written (implies --wait)"
@@ -40,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     content: Any = args.prompt
     if args.image:
         content = [{"type": "text", "text": args.prompt}, _image_part(args.image)]
+    # An embedding job embeds the prompt; any other class answers it
+    asked = {"input": [args.prompt]} if args.task_class == EMBEDDING else None
     job = {
         "task_class": args.task_class,
-        "messages": [{"role": "user", "content": content}],
+        **(asked or {"messages": [{"role": "user", "content": content}]}),
         "source": args.source,
         **{k: v for k, v in _optional_fields(args).items() if v is not None},
     }
@@ -58,8 +62,17 @@ def run(args: argparse.Namespace) -> int:
     result = handle.get(timeout=args.timeout, propagate=False)
     if args.json:
         print_json(result.summary())
+    elif not result.ok:
+        print(f"fleet: job failed: {result.error}")
+    elif result.vectors is not None:
+        vectors = result.embeddings() or []
+        cached = sum(a.cached_items for a in result.attempts)
+        print(
+            f"{len(vectors)} vector of {len(vectors[0])} floats from {result.model}"
+            f" ({cached} from the cache)"
+        )
     else:
-        print(result.text if result.ok else f"fleet: job failed: {result.error}")
+        print(result.text)
     return 0 if result.ok else 1
 
 
@@ -97,6 +110,7 @@ def _optional_fields(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
+        "dimensions": args.dimensions,
     }
 
 
