@@ -4,9 +4,12 @@ real workers, by dispatch() and by the gateway with the official openai SDK."""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -15,9 +18,13 @@ from router.errors import ConfigError, InvalidJob
 from router.jobs import parse_job
 from router.policy import route_job
 from router.results import decode_vector, encode_vector, pack_vector
+from tests.fixtures import reset_live_state
+from tests.test_gateway import client, gateway_fixture, new_key
 from workers.runtime.embedding_call import split_tokens
 from workers.state import keys
 from workers.state.vector_cache import Cached, VectorCache
+
+gateway = gateway_fixture("embeddings-gateway", 60)
 
 
 def job(**fields: Any) -> Any:
@@ -165,3 +172,142 @@ def test_an_unreachable_redis_is_a_cache_that_knows_nothing() -> None:
     cache = VectorCache(away, ttl_s=60, max_entries=3)
     assert cache.get("m/a", None, ["a", "b"]) == [None, None]
     cache.put("m/a", None, ["a"], [entry(1)])  # no error: the job goes on
+
+
+# --- through the test fleet: dispatch() and the gateway -----------------------------
+
+SIM_MODEL = "ollama/nomic-embed-text"  # answered by the simulator (no key, like Ollama)
+
+
+def texts(n: int, tag: str | None = None) -> list[str]:
+    tag = tag or uuid.uuid4().hex[:10]
+    return [f"document {i} about {tag}: " + "words " * (i % 7) for i in range(n)]
+
+
+def embedded_by_upstream(simulator: Any, batch: list[str]) -> list[str]:
+    """The texts of `batch` the simulator was asked to embed (its request log)."""
+    wanted = set(batch)
+    sent: list[str] = []
+    for entry in simulator.requests():
+        body = entry.get("body")
+        if isinstance(body, dict) and "input" in body:
+            given = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            sent += [t for t in given if t in wanted]
+    return sent
+
+
+@pytest.fixture(scope="module")
+def _usable(fleet_env: dict[str, str]) -> None:
+    reset_live_state(fleet_env)
+
+
+def test_an_embedding_job_through_dispatch_then_again_from_the_cache(
+    fleet_app: Any, simulator: Any, _usable: None
+) -> None:
+    from client.dispatch import dispatch
+
+    batch = texts(20)
+    first = dispatch(
+        {"task_class": "embedding", "model": SIM_MODEL, "input": batch, "dimensions": 64}
+    ).get(timeout=60)
+    assert first.ok and first.model == SIM_MODEL, first.error
+    vectors = first.embeddings()
+    assert vectors is not None and len(vectors) == 20 and {len(v) for v in vectors} == {64}
+    assert embedded_by_upstream(simulator, batch) == batch
+    [attempt] = first.attempts
+    assert (attempt.items, attempt.cached_items, attempt.prompt_tokens > 0) == (20, 0, True)
+
+    # The same batch again: answered from the cache, the upstream asked nothing more
+    again = dispatch(
+        {"task_class": "embedding", "model": SIM_MODEL, "input": batch, "dimensions": 64}
+    ).get(timeout=60)
+    assert again.ok and again.embeddings() == vectors
+    assert embedded_by_upstream(simulator, batch) == batch  # still only the first call's
+    [hit] = again.attempts
+    assert (hit.items, hit.cached_items, hit.prompt_tokens) == (0, 20, 0)
+    assert hit.cached_tokens == attempt.prompt_tokens  # what the cache saved
+
+
+def test_a_half_cached_batch_sends_only_the_missing_half(
+    fleet_app: Any, simulator: Any, _usable: None
+) -> None:
+    from client.dispatch import dispatch
+
+    known, new = texts(30), texts(30)
+    dispatch({"task_class": "embedding", "model": SIM_MODEL, "input": known}).get(timeout=60)
+    mixed = [t for pair in zip(known, new, strict=True) for t in pair]  # interleaved
+    result = dispatch({"task_class": "embedding", "model": SIM_MODEL, "input": mixed}).get(
+        timeout=60
+    )
+    assert result.ok, result.error
+    assert embedded_by_upstream(simulator, new) == new  # only the unknown half went up
+    assert embedded_by_upstream(simulator, known) == known  # (once, by the first job)
+    [attempt] = result.attempts
+    assert (attempt.items, attempt.cached_items) == (30, 30)
+    # every vector in its place: each equals the one the text gets alone
+    alone = dispatch(
+        {"task_class": "embedding", "model": SIM_MODEL, "input": [new[3], known[3]]}
+    ).get(timeout=60)
+    vectors = result.embeddings() or []
+    assert alone.embeddings() == [vectors[7], vectors[6]]
+
+
+def test_the_default_chain_embeds_locally_with_mlx(fleet_app: Any, _usable: None) -> None:
+    from client.dispatch import dispatch
+
+    result = dispatch({"task_class": "embedding", "input": texts(3)}).get(timeout=120)
+    assert result.ok and result.model == "local/qwen3-embedding", result.error
+    vectors = result.embeddings() or []
+    assert len(vectors) == 3
+    for vector in vectors:  # unit length, as the model's pooling leaves them
+        assert abs(sum(x * x for x in vector) - 1) < 1e-3
+
+
+def test_the_openai_sdk_embeds_through_the_gateway(
+    gateway: Any, fleet_env: dict[str, str], simulator: Any, _usable: None
+) -> None:
+    sdk = client(gateway, new_key(fleet_env, "search-app"))
+    batch = texts(8)
+    made = sdk.embeddings.create(model=SIM_MODEL, input=batch, dimensions=32)
+    assert [d.index for d in made.data] == list(range(8))
+    assert {len(d.embedding) for d in made.data} == {32} and made.model == SIM_MODEL
+    assert made.usage.prompt_tokens > 0
+    assert embedded_by_upstream(simulator, batch) == batch
+    # base64, as OpenAI encodes it, gives the same vectors; from the cache this time
+    raw = sdk.embeddings.with_raw_response.create(
+        model=SIM_MODEL, input=batch, dimensions=32, encoding_format="base64"
+    )
+    body = json.loads(raw.text)
+    assert [decode_vector(d["embedding"]) for d in body["data"]] == [d.embedding for d in made.data]
+    assert body["usage"]["cached_items"] == 8 and body["usage"]["prompt_tokens"] == 0
+    assert embedded_by_upstream(simulator, batch) == batch
+    # fleet/embedding and one text
+    one = sdk.embeddings.create(model="fleet/embedding", input="just one text")
+    assert len(one.data) == 1 and one.model == "local/qwen3-embedding"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "fleet/embedding", "input": [1, 2, 3]}, 400, "input"),
+        (
+            {"model": "fleet/embedding", "input": "x", "encoding_format": "int8"},
+            400,
+            "encoding_format",
+        ),
+        ({"model": "fleet/embedding", "input": "x", "dimensions": -1}, 400, "dimensions"),
+        ({"model": "zai/glm-4.7", "input": "x"}, 400, None),
+        ({"model": "nope/nothing", "input": "x"}, 404, "model"),
+        ({"model": "fleet/embedding", "input": "x", "colour": 1}, 400, "colour"),
+    ],
+)
+def test_a_bad_embedding_request_is_refused_naming_its_field(
+    gateway: Any, fleet_env: dict[str, str], body: dict[str, Any], status: int, param: str | None
+) -> None:
+    key = new_key(fleet_env, "bad-embeds")
+    answer = httpx.post(
+        f"{gateway.url}/embeddings", json=body, headers={"authorization": f"Bearer {key}"}
+    )
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and "\n" not in error["message"]
