@@ -1,6 +1,7 @@
 """Session fixtures: a real redis-server on a free port, the provider simulator over real
-HTTP, the tiny generated MLX model, and real Celery worker processes, one per queue. The
-helpers behind them live in tests/fixtures.py; this file only registers them."""
+HTTP, the tiny generated MLX models (chat and embedding), and real Celery worker processes,
+one per queue. The helpers behind them live in tests/fixtures.py; this file only registers
+them."""
 
 from __future__ import annotations
 
@@ -69,6 +70,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.sim.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny qwen3 embedding model laid out as Qwen3-Embedding is (workers/sim/tiny_model.py)."""
+    from workers.sim.tiny_model import build_tiny_embedding_model
+
+    return build_tiny_embedding_model(tmp_path_factory.mktemp("tiny-embedding") / "model")
 
 
 @pytest.fixture(scope="session")

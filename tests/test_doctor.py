@@ -25,7 +25,7 @@ def doctor(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def bare_env(tmp_path: Path) -> dict[str, str]:
     """No provider key, no base URL override, an empty hub cache, offline, and a broker
-    nobody listens on."""
+    nobody listens on (nor an Ollama: none runs here)."""
     catalog = load_catalog()
     drop = {p.api_key_env for p in catalog.providers.values()}
     drop |= {p.base_url_env for p in catalog.providers.values()}
@@ -57,7 +57,8 @@ def test_nothing_set_up_names_every_missing_key_and_model_with_its_fix(tmp_path:
     for model in local:  # its id is never cut; its fix may fold at a space in its cell
         assert model.id in table.stdout
     assert "fleet models pull" in table.stdout
-    assert "0 of 9 task classes have a usable model." in table.stdout
+    # every class, the embedding class (the tenth) included
+    assert f"0 of {len(TASK_CLASSES)} task classes have a usable model." in table.stdout
     # And --json says the same as data
     done = doctor(env, "--json")
     assert done.returncode == 1, done.stderr
@@ -72,6 +73,9 @@ def test_nothing_set_up_names_every_missing_key_and_model_with_its_fix(tmp_path:
         provider = catalog.providers[model.provider]
         if provider.kind == "mlx":
             assert fixes == [f"fleet models pull {model.id}"]
+        elif provider.api_key_env is None:  # a server of this machine, Ollama: none runs
+            assert fixes == [f"set {provider.base_url_env} to a reachable server"]
+            assert models[model.id]["key_set"] is None
         else:
             assert f"export {provider.api_key_env}=<your key>" in fixes
             assert models[model.id]["key_set"] is False
@@ -90,7 +94,8 @@ def test_the_simulated_fleet_serves_every_class_and_probe_calls_each_model_once(
     # When `fleet doctor` runs, every class is usable and it exits 0
     table = doctor(fleet_env)
     assert table.returncode == 0, table.stdout + table.stderr
-    assert "9 of 9 task classes have a usable model." in table.stdout
+    classes = len(TASK_CLASSES)  # the embedding class (the tenth) included
+    assert f"{classes} of {classes} task classes have a usable model." in table.stdout
     # and, without loading them, the local models read as loadable: this leans on mlx-lm's
     # private _get_classes (workers/ops/doctor.py), and fails if mlx-lm changes it
     plain = json.loads(doctor(fleet_env, "--json").stdout)
@@ -106,6 +111,14 @@ def test_the_simulated_fleet_serves_every_class_and_probe_calls_each_model_once(
     job = report["probe_job"]
     calls = [r for r in simulator.requests() if r["job"] == job]
     assert sorted(r["model"] for r in calls) == sorted(m.upstream for m in remote)
+    # an embedding model is probed with an embedding call, a chat model with a chat
+    embeds = {m.upstream for m in remote if m.supports("embedding")}
+    assert embeds, "the catalog has remote embedding models"
+    for call in calls:
+        if call["model"] in embeds:
+            assert (call["endpoint"], call["input"]) == ("embeddings", ["ping"])
+        else:
+            assert call["endpoint"] == "chat/completions"
     # And the ledger holds every probe call, local ones too, as one job's attempts
     database = fleet_env["FLEET_LEDGER_URL"].removeprefix("sqlite:///")
     with sqlite3.connect(database) as db:

@@ -5,7 +5,8 @@ exactly as a worker would), its base URL reachable (a TCP connect, all providers
 within REACH_TIMEOUT_S), a local MLX model present (a path, or a hub id in the hub cache,
 offline) and loadable (its config names an architecture mlx-lm has, its weights are
 there). With `probe`, one tiny real call per model through its adapter instead (a local
-model is loaded for it), each recorded in the ledger as an attempt of one job,
+model is loaded for it; an embedding model embeds PROBE_INPUT rather than answering a
+chat), each recorded in the ledger as an attempt of one job,
 `doctor-<hex>`, of task class "doctor". Then the fleet's services (broker, state Redis,
 ledger database), the workers consuming each queue, and per task class whether its chain
 keeps a usable model (routing with the unusable ones skipped, as dispatch does).
@@ -35,7 +36,14 @@ from router.errors import FleetError
 from router.policy import RouteQuery, route
 from router.results import Attempt
 from workers.config import broker_from_up, fleet_urls
-from workers.providers.base import Caller, CompletionRequest, ProviderError, calling_for
+from workers.providers.base import (
+    Caller,
+    CompletionRequest,
+    EmbeddingRequest,
+    ProviderError,
+    Target,
+    calling_for,
+)
 from workers.providers.registry import ProviderRegistry
 
 REACH_TIMEOUT_S = 2.0  # a TCP connect to each provider's base URL, all at once
@@ -44,6 +52,7 @@ INSPECT_TIMEOUT_S = 1.0  # Celery's ping of the workers (as `fleet status`)
 PROBE_TIMEOUT_S = 20.0  # one probe call at most (the provider's own timeout if shorter)
 PROBE_THREADS = 8
 PROBE_MESSAGES = [{"role": "user", "content": "Reply with OK."}]
+PROBE_INPUT = ["ping"]  # what an embedding model's probe embeds
 PROBE_TASK_CLASS = "doctor"  # the ledger's task_class of a probe call
 
 
@@ -256,23 +265,11 @@ def _probe_one(
 ) -> Attempt:
     model = catalog.model(check.model)
     target = registry(model.id)
-    request = CompletionRequest(
-        model=target.upstream,
-        messages=PROBE_MESSAGES,
-        max_tokens=1,
-        timeout_s=min(target.timeout_s, PROBE_TIMEOUT_S),
-    )
     started = time.time()
     fields: dict[str, Any] = {"outcome": "ok"}
     try:
         with calling_for(Caller(job_id, message=1, delivery=number, process=worker)):
-            completion = target.provider.complete(request)
-        fields.update(
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            tokens_estimated=completion.tokens_estimated,
-            provider_cost_usd=completion.provider_cost_usd,
-        )
+            fields.update(_probe_call(target, model.supports("embedding")))
     except ProviderError as exc:
         fields.update(outcome="error", error_kind=exc.kind, error=exc.message[:300])
         check.fail(f"probe call failed: {exc.kind}: {exc.message[:200]}", _probe_fix(exc, check))
@@ -294,6 +291,32 @@ def _probe_one(
         started_at=started,
         **fields,
     )
+
+
+def _probe_call(target: Target, embeds: bool) -> dict[str, Any]:
+    """One tiny call of the model (a chat of one token, or one short text embedded): the
+    attempt's usage fields."""
+    timeout_s = min(target.timeout_s, PROBE_TIMEOUT_S)
+    if embeds:
+        request = EmbeddingRequest(model=target.upstream, input=PROBE_INPUT, timeout_s=timeout_s)
+        vectors = target.provider.embed(request)
+        return {
+            "prompt_tokens": vectors.prompt_tokens,
+            "completion_tokens": 0,
+            "tokens_estimated": vectors.tokens_estimated,
+            "provider_cost_usd": vectors.provider_cost_usd,
+            "items": len(PROBE_INPUT),
+        }
+    chat = CompletionRequest(
+        model=target.upstream, messages=PROBE_MESSAGES, max_tokens=1, timeout_s=timeout_s
+    )
+    completion = target.provider.complete(chat)
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "tokens_estimated": completion.tokens_estimated,
+        "provider_cost_usd": completion.provider_cost_usd,
+    }
 
 
 def _probe_fix(exc: ProviderError, check: ModelCheck) -> str:

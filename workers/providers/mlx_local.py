@@ -20,6 +20,27 @@ Errors are mapped onto the provider error tree at this boundary:
     exception while generating      -> Retryable("server_error")
     no answer within timeout_s      -> Retryable("timeout")
     either, once text was streamed  -> StreamBroken (its partial: the text, real counts)
+    an input longer than the model's
+      positions, more dimensions than
+      its hidden size                -> Permanent("bad_request")
+    a model with no transformer body
+      to pool (embed)                -> CapabilityRefused("embedding")
+
+`embed()` gives a vector per text as Qwen3-Embedding makes them: the text's tokens and an
+end-of-text token (`<|endoftext|>`, else the tokenizer's eos; not twice when the tokenizer
+appends it already), run through the model's transformer body (`model.model`, the final
+norm included, no LM head), the last token's hidden state taken (last-token pooling) and
+L2-normalised; `dimensions` keeps the first n numbers, normalised again (Matryoshka).
+Texts run several at once, padded on the right: under the causal mask a text's last
+token never sees the padding after it, so its vector is the one it gets alone. A long
+text goes through in steps of EMBED_CHUNK_TOKENS positions over a KV cache, so memory
+stays bounded by the step rather than the square of its length. `prompt_tokens` counts
+the tokens run, the end tokens included.
+
+Loading is mlx-lm's (`mlx_lm.utils.load_model` and `load_tokenizer`, as `mlx_lm.load`
+does), with one addition: a checkpoint of the transformer body alone, saved without the
+`model.` prefix (Qwen3-Embedding's `embed_tokens.weight`, `layers.0...`), has its names
+prefixed so the causal-LM class mlx-lm builds for its config takes it.
 
 Of a request's options it honours `stop` (the answer ends before the first stop string),
 `top_p` (nucleus sampling) and `seed` (MLX's random seed, for a reproducible sample);
@@ -31,6 +52,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -41,12 +63,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from workers.providers.base import (
+    CapabilityRefused,
     Completion,
     CompletionRequest,
     Delta,
+    EmbeddingRequest,
+    Embeddings,
     ModelUnusable,
     Permanent,
     ProviderError,
@@ -60,6 +85,9 @@ _T = TypeVar("_T")
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_LOAD_TIMEOUT_S = 600.0
+END_OF_TEXT = "<|endoftext|>"  # the token Qwen3-Embedding ends each text with, pooled there
+EMBED_BATCH_TOKENS = 8192  # texts run at once while their count times the longest fits
+EMBED_CHUNK_TOKENS = 512  # positions per forward pass of a long text (over a KV cache)
 
 _TEXT_PART_TYPES = {"text", "input_text"}
 _IMAGE_PART_TYPES = {"image_url", "input_image", "image"}
@@ -265,6 +293,16 @@ class MLXProvider:
             job.future.cancel()  # or one still queued
         yield completion
 
+    def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """A unit vector per text, in order, by last-token pooling (the module's doc).
+        `timeout_s` bounds the whole call, as in complete()."""
+        texts, dimensions = _checked_embedding(request)
+        self.load()
+        about_to_send()
+        return self._run(
+            lambda cancel: self._embed_on_thread(texts, dimensions, cancel), request.timeout_s
+        )
+
     @staticmethod
     def _next_piece(
         pieces: queue.Queue[_Piece | None], job: _Job, deadline: float, timeout_s: float
@@ -411,10 +449,7 @@ class MLXProvider:
         preload_openblas()
         started = time.perf_counter()
         try:
-            import mlx_lm
-
-            loaded = mlx_lm.load(source)
-            model, tokenizer = loaded[0], loaded[1]
+            model, tokenizer = _load_mlx(source)
         except Exception as exc:  # FileNotFoundError, hub errors, bad config, bad weights
             raise ModelUnusable(
                 "not_found", f"cannot load MLX model {self.model!r}: {type(exc).__name__}: {exc}"
@@ -436,6 +471,87 @@ class MLXProvider:
         if hasattr(ids, "get") and "input_ids" in ids:  # a BatchEncoding, defensively
             ids = ids["input_ids"]
         return [int(i) for i in ids]
+
+    def _embed_on_thread(
+        self, texts: list[str], dimensions: int | None, cancel: threading.Event
+    ) -> Embeddings:
+        import mlx.core as mx
+
+        body = getattr(self._model, "model", None)
+        if not callable(body):
+            raise CapabilityRefused(
+                "embedding", f"{self.model}: no transformer body (model.model) to pool"
+            )
+        args = getattr(self._model, "args", None)
+        width = getattr(args, "hidden_size", None)
+        if dimensions is not None and isinstance(width, int) and dimensions > width:
+            raise Permanent("bad_request", f"dimensions {dimensions} is more than {width}")
+        end = self._end_id()
+        ids = [self._embedding_ids(text, end) for text in texts]
+        limit = getattr(args, "max_position_embeddings", None)
+        for i, seq in enumerate(ids):
+            if isinstance(limit, int) and len(seq) > limit:
+                raise Permanent(
+                    "bad_request", f"input {i} is {len(seq)} tokens, more than the model's {limit}"
+                )
+        pooled: list[Any] = [None] * len(ids)
+        try:
+            for batch in _batches([len(seq) for seq in ids], EMBED_BATCH_TOKENS):
+                states = self._last_states([ids[i] for i in batch], cancel)
+                for i, state in zip(batch, states, strict=True):
+                    pooled[i] = state
+            vectors = mx.stack(pooled).astype(mx.float32)
+            if dimensions is not None:
+                vectors = vectors[:, :dimensions]
+            norms = mx.linalg.norm(vectors, axis=1, keepdims=True)
+            found = (vectors / mx.maximum(norms, 1e-12)).tolist()
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise Retryable("server_error", f"MLX embedding failed: {exc}") from exc
+        return Embeddings(
+            vectors=cast(list[list[float]], found),
+            prompt_tokens=sum(map(len, ids)),
+            raw_model=self.model,
+        )
+
+    def _embedding_ids(self, text: str, end: int | None) -> list[int]:
+        """The text's tokens, ended by the end-of-text token (once)."""
+        ids = [int(i) for i in self._tokenizer.encode(text)]
+        if end is not None and (not ids or ids[-1] != end):
+            ids.append(end)
+        return ids
+
+    def _end_id(self) -> int | None:
+        """<|endoftext|>'s id, else the eos token's (a tokenizer may answer its unknown
+        token's id for a token it lacks: the id is checked)."""
+        tokenizer = self._tokenizer
+        found = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+        if found is None or tokenizer.convert_ids_to_tokens(found) != END_OF_TEXT:
+            found = getattr(tokenizer, "eos_token_id", None)
+        return int(found) if found is not None else None
+
+    def _last_states(self, seqs: list[list[int]], cancel: threading.Event) -> list[Any]:
+        """The final hidden state of each token sequence's last token: the sequences
+        padded on the right and run together, EMBED_CHUNK_TOKENS positions at a time."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        longest = max(map(len, seqs))
+        pad = seqs[0][-1]  # any token: the causal mask keeps it from every pooled one
+        tokens = mx.array([seq + [pad] * (longest - len(seq)) for seq in seqs])
+        cache = make_prompt_cache(self._model)
+        lasts = [len(seq) - 1 for seq in seqs]
+        found: list[Any] = [None] * len(seqs)
+        for start in range(0, longest, EMBED_CHUNK_TOKENS):
+            if cancel.is_set():
+                raise Retryable("timeout", "embedding cancelled")
+            states = self._model.model(tokens[:, start : start + EMBED_CHUNK_TOKENS], cache=cache)
+            mx.eval(states)
+            for row, last in enumerate(lasts):
+                if start <= last < start + states.shape[1]:
+                    found[row] = states[row, last - start]
+        return found
 
     def _generate_on_thread(
         self,
@@ -499,6 +615,72 @@ class MLXProvider:
                 "peak_memory_gb": float(last.peak_memory),
             },
         )
+
+
+def _checked_embedding(request: EmbeddingRequest) -> tuple[list[str], int | None]:
+    """The request's texts and dimensions, or Permanent("bad_request")."""
+    texts = request.input
+    if not isinstance(texts, list) or not texts:
+        raise Permanent("bad_request", "input must be a non-empty list of texts")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise Permanent("bad_request", f"input {i} is a {type(text).__name__}, not a text")
+    dimensions = request.dimensions
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise Permanent("bad_request", f"dimensions must be a positive integer, got {dimensions!r}")
+    return texts, dimensions
+
+
+def _batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """The indexes of `lengths` in batches run together: shortest first, a batch taking
+    texts while their count times the longest stays within `budget` tokens (a longer
+    text alone)."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _load_mlx(source: str) -> tuple[Any, Any]:
+    """Model and tokenizer, as `mlx_lm.load(source)` gives them, a checkpoint of the
+    transformer body alone included (the module's doc). Leans on mlx-lm's private
+    `_download` (the hub id or path to a directory, as mlx_lm.load resolves it)."""
+    from mlx_lm.utils import _download, load_model, load_tokenizer
+
+    path = _download(source)
+    model, config = load_model(path, get_model_classes=_model_classes)
+    eos = config.get("eos_token_id")
+    tokenizer = load_tokenizer(path, eos_token_ids=eos)  # type: ignore[no-untyped-call]
+    return model, tokenizer
+
+
+def _model_classes(config: dict[str, Any]) -> tuple[type, type]:
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    return _taking_bare_bodies(model_class), args_class
+
+
+@functools.cache
+def _taking_bare_bodies(model_class: type) -> type:
+    """`model_class`, its weights' names given the `model.` prefix when the checkpoint
+    holds the transformer body alone (`embed_tokens.weight` at the top)."""
+
+    def sanitize(self: Any, weights: dict[str, Any]) -> dict[str, Any]:
+        if "embed_tokens.weight" in weights and "model.embed_tokens.weight" not in weights:
+            weights = {
+                name if name.startswith("lm_head.") else f"model.{name}": value
+                for name, value in weights.items()
+            }
+        inner = getattr(model_class, "sanitize", None)
+        return inner(self, weights) if inner is not None else weights
+
+    return type(model_class.__name__, (model_class,), {"sanitize": sanitize})
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""The OpenAI-compatible adapter: one chat completion over httpx.
+"""The OpenAI-compatible adapter: one chat completion (or one embedding call) over httpx.
 
-Most providers of the fleet (OpenRouter, LiteLLM proxies, Z.ai, MiniMax, Moonshot, the
-simulator) speak OpenAI's `POST /chat/completions`. This adapter sends one request and maps
-every failure, once, onto base.py's error tree:
+Most providers of the fleet (OpenRouter, LiteLLM proxies, Z.ai, MiniMax, Moonshot, Ollama,
+the simulator) speak OpenAI's `POST /chat/completions` and `POST /embeddings`. This adapter
+sends one request and maps every failure, once, onto base.py's error tree:
 
     HTTP 429                          Retryable("rate_limited", retry_after_s from Retry-After)
     HTTP 408, httpx timeouts          Retryable("timeout")
@@ -23,12 +23,21 @@ every failure, once, onto base.py's error tree:
     HTTP 400 saying the model takes   CapabilityRefused("unsupported", .capability: tools)
       no tools, for a request with
       tools (Ollama, vLLM)
+    HTTP 400 saying the model makes   CapabilityRefused("unsupported", .capability:
+      no embeddings (Ollama)            embedding)
     HTTP 400, 422, other 4xx          Permanent("bad_request")
 
 The request's options (the job's tools, response_format, stop, seed, ...) are merged into
 the body as they are. An answer's tool calls, finish_reason, refusal, logprobs and
 reasoning (`reasoning_content`, or OpenRouter's `reasoning`) are kept in the Completion;
 an answer made only of tool calls (content null) is an answer.
+
+`embed()` posts the texts to `/embeddings` (floats asked for) and gives the vectors in the
+inputs' order (by each item's `index`). Asked for `dimensions`, a server that ignores them
+(Ollama does) and answers longer vectors has them cut to the first n and L2-normalised
+again, as a Matryoshka model (nomic-embed-text v1.5, Qwen3-Embedding) is meant to be
+shortened; a vector shorter than asked, one vector too many or too few, or a body that is
+not the OpenAI shape is Retryable("malformed"). Usage as the provider says, else estimated.
 
 `stream()` asks for the answer as server-sent events (openai_stream.py reads them): the
 same failures map to the same errors until the first delta is given; after it, whatever
@@ -52,7 +61,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -63,6 +72,8 @@ from workers.providers.base import (
     Completion,
     CompletionRequest,
     Delta,
+    EmbeddingRequest,
+    Embeddings,
     ModelUnusable,
     Permanent,
     ProviderError,
@@ -166,6 +177,7 @@ class OpenAICompatProvider:
         extra_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
+        self.embeddings_url = base_url.rstrip("/") + "/embeddings"
         self._api_key = api_key or None
         self._client = client
         self._headers = dict(extra_headers or {})
@@ -176,21 +188,44 @@ class OpenAICompatProvider:
         return f"OpenAICompatProvider({self.url!r})"
 
     def complete(self, request: CompletionRequest) -> Completion:
+        response = self._post(self.url, self._payload(request), request.timeout_s, request)
+        return self._parse(request, response)
+
+    def embed(self, request: EmbeddingRequest) -> Embeddings:
+        payload: dict[str, Any] = {
+            "model": request.model,
+            "input": request.input,
+            "encoding_format": "float",
+        }
+        if request.dimensions is not None:
+            payload["dimensions"] = request.dimensions
+        response = self._post(self.embeddings_url, payload, request.timeout_s, None)
+        return self._parse_embeddings(request, response)
+
+    def _post(
+        self,
+        url: str,
+        payload: dict[str, Any],
+        timeout_s: float,
+        request: CompletionRequest | None,
+    ) -> httpx.Response:
+        """One whole (not streamed) call: a 2xx response, or its error on the tree.
+        `request` is the chat request whose capabilities a 4xx may be refusing."""
         try:
             response = self._client.post(
-                self.url,
-                json=self._payload(request),
+                url,
+                json=payload,
                 headers=self._call_headers(),
-                timeout=request.timeout_s,
+                timeout=timeout_s,
                 extensions={"trace": _trace},
             )
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from exc
+            raise self._transport_error(exc, url) from exc
         try:
             response.raise_for_status()
         except httpx.HTTPStatusError as exc:
-            raise self._status_error(response, request) from exc
-        return self._parse(request, response)
+            raise self._status_error(response, request, url) from exc
+        return response
 
     def stream(self, request: CompletionRequest) -> Iterator[Delta | Completion]:
         """The answer as it is written (openai_stream.py reads the events), then the whole
@@ -339,13 +374,14 @@ class OpenAICompatProvider:
         # the job and delivery, for the provider's own log
         return {**self._headers, FLEET_JOB_HEADER: caller.header()}
 
-    def _transport_error(self, exc: httpx.HTTPError) -> ProviderError:
+    def _transport_error(self, exc: httpx.HTTPError, url: str | None = None) -> ProviderError:
+        described = self._describe(exc, url or self.url)
         if isinstance(exc, httpx.TimeoutException):
-            return Retryable("timeout", self._describe(exc))
+            return Retryable("timeout", described)
         if isinstance(exc, httpx.DecodingError):  # a body its Content-Encoding cannot decode
-            return Retryable("malformed", self._describe(exc))
+            return Retryable("malformed", described)
         # refused, reset, protocol errors, bad URL
-        return Retryable("connection", self._describe(exc))
+        return Retryable("connection", described)
 
     def _event_error(self, error: Any, request: CompletionRequest) -> ProviderError:
         """The error an error event reports: by its code when that is an HTTP status (as
@@ -362,29 +398,32 @@ class OpenAICompatProvider:
             return self._status_kind(status, detail, httpx.Headers(), request, "error event")
         return Retryable("server_error", self._redact(f"error event from {self.url}: {detail}"))
 
-    def _describe(self, exc: Exception) -> str:
-        return self._redact(f"{type(exc).__name__} calling {self.url}: {exc}")
+    def _describe(self, exc: Exception, url: str) -> str:
+        return self._redact(f"{type(exc).__name__} calling {url}: {exc}")
 
     def _redact(self, text: str) -> str:
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return text
 
-    def _status_error(self, response: httpx.Response, request: CompletionRequest) -> ProviderError:
-        """The error for a non-2xx answer, by status."""
+    def _status_error(
+        self, response: httpx.Response, request: CompletionRequest | None, url: str | None = None
+    ) -> ProviderError:
+        """The error for a non-2xx answer, by status (`request` None: an embedding call)."""
         status = response.status_code
-        return self._status_kind(status, _detail(response), response.headers, request)
+        return self._status_kind(status, _detail(response), response.headers, request, url=url)
 
     def _status_kind(
         self,
         status: int,
         detail: str,
         headers: Mapping[str, str],
-        request: CompletionRequest,
+        request: CompletionRequest | None,
         came_as: str = "",
+        url: str | None = None,
     ) -> ProviderError:
         said = f"HTTP {status}" + (f" ({came_as})" if came_as else "")
-        message = self._redact(f"{said} from {self.url}: {detail}")
+        message = self._redact(f"{said} from {url or self.url}: {detail}")
         if status == 429:
             return Retryable("rate_limited", message, parse_retry_after(headers))
         if status == 408:
@@ -394,11 +433,14 @@ class OpenAICompatProvider:
         if status in (401, 403):
             return ModelUnusable("auth", message)
         if status == 404:
-            capability = refused_capability(detail, request)
+            capability = refused_capability(detail, request) if request is not None else None
             if capability is not None:
                 return CapabilityRefused(capability, message)
             return ModelUnusable("not_found", message)
-        if status == 400 and request.options.get("tools") and _NO_TOOLS_400.search(detail):
+        if status == 400 and request is None and _NO_EMBEDDINGS_400.search(detail):
+            return CapabilityRefused("embedding", message)
+        tools = request is not None and request.options.get("tools")
+        if status == 400 and tools and _NO_TOOLS_400.search(detail):
             return CapabilityRefused("tools", message)
         if 400 <= status < 500:
             return Permanent("bad_request", message)
@@ -443,10 +485,38 @@ class OpenAICompatProvider:
             logprobs=logprobs if isinstance(logprobs, dict) else None,
         )
 
-    def _malformed(self, response: httpx.Response, why: str) -> str:
+    def _malformed(self, response: httpx.Response, why: str, url: str | None = None) -> str:
         return self._redact(
-            f"HTTP {response.status_code} from {self.url}, unexpected body ({why}): "
+            f"HTTP {response.status_code} from {url or self.url}, unexpected body ({why}): "
             f"{_truncate(response.text)}"
+        )
+
+    def _parse_embeddings(self, request: EmbeddingRequest, response: httpx.Response) -> Embeddings:
+        """The vectors of a 2xx answer, in the inputs' order and of the dimensions asked, or
+        Retryable("malformed")."""
+        url = self.embeddings_url
+        try:
+            body = response.json()
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise Retryable("malformed", self._malformed(response, "not JSON", url)) from exc
+        try:
+            vectors = _vectors(body["data"], len(request.input), request.dimensions)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise Retryable("malformed", self._malformed(response, repr(exc), url)) from exc
+        usage = body.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+        raw_model = body.get("model")
+        return Embeddings(
+            vectors=vectors,
+            prompt_tokens=(
+                prompt_tokens
+                if prompt_tokens is not None
+                else sum(map(estimate_tokens, request.input))
+            ),
+            tokens_estimated=prompt_tokens is None,
+            provider_cost_usd=_number(usage.get("cost")),
+            raw_model=raw_model if isinstance(raw_model, str) else None,
         )
 
 
@@ -555,6 +625,51 @@ def _count(value: Any) -> int | None:
     return int(number) if number is not None and number >= 0 and number.is_integer() else None
 
 
+def _vectors(data: Any, inputs: int, dimensions: int | None) -> list[list[float]]:
+    """The vectors of an embeddings answer's `data`, in input order, each cut to
+    `dimensions` (and normalised again) when longer. Raises ValueError (or TypeError,
+    KeyError) when they are not one vector of numbers per input, all of one length or
+    at least `dimensions` long."""
+    vectors = [_numbers(item["embedding"]) for item in _in_order(data, inputs)]
+    if dimensions is None:
+        if len({len(v) for v in vectors}) > 1:
+            raise ValueError("vectors of different lengths")
+        return vectors
+    if any(len(v) < dimensions for v in vectors):
+        found = min(map(len, vectors))
+        raise ValueError(f"asked for {dimensions} dimensions, got a vector of {found}")
+    return [v if len(v) == dimensions else normalised(v[:dimensions]) for v in vectors]
+
+
+def _in_order(data: Any, inputs: int) -> list[Any]:
+    """The items of `data`, one per input, by their `index` when they all carry one (else
+    as given)."""
+    if not isinstance(data, list):
+        raise TypeError("`data` is not a list")
+    if len(data) != inputs:
+        raise ValueError(f"{len(data)} vectors for {inputs} inputs")
+    if not all(isinstance(item, dict) and "index" in item for item in data):
+        return data
+    if sorted(item["index"] for item in data) != list(range(inputs)):
+        raise ValueError("the items' indexes are not 0 to n-1, once each")
+    return sorted(data, key=lambda item: item["index"])
+
+
+def _numbers(vector: Any) -> list[float]:
+    if not isinstance(vector, list) or not vector:
+        raise TypeError("an embedding is not a list of numbers")
+    numbers = [_number(x) for x in vector]
+    if None in numbers:
+        raise ValueError("an embedding holds something other than finite numbers")
+    return cast(list[float], numbers)
+
+
+def normalised(vector: list[float]) -> list[float]:
+    """`vector` scaled to unit length (L2); a zero vector as it is."""
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    return [x / norm for x in vector] if norm > 0 else vector
+
+
 def _content(content: Any) -> str | None:
     """The text of a message's content: a string, or text parts joined (some providers)."""
     if content is None or isinstance(content, str):
@@ -617,6 +732,10 @@ _REFUSALS = (
 # started without tool parsing: '"auto" tool choice requires --enable-auto-tool-choice').
 # Only tools: a 400 about a response format is as likely the schema's own fault.
 _NO_TOOLS_400 = re.compile(r"does not support tools|enable-auto-tool-choice", re.I)
+
+# A 400 that says the model makes no embeddings (Ollama, for a chat model: "this model does
+# not support embeddings").
+_NO_EMBEDDINGS_400 = re.compile(r"does not support embeddings", re.I)
 
 
 def refused_capability(detail: str, request: CompletionRequest) -> str | None:

@@ -1,4 +1,4 @@
-"""A provider simulator: an OpenAI-compatible chat server with scriptable faults.
+"""A provider simulator: an OpenAI-compatible chat and embeddings server with scriptable faults.
 
 `fleet demo`, the tests and the bench use it in place of every remote provider. It is a
 small asyncio HTTP/1.1 server (stdlib only, keep-alive, one event loop thread), so it holds
@@ -7,12 +7,14 @@ thousands of slow requests in flight without a thread each.
 Endpoints (every path also works with a `/v1` prefix, so base URLs with or without it do):
 
     POST /chat/completions   an OpenAI-style chat completion (see "Answers" below)
+    POST /embeddings         OpenAI-style embeddings (see "Embeddings" below)
     GET  /models             the configured model names
     POST /_sim/config        merge {"models": {NAME: SETTINGS}, "default": SETTINGS}
     GET  /_sim/config        the current configuration
     POST /_sim/reset         clear the configuration and the request log
-    GET  /_sim/requests      the log of completion requests received, one entry each:
-                             model, t (arrival, epoch s), fault, authorization_present
+    GET  /_sim/requests      the log of model calls received, one entry each: model,
+                             endpoint (chat/completions or embeddings), t (arrival,
+                             epoch s), fault, authorization_present
                              (never the key), temperature, max_tokens, images, the fleet's
                              caller from the X-Fleet-Job header (job, job_message,
                              job_delivery, job_process; None when absent), and `body`:
@@ -21,13 +23,26 @@ Endpoints (every path also works with a `/v1` prefix, so base URLs with or witho
                              what reached the provider; and for a streamed answer
                              `stream` true, `chunks` (events sent so far, [DONE]
                              included) and `stream_end` (done, cut, error, stalled,
-                             gone: the client left first)
+                             gone: the client left first); for an embeddings call
+                             `input` (the texts, in order; None once its body is)
+                             and `dimensions`
 
 SETTINGS (all optional): `latency_ms` delay before answering; `faults` a queue of faults
 consumed one per request; `fault` a fault applied to every request; `usage: false` to
 answer without a usage object; `cost` a number put in `usage.cost` (OpenRouter style);
 `tools: false` for a model that takes no tools (below); `chunk_ms` the time between two
-events of a streamed answer (`latency_ms` comes before the first).
+events of a streamed answer (`latency_ms` comes before the first); for an embedding model
+`embedding_size` its vectors' length (768 unless set), `ignore_dimensions: true` to answer
+whole vectors whatever `dimensions` asks (as Ollama does), `reverse_data: true` to list
+the vectors last input first (each with its `index`, as OpenAI allows).
+
+Embeddings. Each input text gets a unit vector drawn from its sha256 (`embedding_of`):
+the same text, the same vector, whatever else the request holds. `dimensions` gives the
+first n numbers of that vector scaled to unit length again (a Matryoshka model's way; a
+400 when more than the model's size); `encoding_format: "base64"` gives each as
+little-endian float32. Usage: `prompt_tokens` and `total_tokens`, the texts' estimated
+tokens (with `cost` when set). Faults and directives (in any input text) apply as to a
+chat completion that does not stream; `empty` answers `data: []`.
 
 Answers. The simulator answers as a model that obeys the request would, deterministically
 (the same request, the same answer):
@@ -98,6 +113,7 @@ import hashlib
 import http
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -111,6 +127,7 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import unquote
 
+from router.results import encode_vector
 from router.tokens import estimate_message_tokens, estimate_tokens
 from workers.sim.schema_values import arguments_for, value_for
 
@@ -119,7 +136,19 @@ HOLD_S = 3600.0  # how long `timeout` and `stall` keep a client waiting
 MAX_BODY = 64 * 1024 * 1024  # request bodies above this are refused (413)
 LOG_SIZE = 100_000  # the request log keeps the newest entries only
 BODIES_KEPT = 1_000  # the newest entries of the log keep the request body they came with
-SETTING_KEYS = {"latency_ms", "faults", "fault", "usage", "cost", "tools", "chunk_ms"}
+SETTING_KEYS = {
+    "latency_ms",
+    "faults",
+    "fault",
+    "usage",
+    "cost",
+    "tools",
+    "chunk_ms",
+    "embedding_size",
+    "ignore_dimensions",
+    "reverse_data",
+}
+EMBEDDING_SIZE = 768  # a vector's length, unless the model's `embedding_size` says
 NO_TOOLS_ENV = "SIM_NO_TOOLS"  # upstream model names answering 404 to requests with tools
 NO_TOOL_USE = (  # OpenRouter's words when no provider of the model takes tools
     "No endpoints found that support tool use. To learn more about provider routing, "
@@ -163,8 +192,12 @@ def _check_settings(settings: Any) -> dict[str, Any]:
     for fault in [settings.get("fault"), *(settings.get("faults") or [])]:
         if fault is not None:
             check_fault(str(fault))
-    if not isinstance(settings.get("tools", True), bool):
-        raise ValueError("model setting `tools` must be true or false")
+    for flag in ("tools", "ignore_dimensions", "reverse_data"):
+        if not isinstance(settings.get(flag, True), bool):
+            raise ValueError(f"model setting `{flag}` must be true or false")
+    size = settings.get("embedding_size", EMBEDDING_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError("model setting `embedding_size` must be a positive integer")
     return settings
 
 
@@ -217,12 +250,16 @@ class _State:
             return settings, directive or queued or settings.get("fault")
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Log `entry`; the entry BODIES_KEPT requests older loses its body (to None)."""
+        """Log `entry`; the entry BODIES_KEPT requests older loses its body (to None), and
+        an embedding call's entry its input too."""
         with self.lock:
             self.log.append(entry)
             self.with_body.append(entry)
             if len(self.with_body) > BODIES_KEPT:
-                self.with_body.popleft()["body"] = None
+                old = self.with_body.popleft()
+                old["body"] = None
+                if "input" in old:
+                    old["input"] = None
 
     def takes_tools(self, model: str, settings: dict[str, Any]) -> bool:
         return model not in self.no_tools and settings.get("tools", True) is not False
@@ -364,6 +401,8 @@ class _Connection:
             request.body = json.loads(payload) if payload else {}
         if request.method == "POST" and request.path == "/chat/completions":
             return await _Completer(self, request).run()
+        if request.method == "POST" and request.path == "/embeddings":
+            return await _Embedder(self, request).run()
         await self.send(self.control(request), request.keep_alive)
         return request.keep_alive
 
@@ -416,37 +455,44 @@ class _Connection:
         self.writer.transport.abort()
 
 
-class _Completer:
-    """Answers one chat completion request: logs it, picks its fault, applies it, or
-    answers as a model obeying the request would (tool calls, JSON, logprobs, ...)."""
+class _Call:
+    """One call of a model (a chat completion, an embedding): logged, its fault picked and
+    applied, its latency waited, then answered as the endpoint's subclass says."""
+
+    endpoint = ""  # the path it serves, as the log names it
 
     def __init__(self, conn: _Connection, request: _Request) -> None:
         self.conn, self.request = conn, request
         body = request.body if isinstance(request.body, dict) else {}
         self.body: dict[str, Any] = body
         self.model = str(body.get("model") or "")
-        self.messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        self.texts = _texts(self.messages)
-        self.max_tokens = body.get("max_tokens")
-        tools = body.get("tools")
-        self.tools = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
-        self.last_user = next(
-            (i for i in range(len(self.messages) - 1, -1, -1) if _role(self.messages[i]) == "user"),
-            -1,
-        )
-        user_text = _text_of(self.messages[self.last_user]) if self.last_user >= 0 else ""
-        self.user_text = user_text
-        self.flags = {f for f in _FLAG.findall(user_text) if f in _FLAGS}
-        self.streams = body.get("stream") is True
         self.entry: dict[str, Any] = {}  # this request's entry in the log
+
+    def shapeless(self) -> str | None:
+        """Why the body is not a request of this endpoint (a 400), if it is not."""
+        raise NotImplementedError
+
+    def texts_said(self) -> list[tuple[str, str]]:
+        """(role, text) of the request's texts: where directives are looked for."""
+        raise NotImplementedError
+
+    def logged(self) -> dict[str, Any]:
+        """The endpoint's own fields of the request's log entry."""
+        raise NotImplementedError
+
+    def answer(self, settings: dict[str, Any], fault: str | None) -> Answer:
+        """The answer of a call that is not held, cut or streamed."""
+        raise NotImplementedError
 
     async def run(self) -> bool:
         conn, keep_alive = self.conn, self.request.keep_alive
-        body = self.request.body
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            await conn.send(_error(400, "body must be a JSON object with `messages`"), keep_alive)
+        shapeless = self.shapeless()
+        if shapeless is not None:
+            await conn.send(_error(400, shapeless), keep_alive)
             return keep_alive
-        settings, fault = conn.state.plan(self.model, _directive_fault(self.model, self.texts))
+        settings, fault = conn.state.plan(
+            self.model, _directive_fault(self.model, self.texts_said())
+        )
         self.log(fault)
         try:
             fault = check_fault(fault) if fault is not None else None
@@ -462,8 +508,10 @@ class _Completer:
         delay = float(settings.get("latency_ms") or 0) / 1000
         if delay > 0 and not await conn.hold(delay):
             return False  # the client gave up waiting
-        if self.streams:
-            return await _Streamer(self, settings, fault).run()
+        return await self.respond(settings, fault)
+
+    async def respond(self, settings: dict[str, Any], fault: str | None) -> bool:
+        """Answer whole (or stall): the faults that end the call early are applied."""
         if fault == "stall":
             await self.stall()
             return False
@@ -471,36 +519,30 @@ class _Completer:
             answer = self.answer(settings, fault)
         except Exception as exc:  # a simulator bug: say so rather than drop the connection
             answer = _error(500, f"simulator failed: {type(exc).__name__}: {exc}")
-        await conn.send(answer, keep_alive)
-        return keep_alive
+        await self.conn.send(answer, self.request.keep_alive)
+        return self.request.keep_alive
 
     def log(self, fault: str | None) -> None:
-        body = self.request.body
-        images = sum(
-            1
-            for m in self.messages
-            if isinstance(m.get("content"), list)
-            for p in m["content"]
-            if isinstance(p, dict) and p.get("type") == "image_url"
-        )
         self.entry = {
             "model": self.model,
+            "endpoint": self.endpoint,
             "t": time.time(),
             "fault": fault,
             "authorization_present": bool(self.request.headers.get("authorization")),
-            "temperature": body.get("temperature"),
-            "max_tokens": self.max_tokens,
-            "images": images,
+            "temperature": None,
+            "max_tokens": None,
+            "images": 0,
             # the caller's end of the connection, so a test can tell which process called
             "client_port": (self.conn.writer.get_extra_info("peername") or ("", 0))[1],
             **_fleet_job(self.request.headers.get("x-fleet-job")),
             # everything the provider was sent (headers aside), for tests to check fields
-            "body": body,
+            "body": self.request.body,
             # a stream's progress: events sent so far ([DONE] included), and how it ended
-            "stream": self.streams,
-            "chunks": 0 if self.streams else None,
+            "stream": False,
+            "chunks": None,
             "stream_end": None,
         }
+        self.entry.update(self.logged())
         self.conn.state.record(self.entry)
 
     async def stall(self) -> None:
@@ -510,6 +552,74 @@ class _Completer:
         await self.conn.writer.drain()
         await self.conn.hold(HOLD_S)
 
+
+def _status_fault(fault: str | None, model: str) -> Answer | None:
+    """The error answer of a status fault (`503`, `429:N`, `429:date:N`), if it is one."""
+    if fault is None or fault.split(":")[0] not in _STATUS_FAULTS:
+        return None
+    status, *rest = fault.split(":")
+    headers = {}
+    if rest and rest[0] == "date":
+        ahead = time.time() + float(rest[1])
+        headers["Retry-After"] = email.utils.formatdate(ahead, usegmt=True)
+    elif rest:
+        headers["Retry-After"] = rest[0]
+    return _error(int(status), f"simulated {status} for model {model}", headers)
+
+
+class _Completer(_Call):
+    """Answers one chat completion request: logs it, picks its fault, applies it, or
+    answers as a model obeying the request would (tool calls, JSON, logprobs, ...)."""
+
+    endpoint = "chat/completions"
+
+    def __init__(self, conn: _Connection, request: _Request) -> None:
+        super().__init__(conn, request)
+        body = self.body
+        self.messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        self.texts = _texts(self.messages)
+        self.max_tokens = body.get("max_tokens")
+        tools = body.get("tools")
+        self.tools = [t for t in tools if isinstance(t, dict)] if isinstance(tools, list) else []
+        self.last_user = next(
+            (i for i in range(len(self.messages) - 1, -1, -1) if _role(self.messages[i]) == "user"),
+            -1,
+        )
+        user_text = _text_of(self.messages[self.last_user]) if self.last_user >= 0 else ""
+        self.user_text = user_text
+        self.flags = {f for f in _FLAG.findall(user_text) if f in _FLAGS}
+        self.streams = body.get("stream") is True
+
+    def shapeless(self) -> str | None:
+        body = self.request.body
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return "body must be a JSON object with `messages`"
+        return None
+
+    def texts_said(self) -> list[tuple[str, str]]:
+        return self.texts
+
+    async def respond(self, settings: dict[str, Any], fault: str | None) -> bool:
+        if self.streams:
+            return await _Streamer(self, settings, fault).run()
+        return await super().respond(settings, fault)
+
+    def logged(self) -> dict[str, Any]:
+        images = sum(
+            1
+            for m in self.messages
+            if isinstance(m.get("content"), list)
+            for p in m["content"]
+            if isinstance(p, dict) and p.get("type") == "image_url"
+        )
+        return {
+            "temperature": self.body.get("temperature"),
+            "max_tokens": self.max_tokens,
+            "images": images,
+            "stream": self.streams,
+            "chunks": 0 if self.streams else None,
+        }
+
     def answer(self, settings: dict[str, Any], fault: str | None) -> Answer:
         """The completion, or the error answer a fault or the request asks for."""
         if fault == "malformed":
@@ -518,15 +628,9 @@ class _Completer:
 
     def refusal(self, settings: dict[str, Any], fault: str | None) -> Answer | None:
         """The error answer a status fault or the request itself calls for, if any."""
-        if fault is not None and fault.split(":")[0] in _STATUS_FAULTS:
-            status, *rest = fault.split(":")
-            headers = {}
-            if rest and rest[0] == "date":
-                ahead = time.time() + float(rest[1])
-                headers["Retry-After"] = email.utils.formatdate(ahead, usegmt=True)
-            elif rest:
-                headers["Retry-After"] = rest[0]
-            return _error(int(status), f"simulated {status} for model {self.model}", headers)
+        status = _status_fault(fault, self.model)
+        if status is not None:
+            return status
         invalid = self.invalid()
         if invalid:
             return _error(400, invalid)
@@ -713,6 +817,107 @@ class _Completer:
         if reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": min(reasoning, completion)}
         return usage if cost is None else {**usage, "cost": cost}
+
+
+class _Embedder(_Call):
+    """Answers one embeddings request (`POST /embeddings`): a unit vector per input text,
+    drawn from the text's sha256 (`embedding_of`), `dimensions` long when asked, unless
+    the model's `ignore_dimensions` (Ollama's way) gives the whole `embedding_size`."""
+
+    endpoint = "embeddings"
+
+    def __init__(self, conn: _Connection, request: _Request) -> None:
+        super().__init__(conn, request)
+        given = self.body.get("input")
+        self.inputs: list[Any] = [given] if isinstance(given, str) else []
+        if isinstance(given, list):
+            self.inputs = given
+
+    def shapeless(self) -> str | None:
+        body, inputs = self.request.body, self.inputs
+        if not isinstance(body, dict) or not isinstance(body.get("input"), str | list):
+            return "body must be a JSON object with `input`: a text or a list of texts"
+        if not inputs or not all(isinstance(text, str) and text for text in inputs):
+            return "`input` must be a non-empty text or a non-empty list of non-empty texts"
+        if body.get("encoding_format", "float") not in ("float", "base64"):
+            return "`encoding_format` must be float or base64"
+        return None
+
+    def texts_said(self) -> list[tuple[str, str]]:
+        return [("user", text) for text in self.inputs]
+
+    def logged(self) -> dict[str, Any]:
+        return {"input": self.inputs, "dimensions": self.body.get("dimensions")}
+
+    def answer(self, settings: dict[str, Any], fault: str | None) -> Answer:
+        """The vectors, or the error answer a fault or the request asks for."""
+        if fault == "malformed":
+            return 200, MALFORMED, {}
+        status = _status_fault(fault, self.model)
+        if status is not None:
+            return status
+        size = int(settings.get("embedding_size") or EMBEDDING_SIZE)
+        try:
+            dimensions = self.dimensions(settings, size)
+        except ValueError as exc:
+            return _error(400, str(exc))
+        base64 = self.body.get("encoding_format") == "base64"
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": _encoded(embedding_of(text, size, dimensions), base64),
+            }
+            for i, text in enumerate(self.inputs)
+        ]
+        if settings.get("reverse_data") is True:
+            data.reverse()
+        body: dict[str, Any] = {
+            "object": "list",
+            "data": [] if fault == "empty" else data,
+            "model": self.model,
+        }
+        if settings.get("usage", True) is not False:
+            prompt = sum(estimate_tokens(text) for text in self.inputs)
+            usage: dict[str, Any] = {"prompt_tokens": prompt, "total_tokens": prompt}
+            if settings.get("cost") is not None:
+                usage["cost"] = settings["cost"]
+            body["usage"] = usage
+        return _json(200, body)
+
+    def dimensions(self, settings: dict[str, Any], size: int) -> int | None:
+        """The length asked for (None: whole vectors), or ValueError saying why not."""
+        asked = self.body.get("dimensions")
+        if asked is None or settings.get("ignore_dimensions") is True:
+            return None
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise ValueError(f"`dimensions` must be a positive integer, got {asked!r}")
+        if asked > size:
+            raise ValueError(f"`dimensions` {asked} is more than {self.model}'s {size}")
+        return asked
+
+
+def embedding_of(text: str, size: int = 0, dimensions: int | None = None) -> list[float]:
+    """The simulator's vector of `text`: `size` (EMBEDDING_SIZE when 0) numbers drawn from
+    the text's sha256, scaled to unit length. With `dimensions`, its first `dimensions`
+    numbers scaled to unit length again, as a Matryoshka model shortens its vectors."""
+    size = size or EMBEDDING_SIZE
+    seed = hashlib.sha256(text.encode()).digest()
+    drawn: list[float] = []
+    for block in range(-(-size // 8)):  # eight 32-bit numbers per hash
+        digest = hashlib.sha256(seed + block.to_bytes(4, "big")).digest()
+        drawn += [n / 2**31 - 1 for n in struct.unpack("<8I", digest)]
+    whole = _unit(drawn[:size])
+    return whole if dimensions is None else _unit(whole[:dimensions])
+
+
+def _unit(vector: list[float]) -> list[float]:
+    norm = math.sqrt(math.fsum(x * x for x in vector))
+    return [x / norm for x in vector]
+
+
+def _encoded(vector: list[float], base64: bool) -> list[float] | str:
+    return encode_vector(vector) if base64 else vector
 
 
 class _Streamer:

@@ -1,11 +1,18 @@
-"""Generate a tiny, real, randomly initialised chat model that `mlx_lm.load` can load.
+"""Generate a tiny, real, randomly initialised chat model that `mlx_lm.load` can load, and
+a tiny embedding model laid out as Qwen3-Embedding is.
 
 Nothing comes from a model hub: the byte-level BPE tokenizer is trained here, offline,
 on a small built-in English corpus, and the weights of a 2-layer llama are drawn from a
 seeded normal distribution. `fleet demo` and the tests use it as a stand-in for a real
 local model (its answers are gibberish, but real tokens, real counts, real latency).
 
-    python -m workers.sim.tiny_model DIR [--seed N] [--force]
+The embedding model (`build_tiny_embedding_model`, `--embedding`) is a 2-layer qwen3 with
+the same tokenizer, laid out as Qwen/Qwen3-Embedding-0.6B is on the hub: its weights are
+the transformer body alone, without the `model.` prefix (which plain `mlx_lm.load`
+refuses and the MLX provider's loader takes), and its tokenizer ends every text with
+`<|endoftext|>`, the token whose hidden state is the text's vector.
+
+    python -m workers.sim.tiny_model DIR [--seed N] [--force] [--embedding]
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 # Bump when the generated files change, so an old directory is rebuilt.
 FORMAT_VERSION = 1
@@ -47,6 +54,12 @@ NUM_HEADS = 4
 NUM_KV_HEADS = 2
 INTERMEDIATE_SIZE = 128
 MAX_POSITIONS = 2048
+# The embedding model's config over the chat model's: Qwen3-Embedding's architecture
+# (qwen3: q/k norms, no attention bias), as its hub config names it.
+EMBEDDING_CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+}
 WEIGHT_STD = 0.5
 # Rows of the (tied) embedding for tokens the model should (almost) never emit: byte
 # tokens outside printable ASCII and the two non-eos specials. Scaling them down keeps
@@ -138,7 +151,9 @@ def _quiet_token_ids(tok: Any) -> list[int]:
     return sorted(quiet)
 
 
-def _config(vocab_size: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+def _config(vocab_size: int, eos_id: int, pad_id: int, embedding: bool) -> dict[str, Any]:
+    if embedding:  # Qwen3-Embedding's config: a qwen3 causal LM, tied embeddings
+        return {**_config(vocab_size, eos_id, pad_id, False), **EMBEDDING_CONFIG}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -164,11 +179,13 @@ def _config(vocab_size: int, eos_id: int, pad_id: int) -> dict[str, Any]:
 
 
 def _build_weights(config: dict[str, Any], quiet_ids: list[int], seed: int) -> dict[str, Any]:
+    import importlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.models.llama import Model, ModelArgs
 
-    model = Model(cast(Any, ModelArgs).from_dict(config))  # (mlx_lm is untyped)
+    arch: Any = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
+    model = arch.Model(arch.ModelArgs.from_dict(config))  # (mlx_lm is untyped)
     key = mx.random.key(seed)
     weights: dict[str, Any] = {}
     params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
@@ -203,14 +220,17 @@ def _write_json(path: Path, obj: Any) -> None:
     _write_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
-def is_complete(path: Path, *, seed: int = 0) -> bool:
-    """True when `path` already holds a tiny model of this format built with `seed`."""
+def is_complete(path: Path, *, seed: int = 0, embedding: bool = False) -> bool:
+    """True when `path` already holds a tiny model of this format and kind built with
+    `seed`."""
     path = Path(path)
     try:
         marker = json.loads((path / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
     if marker.get("format_version") != FORMAT_VERSION or marker.get("seed") != seed:
+        return False
+    if marker.get("kind", "chat") != ("embedding" if embedding else "chat"):
         return False
     return all((path / name).is_file() for name in REQUIRED_FILES)
 
@@ -223,10 +243,19 @@ def build_tiny_model(path: Path, *, seed: int = 0, force: bool = False) -> Path:
     last, so concurrent builders and interrupted builds never leave a half model that
     looks complete. Deterministic for a given seed.
     """
+    return _build(Path(path), seed=seed, force=force, embedding=False)
+
+
+def build_tiny_embedding_model(path: Path, *, seed: int = 0, force: bool = False) -> Path:
+    """Write a tiny qwen3 embedding model into `path`, laid out as Qwen3-Embedding is (the
+    module's doc), and return `path`; idempotent and deterministic as build_tiny_model."""
+    return _build(Path(path), seed=seed, force=force, embedding=True)
+
+
+def _build(path: Path, *, seed: int, force: bool, embedding: bool) -> Path:
     import mlx.core as mx
 
-    path = Path(path)
-    if not force and is_complete(path, seed=seed):
+    if not force and is_complete(path, seed=seed, embedding=embedding):
         return path
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER_FILE).unlink(missing_ok=True)
@@ -235,8 +264,11 @@ def build_tiny_model(path: Path, *, seed: int = 0, force: bool = False) -> Path:
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     eos_id = tok.token_to_id(IM_END)
     pad_id = tok.token_to_id(END_OF_TEXT)
-    config = _config(vocab_size, eos_id, pad_id)
+    config = _config(vocab_size, eos_id, pad_id, embedding)
     weights = _build_weights(config, _quiet_token_ids(tok), seed)
+    if embedding:
+        weights = _body_alone(weights)
+        tok.post_processor = _appending_end_of_text(tok)
 
     # mx.save_safetensors wants a path ending in .safetensors: write a temp of that form.
     tmp = path / f".model.{os.getpid()}.tmp.safetensors"
@@ -285,8 +317,34 @@ def build_tiny_model(path: Path, *, seed: int = 0, force: bool = False) -> Path:
     )
     _write_json(path / "generation_config.json", {"eos_token_id": eos_id, "pad_token_id": pad_id})
     _write_json(path / "config.json", config)
-    _write_json(path / MARKER_FILE, {"format_version": FORMAT_VERSION, "seed": seed})
+    marker: dict[str, Any] = {"format_version": FORMAT_VERSION, "seed": seed}
+    if embedding:
+        marker["kind"] = "embedding"
+    _write_json(path / MARKER_FILE, marker)
     return path
+
+
+def _body_alone(weights: dict[str, Any]) -> dict[str, Any]:
+    """The transformer body's weights named as Qwen3-Embedding's checkpoint names them
+    (`layers.0...`, not `model.layers.0...`); tied embeddings: no LM head to drop."""
+    return {name.removeprefix("model."): value for name, value in weights.items()}
+
+
+def _appending_end_of_text(tok: Any) -> Any:
+    """Qwen3-Embedding's post-processor: byte-level offsets, then `<|endoftext|>` after
+    each text."""
+    from tokenizers import processors
+
+    return processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"$A {END_OF_TEXT}",
+                pair=f"$A {END_OF_TEXT} $B {END_OF_TEXT}",
+                special_tokens=[(END_OF_TEXT, tok.token_to_id(END_OF_TEXT))],
+            ),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,8 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
+    parser.add_argument(
+        "--embedding", action="store_true", help="a tiny qwen3 embedding model instead"
+    )
     args = parser.parse_args(argv)
-    out = build_tiny_model(args.dir, seed=args.seed, force=args.force)
+    build = build_tiny_embedding_model if args.embedding else build_tiny_model
+    out = build(args.dir, seed=args.seed, force=args.force)
     print(out)
     return 0
 
