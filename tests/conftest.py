@@ -85,6 +85,7 @@ def fleet_env(
     redis_server: RedisServer,
     simulator: Simulator,
     tiny_model_dir: Path,
+    tiny_embedding_model_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, str]:
     from workers.sim.simulated import simulated_env
@@ -95,7 +96,9 @@ def fleet_env(
         "FLEET_BROKER_URL": redis_server.url,
         "HF_HUB_OFFLINE": "1",
         "PYTHONPATH": str(ROOT),
-        **simulated_env(simulator.url, tiny_model_dir, data, PROVIDER_TIMEOUT_S),
+        **simulated_env(
+            simulator.url, tiny_model_dir, data, PROVIDER_TIMEOUT_S, tiny_embedding_model_dir
+        ),
         # Every test worker records its jobs' attempts in this one ledger (test_ledger reads it).
         "FLEET_LEDGER_URL": f"sqlite:///{data / 'ledger.db'}",
     }

@@ -408,8 +408,9 @@ def test_a_model_with_tools_too_small_and_the_rest_without_tools_is_a_capability
 def test_an_unknown_need_is_refused_with_the_valid_capabilities() -> None:
     with pytest.raises(InvalidJob) as caught:
         route(CATALOG, RouteQuery(task_class="creative", needs=frozenset({"telepathy"})))
-    assert "unknown capability 'telepathy' (valid: code, embedding, json_object, json_schema" in str(
-        caught.value
+    assert (
+        "unknown capability 'telepathy' (valid: code, embedding, json_object, json_schema"
+        in str(caught.value)
     )
 
 

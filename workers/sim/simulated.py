@@ -13,9 +13,15 @@ PLACEHOLDER_KEY = "sim-placeholder-key"  # the simulator checks presence, not va
 
 
 def write_simulated_catalog(
-    sim_base_url: str, model_dir: Path, path: Path, timeout_s: float = 10
+    sim_base_url: str,
+    model_dir: Path,
+    path: Path,
+    timeout_s: float = 10,
+    embedding_dir: Path | None = None,
 ) -> Path:
-    """A copy of the default catalog aimed at the stand-ins; validated before use."""
+    """A copy of the default catalog aimed at the stand-ins; validated before use. Local
+    embedding models use `embedding_dir` (a tiny qwen3 body:
+    tiny_model.build_tiny_embedding_model) when given, else the chat model's body."""
     data = yaml.safe_load(default_catalog_path().read_text(encoding="utf-8"))
     for provider in data["providers"].values():
         if provider["kind"] == "openai":
@@ -24,7 +30,8 @@ def write_simulated_catalog(
             provider["timeout_s"] = timeout_s
     for model in data["models"]:
         if model["id"].startswith("local/"):
-            model["upstream"] = str(model_dir)
+            embeds = "embedding" in model.get("capabilities", ())
+            model["upstream"] = str(embedding_dir if embeds and embedding_dir else model_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     load_catalog(path)
@@ -32,10 +39,16 @@ def write_simulated_catalog(
 
 
 def simulated_env(
-    sim_base_url: str, model_dir: Path, data_dir: Path, timeout_s: float = 10
+    sim_base_url: str,
+    model_dir: Path,
+    data_dir: Path,
+    timeout_s: float = 10,
+    embedding_dir: Path | None = None,
 ) -> dict[str, str]:
     """Environment for fleet processes that talk to the stand-ins only."""
-    catalog = write_simulated_catalog(sim_base_url, model_dir, data_dir / "catalog.yaml", timeout_s)
+    catalog = write_simulated_catalog(
+        sim_base_url, model_dir, data_dir / "catalog.yaml", timeout_s, embedding_dir
+    )
     env = {"FLEET_CATALOG": str(catalog)}
     for provider in load_catalog(catalog).providers.values():
         if provider.api_key_env:
