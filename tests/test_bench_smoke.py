@@ -102,3 +102,22 @@ def test_bench_usage_times_the_dashboard_page_over_http_on_both_databases() -> N
         assert len(figures) == 2, proc.stdout
     assert proc.stdout.count("dropped for an inspect broadcast") == 2
     assert proc.stdout.count("page, 30 d under 500 ms: yes") == 2  # the query layer's
+
+
+def test_bench_embeddings_counts_what_the_cache_kept_from_the_upstream() -> None:
+    """bench_embeddings on a tiny corpus: the second pass sends nothing upstream and saves
+    every token the first paid; the half-new pass sends only its new half."""
+    argv = ["--texts", "40", "--batch", "10", "--rounds", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_embeddings", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    figures = json.loads(proc.stdout)
+    first, again, half = figures["first_pass"], figures["same_again"], figures["half_new"]
+    assert first["sent_upstream"] == 40 and first["tokens_paid"] > 0
+    assert again["sent_upstream"] == 0 and again["tokens_saved"] == first["tokens_paid"]
+    assert half["sent_upstream"] == 20 and figures["lookups_per_s_batch_10"] > 0
