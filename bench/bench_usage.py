@@ -54,7 +54,7 @@ from sqlalchemy import func, select, text
 from router.catalog import Catalog, load_catalog
 from workers.ledger.query import Filters, Usage
 from workers.ledger.rollup import rebuild
-from workers.ledger.schema import COLUMNS, attempts, usage_daily, usage_hourly
+from workers.ledger.schema import COLUMNS, EMBEDDING_COUNTS, attempts, usage_daily, usage_hourly
 from workers.ledger.store import Ledger, database_url
 from workers.ops.redis_server import RedisServer
 from workers.ops.supervisor import Supervisor
@@ -215,6 +215,7 @@ class Generator:
             "app": app,
             "tools": False,
             "json_schema": False,
+            **dict.fromkeys(EMBEDDING_COUNTS, 0),  # chat jobs only
         }
         return tuple(values[c] for c in COLUMNS)
 

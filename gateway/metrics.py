@@ -97,7 +97,8 @@ class LiveStateCollector(Collector):
 
 
 class LedgerCollector(Collector):
-    """Jobs, attempts, tokens, spend and escalations, from the ledger since it began.
+    """Jobs, attempts, tokens, spend, escalations and the embedding cache's hits, from the
+    ledger since it began.
 
     A job counts once, under its final attempt's queue and outcome (the query layer's
     definition); an attempt under its model, outcome and error kind."""
@@ -153,3 +154,23 @@ class LedgerCollector(Collector):
         for row in usage.escalations(by=("from_model", "to_model")):
             escalations.add_metric([row["from_model"], row["to_model"]], row["escalations"])
         yield escalations
+        yield from self._embedding_cache(usage)
+
+    def _embedding_cache(self, usage: Usage) -> Iterator[Metric]:
+        items = CounterMetricFamily(
+            "fleet_embedding_items",
+            "Inputs of embedding answers by model and source: the embedding cache (cache) or"
+            " a call (model); the cache's hit rate is cache over both",
+            labels=["model", "source"],
+        )
+        saved = CounterMetricFamily(
+            "fleet_embedding_cache_tokens_saved",
+            "Prompt tokens the embedding cache saved, by model",
+            labels=["model"],
+        )
+        for row in usage.embedding_cache():
+            items.add_metric([row["model"], "cache"], row["cached_items"])
+            items.add_metric([row["model"], "model"], row["embedded_items"])
+            saved.add_metric([row["model"]], row["cached_tokens"])
+        yield items
+        yield saved

@@ -14,8 +14,9 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import yaml
 
-from router.catalog import Catalog, load_catalog
+from router.catalog import Catalog, catalog_path
 from router.results import Attempt, Result
 from workers.ledger.rows import rows_for
 from workers.ledger.store import Ledger
@@ -25,11 +26,30 @@ PG_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:54
 DATABASES = ("sqlite", "postgresql")
 
 _catalog: list[Catalog] = []
+# A paid embedding model of the tests' own (the catalog's are local or free): the cache's
+# saving in dollars is nothing on those. A paid model needs both prices.
+PAID_EMBEDDER = "openrouter/openai/text-embedding-3-small"
+PAID_EMBEDDER_USD_PER_MTOK = 0.02
 
 
 def catalog() -> Catalog:
+    """The default catalog, with PAID_EMBEDDER (in no chain: jobs name it)."""
     if not _catalog:
-        _catalog.append(load_catalog())
+        data = yaml.safe_load(catalog_path().read_text(encoding="utf-8"))
+        price = PAID_EMBEDDER_USD_PER_MTOK
+        data["models"].append(
+            {
+                "id": PAID_EMBEDDER,
+                "upstream": "openai/text-embedding-3-small",
+                "queue": "free",
+                "tier": "paid",
+                "context_window": 8192,
+                "capabilities": ["embedding"],
+                "usd_per_mtok_in": price,
+                "usd_per_mtok_out": price,
+            }
+        )
+        _catalog.append(Catalog.model_validate(data))
     return _catalog[0]
 
 
@@ -97,6 +117,46 @@ def result(job_id: str, attempts: list[Attempt], **fields: Any) -> Result:
 
 def rows(job_id: str, attempts: list[Attempt], job: dict | None = None, **fields: Any) -> list:
     return rows_for(result(job_id, attempts, **fields), job or {}, catalog())
+
+
+def embedding_attempt(
+    number: int, model: str, embedded: int, cached: int, tokens_per_item: int = 10, **fields: Any
+) -> Attempt:
+    """An embedding job's attempt that embedded `embedded` inputs by its call and took
+    `cached` from the cache (each input `tokens_per_item` prompt tokens); an answer unless
+    `fields` say otherwise."""
+    return attempt(
+        number,
+        model,
+        items=embedded,
+        cached_items=cached,
+        prompt_tokens=embedded * tokens_per_item,
+        cached_tokens=cached * tokens_per_item,
+        **fields,
+    )
+
+
+def embedding_rows(app: str = "search", prefix: str = "") -> list[dict[str, Any]]:
+    """Embedding jobs of `app` (ids `prefix` + a name): a full hit, a partial hit and a
+    miss on local models, one that failed on a local model after the cache answered part
+    of it and was answered on PAID_EMBEDDER, and a chat job. Their answers: 10 inputs
+    embedded, 15 from the cache (14 on local/qwen3-embedding, 1 on the paid model),
+    100,140 prompt tokens saved."""
+    local = "local/qwen3-embedding"
+
+    def job(name: str, tries: list[Attempt], task_class: str = "embedding") -> list:
+        return rows(prefix + name, tries, {"app": app}, task_class=task_class)
+
+    failed = embedding_attempt(1, local, 0, 4, outcome="error", error_kind="server_error")
+    chat = attempt(1, "litellm/kimi", prompt_tokens=1_000, completion_tokens=100)
+    return [
+        *job("hit", [embedding_attempt(1, local, 0, 8)]),  # 8 inputs from the cache
+        *job("part", [embedding_attempt(1, local, 2, 6)]),
+        *job("miss", [embedding_attempt(1, "ollama/nomic-embed-text", 5, 0)]),
+        # 100,000 tokens an input on the paid model: 3 embedded, 1 from the cache
+        *job("paid", [failed, embedding_attempt(2, PAID_EMBEDDER, 3, 1, 100_000)]),
+        *job("chat", [chat], "user_facing"),
+    ]
 
 
 def simple_rows(job_id: str, n: int = 3) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.ledger_db import PAID_EMBEDDER, embedding_rows
 from tests.test_gateway import Gateway, ask, client, fleet, gateway_fixture, new_key
 from workers.ledger.filters import Filters, parse_since
 from workers.ledger.query import Usage
@@ -247,6 +248,83 @@ def test_the_api_gives_what_fleet_usage_json_gives(run) -> None:
         timeout=30,
     ).json()
     assert [r["app"] for r in mine["rows"]] == ["dash-a"] and mine["total"]["jobs"] == 3
+
+
+@pytest.fixture(scope="module")
+def embedded(run) -> str:
+    """An app's embedding jobs (tests/ledger_db.py: 10 inputs embedded, 15 from the cache,
+    100,140 prompt tokens saved, $0.002 of them on a paid model), written to the fleet's
+    ledger as its writer writes them."""
+    app = "dash-embed"
+    run.ledger.insert(embedding_rows(app, prefix=f"{app}-{time.time_ns()}-"))
+    return app
+
+
+def test_the_embedding_cache_panel(run, browser, embedded) -> None:
+    visit = Visit(browser)
+    try:
+        # When an admin looks at the app whose jobs embedded
+        page = visit.log_in(run.base, run.admin, f"?since=24h&app={embedded}")
+        assert page.url == f"{run.base}/dashboard?since=24h&app={embedded}"
+        # Then the panel shows the cache's hit rate, its inputs and the tokens it saved
+        assert visit.figure("cache-hit-rate") == "60.0%"
+        assert visit.figure("cache-items") == "15 / 10"
+        assert visit.figure("cache-tokens-saved") == "100,140"
+        saved = float(page.get_attribute("#cache-saved", "data-value"))
+        assert saved == pytest.approx(0.002, abs=1e-12)
+        assert "$0.056078 at litellm/kimi's prompt price" in visit.figure("embedding-cache")
+        rows = page.locator("#cache-by-model tr").all_inner_texts()
+        cells = [r.split("\t") for r in rows[1:]]
+        assert [[c.strip() for c in r] for r in cells] == [
+            ["local/qwen3-embedding", "14", "2", "87.5%", "", "140", "$0.000000"],
+            ["ollama/nomic-embed-text", "0", "5", "0.0%", "", "0", "$0.000000"],
+            [PAID_EMBEDDER, "1", "3", "25.0%", "", "100,000", "$0.002000"],
+        ]
+        # And the figures are the query layer's
+        totals = run.totals("24h", app=embedded)
+        assert (totals["cached_items"], totals["embedded_items"]) == (15, 10)
+
+        # And a model filter narrows the panel to that model
+        page.goto(f"{run.base}/dashboard?since=24h&app={embedded}&model=local/qwen3-embedding")
+        assert visit.figure("cache-hit-rate") == "87.5%"
+        assert page.locator("#cache-by-model tr").count() == 2
+        # And where no job embedded, there is no panel
+        for query in ("?since=24h&app=dash-a", f"?since=24h&app={embedded}&class=user_facing"):
+            page.goto(f"{run.base}/dashboard{query}")
+            assert page.locator("#total-jobs").count() == 1
+            assert page.locator("#embedding-cache").count() == 0, query
+    finally:
+        visit.close()
+
+
+def test_the_api_gives_the_embedding_cache_as_fleet_usage_json_does(run, embedded) -> None:
+    since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
+    args = ["usage", "--json", "--since", since, "--app", embedded]
+    cli = fleet(run.env, *args)
+    assert cli.returncode == 0, cli.stderr
+    api = httpx.get(
+        f"{run.base}/api/usage",
+        params={"since": since, "app": embedded},
+        headers={"Authorization": f"Bearer {run.admin}"},
+        timeout=30,
+    )
+    assert api.status_code == 200, api.text
+    body = api.json()
+    assert body["rows"] == json.loads(cli.stdout)
+    local = next(r for r in body["rows"] if r["model"] == "local/qwen3-embedding")
+    assert (local["cached_items"], local["embedded_items"], local["cache_hit_rate"]) == (
+        14,
+        2,
+        0.875,
+    )
+    total = body["total"]
+    assert (total["cached_items"], total["embedded_items"], total["cache_hit_rate"]) == (
+        15,
+        10,
+        0.6,
+    )
+    assert total["cached_tokens"] == 100_140
+    assert total["cache_saved_usd"] == pytest.approx(0.002, abs=1e-12)
 
 
 def test_what_is_refused(run) -> None:

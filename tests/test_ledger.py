@@ -20,9 +20,17 @@ from client import dispatch
 from router import load_catalog
 from router.catalog import default_catalog_path
 from router.errors import ConfigError
-from tests.ledger_db import DATABASES, attempt, database, rows, simple_rows, write_concurrently
+from tests.ledger_db import (
+    DATABASES,
+    attempt,
+    database,
+    embedding_attempt,
+    rows,
+    simple_rows,
+    write_concurrently,
+)
 from workers.ledger.rows import encode_rows
-from workers.ledger.schema import SCHEMA_VERSION, attempts, ledger_meta
+from workers.ledger.schema import EMBEDDING_COUNTS, SCHEMA_VERSION, attempts, ledger_meta
 from workers.ledger.store import CLAIM_PREFIX, CLAIMS_KEY, SPOOL_KEY, Ledger, database_url
 from workers.ops.redis_server import RedisServer, free_port
 from workers.state.connections import script
@@ -324,6 +332,33 @@ def test_with_redis_down_too_rows_go_to_a_local_file(url: str, tmp_path: Path) -
     assert up.count() == 4
     down.close()
     up.close()
+
+
+def test_an_embedding_attempt_keeps_its_cache_figures_and_old_spooled_rows_have_none(
+    url: str, tmp_path: Path
+) -> None:
+    # Given a worker of schema 5's spooled rows (no embedding counts), in the file spool
+    old = [
+        {k: v for k, v in row.items() if k not in EMBEDDING_COUNTS}
+        for row in simple_rows("before", 2)
+    ]
+    spool_file = tmp_path / "spool" / "ledger-spool.jsonl"
+    spool_file.parent.mkdir()
+    spool_file.write_text(encode_rows(old) + "\n")
+    # When this version records an embedding job (2 inputs embedded, 3 from the cache)
+    ledger = open_ledger(url, tmp_path)
+    answer = embedding_attempt(1, "local/qwen3-embedding", 2, 3, tokens_per_item=7)
+    ledger.record(rows("embedded", [answer], task_class="embedding"))
+    # Then it drained the old rows first, with none, and its row holds its figures
+    found = {(r["job_id"], r["attempt"]): r for r in stored(ledger)}
+    figures = {k: (r["items"], r["cached_items"], r["cached_tokens"]) for k, r in found.items()}
+    assert figures == {
+        ("before", 1): (0, 0, 0),
+        ("before", 2): (0, 0, 0),
+        ("embedded", 1): (2, 3, 21),
+    }
+    assert found[("embedded", 1)]["prompt_tokens"] == 14 and spool_file.read_text() == ""
+    ledger.close()
 
 
 def test_concurrent_drainers_write_every_spooled_row_once(

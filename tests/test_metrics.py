@@ -18,9 +18,7 @@ from workers.state.limits import FleetState
 
 def scrape(collector: Any) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """Each family's samples, by their labels, from the text Prometheus would read."""
-    registry = CollectorRegistry()
-    registry.register(collector)
-    text = generate_latest(registry).decode()
+    text = generate_latest(registry_of(collector)).decode()
     return {
         family.name: {tuple(sorted(s.labels.items())): s.value for s in family.samples}
         for family in text_string_to_metric_families(text)
@@ -104,6 +102,53 @@ def test_ledger_metrics_sum_to_the_ledgers_rows(tmp_path: Any) -> None:
         by_outcome[dict(labels)["outcome"]] += int(value)
     assert by_outcome == Counter(r["outcome"] for r in unique)
     assert "fleet_escalations" in found and "fleet_saving_usd" in found
+    # And the embedding cache's counters are the answers' inputs and tokens saved
+    answers = [r for r in unique if r["outcome"] == "ok"]
+    items = found["fleet_embedding_items"]
+    for source, column in (("cache", "cached_items"), ("model", "items")):
+        counted = sum(v for k, v in items.items() if ("source", source) in k)
+        assert counted == sum(r[column] for r in answers) > 0, source
+    saved = sum(found["fleet_embedding_cache_tokens_saved"].values())
+    assert saved == sum(r["cached_tokens"] for r in answers) > 0
+
+
+def test_embedding_cache_metrics_per_model(tmp_path: Any) -> None:
+    from client.dispatch import current_catalog
+    from gateway.metrics import LedgerCollector
+    from tests.ledger_db import PAID_EMBEDDER, embedding_rows
+    from workers.ledger.store import Ledger
+
+    # Given full, partial and no cache hits, a failed attempt's hits, and a chat job
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", redis_url=None, spool_dir=tmp_path)
+    ledger.insert(embedding_rows())
+    # When the metrics are scraped
+    collector = LedgerCollector(ledger, current_catalog())
+    found = scrape(collector)
+    text = generate_latest(registry_of(collector)).decode()
+    ledger.close()
+    # Then each embedding model has its inputs by source and its tokens saved; a chat
+    # model none
+    items = {tuple(v for _, v in k): n for k, n in found["fleet_embedding_items"].items()}
+    assert items == {
+        ("local/qwen3-embedding", "cache"): 14,  # the failed attempt's 4 answered nothing
+        ("local/qwen3-embedding", "model"): 2,
+        ("ollama/nomic-embed-text", "cache"): 0,
+        ("ollama/nomic-embed-text", "model"): 5,
+        (PAID_EMBEDDER, "cache"): 1,
+        (PAID_EMBEDDER, "model"): 3,
+    }
+    saved = {dict(k)["model"]: n for k, n in found["fleet_embedding_cache_tokens_saved"].items()}
+    assert saved == {"local/qwen3-embedding": 140, "ollama/nomic-embed-text": 0, PAID_EMBEDDER: 1e5}
+    # Counters, in Prometheus' names, with no job id among their labels
+    assert "job_id" not in text
+    assert "fleet_embedding_items_total{" in text
+    assert "fleet_embedding_cache_tokens_saved_total{" in text
+
+
+def registry_of(collector: Any) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return registry
 
 
 def test_a_model_a_worker_skipped_for_want_of_its_key_shows_no_key(

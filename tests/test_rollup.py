@@ -26,15 +26,25 @@ from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
 
 from router.catalog import load_catalog
-from tests.ledger_db import DATABASES, attempt, catalog, database, rows
+from tests.ledger_db import (
+    DATABASES,
+    PAID_EMBEDDER,
+    attempt,
+    catalog,
+    database,
+    embedding_attempt,
+    rows,
+)
 from workers.ledger.filters import Filters
 from workers.ledger.query import Usage, percentile_ms, segments
 from workers.ledger.rollup import latency_bucket, rebuild
 from workers.ledger.rows import attempt_row
 from workers.ledger.schema import (
+    EMBEDDING_COUNTS,
     LATENCY_COLUMNS,
     ROLLUP_KEYS,
     SCHEMA_VERSION,
+    attempts,
     escalations_daily,
     escalations_hourly,
     ledger_meta,
@@ -53,6 +63,7 @@ MODELS = (
     "local/qwen3-mlx",
 )
 CLASSES = ("user_facing", "fast_general", "cost_free")
+EMBEDDERS = ("local/qwen3-embedding", "ollama/nomic-embed-text", PAID_EMBEDDER)
 APPS = (None, "billing", "newsroom")
 ERRORS = ("timeout", "server_error", "rate_limited")
 # Three days and a bit, starting an hour before a UTC midnight.
@@ -73,7 +84,10 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
 
 def random_job(rng: random.Random, n: int) -> list[dict[str, Any]]:
     """One job's rows: 1 to 4 attempts (errors or skips, then an answer or a last error),
-    sometimes orphaned calls; minutes apart, so some jobs straddle an hour or a day."""
+    sometimes orphaned calls; minutes apart, so some jobs straddle an hour or a day. A
+    fifth are embedding jobs."""
+    if rng.random() < 0.2:
+        return random_embedding_job(rng, n)
     job_id = f"job-{n}"
     started = START + rng.random() * SPAN_S
     tries = []
@@ -132,6 +146,32 @@ def random_job(rng: random.Random, n: int) -> list[dict[str, Any]]:
         )
         built.append(attempt_row(orphaned_attempt(lost, None), job, catalog()))
     return built
+
+
+def random_embedding_job(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    """An embedding job's rows: perhaps a failed call (after the cache answered some of its
+    inputs), then an answer wholly from the cache, in part, or not at all."""
+    job_id = f"emb-{n}"
+    started = START + rng.random() * SPAN_S
+    inputs = rng.randint(1, 64)
+    per_item = rng.randint(3, 400)
+    tries = []
+    for number in range(1, rng.choice((1, 1, 2)) + 1):
+        model = rng.choice(EMBEDDERS)
+        cached = rng.choice((0, inputs, rng.randint(0, inputs)))  # a miss, a hit, part
+        fields: dict[str, Any] = {"started_at": started, "latency_ms": rng.uniform(1, 900)}
+        if number == 1 and rng.random() < 0.3:  # the call failed: nothing embedded
+            fields |= {"outcome": "error", "error_kind": "server_error"}
+            tries.append(embedding_attempt(number, model, 0, cached, per_item, **fields))
+        else:
+            if cached < inputs and model == PAID_EMBEDDER and rng.random() < 0.3:
+                fields["provider_cost_usd"] = rng.random() / 1000
+            embedded = inputs - cached
+            tries.append(embedding_attempt(number, model, embedded, cached, per_item, **fields))
+            break
+        started += rng.choice((0.5, 40.0, 1_900.0))
+    job = {"id": job_id, "app": rng.choice(APPS), "task_class": "embedding", "source": "app"}
+    return rows(job_id, tries, job, task_class="embedding", source="app")
 
 
 def deliveries(rng: random.Random, jobs: list[list[dict[str, Any]]]) -> list[list[dict]]:
@@ -200,6 +240,9 @@ class Expected:
             sums["completion_tokens"] += row["completion_tokens"]
             sums["tokens_estimated"] += row["tokens_estimated"]
             sums["cost_usd"] += row["cost_usd"]
+            for name in ("items", "cached_items", "cached_tokens"):
+                sums[name] += row[name]
+            sums["cache_saved_usd"] += cache_saved(row)
             if row["outcome"] in ("ok", "error"):
                 sums["latency_ms_sum"] += row["latency_ms"]
                 sums[LATENCY_COLUMNS[latency_bucket(row["latency_ms"])]] += 1
@@ -219,6 +262,16 @@ class Expected:
 
     def at(self, k: tuple) -> dict[str, float]:
         return self.usage.setdefault(k, defaultdict(float))
+
+
+def cache_saved(row: dict) -> float:
+    """The cached tokens at the row's prompt price, or at what its call paid a prompt token
+    when the provider gave the cost."""
+    if row["usd_per_mtok_in"] is not None:
+        return row["cached_tokens"] * row["usd_per_mtok_in"] / 1e6
+    return (
+        row["cost_usd"] / row["prompt_tokens"] * row["cached_tokens"] if row["prompt_tokens"] else 0
+    )
 
 
 def stored_rollups(ledger: Ledger) -> tuple[dict, dict, dict, dict]:
@@ -250,6 +303,8 @@ def stored_rollups(ledger: Ledger) -> tuple[dict, dict, dict, dict]:
 
 def assert_same(got: dict, want: dict) -> None:
     assert set(got) == {k for k, v in want.items() if any(v.values())}
+    for k, sums in got.items():  # no measure the rows do not have
+        assert {name for name, value in sums.items() if value} <= set(want[k]), k
     for k, sums in want.items():
         for name, value in sums.items():
             assert got[k].get(name, 0) == pytest.approx(value, rel=1e-9, abs=1e-9), (k, name)
@@ -416,13 +471,16 @@ def waiting(ledger: Ledger, application_name: str) -> bool:
 def test_the_rollup_migration_fills_the_rollups_from_the_rows(
     ledger: Ledger, tmp_path: Path
 ) -> None:
-    # Given a version-4 ledger (no rollup tables) with rows
+    # Given a version-4 ledger (no rollup tables, no embedding columns) with rows
     all_rows, batches = generated(7, jobs=100)
+    all_rows = [{**r, **dict.fromkeys(EMBEDDING_COUNTS, 0)} for r in all_rows]
     for batch in batches:
-        ledger.insert(batch)
+        ledger.insert([{**r, **dict.fromkeys(EMBEDDING_COUNTS, 0)} for r in batch])
     with ledger.engine.begin() as conn:
         for table in ("usage_hourly", "usage_daily", "escalations_hourly", "escalations_daily"):
             conn.execute(text(f"DROP TABLE {table}"))
+        for column in EMBEDDING_COUNTS:
+            conn.execute(text(f"ALTER TABLE attempts DROP COLUMN {column}"))
         conn.execute(update(ledger_meta).values(schema_version=4))
     # When this version opens it
     url = ledger.url.render_as_string(hide_password=False)
@@ -432,6 +490,43 @@ def test_the_rollup_migration_fills_the_rollups_from_the_rows(
     assert_rollups_are(upgraded, Expected.of(all_rows))
     with upgraded.engine.connect() as conn:
         assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == SCHEMA_VERSION
+    upgraded.close()
+
+
+def test_the_embedding_migration_adds_the_columns_and_keeps_the_rows(
+    ledger: Ledger, tmp_path: Path
+) -> None:
+    # Given a version-5 ledger (no embedding columns in the rows or the rollups) with rows
+    all_rows, batches = generated(9, jobs=100)
+    old = [r for r in all_rows if r["task_class"] != "embedding"]
+    for batch in batches:
+        ledger.insert([r for r in batch if r["task_class"] != "embedding"])
+    with ledger.engine.begin() as conn:
+        for column in EMBEDDING_COUNTS:
+            conn.execute(text(f"ALTER TABLE attempts DROP COLUMN {column}"))
+        for table in ("usage_hourly", "usage_daily"):
+            for column in (*EMBEDDING_COUNTS, "cache_saved_usd"):
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(update(ledger_meta).values(schema_version=5))
+    # When this version opens it and records embedding jobs
+    url = ledger.url.render_as_string(hide_password=False)
+    upgraded = Ledger(url, redis_url=None, spool_dir=tmp_path)
+    new = [r for r in all_rows if r["task_class"] == "embedding"]
+    assert upgraded.insert(new) == len(new)
+    # Then the old rows are kept, with no embedding figures, and the rollups hold every
+    # row's sums, the old and the new
+    with upgraded.engine.connect() as conn:
+        assert conn.execute(select(ledger_meta.c.schema_version)).scalar() == SCHEMA_VERSION
+        stored = conn.execute(select(attempts).where(attempts.c.task_class != "embedding"))
+        kept = {(r.job_id, r.attempt): r for r in stored}
+    assert set(kept) == {(r["job_id"], r["attempt"]) for r in old}
+    assert {(r.items, r.cached_items, r.cached_tokens) for r in kept.values()} == {(0, 0, 0)}
+    assert_rollups_are(upgraded, Expected.of(all_rows))
+    rebuild(upgraded)
+    assert_rollups_are(upgraded, Expected.of(all_rows))
+    assert Usage(upgraded).totals()["cached_items"] == sum(
+        r["cached_items"] for r in new if r["outcome"] == "ok"
+    )
     upgraded.close()
 
 
@@ -475,6 +570,11 @@ def expected_by(
         sums["cost_usd"] += row["cost_usd"]
         sums["orphaned"] += row["outcome"] == "orphaned"
         sums["errors"] += row["outcome"] == "error"
+        if row["outcome"] == "ok":  # the cache's figures are the answers'
+            sums["embedded_items"] += row["items"]
+            sums["cached_items"] += row["cached_items"]
+            sums["cached_tokens"] += row["cached_tokens"]
+            sums["cache_saved_usd"] += cache_saved(row)
     for tries in jobs.values():
         final = max(tries, key=lambda r: r["attempt"])
         if counts(final):
@@ -498,6 +598,8 @@ WINDOWS = [
     Filters(until=datetime.fromtimestamp(START + 30_000, UTC), app="billing"),
     Filters(since=datetime.fromtimestamp(START + 7_777, UTC), task_class="cost_free"),
     Filters(model="litellm/kimi", since=datetime.fromtimestamp(START + 100, UTC)),
+    Filters(task_class="embedding", since=datetime.fromtimestamp(START + 50_000.5, UTC)),
+    Filters(model=PAID_EMBEDDER, until=datetime.fromtimestamp(START + 2 * 86_400 + 60, UTC)),
 ]
 
 
@@ -517,8 +619,23 @@ def test_the_query_layer_gives_the_raw_rows_figures(ledger: Ledger, filters: Fil
                 assert row[name] == sums[name], (by, row)
             assert row["orphaned"] == sums["orphaned"] and row["errors"] == sums["errors"]
             assert row["cost_usd"] == pytest.approx(sums["cost_usd"], abs=1e-8)
+            embedded, cached = sums["embedded_items"], sums["cached_items"]
+            assert (row["embedded_items"], row["cached_items"]) == (embedded, cached), row
+            rate = cached / (cached + embedded) if cached + embedded else None
+            assert row["cache_hit_rate"] == pytest.approx(rate), row
+            assert row["cached_tokens"] == sums["cached_tokens"]
+            assert row["cache_saved_usd"] == pytest.approx(sums["cache_saved_usd"], abs=1e-8)
+            assert row["cache_saved_vs_reference_usd"] == pytest.approx(
+                sums["cached_tokens"] * 0.56 / 1e6, abs=1e-8
+            )
         # Jobs add up: each is counted once, in the group of its final attempt
         assert sum(r["jobs"] for r in got) == usage.totals()["jobs"]
+    # And the embedding cache's rows are the groups of models whose answers embedded
+    want = expected_by(all_rows, filters, ("model",))
+    cache = {r["model"]: r for r in usage.embedding_cache()}
+    assert set(cache) == {m for (m,), v in want.items() if v["embedded_items"] + v["cached_items"]}
+    for model, row in cache.items():
+        assert row["cached_tokens"] == want[(model,)]["cached_tokens"]
 
 
 def test_segments_cover_the_window_once() -> None:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.ledger_db import DATABASES, attempt, catalog, database, rows
+from tests.ledger_db import (
+    DATABASES,
+    PAID_EMBEDDER,
+    attempt,
+    catalog,
+    database,
+    embedding_rows,
+    rows,
+)
 from workers.ledger.filters import Filters
 from workers.ledger.query import Usage
 from workers.ledger.rows import attempt_row
@@ -26,7 +34,15 @@ KIMI_IN, KIMI_OUT = 0.56, 2.94
 NOW = time.time()
 DAYS_AGO_3 = NOW - 3 * 86_400
 KEYS = {"attempts", "jobs", "prompt_tokens", "completion_tokens", "cost_usd", "saving_usd"}
-JSON_KEYS = KEYS | {"orphaned", "orphaned_cost_usd"}
+CACHE_KEYS = {
+    "embedded_items",
+    "cached_items",
+    "cache_hit_rate",
+    "cached_tokens",
+    "cache_saved_usd",
+    "cache_saved_vs_reference_usd",
+}
+JSON_KEYS = KEYS | {"orphaned", "orphaned_cost_usd"} | CACHE_KEYS
 
 
 def kimi(tokens_in: int, tokens_out: int) -> float:
@@ -218,6 +234,76 @@ def test_orphaned_calls_are_counted_and_shown_apart_as_estimated(kind: str, tmp_
 def test_no_orphaned_line_without_orphaned_calls(ledger_env: dict[str, str]) -> None:
     done = usage(env=ledger_env)
     assert done.returncode == 0 and "orphaned" not in done.stdout
+
+
+def test_chat_only_usage_shows_no_cache_columns(ledger_env: dict[str, str]) -> None:
+    done = usage("--by", "tier", env=ledger_env)
+    assert done.returncode == 0, done.stderr
+    assert "hit rate" not in done.stdout and "embedding cache" not in done.stdout
+    # --json carries the cache's fields always: none here
+    for row in usage_json("--by", "tier", env=ledger_env).values():
+        assert {k: row[k] for k in CACHE_KEYS} == {
+            **dict.fromkeys(CACHE_KEYS, 0),
+            "cache_hit_rate": None,
+        }
+
+
+@pytest.fixture(params=DATABASES)
+def embedding_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+    with database(request.param, tmp_path) as url:
+        ledger = Ledger(url, redis_url=None, spool_dir=tmp_path)
+        ledger.insert(embedding_rows())
+        ledger.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+        yield {**env, "FLEET_LEDGER_URL": url, "FLEET_DATA_DIR": str(tmp_path / "data")}
+
+
+def cache(embedded: int, cached: int, tokens: int, saved_usd: float) -> dict:
+    return {
+        "embedded_items": embedded,
+        "cached_items": cached,
+        "cache_hit_rate": cached / (cached + embedded) if cached + embedded else None,
+        "cached_tokens": tokens,
+        "cache_saved_usd": pytest.approx(saved_usd, abs=1e-12),
+        "cache_saved_vs_reference_usd": pytest.approx(tokens * KIMI_IN / 1e6, abs=1e-12),
+    }
+
+
+def test_usage_shows_the_embedding_caches_hits_and_savings(embedding_env: dict[str, str]) -> None:
+    got = usage_json(env=embedding_env)
+    # The answers' inputs: the failed attempt's 4 cache hits answered nothing
+    assert {k: got["local/qwen3-embedding"][k] for k in CACHE_KEYS} == cache(2, 14, 140, 0.0)
+    assert got["local/qwen3-embedding"]["attempts"] == 3
+    assert {k: got["ollama/nomic-embed-text"][k] for k in CACHE_KEYS} == cache(5, 0, 0, 0.0)
+    # On the paid model, the 100,000 tokens the cache saved are worth its $0.02/M
+    paid = got[PAID_EMBEDDER]
+    assert {k: paid[k] for k in CACHE_KEYS} == cache(3, 1, 100_000, 0.002)
+    assert paid["cost_usd"] == pytest.approx(0.006, abs=1e-12)
+    assert {k: got["litellm/kimi"][k] for k in CACHE_KEYS} == cache(0, 0, 0, 0.0)
+    # The class's total: 15 of 25 inputs from the cache
+    total = usage_json("--by", "task_class", env=embedding_env)["embedding"]
+    assert {k: total[k] for k in CACHE_KEYS} == cache(10, 15, 100_140, 0.002)
+    assert total["cache_hit_rate"] == 0.6
+
+    # The table shows them, and what the saved tokens were worth
+    done = usage(env=embedding_env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+
+    def last_four(name: str) -> list[str]:
+        """The cache's four cells of the row of that name."""
+        cells = next(c for x in lines if (c := [c for c in x.split() if c != "│"])[:1] == [name])
+        return cells[-4:]
+
+    head = next(x for x in lines if "hit rate" in x)
+    assert "cache hits" in head and "tokens saved" in head
+    assert last_four("local/qwen3-embedding") == ["14", "2", "87.5%", "140"]
+    assert last_four("litellm/kimi") == ["–"] * 4  # no embeddings: nothing to say
+    assert last_four("total") == ["15", "10", "60.0%", "100,140"]
+    saved = next(x for x in lines if x.startswith("embedding cache:"))
+    assert "100,140 prompt tokens saved: $0.002000 at their models' prices" in saved
+    assert f"${100_140 * KIMI_IN / 1e6:.6f} at litellm/kimi's prompt price" in saved
+    assert "nothing on local, free and subscription models" in saved
 
 
 def test_usage_json_is_the_query_layers_for_the_same_filters(ledger_env: dict[str, str]) -> None:

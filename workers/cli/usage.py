@@ -16,8 +16,11 @@ from workers.cli.output import print_json
 JSON_HELP = (
     "a JSON list, one object per group with keys <by>, attempts, jobs, prompt_tokens,"
     " completion_tokens, cost_usd, saving_usd, orphaned (calls in flight when their worker"
-    " died, counted in the others), orphaned_cost_usd (their estimated cost); no total row"
-    " (sum the groups: a job counts once, in the group of its final attempt)"
+    " died, counted in the others), orphaned_cost_usd (their estimated cost), and of the"
+    " embedding cache, over the answers: embedded_items, cached_items, cache_hit_rate"
+    " (null without either), cached_tokens (prompt tokens saved), cache_saved_usd (their"
+    " price on their models), cache_saved_vs_reference_usd; no total row (sum the groups:"
+    " a job counts once, in the group of its final attempt)"
 )
 
 
@@ -34,7 +37,8 @@ def add_usage(commands: Subcommands) -> None:
         "usage",
         help="tokens, cost and saving per model (or other group), from the ledger",
         description=f"Reads the ledger (FLEET_LEDGER_URL, or ledger.db in the data dir). The"
-        f" saving is what the same tokens would cost on {REFERENCE_MODEL} minus what they cost.",
+        f" saving is what the same tokens would cost on {REFERENCE_MODEL} minus what they cost."
+        " Embedding jobs add the cache's hits, hit rate and prompt tokens saved.",
     )
     p.add_argument("--since", type=since, default="24h", help=f"{SINCE_HELP} (default 24h)")
     p.add_argument("--until", type=since, help=f"up to (excluded): {SINCE_HELP} (default: now)")

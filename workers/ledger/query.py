@@ -7,6 +7,7 @@ their figures here, so they agree by construction.
     usage.latency()             # per model: calls, errors, error_rate, mean, p50/p95/p99 ms
     usage.tiers()               # per tier: jobs, answered, failed, share of all jobs
     usage.escalations()         # per (from_model, to_model, reason): how many
+    usage.embedding_cache()     # per model: the embedding cache's hits, hit rate, savings
 
 Figures come from the rollups (schema.py, kept by rollup.py): whole UTC days from
 `usage_daily`, whole hours from `usage_hourly`, and the parts of an hour a window cuts (an
@@ -22,6 +23,15 @@ is what its tokens would have cost on the paid primary (REFERENCE_MODEL, at the 
 prices) minus what they did cost. Orphaned calls (in flight when their worker died:
 workers/runtime/orphans.py) count in every figure like any call, on their estimated
 tokens and cost, and are also counted apart.
+
+The embedding cache's figures are those of the answers (ok attempts), whose vectors the
+job returned: `embedded_items` the inputs their calls embedded, `cached_items` those the
+cache answered, `cache_hit_rate` cached / (cached + embedded) (None without either),
+`cached_tokens` the prompt tokens the cache saved, `cache_saved_usd` what those would have
+cost on their model (0 on local, free and subscription models: rollup.py) and
+`cache_saved_vs_reference_usd` what they would have cost at the paid primary's prompt
+price, the measure of `saving_usd`. A failed attempt's cache hits did not answer the job
+(the next model's vectors did), so they count nowhere.
 """
 
 from __future__ import annotations
@@ -175,6 +185,19 @@ FIGURES = (
     Agg("orphaned_cost_usd", "cost_usd", ("orphaned",)),
     Agg("errors", "attempts", ("error",)),
     Agg("skipped", "attempts", ("skipped",)),
+    Agg("embedded_items", "items", ("ok",)),
+    Agg("cached_items", "cached_items", ("ok",)),
+    Agg("cached_tokens", "cached_tokens", ("ok",)),
+    Agg("cache_saved_usd", "cache_saved_usd", ("ok",)),
+)
+# The figures of the embedding cache, in figures()' order.
+CACHE_FIGURES = (
+    "embedded_items",
+    "cached_items",
+    "cache_hit_rate",
+    "cached_tokens",
+    "cache_saved_usd",
+    "cache_saved_vs_reference_usd",
 )
 
 
@@ -359,6 +382,8 @@ def figures(sums: Mapping[str, float], prices: Prices) -> dict[str, Any]:
     cost = float(sums["cost_usd"])
     reference = (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
     counts = ("attempts", "jobs", "answered", "escalated_jobs", "errors", "skipped", "orphaned")
+    embedded, cached = int(sums["embedded_items"]), int(sums["cached_items"])
+    cached_tokens = int(sums["cached_tokens"])
     return {
         **{name: int(sums[name]) for name in counts},
         "prompt_tokens": tokens_in,
@@ -367,6 +392,12 @@ def figures(sums: Mapping[str, float], prices: Prices) -> dict[str, Any]:
         "cost_usd": round(cost, DIGITS),
         "saving_usd": round(reference - cost, DIGITS),
         "orphaned_cost_usd": round(float(sums["orphaned_cost_usd"]), DIGITS),  # estimated
+        "embedded_items": embedded,
+        "cached_items": cached,
+        "cache_hit_rate": cached / (cached + embedded) if cached + embedded else None,
+        "cached_tokens": cached_tokens,
+        "cache_saved_usd": round(float(sums["cache_saved_usd"]), DIGITS),
+        "cache_saved_vs_reference_usd": round(cached_tokens * prices[0] / 1e6, DIGITS),
     }
 
 
@@ -546,6 +577,20 @@ class Usage:
             rows.sort(key=lambda r: (-r["escalations"], *(str(r[k]) for k in by)))
         return rows
 
+    def embedding_cache(self, by: str = "model") -> list[dict[str, Any]]:
+        """Per `by` (a rollup key, `day` or `hour`), the groups whose answers embedded
+        inputs or took them from the cache: {by, *CACHE_FIGURES}, most inputs first."""
+        rows = [
+            {by: r[by], **{k: r[k] for k in CACHE_FIGURES}}
+            for r in self._grouped((by,))
+            if r["embedded_items"] or r["cached_items"]
+        ]
+        if by in ("day", "hour"):
+            rows.sort(key=lambda r: str(r[by]))
+        else:
+            rows.sort(key=lambda r: (-(r["embedded_items"] + r["cached_items"]), str(r[by])))
+        return rows
+
     def page(self) -> dict[str, Any]:
         """What the dashboard shows for these filters, as JSON-ready data."""
         f = self.filters
@@ -568,6 +613,7 @@ class Usage:
             "tiers": self.tiers(),
             "latency": self.latency(),
             "escalations": self.escalations(),
+            "embedding_cache": self.embedding_cache(),
         }
 
 

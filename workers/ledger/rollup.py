@@ -4,7 +4,9 @@ inserts the rows.
 
 What a row adds, at the UTC hour (and day) its attempt started:
 - every row: one attempt, its tokens, whether they were estimated, its cost; a call (outcome
-  ok or error) its latency, to the sum and to one histogram bucket (schema.py);
+  ok or error) its latency, to the sum and to one histogram bucket (schema.py); an
+  embedding attempt its items, cached items and cached tokens, and what those tokens would
+  have cost on its model (cache_saved_usd());
 - a job, once: `jobs` +1 under the key of its final attempt, the highest-numbered of its
   rows that is not an orphaned call (for an answered job, the answering one), and
   `escalated_jobs` +1 there when that attempt's model is not its first attempt's;
@@ -32,6 +34,7 @@ from sqlalchemy import String, Table, any_, bindparam, delete, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from router.costs import PER_MTOK
 from workers.ledger.schema import (
     ESCALATION_KEYS,
     LATENCY_BOUNDS_MS,
@@ -62,6 +65,10 @@ ROW_COLUMNS = (
     attempts.c.cost_usd,
     attempts.c.latency_ms,
     attempts.c.started_at,
+    attempts.c["items"],  # (attempts.c.items is the collection's items())
+    attempts.c.cached_items,
+    attempts.c.cached_tokens,
+    attempts.c.usd_per_mtok_in,
 )
 ORPHANED = "orphaned"
 CALLS = ("ok", "error")  # the outcomes of an attempt that made a call
@@ -85,6 +92,21 @@ def latency_bucket(ms: float) -> int:
 
 def usage_key(row: Row) -> UsageKey:
     return (hour_of(row["started_at"]), *(row[k] or "" for k in ROLLUP_KEYS))
+
+
+def cache_saved_usd(row: Row) -> float:
+    """What the prompt tokens the cache saved an embedding attempt would have cost on its
+    model: at the prompt price the row was billed at (router/costs.py: 0 for a local, free
+    or subscription model), or, when the provider gave the cost, at what its call paid a
+    prompt token (an embedding call has no completion)."""
+    tokens = int(row["cached_tokens"])
+    if not tokens:
+        return 0.0
+    price = row["usd_per_mtok_in"]
+    if price is not None:
+        return tokens * float(price) / PER_MTOK
+    paid_for = int(row["prompt_tokens"])
+    return float(row["cost_usd"]) * tokens / paid_for if paid_for else 0.0
 
 
 def _reason(row: Row) -> str:
@@ -113,6 +135,10 @@ class Tally:
         m[_M["completion_tokens"]] += int(row["completion_tokens"])
         m[_M["tokens_estimated"]] += 1 if row["tokens_estimated"] else 0
         m[_M["cost_usd"]] += float(row["cost_usd"])
+        m[_M["items"]] += int(row["items"])
+        m[_M["cached_items"]] += int(row["cached_items"])
+        m[_M["cached_tokens"]] += int(row["cached_tokens"])
+        m[_M["cache_saved_usd"]] += cache_saved_usd(row)
         if row["outcome"] in CALLS:
             latency = float(row["latency_ms"])
             m[_M["latency_ms_sum"]] += latency

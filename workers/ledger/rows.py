@@ -60,6 +60,9 @@ def attempt_row(
         "app": job.get("app"),
         "tools": a.tools,
         "json_schema": a.json_schema,
+        "items": a.items,
+        "cached_items": a.cached_items,
+        "cached_tokens": a.cached_tokens,
     }
 
 

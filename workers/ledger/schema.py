@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = MetaData()
 
@@ -59,6 +59,12 @@ attempts = Table(
     # recorded before the ledger kept it)
     Column("tools", Boolean),
     Column("json_schema", Boolean),
+    # an embedding attempt's inputs: embedded by its call, answered by the fleet's cache
+    # for its model instead, and the prompt tokens those cost when they were embedded
+    # (0 for a chat attempt, and in rows recorded before schema version 6)
+    Column("items", Integer, nullable=False, server_default="0"),
+    Column("cached_items", Integer, nullable=False, server_default="0"),
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),
     Index("ix_attempts_started_at", "started_at"),
 )
 
@@ -122,9 +128,15 @@ USAGE_MEASURES: tuple[str, ...] = (
     "cost_usd",
     "latency_ms_sum",  # of the calls (outcome ok or error), as the histogram
     *LATENCY_COLUMNS,
+    # an embedding attempt's: items, cached_items, cached_tokens, and what the cached
+    # tokens would have cost on its model (rollup.py: cache_saved_usd())
+    "items",
+    "cached_items",
+    "cached_tokens",
+    "cache_saved_usd",
 )
-_BIG = frozenset({"prompt_tokens", "completion_tokens"})
-_REAL = frozenset({"cost_usd", "latency_ms_sum"})
+_BIG = frozenset({"prompt_tokens", "completion_tokens", "cached_tokens"})
+_REAL = frozenset({"cost_usd", "latency_ms_sum", "cache_saved_usd"})
 _KEY_LENGTHS = {c.name: c.type.length for c in attempts.columns if c.name in ROLLUP_KEYS}  # type: ignore[attr-defined]
 
 
@@ -177,6 +189,24 @@ def _backfill_rollups(conn: Connection) -> None:
     rebuild_in(conn)
 
 
+# Version 6: the embedding figures. A row recorded before has none (0), nor has a rollup
+# row, so the columns' DEFAULT 0 is their value and nothing is recomputed.
+EMBEDDING_COUNTS: tuple[str, ...] = ("items", "cached_items", "cached_tokens")
+_EMBEDDING_COLUMNS = [
+    f"ALTER TABLE attempts ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0"
+    for name in EMBEDDING_COUNTS
+]
+_EMBEDDING_MEASURES = [
+    f"ALTER TABLE {table} ADD COLUMN {name} {kind} NOT NULL DEFAULT 0"
+    for table in ("usage_hourly", "usage_daily")
+    for name, kind in (
+        ("items", "INTEGER"),
+        ("cached_items", "INTEGER"),
+        ("cached_tokens", "BIGINT"),
+        ("cache_saved_usd", "FLOAT"),
+    )
+]
+
 # What takes a database of version N to N + 1: SQL, or a function of the connection (tables
 # that are new are created as such before the steps run, in the same transaction).
 Migration = str | Callable[[Connection], None]
@@ -187,7 +217,10 @@ MIGRATIONS: dict[int, list[Migration]] = {
         "ALTER TABLE attempts ADD COLUMN json_schema BOOLEAN",
     ],
     3: ["ALTER TABLE app_keys ADD COLUMN admin BOOLEAN"],
-    4: [_backfill_rollups],
+    # The backfill reads the attempts columns of this version: those added since come first
+    # (a step adding a column that is there already skips it: store.py).
+    4: [*_EMBEDDING_COLUMNS, _backfill_rollups],
+    5: [*_EMBEDDING_COLUMNS, *_EMBEDDING_MEASURES],
 }
 
 ledger_meta = Table(

@@ -44,6 +44,7 @@ from workers.ledger import rollup
 from workers.ledger.rows import decode_rows, encode_rows
 from workers.ledger.schema import (
     COLUMNS,
+    EMBEDDING_COUNTS,
     MIGRATIONS,
     SCHEMA_VERSION,
     attempts,
@@ -153,8 +154,7 @@ def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> int:
     # In key order, so that two writers' overlapping batches wait on each other rather
     # than deadlock.
     values = sorted(
-        ({k: row.get(k) for k in COLUMNS} for row in rows),
-        key=lambda v: (str(v["job_id"]), v["attempt"] or 0),
+        (_stored(row) for row in rows), key=lambda v: (str(v["job_id"]), v["attempt"] or 0)
     )
     # RETURNING names exactly the rows this statement inserted (a row already there is
     # ignored and not returned), as stored: only those are added to the rollups.
@@ -165,6 +165,15 @@ def insert_rows(conn: Connection, rows: list[dict[str, Any]]) -> int:
         inserted = conn.execute(_SQLITE_INSERT, values).mappings().all()
     rollup.add(conn, inserted)
     return len(inserted)
+
+
+def _stored(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's values for every column; a row spooled by a worker of an older version has
+    no embedding counts, which are then 0 (NOT NULL: the batch would never be written)."""
+    values = {k: row.get(k) for k in COLUMNS}
+    for name in EMBEDDING_COUNTS:
+        values[name] = values[name] or 0
+    return values
 
 
 _SQLITE_INSERT = (

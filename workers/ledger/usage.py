@@ -8,6 +8,11 @@ they did cost; days are UTC.
 Orphaned calls (in flight when their worker died: workers/runtime/orphans.py) count in
 every figure like any call, on their estimated tokens and cost, and are also shown apart:
 how many, and their estimated cost.
+
+Embedding jobs add the cache's figures (query.py): the inputs answered from the cache and
+embedded, the hit rate and the prompt tokens saved, as columns when the window holds any,
+with a line saying what those tokens would have cost (on their models, and on the paid
+primary). --json carries them always.
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ REPORTED = (
     "saving_usd",
     "orphaned",
     "orphaned_cost_usd",
+    "embedded_items",
+    "cached_items",
+    "cache_hit_rate",  # None in a group without either
+    "cached_tokens",
+    "cache_saved_usd",
+    "cache_saved_vs_reference_usd",
 )
 
 
@@ -120,14 +131,19 @@ def print_report(report: Report) -> None:
         "cost $",
         f"saving $ vs {REFERENCE_MODEL}",
     ]
+    embeds = _embeds(report.total)
+    if embeds:
+        heads += ["cache hits", "embedded", "hit rate", "tokens saved"]
     table.add_column(report.by, footer="total")
-    for head, foot in zip(heads, _cells(report.total), strict=True):
+    for head, foot in zip(heads, _cells(report.total, embeds), strict=True):
         table.add_column(head, footer=foot, justify="right")
     for row in report.rows:
-        table.add_row(str(row[report.by]), *_cells(row))
-    Console(highlight=False, width=None if sys.stdout.isatty() else 160).print(table)
+        table.add_row(str(row[report.by]), *_cells(row, embeds))
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table)
     if report.total["orphaned"]:
         print(orphaned_line(report.total))
+    if embeds:
+        print(cache_line(report.total))
 
 
 def orphaned_line(total: dict[str, Any]) -> str:
@@ -138,8 +154,23 @@ def orphaned_line(total: dict[str, Any]) -> str:
     )
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    return [
+def cache_line(total: dict[str, Any]) -> str:
+    """What the prompt tokens the embedding cache saved would have cost: on their own
+    models (nothing on a local, free or subscription one), and on the paid primary."""
+    return (
+        f"embedding cache: {total['cached_tokens']:,} prompt tokens saved:"
+        f" ${total['cache_saved_usd']:.6f} at their models' prices (nothing on local, free and"
+        f" subscription models), ${total['cache_saved_vs_reference_usd']:.6f} at"
+        f" {REFERENCE_MODEL}'s prompt price"
+    )
+
+
+def _embeds(row: dict[str, Any]) -> bool:
+    return bool(row["embedded_items"] or row["cached_items"])
+
+
+def _cells(row: dict[str, Any], embeds: bool = False) -> list[str]:
+    cells = [
         f"{row['attempts']:,}",
         f"{row['jobs']:,}",
         f"{row['prompt_tokens']:,}",
@@ -147,3 +178,11 @@ def _cells(row: dict[str, Any]) -> list[str]:
         f"{row['cost_usd']:.6f}",
         f"{row['saving_usd']:.6f}",
     ]
+    if embeds:
+        if _embeds(row):
+            rate = f"{row['cache_hit_rate'] * 100:.1f}%"
+            counts = (row["cached_items"], row["embedded_items"])
+            cells += [*(f"{n:,}" for n in counts), rate, f"{row['cached_tokens']:,}"]
+        else:
+            cells += ["–"] * 4  # a group without embeddings (a chat model's)
+    return cells
