@@ -259,3 +259,28 @@ def _delete_live_state(client: redis.Redis) -> None:
         found = list(client.scan_iter(f"{keys.PREFIX}:{kind}:*", count=1000))
         if found:
             client.delete(*found)
+
+
+def ledger_rows(
+    env: Mapping[str, str], job_id: str, wait_s: float = 20
+) -> dict[int, dict[str, Any]]:
+    """The job's ledger rows by attempt number, once the fleet's ledger writer (or this
+    drain of its spool) has written them; {} if none come within `wait_s`."""
+    from sqlalchemy import select
+
+    from workers.ledger.schema import attempts
+    from workers.ledger.store import Ledger
+
+    ledger = Ledger(env["FLEET_LEDGER_URL"], redis_url=env.get("FLEET_BROKER_URL"))
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            ledger.drain()
+            with ledger.engine.connect() as conn:
+                found = conn.execute(select(attempts).where(attempts.c.job_id == job_id))
+                rows = {row["attempt"]: dict(row) for row in found.mappings()}
+            if rows or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+    finally:
+        ledger.close()

@@ -18,7 +18,7 @@ from router.errors import ConfigError, InvalidJob
 from router.jobs import parse_job
 from router.policy import route_job
 from router.results import decode_vector, encode_vector, pack_vector
-from tests.fixtures import reset_live_state
+from tests.fixtures import ledger_rows, reset_live_state
 from tests.test_gateway import client, gateway_fixture, new_key
 from workers.runtime.embedding_call import split_tokens
 from workers.state import keys
@@ -202,7 +202,7 @@ def _usable(fleet_env: dict[str, str]) -> None:
 
 
 def test_an_embedding_job_through_dispatch_then_again_from_the_cache(
-    fleet_app: Any, simulator: Any, _usable: None
+    fleet_app: Any, fleet_env: dict[str, str], simulator: Any, _usable: None
 ) -> None:
     from client.dispatch import dispatch
 
@@ -226,6 +226,12 @@ def test_an_embedding_job_through_dispatch_then_again_from_the_cache(
     [hit] = again.attempts
     assert (hit.items, hit.cached_items, hit.prompt_tokens) == (0, 20, 0)
     assert hit.cached_tokens == attempt.prompt_tokens  # what the cache saved
+    # and the ledger has it: what the first call embedded, what the cache then answered
+    [first_row] = ledger_rows(fleet_env, first.job_id).values()
+    [again_row] = ledger_rows(fleet_env, again.job_id).values()
+    assert (first_row["items"], first_row["cached_items"]) == (20, 0)
+    assert (again_row["items"], again_row["cached_items"], again_row["prompt_tokens"]) == (0, 20, 0)
+    assert again_row["cached_tokens"] == first_row["prompt_tokens"]
 
 
 def test_a_half_cached_batch_sends_only_the_missing_half(

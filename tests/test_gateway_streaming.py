@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures import reset_live_state
+from tests.fixtures import ledger_rows, reset_live_state
 from tests.test_gateway import Gateway, client, gateway_fixture, new_key
 from tests.test_gateway_chat_api import WEATHER
 
@@ -290,34 +290,13 @@ def test_a_client_that_leaves_mid_stream_stops_its_job_and_pays_for_what_was_mad
             time.sleep(0.1)
         assert ends == ["gone"]
         # And the ledger has the stopped call, from the job's final state
-        rows = ledger_rows(fleet_env, job_id)
+        rows = list(ledger_rows(fleet_env, job_id).values())
         assert [(r["outcome"], r["error_kind"], r["tokens_estimated"]) for r in rows] == [
             ("error", "revoked", True)
         ]
         assert rows[0]["completion_tokens"] == call["completion_tokens"]
     finally:
         simulator.reset()
-
-
-def ledger_rows(env: dict[str, str], job_id: str) -> list[dict[str, Any]]:
-    """The job's ledger rows, once the fleet's ledger writer has written them."""
-    from sqlalchemy import select
-
-    from workers.ledger.schema import attempts
-    from workers.ledger.store import Ledger
-
-    ledger = Ledger(env["FLEET_LEDGER_URL"], redis_url=None)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with ledger.engine.connect() as conn:
-                query = select(attempts).where(attempts.c.job_id == job_id)
-                found = [dict(r) for r in conn.execute(query).mappings()]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.2)
-    finally:
-        ledger.close()
 
 
 def test_fuzzed_streaming_bodies_end_well_or_are_refused_whole(

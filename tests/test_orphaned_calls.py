@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from client import dispatch
-from tests.fixtures import Workers, url_of, wait_until
-from workers.ledger.store import Ledger
+from tests.fixtures import Workers, ledger_rows, url_of, wait_until
 from workers.runtime.orphans import ORPHAN_ATTEMPTS_FROM
 from workers.state import keys
 
@@ -66,22 +65,6 @@ def fleet(fleet_env, fresh_redis, sim, tmp_path, monkeypatch) -> Any:
 def calls_for(sim: Any, job_id: str) -> list[dict[str, Any]]:
     """The calls the provider received for the job, from its own log."""
     return [r for r in sim.requests() if r["job"] == job_id]
-
-
-def ledger_rows(env: dict[str, str], job_id: str) -> dict[int, dict[str, Any]]:
-    """The job's ledger rows by attempt number, once the spool is written."""
-    from sqlalchemy import select
-
-    from workers.ledger.schema import attempts
-
-    ledger = Ledger(env["FLEET_LEDGER_URL"], redis_url=env["FLEET_BROKER_URL"])
-    try:
-        ledger.drain()
-        with ledger.engine.connect() as conn:
-            found = conn.execute(select(attempts).where(attempts.c.job_id == job_id)).mappings()
-            return {row["attempt"]: dict(row) for row in found}
-    finally:
-        ledger.close()
 
 
 def test_calls_in_flight_when_their_worker_is_killed_are_billed_as_orphaned(
