@@ -23,14 +23,17 @@ import yaml
 
 from client import dispatch
 from client.dispatch import first_usable
+from gateway.metrics import LiveStateCollector
 from router import NoRouteAvailable, load_catalog
 from router.catalog import Catalog
 from router.jobs import parse_job
 from router.policy import route_job
 from tests.fixtures import Databases, url_of, wait_until
+from tests.test_metrics import scrape
 from tests.test_models_cli import lay_out_in_hub_cache
 from workers.ops.pools import worker_argv
 from workers.ops.supervisor import Supervisor
+from workers.runtime.celery_app import create_app
 from workers.runtime.serving import Announcer
 from workers.sim.simulated import PLACEHOLDER_KEY, simulated_env
 from workers.sim.simulator import Simulator
@@ -112,6 +115,11 @@ def test_a_local_model_is_missing_unless_at_its_path_or_in_the_hub_cache(
     assert set(found) == mlx and "ollama/nomic-embed-text" in local
     assert found[QWEN_MLX].reason == QWEN_MISSING
     assert state.model_status(QWEN_MLX)["unservable"]["kind"] == "model_missing"
+    gauge = scrape(
+        LiveStateCollector(create_app({"FLEET_BROKER_URL": url_of(fresh_redis)}), state, catalog)
+    )
+    assert gauge["fleet_model_state"][(("model", QWEN_MLX), ("state", "model_missing"))] == 1
+    assert gauge["fleet_model_state"][(("model", QWEN_MLX), ("state", "ok"))] == 0
     # When the model is laid out in the hub cache, as `fleet models pull` leaves it
     lay_out_in_hub_cache(tiny_model_dir, hf_home, catalog.model(QWEN_MLX).upstream)
     announcer(fresh_redis, catalog, "local", env, "a").announce()  # a fresh check

@@ -80,7 +80,10 @@ def announced(queues: Sequence[str], replies: list[Any]) -> dict[str, list[dict[
             text = value.decode() if isinstance(value, bytes) else str(value)
             until, _, lacking = text.partition("|")
             if until.isdigit() and int(until) >= now_ms:
-                words.append(json.loads(lacking))
+                try:
+                    words.append(dict(json.loads(lacking)))
+                except (TypeError, ValueError):  # not an announcement: as if none
+                    continue
     return found
 
 
