@@ -23,7 +23,7 @@ from workers.runtime.celery_app import queue_depths
 from workers.state import deadletter
 from workers.state.limits import FleetState
 
-MODEL_STATES = ("ok", "no_key", "cooldown", "circuit_open")
+MODEL_STATES = ("ok", "no_key", "model_missing", "cooldown", "circuit_open")
 
 
 class LiveStateCollector(Collector):
@@ -51,8 +51,9 @@ class LiveStateCollector(Collector):
     def _models(self) -> Iterator[Metric]:
         state = GaugeMetricFamily(
             "fleet_model_state",
-            "1 for the state each model is in now (ok, no_key: a worker skipped it lately"
-            " for want of its key, cooldown, circuit_open)",
+            "1 for the state each model is in now (ok; no_key: no live worker of its queue"
+            " has its key, or a worker skipped it lately for want of it; model_missing: no"
+            " live worker of its queue has the local model; cooldown; circuit_open)",
             labels=["model", "state"],
         )
         quota = GaugeMetricFamily(
@@ -63,7 +64,9 @@ class LiveStateCollector(Collector):
         for model in self.catalog.models:
             found = self.state.model_status(model.id)
             now = "ok"
-            if found["circuit_open"]:
+            if found["unservable"]:
+                now = found["unservable"]["kind"]
+            elif found["circuit_open"]:
                 now = "circuit_open"
             elif found["cooldown"]:
                 now = "cooldown"

@@ -60,7 +60,9 @@ def _print_status(status: dict[str, Any]) -> None:
         models.add_column(col)
     for m in status["models"]:
         state = m["cooldown"] or ("circuit open" if m["circuit_open"] else "ok")
-        if state == "ok" and m.get("no_key"):
+        if m.get("unservable"):  # no live worker of its queue can serve it: the fix
+            state = m["unservable"]["reason"]
+        elif state == "ok" and m.get("no_key"):
             state = f"no key on {m['no_key']}"
         if m.get("refused"):  # resting for these capabilities only
             state += f"; refused {', '.join(m['refused'])}"

@@ -44,6 +44,7 @@ from workers.providers.base import (
     Target,
     calling_for,
 )
+from workers.providers.mlx_local import _looks_like_local_path, local_model_dir
 from workers.providers.registry import ProviderRegistry
 
 REACH_TIMEOUT_S = 2.0  # a TCP connect to each provider's base URL, all at once
@@ -133,47 +134,22 @@ def _static_check(
 
 
 def _check_local(check: ModelCheck, upstream: str, environ: Mapping[str, str]) -> None:
-    from workers.providers.mlx_local import _looks_like_local_path
-
-    if _looks_like_local_path(upstream):
-        path = Path(upstream).expanduser()
-        if not (path / "config.json").is_file():
+    path = local_model_dir(upstream, environ)  # as a worker announces it (runtime/serving.py)
+    if path is None:
+        if _looks_like_local_path(upstream):
+            where = Path(upstream).expanduser()
             check.fail(
-                f"no MLX model at {path}", "put an MLX model there, or point upstream at one"
+                f"no MLX model at {where}", "put an MLX model there, or point upstream at one"
             )
-            return
-    else:
-        found = in_hub_cache(upstream, environ)
-        if found is None:
+        else:
             check.fail(f"{upstream} is not in the hub cache", fetch_command(check.model))
-            return
-        path = found
+        return
     check.local = str(path)
     problem = unloadable(path)
     check.loadable = problem is None
     if problem is not None:
         fix = "fetch it again: " + fetch_command(check.model) if path != Path(upstream) else ""
         check.fail(problem, fix or "replace the model at that path")
-
-
-def hub_cache_dir(environ: Mapping[str, str]) -> str | None:
-    """The hub cache `environ` names (HF_HUB_CACHE, else HF_HOME/hub); None: the default
-    huggingface_hub reads from the process's own environment."""
-    return environ.get("HF_HUB_CACHE") or (
-        str(Path(environ["HF_HOME"]) / "hub") if environ.get("HF_HOME") else None
-    )
-
-
-def in_hub_cache(repo_id: str, environ: Mapping[str, str]) -> Path | None:
-    """The snapshot directory of `repo_id` in the hub cache (HF_HOME / HF_HUB_CACHE as
-    huggingface_hub reads them), never asking the hub."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(environ))
-    except ValueError:  # not a valid repo id
-        return None
-    return Path(found).parent if isinstance(found, str) else None
 
 
 def unloadable(path: Path) -> str | None:

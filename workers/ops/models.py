@@ -22,7 +22,8 @@ from typing import Any
 
 from router.catalog import Catalog, Model
 from router.errors import FleetError
-from workers.ops.doctor import fetch_command, hub_cache_dir, in_hub_cache, unloadable
+from workers.ops.doctor import fetch_command, unloadable
+from workers.providers.mlx_local import hub_cache_dir, in_hub_cache
 
 
 @dataclass

@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -161,6 +161,37 @@ class _Job:
 def _looks_like_local_path(model: str) -> bool:
     """Absolute or explicitly relative: never a hub repo id, so never try the hub."""
     return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def hub_cache_dir(environ: Mapping[str, str]) -> str | None:
+    """The hub cache `environ` names (HF_HUB_CACHE, else HF_HOME/hub); None: the default
+    huggingface_hub reads from the process's own environment."""
+    return environ.get("HF_HUB_CACHE") or (
+        str(Path(environ["HF_HOME"]) / "hub") if environ.get("HF_HOME") else None
+    )
+
+
+def in_hub_cache(repo_id: str, environ: Mapping[str, str]) -> Path | None:
+    """The snapshot directory of `repo_id` in the hub cache (HF_HOME / HF_HUB_CACHE as
+    huggingface_hub reads them), never asking the hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache_dir(environ))
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def local_model_dir(upstream: str, environ: Mapping[str, str]) -> Path | None:
+    """The directory holding the local model `upstream` on this machine (a path with its
+    config.json, or its snapshot in the hub cache), None when it is not there. Offline:
+    a few stat calls, never the hub. Whether mlx-lm can load it is another question
+    (fleet doctor's)."""
+    if _looks_like_local_path(upstream):
+        path = Path(upstream).expanduser()
+        return path if (path / "config.json").is_file() else None
+    return in_hub_cache(upstream, environ)
 
 
 def _part_text(i: int, part: Any) -> str:

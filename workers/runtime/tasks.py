@@ -33,12 +33,14 @@ from router.errors import JobFailed
 from router.jobs import Reservation
 from router.results import Result
 from router.travel import TravellingState
+from workers.config import fleet_urls
 from workers.ledger.rows import encode_rows, rows_for
 from workers.providers.base import Caller, calling_for
 from workers.providers.registry import ProviderRegistry
 from workers.runtime import liveness, orphans
 from workers.runtime.resultstore import Bookkeeping, FleetRedisBackend, attach
 from workers.runtime.sending import TASK_RUN_JOB, Outgoing, send
+from workers.runtime.serving import Announcer
 from workers.runtime.step import (
     REVOKED,
     Done,
@@ -52,7 +54,7 @@ from workers.runtime.step import (
     revoked,
 )
 from workers.state import apps, beathealth, deadletter, deliveries, keys, streams
-from workers.state.connections import preload, redis_client
+from workers.state.connections import new_client, preload, redis_client
 from workers.state.deadletter import NOT_FILED
 from workers.state.inflight import Superseded
 from workers.state.limits import FailOpen, FleetState
@@ -68,6 +70,7 @@ class _Process:
 
     catalog: Catalog | None = None
     registry: ProviderRegistry | None = None
+    announcer: Announcer | None = None  # what this worker serves, said once a beat
     state: FleetState | None = None
     gate: Gate | None = None
     concurrency: int | None = None  # the -c the worker was started with
@@ -123,6 +126,24 @@ def _warm_up(sender: Any = None, **_: Any) -> None:
         log.info("warm-up skipped: %r", exc)
 
 
+@_on(worker_ready)
+def _announce(sender: Any = None, **_: Any) -> None:
+    """Say, once a beat, what of its queues' models this worker cannot serve from here
+    (workers/runtime/serving.py), from the process that consumes them."""
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    queues = list(app.amqp.queues.consume_from or {})
+    lapse = (app.conf.broker_transport_options or {}).get("lapse_s", liveness.DEFAULT_LAPSE_S)
+    # a client of its own: the announcer's thread never waits for a delivery's connection
+    announcer = Announcer(_catalog(), queues, new_client(fleet_urls()[1]), lapse)
+    with _lock:
+        if _process.announcer is not None:
+            return
+        _process.announcer = announcer
+    announcer.start()
+
+
 def _active_tags() -> set[str]:
     """The delivery tags of the jobs this worker runs now (Celery's own record, in the
     process that holds the messages, a prefork pool's parent too)."""
@@ -138,6 +159,10 @@ liveness.active_tags = _active_tags
 def _stop(**_: Any) -> None:
     with _lock:
         registry, _process.registry = _process.registry, None
+        announcer, _process.announcer = _process.announcer, None
+    if announcer is not None:
+        announcer.stop()
+        announcer.client.close()
     if registry is not None:
         registry.close()
 

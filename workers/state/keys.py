@@ -38,6 +38,14 @@ def no_key(model: str) -> str:
     return f"{PREFIX}:nokey:{model}"
 
 
+def serving(queue: str) -> str:
+    """What the live workers of a queue cannot serve, as each announces it every beat
+    (workers/state/serving.py): hash process -> '<deadline ms>|<JSON {model: why}>'; a
+    field whose deadline passed is dropped by the next announcement, and the hash
+    expires with its latest deadline."""
+    return f"{PREFIX}:serving:{queue}"
+
+
 def failures(model: str) -> str:
     """Recent transient failures (sorted set by ms): enough of them open the circuit."""
     return f"{PREFIX}:circuit:failures:{model}"

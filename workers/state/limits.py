@@ -12,7 +12,9 @@ slot is free again only window + margin after it was taken, and calls that arriv
 `margin_ms` later or earlier than one another still fit the provider's window.
 
     block(cls, model, needs) why the model cannot take a job now (and until when): a look;
-                             with `needs`, a model resting for one of them is blocked too
+                             with `needs`, a model resting for one of them is blocked too;
+                             a model no live worker of its queue can serve is blocked for
+                             good (serving.py)
     admit(cls, model, tok)   the same check, and the slot taken in every window the model
                              counts against (and the probe of a half-open circuit), in one
                              round trip (scripts/admit.lua): a Slot, or the Block
@@ -42,7 +44,7 @@ from router.catalog import CAPABILITIES, Catalog, Limits, Model
 from router.results import Attempt
 from router.slots import Block
 from workers.config import limit_margin_ms
-from workers.state import inflight, keys
+from workers.state import inflight, keys, serving
 from workers.state.connections import Pipeline
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ class FleetState:
         rests = [(m, cap) for m in models for cap in sorted(needs)]
         for model_id, cap in rests:
             batch.pipe.pttl(keys.lacks(model_id, cap))
+        queues = sorted({self.catalog.model(m).queue for m in models})
+        serving.look(batch.pipe, queues)  # what the queues' live workers cannot serve
         replies = batch.execute()
         found: dict[str, Block] = {}
         for model_id, look, reply in zip(models, looks, replies, strict=False):
@@ -140,13 +144,19 @@ class FleetState:
             if isinstance(answer, Block):
                 found[model_id] = answer
         now = time.time()
-        for (model_id, cap), ttl_ms in zip(rests, replies[len(looks) :], strict=True):
+        ttls = replies[len(looks) : len(looks) + len(rests)]
+        for (model_id, cap), ttl_ms in zip(rests, ttls, strict=True):
             if int(ttl_ms) == -2:  # no such key: not resting for `cap`
                 continue
             until = now + int(ttl_ms) / 1000 if int(ttl_ms) >= 0 else None
             refused = Block(f"refused {cap}", until)
             if _later(refused, found.get(model_id)):
                 found[model_id] = refused
+        announced = serving.announced(queues, replies[len(looks) + len(rests) :])
+        for model_id in models:
+            gone = serving.unservable(self.catalog, model_id, announced)
+            if gone is not None:  # no wait frees it: a person must act
+                found[model_id] = Block(gone.reason)
         return found
 
     def admit(self, task_class: str, model_id: str, prompt_tokens: int) -> Slot | Block:
@@ -376,8 +386,16 @@ class FleetState:
             for period in ("day", "month")
         }
         no_key = self.redis.get(keys.no_key(model_id))
+        pipe = self.redis.pipeline(transaction=False)
+        serving.look(pipe, [model.queue])
+        gone = serving.unservable(
+            self.catalog, model_id, serving.announced([model.queue], pipe.execute())
+        )
         return {
             "model": model_id,
+            # no live worker of its queue can serve it: {kind: no_key | model_missing,
+            # reason} (None: one can, or none has said)
+            "unservable": {"kind": gone.kind, "reason": gone.reason} if gone else None,
             # the worker that skipped it lately for want of its key (None: none did)
             "no_key": no_key.decode() if isinstance(no_key, bytes) else no_key,
             "cooldown": cooldown.reason if cooldown else None,
