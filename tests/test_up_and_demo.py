@@ -149,7 +149,7 @@ def test_fleet_up_runs_once_per_data_dir_serves_jobs_and_stops_cleanly(
     assert up.returncode == 0, out
     assert "stopping" in out
     # `fleet doctor`'s summary, run at start: every class has a usable model
-    assert "doctor: 9 of 9 task classes usable, 23 of 23 models can serve" in out
+    assert "doctor: 10 of 10 task classes usable, 26 of 26 models can serve" in out
     pids = [int(p) for p in re.findall(r" pid (\d+) ", out)]
     assert len(pids) == 9  # a worker per queue, the ledger writer, beat, flower, gateway
     assert [pid for pid in pids if _alive(pid)] == []
