@@ -86,6 +86,10 @@ def demo_jobs() -> list[tuple[str, dict[str, Any]]]:
             "profile code",
             _ask("Write hello world in C.", task_class="fast_general", profile="code"),
         ),
+        (
+            "embedding on local MLX",
+            {"task_class": "embedding", "input": ["a fleet of models", "one queue each"]},
+        ),
     ]
 
 
