@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from router.catalog import TASK_CLASSES
 from workers.ops.redis_server import free_port
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
-CLASSES = {
-    "complex_reasoning",
-    "creative",
-    "user_facing",
-    "vision",
-    "long_context",
-    "fast_general",
-    "cost_free",
-    "reasoning_free",
-    "heartbeat",
-}
+CLASSES = set(TASK_CLASSES)  # the demo sends a job of every class
 
 
 def test_demo_json_runs_the_whole_fleet_and_exits_0(tmp_path: Path) -> None:
