@@ -299,6 +299,7 @@ def fault_targets(catalog: Catalog, dead: tuple[str, ...]) -> list[Model]:
         m
         for m in catalog.models
         if catalog.providers[m.provider].kind == "openai"
+        and not m.supports("embedding")  # a chat job cannot name one
         and m.provider not in dead
         and m.id not in USER_FACING
         and m.queue != "vision"
