@@ -136,6 +136,10 @@ def test_with_no_max_tokens_an_orphan_is_billed_the_default_completion() -> None
     attempt = orphans.orphaned_attempt(orphan, None)
     assert attempt.completion_tokens == orphans.ORPHAN_COMPLETION_TOKENS
     assert attempt.number == 1023  # message 2, delivery 3
+    # and the number gives them back, for each delivery a message can have
+    for sends, delivery in ((0, 1), (2, 3), (2, 10), (3, 1)):
+        found = Orphan("", sends, delivery, 1, LLAMA, "free", "free", 50, None, 0.0)
+        assert orphans.delivery_of(orphans.number(found)) == (sends, delivery)
 
 
 def test_the_final_state_clears_the_jobs_marks_with_its_rows(

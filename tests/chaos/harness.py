@@ -56,7 +56,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +74,7 @@ from workers.ledger.rows import rows_for
 from workers.ledger.schema import attempts as attempts_table
 from workers.ops.redis_server import RedisServer, free_port
 from workers.ops.supervisor import Child
+from workers.runtime import orphans
 from workers.sim.simulated import write_simulated_catalog
 from workers.sim.simulator import Simulator
 from workers.state import keys
@@ -267,10 +268,23 @@ class Struck:
     since: float  # epoch s
     until: float  # epoch s
 
-    def made(self, call: dict[str, Any]) -> bool:
-        """Whether `call` (from the simulator's log) was made by this process in the span."""
-        who = process_of(call.get("job_process"))
-        return who == (self.host, self.pid) and self.since <= float(call["t"]) <= self.until
+    def made(
+        self, call: dict[str, Any], marked: Mapping[tuple[int, int], float] | None = None
+    ) -> bool:
+        """Whether `call` (from the simulator's log) was made by this process in the span.
+
+        `marked`: when each (message, delivery) of the call's job marked its call, from
+        the job's orphaned rows. A request written into a cut link reaches the provider
+        only when TCP sends it again, after the heal: the provider logs it late. Its
+        delivery's mark, made within the span, dates it (a call of that delivery made
+        after the heal would be refused its mark: mark.lua)."""
+        if process_of(call.get("job_process")) != (self.host, self.pid):
+            return False
+        if self.since <= float(call["t"]) <= self.until:
+            return True
+        at = (marked or {}).get((call.get("job_message"), call.get("job_delivery")))  # type: ignore[arg-type]
+        late = self.kind == "cut" and float(call["t"]) > self.until
+        return late and at is not None and self.since <= at <= self.until
 
 
 def process_of(process: str | None) -> tuple[str, int] | None:
@@ -282,13 +296,21 @@ def process_of(process: str | None) -> tuple[str, int] | None:
     return (host, int(pid)) if pid.isdigit() else None
 
 
-def fate_of(struck: Iterable[Struck]) -> Callable[[dict[str, Any]], str | None]:
+def fate_of(
+    struck: Iterable[Struck], rows: Iterable[dict[str, Any]] = ()
+) -> Callable[[dict[str, Any]], str | None]:
     """The kind of strike ("killed", "cut") that took the process of a call, or None: the
-    call was made while its worker lived on."""
+    call was made while its worker lived on. `rows`: the job's ledger rows, whose
+    orphaned calls say when each was marked (Struck.made)."""
     found = list(struck)
+    marked = {
+        orphans.delivery_of(int(row["attempt"])): _stamp(row["started_at"])
+        for row in rows
+        if row["outcome"] == "orphaned"
+    }
 
     def fate(call: dict[str, Any]) -> str | None:
-        return next((s.kind for s in found if s.made(call)), None)
+        return next((s.kind for s in found if s.made(call, marked)), None)
 
     return fate
 
@@ -947,8 +969,8 @@ def audit(
     by_id: dict[str, list[JobRecord]] = {}
     for record in records:
         by_id.setdefault(record.id, []).append(record)
-    fate = fate_of(fleet.struck)
     for jid, callers in by_id.items():
+        fate = fate_of(fleet.struck, rows.get(jid, []))
         meta = backend_meta(fleet.client, jid)
         final = final_result(meta)
         raw_dead = fleet.client.hget(keys.DEAD_LETTER, jid)

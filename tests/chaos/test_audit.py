@@ -102,6 +102,25 @@ def test_a_strike_takes_the_calls_of_its_process_in_its_span_only() -> None:
     assert FATE({**call(), "job_process": None}) is None
 
 
+def test_a_request_the_cut_held_back_is_the_cuts_when_its_mark_dates_it_so() -> None:
+    # Written into the cut link at t=45, TCP sent it again after the heal: the provider
+    # logged it at t=72. The orphaned row of its delivery was marked at t=45: the cut's.
+    late = call(pid=300, delivery=1, t=72.0)
+    marked = {"model": "zai/glm-4.7", "outcome": "orphaned", "attempt": 1001}
+    assert fate_of([KILLED, CUT], [{**marked, "started_at": "1970-01-01T00:00:45"}])(late) == "cut"
+    # Marked after the heal, or no mark at all: a call made after the heal, alive.
+    after = [{**marked, "started_at": "1970-01-01T00:01:11"}]
+    assert fate_of([KILLED, CUT], after)(late) is None
+    assert FATE(late) is None
+    # Another delivery's mark does not date it; nor does a kill's span reach past death.
+    assert (
+        fate_of([CUT], [{**marked, "attempt": 1002, "started_at": "1970-01-01T00:00:45"}])(late)
+        is None
+    )
+    killed_late = call(pid=100, delivery=1, t=61.0)
+    assert fate_of([KILLED], [{**marked, "started_at": "1970-01-01T00:00:50"}])(killed_late) is None
+
+
 def test_a_missing_row_is_excused_only_for_a_killed_or_cut_process() -> None:
     # Killed mid-call, then answered by another worker: the killed call has no row.
     calls = [call(pid=100, delivery=1), call(pid=200, delivery=2)]

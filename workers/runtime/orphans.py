@@ -49,6 +49,13 @@ def number(orphan: Orphan) -> int:
     return ORPHAN_ATTEMPTS_FROM + 10 * orphan.sends + orphan.delivery
 
 
+def delivery_of(attempt: int) -> tuple[int, int]:
+    """The (message, delivery) an orphaned call's attempt number names: `number`'s
+    inverse (deliveries count from 1 to MAX_DELIVERIES = 10)."""
+    message, delivery = divmod(attempt - ORPHAN_ATTEMPTS_FROM - 1, 10)
+    return message, delivery + 1
+
+
 def orphaned_attempt(orphan: Orphan, max_tokens: int | None) -> Attempt:
     return Attempt(
         number=number(orphan),

@@ -56,7 +56,7 @@ from workers.runtime.step import (
 from workers.state import apps, beathealth, deadletter, deliveries, keys, streams
 from workers.state.connections import new_client, preload, redis_client
 from workers.state.deadletter import NOT_FILED
-from workers.state.inflight import Superseded
+from workers.state.inflight import Superseded, Unmarked
 from workers.state.limits import FailOpen, FleetState
 from workers.state.vector_cache import VectorCache
 
@@ -328,6 +328,11 @@ def _step(
             )
     except Superseded:
         _superseded(job, sends, "before its call left")
+    except Unmarked as exc:
+        # Redis went away between the delivery's first round trip and its call: hand the
+        # message back, as that round trip does (its slot stays taken, for its window).
+        log.warning("job %s: call not marked in flight (%s); requeued", job["id"], exc)
+        raise Reject(f"state store unreachable: {exc}", requeue=True) from None
 
 
 def _sink(job: dict[str, Any], first_message: bool) -> streams.StreamWriter | None:

@@ -17,7 +17,8 @@ worker is killed is delivered again and calls again: the ledger must hold both c
              and the request's last byte (the headers and the body are two writes): that
              window is the request's own, not Redis' round trip, so a mark sent without
              waiting for Redis' reply would not shrink it: the mark waits, the simpler
-             code. The chaos audit counts such rows apart.
+             code. The chaos audit counts such rows apart. A mark that cannot reach Redis
+             stops the call (Unmarked): an unmarked call nobody could bill.
     clear    Once the call's outcome is recorded: with the job's final state and its ledger
              rows (store_result.lua), or, when the job moved on to its next message, by
              that message's first round trip (begin.lua), since its state carries the
@@ -79,6 +80,13 @@ class Call:
 class Superseded(Exception):
     """A later delivery of this delivery's message began: its worker lost the message
     (its beat lapsed, workers/runtime/liveness.py) and the job is another's now."""
+
+
+class Unmarked(Exception):
+    """The state Redis could not be reached to mark the call: the call does not leave.
+    Nobody could bill it, and this delivery cannot tell whether it still holds its
+    message (cut off from Redis, it may have lost it to another worker already): the
+    delivery hands its message back instead (workers/runtime/tasks.py)."""
 
 
 def mark(redis: Any, call: Call) -> None:

@@ -507,7 +507,8 @@ class FailOpen:
 
     A job already in a worker's hands is answered rather than stalled; limits resume as
     soon as Redis answers again. (Without Redis the broker is usually down too, so little
-    new work arrives meanwhile.)
+    new work arrives meanwhile.) Save the mark: a call that cannot be marked in flight
+    does not leave (`mark`).
     """
 
     def __init__(self, state: FleetState) -> None:
@@ -534,12 +535,14 @@ class FailOpen:
             return Slot()
 
     def mark(self, call: inflight.Call) -> None:
+        """The one check that fails closed: a call that cannot be marked does not leave
+        (inflight.Unmarked)."""
+        import redis
+
         try:
             self.state.mark(call)
-        except inflight.Superseded:
-            raise
-        except Exception as exc:  # the call goes unmarked: a kill during it bills nothing
-            _unreachable(exc)
+        except redis.RedisError as exc:
+            raise inflight.Unmarked(f"job {call.job_id}: {type(exc).__name__}") from exc
 
     def settle(self, model_id: str, attempt: Attempt, cost_usd: float, probe: bool) -> None:
         try:
