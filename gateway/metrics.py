@@ -145,7 +145,8 @@ class LedgerCollector(Collector):
         yield spend
         saving = GaugeMetricFamily(
             "fleet_saving_usd",
-            "What the ledger's tokens would have cost on the paid primary, minus their cost",
+            "What the ledger's tokens would have cost on the paid primary (embedding tokens"
+            " on a paid embedding model), minus their cost",
         )
         saving.add_metric([], usage.totals()["saving_usd"])
         yield saving

@@ -272,7 +272,9 @@ def test_the_embedding_cache_panel(run, browser, embedded) -> None:
         assert visit.figure("cache-tokens-saved") == "100,140"
         saved = float(page.get_attribute("#cache-saved", "data-value"))
         assert saved == pytest.approx(0.002, abs=1e-12)
-        assert "$0.056078 at litellm/kimi's prompt price" in visit.figure("embedding-cache")
+        assert "$0.002003 at openai/text-embedding-3-small's price" in visit.figure(
+            "embedding-cache"
+        )
         rows = page.locator("#cache-by-model tr").all_inner_texts()
         cells = [r.split("\t") for r in rows[1:]]
         assert [[c.strip() for c in r] for r in cells] == [

@@ -567,6 +567,8 @@ def expected_by(
         sums["attempts"] += 1
         sums["prompt_tokens"] += row["prompt_tokens"]
         sums["completion_tokens"] += row["completion_tokens"]
+        if row["task_class"] == "embedding":
+            sums["embedding_tokens"] += row["prompt_tokens"]
         sums["cost_usd"] += row["cost_usd"]
         sums["orphaned"] += row["outcome"] == "orphaned"
         sums["errors"] += row["outcome"] == "error"
@@ -625,8 +627,15 @@ def test_the_query_layer_gives_the_raw_rows_figures(ledger: Ledger, filters: Fil
             assert row["cache_hit_rate"] == pytest.approx(rate), row
             assert row["cached_tokens"] == sums["cached_tokens"]
             assert row["cache_saved_usd"] == pytest.approx(sums["cache_saved_usd"], abs=1e-8)
+            # the saving: chat tokens at litellm/kimi's prices, embedding tokens at
+            # openai/text-embedding-3-small's
+            chat_in = sums["prompt_tokens"] - sums["embedding_tokens"]
+            reference = chat_in * 0.56 + sums["completion_tokens"] * 2.94
+            reference += sums["embedding_tokens"] * 0.02
+            saving = reference / 1e6 - sums["cost_usd"]
+            assert row["saving_usd"] == pytest.approx(saving, abs=1e-8), row
             assert row["cache_saved_vs_reference_usd"] == pytest.approx(
-                sums["cached_tokens"] * 0.56 / 1e6, abs=1e-8
+                sums["cached_tokens"] * 0.02 / 1e6, abs=1e-8
             )
         # Jobs add up: each is counted once, in the group of its final attempt
         assert sum(r["jobs"] for r in got) == usage.totals()["jobs"]

@@ -31,6 +31,7 @@ from workers.ledger.usage import parse_since
 
 FLEET = str(Path(sys.executable).with_name("fleet"))
 KIMI_IN, KIMI_OUT = 0.56, 2.94
+EMBEDDING_REF = 0.02  # openai/text-embedding-3-small, $/1M tokens: an embedding's reference
 NOW = time.time()
 DAYS_AGO_3 = NOW - 3 * 86_400
 KEYS = {"attempts", "jobs", "prompt_tokens", "completion_tokens", "cost_usd", "saving_usd"}
@@ -265,7 +266,7 @@ def cache(embedded: int, cached: int, tokens: int, saved_usd: float) -> dict:
         "cache_hit_rate": cached / (cached + embedded) if cached + embedded else None,
         "cached_tokens": tokens,
         "cache_saved_usd": pytest.approx(saved_usd, abs=1e-12),
-        "cache_saved_vs_reference_usd": pytest.approx(tokens * KIMI_IN / 1e6, abs=1e-12),
+        "cache_saved_vs_reference_usd": pytest.approx(tokens * EMBEDDING_REF / 1e6, abs=1e-12),
     }
 
 
@@ -284,6 +285,11 @@ def test_usage_shows_the_embedding_caches_hits_and_savings(embedding_env: dict[s
     total = usage_json("--by", "task_class", env=embedding_env)["embedding"]
     assert {k: total[k] for k in CACHE_KEYS} == cache(10, 15, 100_140, 0.002)
     assert total["cache_hit_rate"] == 0.6
+    # Its saving prices its tokens at a paid embedding model's price, not the chat primary's
+    reference = (
+        total["prompt_tokens"] * EMBEDDING_REF + total["completion_tokens"] * KIMI_OUT
+    ) / 1e6
+    assert total["saving_usd"] == pytest.approx(reference - total["cost_usd"], abs=1e-9)
 
     # The table shows them, and what the saved tokens were worth
     done = usage(env=embedding_env)
@@ -302,7 +308,7 @@ def test_usage_shows_the_embedding_caches_hits_and_savings(embedding_env: dict[s
     assert last_four("total") == ["15", "10", "60.0%", "100,140"]
     saved = next(x for x in lines if x.startswith("embedding cache:"))
     assert "100,140 prompt tokens saved: $0.002000 at their models' prices" in saved
-    assert f"${100_140 * KIMI_IN / 1e6:.6f} at litellm/kimi's prompt price" in saved
+    assert f"${100_140 * EMBEDDING_REF / 1e6:.6f} at openai/text-embedding-3-small's price" in saved
     assert "nothing on local, free and subscription models" in saved
 
 

@@ -1,5 +1,5 @@
 """What a question to the ledger names, light enough for the command line's parser (no
-SQLAlchemy): a window and filters (Filters), ages and dates (parse_since), the paid primary
+SQLAlchemy): a window and filters (Filters), ages and dates (parse_since), the paid models
 a saving is measured against, and UTC day and hour labels. workers/ledger/query.py answers."""
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ REFERENCE_PRICES: tuple[float, float] = (
     0.56,
     2.94,
 )  # $/1M tokens in, out: when the catalog has no litellm/kimi
+# Embedding tokens are measured against a paid embedding model, not the chat primary (at
+# 28x its price, the saving of a fleet that embeds much would be mostly fiction): OpenAI's
+# text-embedding-3-small, the usual paid choice, at its list price ($ per 1M tokens).
+EMBEDDING_REFERENCE_MODEL = "openai/text-embedding-3-small"
+EMBEDDING_REFERENCE_PRICE = 0.02
 _AGE = re.compile(r"^(\d+)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 SINCE_HELP = "an age like 30m, 24h, 7d (units s, m, h, d, w) or a UTC date like 2025-01-31"
@@ -37,12 +42,13 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return _utc(when)
 
 
-Prices = tuple[float, float]
+Prices = tuple[float, float, float]  # $/1M tokens: chat in, chat out, embedding
 
 
 def reference_prices(catalog: Catalog | None) -> Prices:
     model = catalog.by_id.get(REFERENCE_MODEL) if catalog else None
-    return (model.usd_per_mtok_in, model.usd_per_mtok_out) if model else REFERENCE_PRICES
+    chat = (model.usd_per_mtok_in, model.usd_per_mtok_out) if model else REFERENCE_PRICES
+    return (*chat, EMBEDDING_REFERENCE_PRICE)
 
 
 def _utc(when: datetime) -> datetime:

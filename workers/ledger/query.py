@@ -20,7 +20,8 @@ orphaned call; for an answered job, the answering one), at that attempt's time: 
 every group add up to the total. `answered` are those whose final attempt is ok,
 `escalated_jobs` those whose final model is not the one first tried. The saving of a group
 is what its tokens would have cost on the paid primary (REFERENCE_MODEL, at the catalog's
-prices) minus what they did cost. Orphaned calls (in flight when their worker died:
+prices; an embedding job's on the paid embedding model, EMBEDDING_REFERENCE_MODEL) minus
+what they did cost. Orphaned calls (in flight when their worker died:
 workers/runtime/orphans.py) count in every figure like any call, on their estimated
 tokens and cost, and are also counted apart.
 
@@ -29,8 +30,8 @@ job returned: `embedded_items` the inputs their calls embedded, `cached_items` t
 cache answered, `cache_hit_rate` cached / (cached + embedded) (None without either),
 `cached_tokens` the prompt tokens the cache saved, `cache_saved_usd` what those would have
 cost on their model (0 on local, free and subscription models: rollup.py) and
-`cache_saved_vs_reference_usd` what they would have cost at the paid primary's prompt
-price, the measure of `saving_usd`. A failed attempt's cache hits did not answer the job
+`cache_saved_vs_reference_usd` what they would have cost on the paid embedding model,
+the measure of `saving_usd`. A failed attempt's cache hits did not answer the job
 (the next model's vectors did), so they count nowhere.
 """
 
@@ -49,6 +50,7 @@ from sqlalchemy.engine import Connection
 from router.catalog import Catalog
 from router.errors import ConfigError
 from workers.ledger.filters import (
+    EMBEDDING_REFERENCE_MODEL,
     REFERENCE_MODEL,
     Filters,
     Prices,
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
     from workers.ledger.store import Ledger
 
 __all__ = [
+    "EMBEDDING_REFERENCE_MODEL",
     "GROUPS",
     "QUANTILES",
     "REFERENCE_MODEL",
@@ -165,11 +168,26 @@ def _hours_and_days(lo: int | None, hi: int | None, days: bool) -> list[Segment]
 
 @dataclass(frozen=True)
 class Agg:
-    """A figure: the sum of a rollup measure over the rows of these outcomes (() = all)."""
+    """A figure: the sum of a rollup measure over the rows of these outcomes and task
+    classes (() = all)."""
 
     name: str
     measure: str
     outcomes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()
+
+    def counts(self, outcome: Any, task_class: Any) -> bool:
+        return (not self.outcomes or outcome in self.outcomes) and (
+            not self.classes or task_class in self.classes
+        )
+
+
+def _split_by(aggs: Sequence[Agg]) -> list[str]:
+    """The keys figures of some outcomes or classes only are summed per, then folded."""
+    return [
+        *(["outcome"] if any(a.outcomes for a in aggs) else []),
+        *(["task_class"] if any(a.classes for a in aggs) else []),
+    ]
 
 
 FIGURES = (
@@ -179,6 +197,7 @@ FIGURES = (
     Agg("escalated_jobs", "escalated_jobs"),
     Agg("prompt_tokens", "prompt_tokens"),
     Agg("completion_tokens", "completion_tokens"),
+    Agg("embedding_tokens", "prompt_tokens", classes=("embedding",)),
     Agg("tokens_estimated", "tokens_estimated"),
     Agg("cost_usd", "cost_usd"),
     Agg("orphaned", "attempts", ("orphaned",)),
@@ -316,16 +335,16 @@ def _tally_sums(
 
 
 def _fold(raw: Sums, grouped: int, measures: Sequence[str], aggs: Sequence[Agg]) -> Sums:
-    """The aggregates per group from sums per group and outcome (the outcome last in a
-    key of `raw` that is longer than `grouped`)."""
+    """The aggregates per group from sums per group and split (_split_by: the outcome,
+    the task class, after the first `grouped` values of a key of `raw`)."""
     measure_at = {m: i for i, m in enumerate(measures)}
-    by_outcome = any(a.outcomes for a in aggs)
+    split = _split_by(aggs)
     out: Sums = {}
     for key, sums in raw.items():
-        group, outcome = (key[:grouped], key[grouped]) if by_outcome else (key, None)
-        into = out.setdefault(group, [0] * len(aggs))
+        named = dict(zip(split, key[grouped:], strict=True))
+        into = out.setdefault(key[:grouped], [0] * len(aggs))
         for i, agg in enumerate(aggs):
-            if not agg.outcomes or outcome in agg.outcomes:
+            if agg.counts(named.get("outcome"), named.get("task_class")):
                 into[i] += sums[measure_at[agg.measure]]
     return out
 
@@ -380,7 +399,9 @@ def figures(sums: Mapping[str, float], prices: Prices) -> dict[str, Any]:
     """A group's figures from its FIGURES sums, with the saving against `prices`."""
     tokens_in, tokens_out = int(sums["prompt_tokens"]), int(sums["completion_tokens"])
     cost = float(sums["cost_usd"])
-    reference = (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
+    embedding = int(sums["embedding_tokens"])  # priced at the paid embedding model's
+    reference = ((tokens_in - embedding) * prices[0] + tokens_out * prices[1]) / 1e6
+    reference += embedding * prices[2] / 1e6
     counts = ("attempts", "jobs", "answered", "escalated_jobs", "errors", "skipped", "orphaned")
     embedded, cached = int(sums["embedded_items"]), int(sums["cached_items"])
     cached_tokens = int(sums["cached_tokens"])
@@ -397,7 +418,7 @@ def figures(sums: Mapping[str, float], prices: Prices) -> dict[str, Any]:
         "cache_hit_rate": cached / (cached + embedded) if cached + embedded else None,
         "cached_tokens": cached_tokens,
         "cache_saved_usd": round(float(sums["cache_saved_usd"]), DIGITS),
-        "cache_saved_vs_reference_usd": round(cached_tokens * prices[0] / 1e6, DIGITS),
+        "cache_saved_vs_reference_usd": round(cached_tokens * prices[2] / 1e6, DIGITS),
     }
 
 
@@ -446,8 +467,8 @@ class Usage:
                 raise ConfigError(f"cannot group by {key!r} (valid: {valid})")
         days = family.daily is not None and "hour" not in by
         measures = list(dict.fromkeys(a.measure for a in aggs))
-        # Figures of some outcomes only are summed per outcome, then folded here.
-        keys = [*by, "outcome"] if any(a.outcomes for a in aggs) else list(by)
+        # Figures of some outcomes or classes only are summed per those, then folded.
+        keys = [*by, *_split_by(aggs)]
         raw: Sums = {}
         with self._connection() as conn:
             for seg in segments(self.filters.since, self.filters.until, days):
@@ -607,6 +628,7 @@ class Usage:
                 "model": f.model,
             },
             "reference_model": REFERENCE_MODEL,
+            "embedding_reference_model": EMBEDDING_REFERENCE_MODEL,
             "totals": self.totals(),
             "by_day_and_tier": self.by("day", "tier"),
             **{f"by_{k}": self.by(k) for k in PAGE_GROUPS},

@@ -2,8 +2,8 @@
 
 Its figures are the query layer's (workers/ledger/query.py), the dashboard's too: a job
 counts once, in the group of its final attempt; the saving of a group is what its tokens
-would have cost on the paid primary (`litellm/kimi`, at the catalog's prices) minus what
-they did cost; days are UTC.
+would have cost on the paid primary (`litellm/kimi`, at the catalog's prices; embedding
+tokens on `openai/text-embedding-3-small`) minus what they did cost; days are UTC.
 
 Orphaned calls (in flight when their worker died: workers/runtime/orphans.py) count in
 every figure like any call, on their estimated tokens and cost, and are also shown apart:
@@ -12,7 +12,7 @@ how many, and their estimated cost.
 Embedding jobs add the cache's figures (query.py): the inputs answered from the cache and
 embedded, the hit rate and the prompt tokens saved, as columns when the window holds any,
 with a line saying what those tokens would have cost (on their models, and on the paid
-primary). --json carries them always.
+embedding model). --json carries them always.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from router.catalog import Catalog
 from router.errors import ConfigError
 from workers.ledger.filters import (
+    EMBEDDING_REFERENCE_MODEL,
     REFERENCE_MODEL,
     REFERENCE_PRICES,
     SINCE_HELP,
@@ -156,12 +157,13 @@ def orphaned_line(total: dict[str, Any]) -> str:
 
 def cache_line(total: dict[str, Any]) -> str:
     """What the prompt tokens the embedding cache saved would have cost: on their own
-    models (nothing on a local, free or subscription one), and on the paid primary."""
+    models (nothing on a local, free or subscription one), and on the paid embedding
+    model the saving is measured against."""
     return (
         f"embedding cache: {total['cached_tokens']:,} prompt tokens saved:"
         f" ${total['cache_saved_usd']:.6f} at their models' prices (nothing on local, free and"
         f" subscription models), ${total['cache_saved_vs_reference_usd']:.6f} at"
-        f" {REFERENCE_MODEL}'s prompt price"
+        f" {EMBEDDING_REFERENCE_MODEL}'s price"
     )
 
 
