@@ -23,8 +23,15 @@ it asked, and a timed request whose page asked again is dropped and taken again.
 Last, the writer's cost: batches of 200 new jobs' rows inserted by `Ledger.insert` (rows
 and rollups) against the same rows inserted alone.
 
+`--screenshot PATH` also saves the top of the first run's page (`?since=30d`, admin key)
+as Debian's chromium shows it, through Playwright: the README's docs/dashboard.png is
+
+    .venv/bin/python -m bench.bench_usage --rows 20000 --databases sqlite --rounds 1 \
+        --screenshot docs/dashboard.png
+
 The generated fleet: 35 days of jobs up to now, from four apps and the fleet's own crons
-and heartbeats, each sending a few kinds of job (class, source, focus, profile); each job
+and heartbeats, each sending a few kinds of job (class, source, focus, profile; embedding
+batches of 1 to 64 texts, up to 80% of them from the cache, among them); each job
 walks its class's chain in the catalog (1% of models skipped without a key, 12% failing
 with a rate limit, timeout or server error, the next model then), 0.3% of jobs leave an
 orphaned call; tokens and latencies log-normal, paid models priced from the catalog.
@@ -68,6 +75,7 @@ WRITER_BATCH_JOBS = 200  # the writer's claim: up to 200 spool entries, a job ea
 HTTP_WINDOWS = ("30d", "7d", "24h")  # the page's presets, each timed over HTTP
 ROOT = Path(__file__).resolve().parents[1]
 GATEWAY_READY = "gateway: serving on"  # gateway/serve.py's READY
+CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/setup installs it)
 # When the page's workers were last asked (gateway/templates/dashboard.html): a change
 # between two requests means the second waited out Celery's inspect broadcast.
 ASKED_AT = re.compile(r"inspect at (\d\d:\d\d:\d\d) UTC")
@@ -98,6 +106,7 @@ SENDERS: dict[str | None, tuple[float, list[tuple[str, str, str | None, str | No
             ("complex_reasoning", "app", "data", "analysis"),
             ("reasoning_free", "sub-agent", "data", None),
             ("vision", "app", None, None),
+            ("embedding", "app", "data", None),
         ],
     ),
     "billing": (
@@ -183,6 +192,19 @@ class Generator:
         tokens_out = int(rng.lognormvariate(math.log(300), 0.8)) if outcome == "ok" else 0
         if outcome == "orphaned":
             tokens_out = 4096
+        counts = dict.fromkeys(EMBEDDING_COUNTS, 0)
+        if task_class == "embedding":  # a batch of texts, some answered from the cache
+            tokens_out = 0
+            if outcome == "ok":
+                texts = rng.randint(1, 64)
+                cached = int(texts * rng.random() * 0.8)
+                per_text = max(1, tokens_in // texts)
+                tokens_in = per_text * (texts - cached)
+                counts = {
+                    "items": texts - cached,
+                    "cached_items": cached,
+                    "cached_tokens": per_text * cached,
+                }
         prices = (model.usd_per_mtok_in, model.usd_per_mtok_out)
         cost = (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6 if model.tier == "paid" else 0
         source_of_cost = {"paid": "catalog", "subscription": "subscription"}.get(model.tier, "free")
@@ -215,7 +237,7 @@ class Generator:
             "app": app,
             "tools": False,
             "json_schema": False,
-            **dict.fromkeys(EMBEDDING_COUNTS, 0),  # chat jobs only
+            **counts,
         }
         return tuple(values[c] for c in COLUMNS)
 
@@ -463,6 +485,24 @@ def page_over_http(base: str, key: str, rounds: int) -> tuple[dict[str, float], 
 # --- the run ----------------------------------------------------------------------------
 
 
+def screenshot(base: str, key: str, path: Path) -> None:
+    """The top of the page of the last 30 days, as chromium shows it, saved at `path`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page(
+                viewport={"width": 1280, "height": 1700},
+                extra_http_headers={"Authorization": f"Bearer {key}"},
+            )
+            page.goto(f"{base}/dashboard?since=30d")
+            page.screenshot(path=str(path))  # its top: the whole page is 4 to 7 times that
+        finally:
+            browser.close()
+    print(f"  screenshot of /dashboard?since=30d: {path}")
+
+
 def run_one(
     kind: str, size: int, args: argparse.Namespace, work: Path, redis_url: str
 ) -> dict[str, Any]:
@@ -498,6 +538,9 @@ def run_one(
             load_before = os.getloadavg()[0]
             result["over HTTP, ms"], result["HTTP dropped"] = page_over_http(base, key, args.rounds)
             result["HTTP load 1m"] = (load_before, os.getloadavg()[0])
+            if args.screenshot is not None:
+                screenshot(base, key, args.screenshot)
+                args.screenshot = None  # the first run's only
         result["writer"] = writer_cost(ledger, generator, args.rounds)
     return result
 
@@ -557,6 +600,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--databases", type=databases, default=list(DATABASES))
     p.add_argument("--rounds", type=int, default=7, help="timed rounds per query (default 7)")
     p.add_argument("--pg-url", default=PG_URL, help=f"PostgreSQL (default {PG_URL})")
+    p.add_argument("--screenshot", type=Path, help="save the first run's page as this PNG")
     return p.parse_args(argv)
 
 

@@ -56,8 +56,17 @@ _templates = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
+
+
+def usd(value: float) -> str:
+    """Dollars to the millionth, the sign first: -$0.5, and no -$0.000000 for a saving
+    of -0.0 or less than half a millionth."""
+    shown = f"{abs(value):,.6f}"
+    return f"-${shown}" if value < 0 and shown.strip("0.,") else f"${shown}"
+
+
 _templates.filters.update(
-    usd=lambda v: f"${v:,.6f}",
+    usd=usd,
     num=lambda v: f"{v:,}",
     pct=lambda v: f"{v * 100:.1f}%",
     ms=lambda v: "–" if v is None else f"{v:,.0f} ms",

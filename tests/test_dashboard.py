@@ -7,8 +7,6 @@ go through the gateway with two apps' keys, so their rows carry their app."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -175,20 +173,12 @@ def test_an_admin_sees_the_ledgers_totals_and_a_filter_narrows_them(run, browser
         assert all(key not in html for key in run.every_key)
         page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         assert (tmp_path / "dashboard.png").stat().st_size > 10_000
-        if shot := _screenshot_wanted():
-            shutil.copy(tmp_path / "dashboard.png", shot)
     finally:
         visit.close()
 
     # And every request the page made went to this machine, none carrying a key
     assert visit.requests and all(u.startswith("http://127.0.0.1:") for u in visit.requests)
     assert not [u for u in visit.requests for key in run.every_key if key in u]
-
-
-def _screenshot_wanted() -> Path | None:
-    """Where to copy the screenshot for the README (docs/dashboard.png), when asked with
-    FLEET_DASHBOARD_SCREENSHOT=1."""
-    return ROOT / "docs/dashboard.png" if os.environ.get("FLEET_DASHBOARD_SCREENSHOT") else None
 
 
 def test_an_apps_key_sees_only_its_app(run, browser) -> None:
@@ -420,3 +410,15 @@ def test_fleet_dashboard_serves_the_page_where_no_gateway_runs(run, fleet_env, t
             process.wait(20)
             if process.stdout is not None:
                 process.stdout.close()
+
+
+def test_dollars_show_their_sign_first_and_no_negative_zero() -> None:
+    from gateway.dashboard import usd
+
+    assert [usd(v) for v in (1234.5, -0.5, -0.0, -1e-9, 0.0000004)] == [
+        "$1,234.500000",
+        "-$0.500000",
+        "$0.000000",
+        "$0.000000",
+        "$0.000000",
+    ]
