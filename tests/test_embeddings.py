@@ -72,6 +72,26 @@ def test_an_embedding_job_takes_the_embedding_chain_local_first() -> None:
     assert decision.chain[0].tier == "local" and decision.needs == frozenset({"embedding"})
 
 
+def callable_here(model: str) -> Any:
+    """A provider lookup for which every model is callable from this worker."""
+    return None
+
+
+def test_an_embedding_delivery_takes_no_slot_before_its_cache_lookup() -> None:
+    # A slot taken with the delivery's first round trip would be spent on no call when
+    # the cache answers the whole batch: an embedding job asks for it only when it calls.
+    from router.travel import travelling_state
+    from workers.runtime.step import first_call
+
+    catalog = load_catalog()
+    chat = {"task_class": "cost_free", "messages": [{"role": "user", "content": "x"}]}
+    for data, want in ((chat, True), ({"task_class": "embedding", "input": ["x"]}, False)):
+        state = travelling_state(route_job(catalog, parse_job(data)), time.time())
+        here = state.chain[0].queue
+        found = first_call(data, state, here=here, providers=callable_here, now=time.time())
+        assert (found == state.chain[0].model) is want, data
+
+
 def test_each_input_not_the_batch_must_fit_the_context_window() -> None:
     # 64 inputs of ~3,000 tokens: 190k in all, far past every window, but each fits
     decision = route_job(load_catalog(), job(input=["word " * 3000] * 64))

@@ -188,8 +188,11 @@ def first_call(
     it does (the model is here, due now, callable from this worker, and the job not past
     its deadline): its slot can then be taken in the delivery's first round trip. None
     otherwise (the delivery looks and forwards, or routes a job that came without
-    state)."""
+    state, or is an embedding job: its first thing is the cache, which may answer it
+    whole, and a slot taken before would be spent on no call)."""
     if state is None or not state.chain or _past(job_data.get("deadline"), now):
+        return None
+    if job_data.get("input") is not None:
         return None
     pick = _next_model(state.chain, state.attempts, {}, now)
     if pick is None or pick[0].queue != here or pick[1] > 0:
