@@ -20,6 +20,7 @@ from router.policy import route_job
 from router.results import decode_vector, encode_vector, pack_vector
 from tests.fixtures import ledger_rows, reset_live_state
 from tests.test_gateway import client, gateway_fixture, new_key
+from tests.test_state_round_trips import trips
 from workers.runtime.embedding_call import split_tokens
 from workers.state import keys
 from workers.state.vector_cache import Cached, VectorCache
@@ -161,6 +162,12 @@ def test_the_cache_answers_item_by_item_per_model_and_length(fresh_redis: Any) -
     # another model, or another length, knows nothing of them
     assert cache.get("m/b", None, ["one"]) == [None]
     assert cache.get("m/a", 256, ["one"]) == [None]
+    # a lookup is one round trip, and marks its hits as used: a miss adds nothing to the
+    # index
+    sent = trips(fresh_redis)
+    cache.get("m/a", None, ["one", "four"])
+    assert sent == [1]
+    assert fresh_redis.zcard(keys.vector_index()) == 2
 
 
 def test_cached_vectors_expire_after_their_ttl(fresh_redis: Any) -> None:

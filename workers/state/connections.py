@@ -54,7 +54,6 @@ def redis_client(url: str | None = None, environ: Mapping[str, str] = os.environ
 
 
 @cache
-@cache
 def source(name: str, included: bool = False) -> str:
     """A script's text, with each `--!include NAME` line replaced by NAME.lua up to its
     `--!main` line, if it has one (Lua has no imports inside Redis: shared functions are
