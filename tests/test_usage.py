@@ -241,6 +241,7 @@ def test_chat_only_usage_shows_no_cache_columns(ledger_env: dict[str, str]) -> N
     done = usage("--by", "tier", env=ledger_env)
     assert done.returncode == 0, done.stderr
     assert "hit rate" not in done.stdout and "embedding cache" not in done.stdout
+    assert "saving $ vs litellm/kimi" in done.stdout and "saving: against" not in done.stdout
     # --json carries the cache's fields always: none here
     for row in usage_json("--by", "tier", env=ledger_env).values():
         assert {k: row[k] for k in CACHE_KEYS} == {
@@ -310,6 +311,12 @@ def test_usage_shows_the_embedding_caches_hits_and_savings(embedding_env: dict[s
     assert "100,140 prompt tokens saved: $0.002000 at their models' prices" in saved
     assert f"${100_140 * EMBEDDING_REF / 1e6:.6f} at openai/text-embedding-3-small's price" in saved
     assert "nothing on local, free and subscription models" in saved
+    # its saving column has two references, named below the table
+    assert "saving $ vs" not in head
+    assert (
+        "saving: against litellm/kimi's prices, embedding tokens against"
+        " openai/text-embedding-3-small's" in lines
+    )
 
 
 def test_usage_json_is_the_query_layers_for_the_same_filters(ledger_env: dict[str, str]) -> None:

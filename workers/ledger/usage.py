@@ -133,6 +133,8 @@ def print_report(report: Report) -> None:
         f"saving $ vs {REFERENCE_MODEL}",
     ]
     embeds = _embeds(report.total)
+    if embeds:  # two references: the line below the table names them
+        heads[-1] = "saving $"
     if embeds:
         heads += ["cache hits", "embedded", "hit rate", "tokens saved"]
     table.add_column(report.by, footer="total")
@@ -145,6 +147,10 @@ def print_report(report: Report) -> None:
         print(orphaned_line(report.total))
     if embeds:
         print(cache_line(report.total))
+        print(
+            f"saving: against {REFERENCE_MODEL}'s prices, embedding tokens against"
+            f" {EMBEDDING_REFERENCE_MODEL}'s"
+        )
 
 
 def orphaned_line(total: dict[str, Any]) -> str:
